@@ -1,0 +1,43 @@
+"""The `cortex` command line.
+
+Each subcommand lives in its own module under `cortex.commands` and exposes
+`register(subparsers)`; this file only lists them, so adding a command is one line here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Module names under cortex.commands, in the order `cortex --help` shows them.
+COMMANDS = [
+    "validate",
+    "plan",
+    "engines",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cortex",
+        description="Take an LLM from a spec to a tested, benchmarked, OpenAI-compatible endpoint.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"cortex.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
