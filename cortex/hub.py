@@ -1,0 +1,631 @@
+"""Model files from the Hugging Face Hub: pinned to a commit, only what is needed, resumable,
+and verified against the Hub's own checksums.
+
+The real `huggingface_hub` client does the talking (`HfApi.resolve_revision`, `model_info`,
+`get_hf_file_metadata`, `http_get`, `snapshot_download`) and its cache layout
+(`$HF_HUB_CACHE/models--owner--name/{blobs,snapshots,refs}`) is where files land, so vLLM and
+any other HF tool find them. Cortex adds what the client does not do:
+
+- **resume across processes.** huggingface_hub 1.x/2.x downloads each blob to a
+  process-unique temporary file and throws it away when interrupted (huggingface_hub issue
+  #4196), so a killed 40 GB transfer starts again from zero. Large (LFS) files are therefore
+  fetched here into `blobs/<sha256>.cortex-partial`, continued with an HTTP Range request by
+  the client's own `http_get`, and renamed to `blobs/<sha256>` only once the sha256 matches.
+  `snapshot_download` then links them into the snapshot and fetches the small files itself.
+- **verification.** Every LFS file is checked against the sha256 the Hub lists for it, every
+  small file against its git blob id, after each download and whenever the file on disk has
+  changed since it was last checked (a stamp records inode, size, mtime and ctime). A mismatch
+  is deleted and fetched once more; a second mismatch is an error.
+- **disk space** is checked before the first byte moves.
+- **offline** (`HF_HUB_OFFLINE=1`): the commit and the file list come from the cache; what is
+  missing is named in the error.
+
+The token is a `HubToken`: its repr is masked, it is handed to the client only at the call,
+and nothing here logs, records or passes it on a command line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cortex.toolchain import cache_root
+
+# Files an HF checkpoint needs to be served by vLLM or converted by convert_hf_to_gguf.py.
+HF_CHECKPOINT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+# Older checkpoints without safetensors: weights as PyTorch pickles.
+HF_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class HubError(RuntimeError):
+    """Fetching from the Hub failed; the message says what and what to do."""
+
+
+class NotEnoughSpace(HubError):
+    """Not enough free disk space for what is about to be written."""
+
+
+class ChecksumMismatch(HubError):
+    """A file's bytes do not match the checksum the Hub lists for it."""
+
+
+class OfflineCacheMiss(HubError):
+    """Offline mode is on and the cache does not hold what is needed."""
+
+
+# --- the token ---------------------------------------------------------------------------
+
+
+class HubToken:
+    """An HF access token. It prints as `HubToken(****)`; `reveal()` is for the client call only."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str) -> None:
+        if not value:
+            raise ValueError("an empty token")
+        self._value = value
+        self.origin = origin  # where it came from, e.g. "HF_TOKEN" (safe to show)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"HubToken(****, from {self.origin})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # never pickled into a result store or a subprocess by accident
+        raise TypeError("a HubToken is not serialisable")
+
+
+def token_from_env() -> HubToken | None:
+    """`HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else None."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return HubToken(value, name)
+    return None
+
+
+def _client_token(token: HubToken | None) -> str | bool:
+    # False: never let the client pick up some other token on its own.
+    return token.reveal() if token is not None else False
+
+
+# --- settings read at call time (the client reads them once, at import) -------------------
+
+
+def hub_cache_dir() -> Path:
+    """The huggingface_hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_endpoint() -> str | None:
+    value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return value or None
+
+
+def is_offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repo at a commit, as the Hub lists it."""
+
+    path: str
+    size: int
+    sha256: str | None  # LFS files
+    blob_id: str | None  # git object id (of the LFS pointer, for LFS files)
+
+    @property
+    def is_lfs(self) -> bool:
+        return self.sha256 is not None
+
+
+@dataclass(frozen=True)
+class RepoSnapshot:
+    """The selected files of `repo` at `commit`, on disk under `folder` and verified."""
+
+    repo: str
+    revision: str
+    commit: str
+    folder: Path
+    files: tuple[RemoteFile, ...]
+    downloaded_bytes: int = 0  # moved over the network by this call
+    resumed_bytes: int = 0  # already on disk from an interrupted transfer
+    refetched: tuple[str, ...] = ()  # files that failed verification and were fetched again
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+# --- choosing files (pure) ----------------------------------------------------------------
+
+
+def gguf_split_parts(name: str) -> list[str]:
+    """`x-00001-of-00003.gguf` -> the three part names; any other name -> [name]."""
+    m = SPLIT_GGUF.match(name)
+    if not m:
+        return [name]
+    count = int(m["count"])
+    if int(m["part"]) != 1:
+        raise HubError(f"{name} is part {int(m['part'])} of a split GGUF; name the first part "
+                       f"({m['stem']}-00001-of-{m['count']}.gguf)")
+    return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def needed_files(
+    files: Iterable[RemoteFile],
+    *,
+    gguf: str | None = None,
+    include: Iterable[str] | None = None,
+) -> list[RemoteFile]:
+    """The files to fetch: the GGUF file (or split set) `gguf`; else the files matching
+    `include`; else an HF checkpoint's weights, config and tokenizer (safetensors preferred,
+    PyTorch .bin only when a repo has no safetensors)."""
+    files = list(files)
+    by_path = {f.path: f for f in files}
+    if gguf is not None:
+        parts = gguf_split_parts(gguf)
+        missing = [p for p in parts if p not in by_path]
+        if missing:
+            ggufs = sorted(p for p in by_path if p.endswith(".gguf"))
+            raise HubError(f"the repo has no {', '.join(missing)}; GGUF files in it: {', '.join(ggufs) or 'none'}")
+        return [by_path[p] for p in parts]
+    if include is not None:
+        patterns = list(include)
+        chosen = [f for f in files if any(fnmatch.fnmatchcase(f.path, p) for p in patterns)]
+        if not chosen:
+            raise HubError(f"no file in the repo matches include={patterns}")
+        return chosen
+    patterns = list(HF_CHECKPOINT_PATTERNS)
+    if not any(f.path.endswith(".safetensors") for f in files):
+        patterns += HF_PICKLE_PATTERNS
+    chosen = [f for f in files if any(fnmatch.fnmatchcase(f.path.rsplit("/", 1)[-1], p) for p in patterns)
+              and "/" not in f.path]
+    if not any(f.path == "config.json" for f in chosen):
+        raise HubError("the repo has no config.json at its root, so it is not an HF checkpoint; "
+                       "for a GGUF repo set `source.gguf` to the file to use")
+    if not any(f.path.endswith((".safetensors", ".bin")) for f in chosen):
+        raise HubError("the repo has no weights (*.safetensors or pytorch_model*.bin) at its root")
+    return chosen
+
+
+# --- disk space ---------------------------------------------------------------------------
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk_space(needed_bytes: int, where: Path, *, what: str) -> None:
+    """NotEnoughSpace unless `where` (or its nearest existing parent) has `needed_bytes` free."""
+    if needed_bytes <= 0:
+        return
+    anchor = _existing_ancestor(where)
+    free = shutil.disk_usage(anchor).free
+    if free < needed_bytes:
+        raise NotEnoughSpace(
+            f"{what} needs {_gb(needed_bytes)} free in {where} but only {_gb(free)} is free there "
+            f"(filesystem of {anchor}); free {_gb(needed_bytes - free)} or point "
+            f"{'HF_HUB_CACHE' if 'download' in what else 'CORTEX_CACHE'} at a larger disk"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB ({n} bytes)" if n >= 1e7 else f"{n} bytes"
+
+
+# --- checksums ----------------------------------------------------------------------------
+
+
+def sha256_of(path: Path, *, block: int = 4 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_blob_id_of(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def verified_digest(path: Path, kind: str = "sha256") -> str:
+    """The sha256 (or git blob id) of `path`, computed once and then remembered for as long as
+    the file is unchanged (same inode, size, mtime and ctime; any write changes the ctime)."""
+    real = path.resolve()
+    key = hashlib.sha256(f"{kind}:{real}".encode()).hexdigest()
+    stamp = cache_root() / "verified" / "by-path" / f"{key}.json"
+    ident = _file_identity(real)
+    try:
+        record = json.loads(stamp.read_text())
+        if record.get("identity") == ident:
+            return record["digest"]
+    except (OSError, ValueError):
+        pass
+    digest = sha256_of(real) if kind == "sha256" else git_blob_id_of(real)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(stamp, {"path": str(real), "identity": ident, "kind": kind, "digest": digest})
+    return digest
+
+
+def _forget_digest(path: Path) -> None:
+    real = path.resolve()
+    for kind in ("sha256", "git"):
+        key = hashlib.sha256(f"{kind}:{real}".encode()).hexdigest()
+        (cache_root() / "verified" / "by-path" / f"{key}.json").unlink(missing_ok=True)
+
+
+def _matches(path: Path, f: RemoteFile) -> bool:
+    if not path.is_file() or path.stat().st_size != f.size:
+        return False
+    if f.sha256 is not None:
+        return verified_digest(path, "sha256") == f.sha256
+    if f.blob_id is not None:
+        return verified_digest(path, "git") == f.blob_id
+    return True
+
+
+def _write_json_atomic(path: Path, payload: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _lock(name: str) -> Iterator[None]:
+    """An exclusive lock shared by every Cortex process on this machine (two prepares of
+    the same repo wait for each other instead of writing the same partial file)."""
+    folder = cache_root() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    with open(folder / f"{safe}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- talking to the Hub -------------------------------------------------------------------
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub_endpoint(), library_name="cortex")
+
+
+def _storage_folder(repo: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hub_cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
+
+
+def _translate(error: Exception, repo: str, revision: str) -> HubError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
+
+    where = hub_endpoint() or "https://huggingface.co"
+    if isinstance(error, RevisionNotFoundError):
+        return HubError(f"{repo} has no revision {revision!r} on {where}; check `source.revision`")
+    if isinstance(error, GatedRepoError):
+        return HubError(f"{repo} is gated: accept its terms on the Hub with the account whose token "
+                        "Cortex uses (HF_TOKEN or the Prefect Secret block)")
+    if isinstance(error, RepositoryNotFoundError):
+        return HubError(f"{repo} was not found on {where}, or it is private and no valid token was given; "
+                        "set HF_TOKEN or store the token in the Prefect Secret block")
+    if isinstance(error, (RevisionResolutionError, OfflineModeIsEnabled)):
+        return OfflineCacheMiss(
+            f"cannot resolve {repo}@{revision}: offline mode is on (HF_HUB_OFFLINE) and the cache "
+            f"({hub_cache_dir()}) has never seen that revision; run once with network access, "
+            "or pin `source.revision` to a commit sha that is cached"
+        )
+    if isinstance(error, HfHubHTTPError):
+        return HubError(f"the Hub answered {error.response.status_code} for {repo}@{revision}: {error}")
+    return HubError(f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}")
+
+
+def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | None = None) -> str:
+    """The commit sha `revision` (branch, tag or sha) of `repo` points at now (offline: the
+    commit the cache last saw for it)."""
+    from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
+
+    try:
+        resolved = _api().resolve_revision(
+            repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline(),
+            token=_client_token(token),
+        )
+    except (HfHubHTTPError, RevisionResolutionError, OSError) as error:
+        raise _translate(error, repo, revision) from error
+    return str(resolved.resolved)
+
+
+def _manifest_path(repo: str, commit: str) -> Path:
+    return cache_root() / "hub" / repo.replace("/", "--") / f"{commit}.json"
+
+
+def list_files(repo: str, commit: str, *, token: HubToken | None = None) -> list[RemoteFile]:
+    """Every file of `repo` at `commit` with size, sha256 (LFS) and git blob id. A commit never
+    changes, so the listing is kept in Cortex's cache and read from there next time (and offline)."""
+    manifest = _manifest_path(repo, commit)
+    if manifest.is_file():
+        return [RemoteFile(**f) for f in json.loads(manifest.read_text())["files"]]
+    if is_offline():
+        raise OfflineCacheMiss(
+            f"offline mode is on (HF_HUB_OFFLINE) and Cortex has no file list for {repo}@{commit[:12]} "
+            f"(looked for {manifest}); run `cortex prepare` once with network access"
+        )
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = _api().model_info(repo, revision=commit, files_metadata=True, token=_client_token(token))
+    except (HfHubHTTPError, OSError) as error:
+        raise _translate(error, repo, commit) from error
+    files = [
+        RemoteFile(
+            path=s.rfilename,
+            size=int(s.lfs.size if s.lfs else (s.size or 0)),
+            sha256=s.lfs.sha256 if s.lfs else None,
+            blob_id=s.blob_id,
+        )
+        for s in info.siblings or []
+    ]
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(manifest, {"repo": repo, "commit": commit, "listed_at": time.time(),
+                                  "files": [asdict(f) for f in files]})
+    return files
+
+
+def _progress_bar(report: Progress | None, name: str, total: int):
+    """A tqdm class for the client's `http_get` that also reports to `report`."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Bar(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True  # no terminal bar: progress goes to Cortex's own reporting
+            super().__init__(*args, **kwargs)
+            self._done = int(kwargs.get("initial") or 0)
+            self._last = 0.0
+
+        def update(self, n=1):
+            self._done += int(n or 0)
+            now = time.monotonic()
+            if report is not None and (now - self._last > 0.5 or self._done >= total):
+                self._last = now
+                report(name, self._done, total)
+            return super().update(n)
+
+    return Bar
+
+
+def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: HubToken | None,
+                    progress: Progress | None) -> tuple[int, int]:
+    """Fetch one LFS file into `blob` (= blobs/<sha256>), continuing a partial transfer left by
+    an interrupted run. Returns (bytes downloaded now, bytes resumed from disk)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    url = hf_hub_url(repo, f.path, revision=commit, endpoint=hub_endpoint())
+    try:
+        meta = get_hf_file_metadata(url, token=_client_token(token), endpoint=hub_endpoint(), retry_on_errors=True)
+    except (HfHubHTTPError, OSError) as error:
+        raise _translate(error, repo, commit) from error
+    if meta.etag != f.sha256:
+        raise ChecksumMismatch(f"{repo}@{commit[:12]}/{f.path}: the Hub lists sha256 {f.sha256} but serves "
+                               f"etag {meta.etag}; the listing is stale: remove {_manifest_path(repo, commit)}")
+    headers = build_hf_headers(token=_client_token(token), library_name="cortex")
+    location = meta.location or url
+    if urlsplit(location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)  # a signed CDN link: the token stays with the Hub
+    partial = blob.with_name(blob.name + ".cortex-partial")
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > f.size:
+        partial.unlink()
+        have = 0
+    with open(partial, "ab") as out:
+        http_get(location, out, resume_size=have, headers=headers, expected_size=f.size,
+                 displayed_filename=f.path, tqdm_class=_progress_bar(progress, f.path, f.size))
+    got = sha256_of(partial)
+    if got != f.sha256:
+        partial.unlink()
+        raise ChecksumMismatch(f"{repo}@{commit[:12]}/{f.path}: downloaded bytes have sha256 {got}, "
+                               f"the Hub lists {f.sha256}")
+    os.chmod(partial, 0o644)
+    os.replace(partial, blob)
+    return f.size - have, have
+
+
+def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo, revision=commit, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(),
+            allow_patterns=[glob.escape(n) for n in names], token=_client_token(token),
+            local_files_only=is_offline(), max_workers=4, library_name="cortex",
+            tqdm_class=_progress_bar(None, repo, len(names)),
+        )
+    except LocalEntryNotFoundError as error:
+        raise OfflineCacheMiss(
+            f"offline mode is on (HF_HUB_OFFLINE) and the cache ({hub_cache_dir()}) lacks files of "
+            f"{repo}@{commit[:12]}; run `cortex prepare` once with network access"
+        ) from error
+    except (HfHubHTTPError, OSError) as error:
+        raise _translate(error, repo, commit) from error
+    return Path(folder)
+
+
+def _drop(snapshot_file: Path) -> None:
+    """Remove a bad file from the cache: the snapshot link and the blob it points at."""
+    target = snapshot_file.resolve()
+    _forget_digest(snapshot_file)
+    snapshot_file.unlink(missing_ok=True)
+    if target != snapshot_file.absolute():
+        target.unlink(missing_ok=True)
+
+
+def fetch(
+    repo: str,
+    revision: str = "main",
+    *,
+    gguf: str | None = None,
+    include: Iterable[str] | None = None,
+    only: Iterable[str] | None = None,
+    token: HubToken | None = None,
+    progress: Progress | None = None,
+) -> RepoSnapshot:
+    """Fetch what is needed of `repo@revision` into the HF cache and verify it.
+
+    What is needed: `only` (exact file names, e.g. ["config.json"]); else the GGUF file or split
+    set `gguf`; else the files matching `include`; else the HF checkpoint files (weights,
+    config, tokenizer). Files already in the cache and unchanged since they were verified are
+    neither fetched nor hashed again.
+    """
+    commit = resolve_revision(repo, revision, token=token)
+    remote = list_files(repo, commit, token=token)
+    if only is not None:
+        by_path = {f.path: f for f in remote}
+        names = list(only)
+        absent = [n for n in names if n not in by_path]
+        if absent:
+            raise HubError(f"{repo}@{commit[:12]} has no {', '.join(absent)}")
+        wanted = [by_path[n] for n in names]
+    else:
+        wanted = needed_files(remote, gguf=gguf, include=include)
+
+    storage = _storage_folder(repo)
+    folder = storage / "snapshots" / commit
+    downloaded = resumed = 0
+    refetched: list[str] = []
+    with _lock(f"hub-{repo}"):
+        for attempt in (1, 2):
+            present = [f for f in wanted if (folder / f.path).exists() and _matches(folder / f.path, f)]
+            bad = [f for f in wanted if (folder / f.path).exists() and f not in present]
+            for f in bad:
+                _drop(folder / f.path)
+                refetched.append(f.path)
+            missing = [f for f in wanted if f not in present]
+            if not missing:
+                break
+            if attempt == 2:
+                raise ChecksumMismatch(
+                    f"{repo}@{commit[:12]}: {', '.join(f.path for f in missing)} failed verification twice "
+                    "(sha256 or git blob id differs from the Hub's listing); the mirror or the disk is "
+                    "corrupting data"
+                )
+            if is_offline():
+                raise OfflineCacheMiss(
+                    f"offline mode is on (HF_HUB_OFFLINE) and the cache ({hub_cache_dir()}) lacks "
+                    f"{', '.join(f.path for f in missing)} of {repo}@{commit[:12]}; "
+                    "run `cortex prepare` once with network access"
+                )
+            need = 0
+            for f in missing:
+                partial = storage / "blobs" / f"{f.sha256}.cortex-partial"
+                on_disk = (storage / "blobs" / f.sha256).exists() if f.sha256 else False
+                if not on_disk:
+                    need += f.size - (partial.stat().st_size if f.sha256 and partial.exists() else 0)
+            check_disk_space(need, storage, what=f"downloading {len(missing)} file(s) of {repo}")
+            for f in missing:
+                if f.sha256 is None:
+                    continue
+                blob = storage / "blobs" / f.sha256
+                if blob.exists() and not _matches(blob, f):
+                    _drop(blob)
+                if not blob.exists():
+                    try:
+                        got, had = _fetch_lfs_blob(repo, commit, f, blob, token, progress)
+                    except ChecksumMismatch:
+                        refetched.append(f.path)
+                        got, had = _fetch_lfs_blob(repo, commit, f, blob, token, progress)
+                    downloaded += got
+                    resumed += had
+            small = [f for f in missing if f.sha256 is None]
+            _snapshot_download(repo, commit, [f.path for f in missing], token)
+            downloaded += sum(f.size for f in small)
+            if progress is not None:
+                for f in missing:
+                    progress(f.path, f.size, f.size)
+    return RepoSnapshot(repo=repo, revision=revision, commit=commit, folder=folder, files=tuple(wanted),
+                        downloaded_bytes=downloaded, resumed_bytes=resumed, refetched=tuple(refetched))
+
+
+def read_config(repo: str, revision: str = "main", *, token: HubToken | None = None) -> tuple[str, dict]:
+    """(commit sha, config.json) of `repo@revision`, fetching only config.json."""
+    snap = fetch(repo, revision, only=["config.json"], token=token)
+    return snap.commit, json.loads(snap.path("config.json").read_text())
