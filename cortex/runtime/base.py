@@ -1,0 +1,315 @@
+"""What every runtime does with a launch spec: start it, wait until it serves, read its logs,
+stop it, and list the replicas Cortex owns.
+
+A runtime turns a `LaunchSpec` (cortex.launch) into a running engine, a `Replica`. The
+launch spec is written as it runs inside the engine's image; the docker runtime uses it as is,
+the process runtime translates it to the local machine. Readiness, failure hints and the
+choice of timeout are the same for both, so they live here.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import httpx
+
+# Label / state key that marks what Cortex started, on containers and in state files.
+MANAGED_LABEL = "ai.cortex.managed"
+
+
+class ReplicaError(Exception):
+    """Base of the errors a runtime raises."""
+
+
+class LaunchError(ReplicaError):
+    """The engine could not be started at all (missing binary, image, port)."""
+
+
+class EngineNotReady(ReplicaError):
+    """The engine died or did not become healthy in time. Its replica has been removed.
+
+    `logs` holds the engine's last log lines and `hint` what they suggest, if anything."""
+
+    def __init__(self, message: str, *, replica: "Replica", logs: str, hint: str | None):
+        self.replica = replica
+        self.logs = logs
+        self.hint = hint
+        text = message
+        if hint:
+            text += f"\nhint: {hint}"
+        if logs.strip():
+            text += f"\nlast log lines of {replica.name}:\n{_indent(logs)}"
+        super().__init__(text)
+
+
+class ReplicaNotFound(ReplicaError):
+    """No replica of that name is owned by this runtime."""
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One running (or once running) engine that Cortex started."""
+
+    name: str  # container name / process name: vllm-model-{id}, llamacpp-model-{id}
+    model: str  # the served model name
+    engine: str  # "vllm" | "llamacpp"
+    runtime: str  # "docker" | "process"
+    endpoint: str  # base URL of the engine, e.g. http://127.0.0.1:41234
+    since: str  # ISO 8601 UTC start time
+    ref: str  # container id, or process id
+    health_path: str = "/health"
+    stop_timeout_s: float = 10.0
+    api_key: str | None = field(default=None, repr=False)
+    log_path: str | None = None
+    launch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self, *, secrets: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not secrets:
+            data.pop("api_key")
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Replica":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def launch_dict(launch: Any) -> dict[str, Any]:
+    """The launch spec as a plain dict (a LaunchSpec, or its to_json() output)."""
+    if isinstance(launch, Mapping):
+        return dict(launch)
+    return launch.to_json()
+
+
+def served_model_name(launch: Mapping[str, Any]) -> str:
+    """The name the engine serves, as the command line gives it."""
+    command = list(launch["command"])
+    for flag in ("--served-model-name", "--alias", "-a"):
+        if flag in command:
+            return command[command.index(flag) + 1]
+    labels = launch.get("labels") or {}
+    if "ai.cortex.model" in labels:
+        return labels["ai.cortex.model"]
+    raise ValueError(f"launch {launch.get('name')!r} names no served model (--served-model-name / --alias)")
+
+
+def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str, str]:
+    """Environment for the engine: plain values as they are, `{"secret": NAME}` from `secrets`."""
+    resolved: dict[str, str] = {}
+    for key, value in env.items():
+        if isinstance(value, Mapping):
+            name = value.get("secret")
+            if name not in secrets:
+                raise LaunchError(
+                    f"environment variable {key} refers to secret {name!r}, which was not given; "
+                    f"known secrets: {sorted(secrets) or 'none'}"
+                )
+            resolved[key] = secrets[name]
+        else:
+            resolved[key] = str(value)
+    return resolved
+
+
+def api_key_from_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> str | None:
+    """The engine's API key, if the launch sets one (LLAMA_API_KEY / VLLM_API_KEY)."""
+    resolved = resolve_env(env, secrets)
+    return resolved.get("LLAMA_API_KEY") or resolved.get("VLLM_API_KEY")
+
+
+# ----------------------------------------------------------------------------- failure hints
+
+# (pattern in the engine's log, what to tell the operator). First match wins, so the most
+# specific patterns come first. Checked against real llama-server and vLLM output.
+FAILURE_HINTS: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(r"out of memory|OutOfMemoryError|cudaMalloc failed|failed to allocate|"
+                   r"unable to allocate|std::bad_alloc|Cannot allocate memory|OOMKilled", re.I),
+        "out of memory: lower the context length or parallel slots, pick a smaller "
+        "quantization, or give the model more (or larger) GPUs",
+    ),
+    (
+        re.compile(r"address already in use|couldn't bind|could not bind|failed to bind|"
+                   r"errno 98", re.I),
+        "port in use: another process listens on the engine's port; stop it or let Cortex "
+        "pick a free port",
+    ),
+    (
+        re.compile(r"error: invalid argument|unrecognized arguments?|unknown argument|"
+                   r"invalid choice|error: unknown option", re.I),
+        "unknown flag: the engine version in the image rejects a flag in the launch command; "
+        "check the spec's engine settings against this engine version (`cortex engines`)",
+    ),
+    (
+        re.compile(r"no such file or directory|failed to load model|failed to open|"
+                   r"does not exist|not a valid model|can't find|cannot find|"
+                   r"is not a local folder|gguf_init_from_file", re.I),
+        "missing file: the model path inside the engine does not exist or is not readable; "
+        "check the prepared artifact and the mount (models are mounted read-only)",
+    ),
+]
+
+
+def failure_hint(logs: str, exit_code: int | None = None) -> str | None:
+    for pattern, hint in FAILURE_HINTS:
+        if pattern.search(logs):
+            return hint
+    if exit_code in (137, -9):
+        return ("the engine was killed (SIGKILL, exit 137): often the kernel's OOM killer; "
+                "check memory, or whether someone stopped it")
+    return None
+
+
+def ready_timeout_s(engine: str, model_bytes: int = 0) -> float:
+    """How long to wait for health: a base per engine plus time to read the weights
+    (assume 100 MB/s, a slow disk or network volume), so a 140 GB model gets ~25 min."""
+    base = 300.0 if engine == "vllm" else 60.0
+    return base + model_bytes / 100e6
+
+
+def path_size(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return 0
+
+
+# ----------------------------------------------------------------------------- the interface
+
+
+class Runtime(abc.ABC):
+    """Starts launch specs and manages the replicas it started."""
+
+    kind: str
+
+    @abc.abstractmethod
+    def start(self, launch: Any, secrets: Mapping[str, str] | None = None) -> Replica:
+        """Start the engine; returns at once (see wait_ready). LaunchError if it cannot."""
+
+    @abc.abstractmethod
+    def exit_code(self, replica: Replica) -> int | None:
+        """None while the engine runs, its exit code once it has stopped.
+        ReplicaNotFound if it is gone altogether."""
+
+    @abc.abstractmethod
+    def logs(self, replica: Replica, lines: int = 50) -> str:
+        """The last `lines` lines of the engine's output (stdout and stderr)."""
+
+    @abc.abstractmethod
+    def stop(self, replica: Replica) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL after the launch's stop timeout) and remove
+        the replica. Stopping a replica that is already gone is not an error."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Replica]:
+        """Every replica this runtime started that still exists (running or exited)."""
+
+    def get(self, name: str) -> Replica:
+        for replica in self.list():
+            if replica.name == name:
+                return replica
+        raise ReplicaNotFound(f"no {self.kind} replica named {name!r}")
+
+    def is_running(self, replica: Replica) -> bool:
+        try:
+            return self.exit_code(replica) is None
+        except ReplicaNotFound:
+            return False
+
+    def cleanup_orphans(self) -> list[Replica]:
+        """Remove replicas whose engine is no longer running (crashed, killed, host restart).
+        Returns what was removed."""
+        removed = []
+        for replica in self.list():
+            if not self.is_running(replica):
+                self.stop(replica)
+                removed.append(replica)
+        return removed
+
+    def health(self, replica: Replica, timeout: float = 2.0) -> str:
+        """"ok", "loading" (503) or "down" (no answer, or the engine is not running)."""
+        return probe_health(replica, timeout=timeout)
+
+    def wait_ready(
+        self,
+        replica: Replica,
+        timeout_s: float,
+        *,
+        poll_s: float = 0.5,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> Replica:
+        """Wait until the engine's health endpoint answers 200.
+
+        If the engine exits or the time runs out, the replica is stopped and removed, and
+        EngineNotReady carries its last log lines and a hint. Returns the replica when ready."""
+        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        while True:
+            try:
+                code = self.exit_code(replica)
+            except ReplicaNotFound:
+                raise EngineNotReady(
+                    f"{replica.engine} replica {replica.name} disappeared while starting "
+                    "(removed by someone else?)",
+                    replica=replica, logs="", hint=None,
+                ) from None
+            if code is not None:
+                logs = self.logs(replica, lines=40)
+                self.stop(replica)
+                raise EngineNotReady(
+                    f"{replica.engine} replica {replica.name} exited with code {code} before it "
+                    f"became ready ({time.monotonic() - started:.0f} s after start)",
+                    replica=replica, logs=logs, hint=failure_hint(logs, code),
+                )
+            if probe_health(replica, timeout=2.0) == "ok":
+                return replica
+            if time.monotonic() >= deadline:
+                logs = self.logs(replica, lines=40)
+                self.stop(replica)
+                raise EngineNotReady(
+                    f"{replica.engine} replica {replica.name} was not healthy at "
+                    f"{replica.endpoint}{replica.health_path} after {timeout_s:.0f} s; it was stopped",
+                    replica=replica, logs=logs, hint=failure_hint(logs),
+                )
+            if on_wait:
+                on_wait(time.monotonic() - started)
+            time.sleep(poll_s)
+
+
+def probe_health(replica: Replica, timeout: float = 2.0) -> str:
+    headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
+    try:
+        response = httpx.get(replica.endpoint + replica.health_path, timeout=timeout, headers=headers)
+    except httpx.HTTPError:
+        return "down"
+    if response.status_code == 200:
+        return "ok"
+    if response.status_code == 503:
+        return "loading"
+    return "down"
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.chmod(mode)
+    tmp.replace(path)
