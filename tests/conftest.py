@@ -1,0 +1,197 @@
+"""Shared fixtures on the real parts: the llama.cpp toolchain, vLLM (CPU), the SmolLM2 test
+model, a running llama-server, and GGUF files made from the test model.
+
+A missing part fails the test that needs it with the command that installs it; nothing is
+skipped. Everything slow is cached in ``$CORTEX_CACHE`` (default ``~/.cache/cortex``) and
+reused across sessions.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cortex import toolchain as tc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _require(find: Callable):
+    try:
+        return find()
+    except tc.ToolchainMissing as missing:
+        pytest.fail(f"{missing}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> tc.Toolchain:
+    """The pinned llama.cpp toolchain (llama-server, llama-quantize, convert_hf_to_gguf.py)."""
+    return _require(tc.find_toolchain)
+
+
+@pytest.fixture(scope="session")
+def vllm_install() -> tc.VllmInstall:
+    """vLLM for CPU in its own virtualenv (its Python also runs the converter)."""
+    return _require(tc.find_vllm)
+
+
+@pytest.fixture(scope="session")
+def test_model() -> tc.TestModel:
+    """SmolLM2-135M-Instruct: ``.gguf`` (Q4_1, 98 MB) and ``.hf_dir`` (bf16 safetensors)."""
+    return _require(tc.find_test_model)
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+# --- llama-server ----------------------------------------------------------------------
+
+
+@dataclass
+class LlamaServer:
+    """A llama-server process on loopback, ready (``/health`` answered 200)."""
+
+    base_url: str  # http://127.0.0.1:PORT (the OpenAI API is under /v1)
+    api_key: str
+    port: int
+    model_path: Path
+    process: subprocess.Popen
+    log_path: Path
+    startup_seconds: float
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def launch_llama_server(
+    toolchain: tc.Toolchain,
+    model_path: Path,
+    *extra_args: str,
+    log_dir: Path,
+    ready_timeout: float = 180.0,
+) -> LlamaServer:
+    """Start llama-server on ``model_path`` with a fresh API key; return once it is healthy."""
+    port = free_port()
+    api_key = secrets.token_hex(16)
+    log_path = log_dir / f"llama-server-{port}.log"
+    cmd = [
+        str(toolchain.llama_server), "--model", str(model_path),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key, *extra_args,
+    ]
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(cmd).replace(api_key, '***')}\n")
+        log.flush()
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = LlamaServer(
+        base_url=f"http://127.0.0.1:{port}", api_key=api_key, port=port,
+        model_path=Path(model_path), process=process, log_path=log_path, startup_seconds=0.0,
+    )
+    deadline = started + ready_timeout
+    status = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"llama-server exited {process.returncode} before it was ready:\n"
+                f"{server.log()[-4000:]}"
+            )
+        try:
+            status = httpx.get(f"{server.base_url}/health", timeout=2.0).status_code
+        except httpx.TransportError:
+            status = None  # not listening yet
+        if status == 200:
+            server.startup_seconds = time.monotonic() - started
+            return server
+        time.sleep(0.2)  # 503 while the model loads
+    server.stop()
+    raise RuntimeError(
+        f"llama-server was not healthy after {ready_timeout:.0f} s (last /health: {status}):\n"
+        f"{server.log()[-4000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_server(
+    toolchain: tc.Toolchain, test_model: tc.TestModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LlamaServer]:
+    """llama-server on the SmolLM2 Q4_1 GGUF, for the whole session."""
+    server = launch_llama_server(
+        toolchain, test_model.gguf, log_dir=tmp_path_factory.mktemp("llama-server")
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_llama_server(
+    toolchain: tc.Toolchain, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., LlamaServer]]:
+    """Factory: ``start_llama_server(model_path, *extra_args)`` starts a server of the test's
+    own (ready when returned); every one is stopped after the test."""
+    started: list[LlamaServer] = []
+    log_dir = tmp_path_factory.mktemp("llama-server")
+
+    def start(model_path: Path, *extra_args: str, ready_timeout: float = 180.0) -> LlamaServer:
+        server = launch_llama_server(
+            toolchain, model_path, *extra_args, log_dir=log_dir, ready_timeout=ready_timeout
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# --- GGUF files made from the test model -----------------------------------------------
+
+SMOLLM2_GGUF_TYPES = ("F16", "Q8_0", "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ggufs(
+    toolchain: tc.Toolchain, vllm_install: tc.VllmInstall, test_model: tc.TestModel
+) -> dict[str, Path]:
+    """SmolLM2 from its HF checkpoint as GGUF: {"F16": path, "Q8_0": path, "Q4_K_M": path}.
+
+    F16 by convert_hf_to_gguf.py, the others by llama-quantize from it. Built once per
+    toolchain version in ``$CORTEX_CACHE/test-artifacts/`` and reused across sessions.
+    """
+    folder = tc.cache_root() / "test-artifacts" / f"smollm2-135m-{toolchain.version}"
+    paths = {t: folder / f"SmolLM2-135M-Instruct-{t}.gguf" for t in SMOLLM2_GGUF_TYPES}
+    with tc.install_lock(f"test-artifacts-{toolchain.version}"):
+        if not paths["F16"].is_file():
+            tc.convert_to_gguf(test_model.hf_dir, paths["F16"], "f16",
+                               toolchain=toolchain, vllm=vllm_install)
+        for quant in SMOLLM2_GGUF_TYPES[1:]:
+            if not paths[quant].is_file():
+                tc.quantize_gguf(paths["F16"], paths[quant], quant, toolchain=toolchain)
+    return paths
