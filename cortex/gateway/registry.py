@@ -1,0 +1,281 @@
+"""The gateway's durable state: replicas, model aliases and client API keys, in SQLite (WAL).
+
+The database is the source of truth; the gateway keeps a routing table in memory built from
+it and rebuilds that table whenever the database changes (its own writes, or another process's,
+seen through `PRAGMA data_version`). Every write runs in `BEGIN IMMEDIATE`, so two concurrent
+registrations queue on SQLite's write lock instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+KEY_PREFIX = "sk-cortex-"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    url TEXT NOT NULL,
+    engine_api_key TEXT,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining')),
+    labels TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    UNIQUE (model, url)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias TEXT PRIMARY KEY,
+    model TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    key_hash TEXT NOT NULL UNIQUE,
+    models TEXT,
+    expires_at REAL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class RegistryError(Exception):
+    """A registry change that cannot be made; `status` is the HTTP status the API answers."""
+
+    status = 400
+
+
+class NotFound(RegistryError):
+    status = 404
+
+
+class Conflict(RegistryError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    id: str
+    model: str
+    url: str
+    engine_api_key: str | None
+    state: str
+    labels: dict = field(default_factory=dict)
+    created_at: float = 0.0
+
+    def public(self) -> dict:
+        """What the admin API shows: never the engine's key."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "url": self.url,
+            "state": self.state,
+            "labels": self.labels,
+            "created_at": self.created_at,
+            "has_engine_api_key": bool(self.engine_api_key),
+        }
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    id: str
+    name: str
+    key_hash: str
+    models: tuple[str, ...] | None
+    expires_at: float | None
+    disabled: bool
+    created_at: float
+
+    def public(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "models": list(self.models) if self.models is not None else None,
+            "expires_at": self.expires_at,
+            "disabled": self.disabled,
+            "created_at": self.created_at,
+        }
+
+
+def hash_key(key: str) -> str:
+    """Keys are 256-bit random strings, so one SHA-256 is enough (no password stretching)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def validate_replica_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise RegistryError(f"replica url {url!r}: expected http://host:port (the engine's base URL)")
+    if parts.query or parts.fragment:
+        raise RegistryError(f"replica url {url!r}: must not have a query or fragment")
+    return url.rstrip("/")
+
+
+class Registry:
+    """Replicas, aliases and API keys in one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(self.path, 0o600)  # it holds the engines' API keys
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        with self._write() as cur:
+            for statement in SCHEMA.strip().split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        else:
+            cur.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes when another connection commits; cheap enough to poll."""
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    # --- replicas -------------------------------------------------------------------------
+
+    def register(
+        self,
+        model: str,
+        url: str,
+        engine_api_key: str | None = None,
+        aliases: list[str] | tuple[str, ...] = (),
+        replica_id: str | None = None,
+        labels: dict | None = None,
+    ) -> ReplicaRecord:
+        """Add a replica of `model` (or update the one with the same model and url)."""
+        if not model or not isinstance(model, str):
+            raise RegistryError("model: a non-empty served model name is required")
+        url = validate_replica_url(url)
+        aliases = [a for a in aliases if a != model]
+        with self._write() as cur:
+            if cur.execute("SELECT 1 FROM aliases WHERE alias = ?", (model,)).fetchone():
+                raise Conflict(f"model name {model!r} is already an alias of another model")
+            for alias in aliases:
+                row = cur.execute("SELECT model FROM aliases WHERE alias = ?", (alias,)).fetchone()
+                if row and row[0] != model:
+                    raise Conflict(f"alias {alias!r} already points to model {row[0]!r}; deregister it first")
+                if cur.execute("SELECT 1 FROM replicas WHERE model = ? LIMIT 1", (alias,)).fetchone():
+                    raise Conflict(f"alias {alias!r} is the name of a registered model")
+            existing = cur.execute("SELECT id FROM replicas WHERE model = ? AND url = ?", (model, url)).fetchone()
+            rid = replica_id or (existing[0] if existing else f"{model}-{uuid.uuid4().hex[:8]}")
+            if existing and existing[0] != rid:
+                raise Conflict(f"{url} is already registered for {model!r} as replica {existing[0]!r}")
+            now = time.time()
+            cur.execute(
+                "INSERT INTO replicas (id, model, url, engine_api_key, state, labels, created_at)"
+                " VALUES (?, ?, ?, ?, 'active', ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET model = excluded.model, url = excluded.url,"
+                " engine_api_key = excluded.engine_api_key, state = 'active', labels = excluded.labels",
+                (rid, model, url, engine_api_key, json.dumps(labels or {}), now),
+            )
+            for alias in aliases:
+                cur.execute("INSERT OR REPLACE INTO aliases (alias, model) VALUES (?, ?)", (alias, model))
+        return self.replica(rid)
+
+    def replica(self, replica_id: str) -> ReplicaRecord:
+        row = self._conn.execute(
+            "SELECT id, model, url, engine_api_key, state, labels, created_at FROM replicas WHERE id = ?",
+            (replica_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no replica {replica_id!r}; `GET /admin/replicas` lists them")
+        return ReplicaRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6])
+
+    def replicas(self) -> list[ReplicaRecord]:
+        rows = self._conn.execute(
+            "SELECT id, model, url, engine_api_key, state, labels, created_at FROM replicas ORDER BY model, created_at"
+        ).fetchall()
+        return [ReplicaRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]) for r in rows]
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT alias, model FROM aliases").fetchall())
+
+    def drain(self, replica_id: str) -> ReplicaRecord:
+        with self._write() as cur:
+            if cur.execute("UPDATE replicas SET state = 'draining' WHERE id = ?", (replica_id,)).rowcount == 0:
+                raise NotFound(f"no replica {replica_id!r}; `GET /admin/replicas` lists them")
+        return self.replica(replica_id)
+
+    def deregister(self, replica_id: str) -> None:
+        """Remove a replica; a model's aliases go with its last replica."""
+        with self._write() as cur:
+            row = cur.execute("SELECT model FROM replicas WHERE id = ?", (replica_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no replica {replica_id!r}; `GET /admin/replicas` lists them")
+            cur.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+            if not cur.execute("SELECT 1 FROM replicas WHERE model = ? LIMIT 1", (row[0],)).fetchone():
+                cur.execute("DELETE FROM aliases WHERE model = ?", (row[0],))
+
+    # --- API keys ---------------------------------------------------------------------------
+
+    def create_key(
+        self, name: str = "", models: list[str] | None = None, expires_at: float | None = None
+    ) -> tuple[str, ApiKeyRecord]:
+        """A new key; the plain key is returned here once and stored only as its hash."""
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
+            raise RegistryError("models: a list of model names, or null for all models")
+        if expires_at is not None and expires_at <= time.time():
+            raise RegistryError("expires_at is in the past")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        kid = "key-" + uuid.uuid4().hex[:12]
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO api_keys (id, name, key_hash, models, expires_at, disabled, created_at)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (kid, name, hash_key(key), json.dumps(models) if models is not None else None, expires_at, time.time()),
+            )
+        return key, self.key(kid)
+
+    def key(self, key_id: str) -> ApiKeyRecord:
+        row = self._conn.execute(
+            "SELECT id, name, key_hash, models, expires_at, disabled, created_at FROM api_keys WHERE id = ?",
+            (key_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
+        return _key_record(row)
+
+    def keys(self) -> list[ApiKeyRecord]:
+        rows = self._conn.execute(
+            "SELECT id, name, key_hash, models, expires_at, disabled, created_at FROM api_keys ORDER BY created_at"
+        ).fetchall()
+        return [_key_record(r) for r in rows]
+
+    def revoke_key(self, key_id: str) -> None:
+        """Disable a key (kept, so `keys list` still shows who had access)."""
+        with self._write() as cur:
+            if cur.execute("UPDATE api_keys SET disabled = 1 WHERE id = ?", (key_id,)).rowcount == 0:
+                raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
+
+
+def _key_record(row: tuple) -> ApiKeyRecord:
+    models = tuple(json.loads(row[3])) if row[3] is not None else None
+    return ApiKeyRecord(row[0], row[1], row[2], models, row[4], bool(row[5]), row[6])

@@ -1,0 +1,159 @@
+"""Settings shared by the gateway, `cortex deploy` and the command line.
+
+One table (`FIELDS`) names every setting once: its environment variable, its key in the
+config file, its type, default and help. Values come, highest first, from the environment
+(`CORTEX_<NAME>`), then the config file (`$CORTEX_CONFIG`, default `$CORTEX_HOME/config.yaml`),
+then the default. `cortex gateway settings` prints the table, so the docs come from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "CORTEX_" + self.name.upper()
+
+
+def _default_home() -> str:
+    return str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "cortex")
+
+
+# The single list of settings. Paths default to None and are derived from `home`.
+FIELDS: list[Field] = [
+    Field("home", str, None, "State directory (registry database, admin token). Default ~/.local/share/cortex."),
+    Field("gateway_url", str, "http://127.0.0.1:8080", "Where clients and `cortex deploy` reach the gateway."),
+    Field("gateway_host", str, "127.0.0.1", "Address `cortex gateway` binds to. Loopback by default."),
+    Field("gateway_port", int, 8080, "Port `cortex gateway` listens on."),
+    Field("admin_token", str, None, "Token for the gateway's /admin API. Default: generated once into <home>/gateway/admin-token (mode 0600)."),
+    Field("gateway_db", str, None, "SQLite registry of replicas and API keys. Default <home>/gateway/registry.db."),
+    Field("gateway_no_auth", _parse_bool, False, "Serve /v1 without client API keys. Only for a local, single-user gateway; never the default."),
+    Field("gateway_max_body_bytes", int, 16 * 1024 * 1024, "Largest request body accepted; larger gets 413."),
+    Field("gateway_health_interval", float, 2.0, "Seconds between health checks of each replica."),
+    Field("gateway_health_timeout", float, 2.0, "Seconds a replica's /health may take before it counts as down."),
+    Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
+    Field("gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."),
+    Field("gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."),
+]
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    home: str
+    gateway_url: str
+    gateway_host: str
+    gateway_port: int
+    admin_token: str | None
+    gateway_db: str
+    gateway_no_auth: bool
+    gateway_max_body_bytes: int
+    gateway_health_interval: float
+    gateway_health_timeout: float
+    gateway_connect_timeout: float
+    gateway_read_timeout: float
+    gateway_access_log: bool
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read settings from the environment, then the config file, then defaults."""
+        env = os.environ if env is None else env
+        home = overrides.get("home") or env.get("CORTEX_HOME") or _default_home()
+        config_path = Path(env.get("CORTEX_CONFIG") or Path(home).expanduser() / "config.yaml").expanduser()
+        from_file: dict[str, Any] = {}
+        if config_path.is_file():
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise SettingsError(f"{config_path}: expected a mapping of setting names to values")
+            unknown = set(loaded) - set(_BY_NAME)
+            if unknown:
+                raise SettingsError(
+                    f"{config_path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}"
+                )
+            from_file = loaded
+        values: dict[str, Any] = {}
+        for f in FIELDS:
+            if f.name in overrides and overrides[f.name] is not None:
+                values[f.name] = overrides[f.name]
+                continue
+            raw: Any = env.get(f.env)
+            source = f.env
+            if raw is None and f.name in from_file:
+                raw, source = from_file[f.name], f"{config_path}:{f.name}"
+            if raw is None:
+                values[f.name] = f.default
+                continue
+            try:
+                if isinstance(raw, bool) and f.type is _parse_bool:
+                    values[f.name] = raw
+                else:
+                    values[f.name] = f.type(raw if isinstance(raw, str) or f.type is not _parse_bool else str(raw))
+            except (TypeError, ValueError) as exc:
+                raise SettingsError(f"{source}: {exc}") from exc
+        values["home"] = str(Path(values["home"] or home).expanduser())
+        if values["gateway_db"] is None:
+            values["gateway_db"] = str(Path(values["home"]) / "gateway" / "registry.db")
+        return cls(**values)
+
+    @property
+    def admin_token_path(self) -> Path:
+        return Path(self.home) / "gateway" / "admin-token"
+
+    def resolve_admin_token(self, create: bool = False) -> str:
+        """The admin token: from settings, else from the token file (created when `create`)."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.admin_token_path
+        if path.is_file():
+            token = path.read_text().strip()
+            if token:
+                return token
+        if not create:
+            raise SettingsError(
+                f"no gateway admin token: set CORTEX_ADMIN_TOKEN, or start `cortex gateway` once "
+                f"on this machine so it writes {path}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = "cortex-admin-" + secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return token
+
+
+def describe() -> str:
+    """A Markdown table of every setting, for the README and `cortex gateway settings`."""
+    lines = ["| environment | config key | default | meaning |", "|---|---|---|---|"]
+    for f in FIELDS:
+        default = "" if f.default is None else f"`{f.default}`"
+        lines.append(f"| `{f.env}` | `{f.name}` | {default} | {f.help} |")
+    lines.append("| `CORTEX_CONFIG` | | `$CORTEX_HOME/config.yaml` | The YAML config file read for these keys. |")
+    return "\n".join(lines)
