@@ -15,6 +15,8 @@ COMMANDS = [
     "validate",
     "plan",
     "engines",
+    "gateway",
+    "keys",
 ]
 
 
