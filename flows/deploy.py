@@ -1,0 +1,174 @@
+"""Deploy a spec end to end, and retire a model.
+
+    deploy_model(spec)  = prepare -> launch -> ready -> smoke -> gateway -> stop the previous
+    roll_out(launch)    = the part after prepare: a new replica replaces the old ones only
+                          once it is healthy, tested and routed; otherwise it is removed and
+                          the old ones keep serving
+    retire_model(name)  = drain from the gateway, stop and remove every replica of a model
+
+The replacement is a Prefect transaction: the start task's rollback hook removes the new
+replica and the gateway task's hook removes its route, so a failure at any step (engine dies,
+times out, fails a smoke test, gateway refuses) leaves things as they were. The previous
+replicas are stopped only after the transaction has committed. A global concurrency limit of
+one slot per host keeps two deploys from fighting over the same GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.transactions import transaction
+
+from cortex.runtime import RUNTIMES, ReplicaError, get_runtime, ready_timeout_s
+from cortex.runtime.base import launch_dict, path_size, probe_health, served_model_name
+from cortex.runtime.rollout import DeployResult, engine_secrets, gateway_client, host_slot_name, replicas_of
+from tasks.deploy import register_in_gateway, retire_replica, smoke_test_replica, start_replica, wait_until_ready
+
+
+class DeployBusy(RuntimeError):
+    """Another deploy holds this host's deploy slot."""
+
+
+def _lock_timeout_s() -> float:
+    return float(os.environ.get("CORTEX_DEPLOY_LOCK_TIMEOUT_S", "1800"))
+
+
+def host_deploy_slot(runtime: str, timeout_s: float | None = None):
+    """The per-host deploy slot (a Prefect global concurrency limit of 1, created if missing)."""
+    name = host_slot_name(runtime)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    return _Slot(name, _lock_timeout_s() if timeout_s is None else timeout_s)
+
+
+class _Slot:
+    def __init__(self, name: str, timeout_s: float):
+        self.name, self.timeout_s = name, timeout_s
+        self._cm = None
+
+    def __enter__(self) -> "_Slot":
+        self._cm = concurrency(self.name, occupy=1, timeout_seconds=self.timeout_s, strict=True)
+        try:
+            self._cm.__enter__()
+        except TimeoutError as exc:
+            raise DeployBusy(
+                f"another deploy holds {self.name} (global concurrency limit) for more than "
+                f"{self.timeout_s:.0f} s; wait for it, or see `prefect gcl inspect {self.name}`"
+            ) from exc
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._cm is not None
+        self._cm.__exit__(*exc)
+
+
+@flow(name="roll-out")
+def roll_out(
+    launch: dict[str, Any],
+    runtime: str = "process",
+    task_kind: str = "generate",
+    prompts: list[str] | None = None,
+    max_tokens: int = 16,
+    embedding_dim: int | None = None,
+    aliases: list[str] | None = None,
+    ready_timeout: float | None = None,
+    gateway: bool | None = None,
+) -> dict[str, Any]:
+    """Start `launch`, prove it works, route to it, then stop the model's other replicas."""
+    logger = get_run_logger()
+    launch = launch_dict(launch)
+    model = served_model_name(launch)
+    rt = get_runtime(runtime)
+    for orphan in rt.cleanup_orphans():
+        logger.warning("removed %s: its engine was no longer running", orphan.name)
+    existing = replicas_of(rt, model)
+    previous = [r for r in existing if r.name != launch["name"]]
+    same = next((r for r in existing if r.name == launch["name"]), None)
+    gw = gateway_client(gateway)
+    gateway_state = "registered" if gw else ("disabled" if gateway is False else "not running")
+    if gw is None and gateway is None:
+        logger.info("no gateway answers at CORTEX_GATEWAY_URL; the engine's own endpoint is the result")
+    timeout = ready_timeout if ready_timeout is not None else ready_timeout_s(launch["engine"])
+    smoke_args = dict(task_kind=task_kind, prompts=prompts, max_tokens=max_tokens, embedding_dim=embedding_dim)
+
+    if same is not None and probe_health(same) == "ok":
+        # The very same launch already serves: test it again, keep it, retire the others.
+        logger.info("%s already runs this launch; testing it again instead of restarting", same.name)
+        replica, reused = same, True
+        smoke = smoke_test_replica(replica, **smoke_args)
+        if gw:
+            register_in_gateway(replica, aliases or [])
+    else:
+        reused = False
+        with transaction():
+            replica = start_replica(launch, runtime, engine_secrets())
+            replica = wait_until_ready(replica, timeout)
+            smoke = smoke_test_replica(replica, **smoke_args)
+            if gw:
+                register_in_gateway(replica, aliases or [])
+
+    stopped = [retire_replica(old, drain_gateway=gw is not None) for old in previous]
+    return DeployResult(
+        name=model, engine=replica.engine, runtime=runtime, endpoint=replica.endpoint,
+        replica=replica.name, smoke=smoke.model_dump(), gateway=gateway_state, reused=reused,
+        stopped=stopped, since=replica.since,
+    ).to_json()
+
+
+def launch_for_spec(spec_path: str, runtime: str) -> tuple[Any, dict[str, Any], str]:
+    """(spec, launch, artifact path): validate, prepare the weights, plan, build the launch."""
+    from cortex.launch import build_launch
+    from cortex.spec import load_spec
+    from flows.prepare import prepare_model
+
+    spec = load_spec(spec_path)
+    prepared = prepare_model(spec_path)
+    launch = build_launch(spec, prepared.plan, prepared.artifact_path)
+    return spec, launch_dict(launch), str(prepared.artifact_path)
+
+
+@flow(name="deploy-model")
+def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | None = None) -> dict[str, Any]:
+    """Deploy the model a spec file describes; see the module docstring for the steps."""
+    from cortex.spec import load_spec
+
+    spec = load_spec(spec_path)
+    kind = runtime or spec.runtime
+    if kind not in RUNTIMES:
+        raise ValueError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")
+    with host_deploy_slot(kind):
+        spec, launch, artifact = launch_for_spec(spec_path, kind)
+        return roll_out(
+            launch, kind, task_kind=spec.task, prompts=spec.tests.prompts,
+            max_tokens=spec.tests.max_tokens, aliases=list(spec.aliases),
+            ready_timeout=ready_timeout_s(launch["engine"], path_size(artifact)), gateway=gateway,
+        )
+
+
+def available_runtimes(runtime: str | None = None) -> list[Any]:
+    """The runtimes to look in: the one named, or process plus docker where a daemon answers."""
+    if runtime:
+        return [get_runtime(runtime)]
+    runtimes = [get_runtime("process")]
+    try:
+        runtimes.append(get_runtime("docker"))
+    except ReplicaError:
+        pass  # no Docker daemon here: nothing of Cortex's can run there
+    return runtimes
+
+
+@flow(name="retire-model")
+def retire_model(name: str, runtime: str | None = None) -> list[str]:
+    """Drain every replica of model `name` from the gateway, then stop and remove it."""
+    gw = gateway_client(None)
+    stopped: list[str] = []
+    for rt in available_runtimes(runtime):
+        for replica in replicas_of(rt, name):
+            stopped.append(retire_replica(replica, drain_gateway=gw is not None))
+    if not stopped:
+        raise LookupError(f"no replica of model {name!r} is running (see `cortex status`)")
+    return stopped

@@ -1,0 +1,129 @@
+"""Prefect tasks of a deploy: each wraps one function of cortex.runtime / cortex.probe and
+adds only what Prefect is for (logging, artifacts, rollback hooks).
+
+The rollback hooks undo what a task did when the transaction around it fails: a started
+replica is stopped and removed, a gateway registration is removed. None of these tasks cache:
+a deploy must really start and test an engine each time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction
+
+from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
+from cortex.runtime import Replica, get_runtime
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+@task(name="start-replica", **TASK_OPTIONS)
+def start_replica(launch: dict[str, Any], runtime: str, secrets: dict[str, str]) -> Replica:
+    replica = get_runtime(runtime).start(launch, secrets)
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.set("replica", replica.to_json(secrets=True))
+    get_run_logger().info("started %s (%s, %s) at %s", replica.name, replica.engine, runtime, replica.endpoint)
+    return replica
+
+
+@start_replica.on_rollback
+def _remove_started_replica(transaction: Transaction) -> None:
+    data = transaction.get("replica", None)
+    if data is None:
+        return  # the start itself failed: the runtime left nothing behind
+    replica = Replica.from_json(data)
+    get_runtime(replica.runtime).stop(replica)
+
+
+@task(name="wait-until-ready", **TASK_OPTIONS)
+def wait_until_ready(replica: Replica, timeout_s: float) -> Replica:
+    logger = get_run_logger()
+    logger.info("waiting up to %.0f s for %s%s", timeout_s, replica.endpoint, replica.health_path)
+    last_report = [0.0]
+
+    def report(elapsed: float) -> None:
+        if elapsed - last_report[0] >= 15:
+            last_report[0] = elapsed
+            logger.info("%s not ready yet (%.0f s)", replica.name, elapsed)
+
+    get_runtime(replica.runtime).wait_ready(replica, timeout_s, on_wait=report)
+    logger.info("%s is healthy", replica.name)
+    return replica
+
+
+@task(name="smoke-test", **TASK_OPTIONS)
+def smoke_test_replica(
+    replica: Replica,
+    task_kind: str = "generate",
+    prompts: list[str] | None = None,
+    max_tokens: int = 16,
+    embedding_dim: int | None = None,
+) -> SmokeResult:
+    result = smoke_test(
+        replica.endpoint, replica.model, task=task_kind, prompts=prompts, max_tokens=max_tokens,
+        api_key=replica.api_key, embedding_dim=embedding_dim,
+    )
+    create_table_artifact(
+        key=_artifact_key(f"smoke-{replica.model}"),
+        table=result.table(),
+        description=f"Smoke tests of {replica.model} on {replica.name} ({replica.engine}, {replica.runtime}): "
+                    f"{'passed' if result.passed else 'FAILED'}",
+    )
+    if not result.passed:
+        raise SmokeTestFailed(result)
+    get_run_logger().info(result.summary())
+    return result
+
+
+@task(name="register-in-gateway", **TASK_OPTIONS)
+def register_in_gateway(replica: Replica, aliases: list[str]) -> dict[str, Any]:
+    from cortex.gateway.client import GatewayClient
+
+    with GatewayClient() as client:
+        registered = client.register(
+            replica.model, replica.endpoint, engine_api_key=replica.api_key, aliases=aliases,
+            replica_id=replica.name, labels={"engine": replica.engine, "runtime": replica.runtime},
+        )
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.set("gateway_replica_id", registered["id"])
+    get_run_logger().info("gateway routes %s to %s", replica.model, replica.endpoint)
+    return registered
+
+
+@register_in_gateway.on_rollback
+def _deregister(transaction: Transaction) -> None:
+    from cortex.gateway.client import GatewayClient
+
+    replica_id = transaction.get("gateway_replica_id", None)
+    if replica_id is not None:
+        with GatewayClient() as client:
+            client.deregister(replica_id)
+
+
+@task(name="retire-replica", **TASK_OPTIONS)
+def retire_replica(replica: Replica, drain_gateway: bool) -> str:
+    """Take a replica out of the gateway (waiting for its requests in flight), then stop it."""
+    logger = get_run_logger()
+    if drain_gateway:
+        from cortex.gateway.client import GatewayClient, GatewayError
+
+        with GatewayClient() as client:
+            try:
+                client.drain(replica.name, wait=True, timeout=replica.stop_timeout_s + 600)
+            except GatewayError as exc:
+                if exc.status != 404:  # 404: the gateway never knew it; nothing to drain
+                    raise
+    get_runtime(replica.runtime).stop(replica)
+    logger.info("stopped and removed %s", replica.name)
+    return replica.name
