@@ -1,0 +1,278 @@
+"""Quantization quality: how often a quantized GGUF picks the same next token as its F16 reference.
+
+Both models run in llama-server (any version with the native `/completion` and `/tokenize`
+endpoints). For each prompt of a fixed bundled set, the reference generates a greedy
+continuation of `tokens` tokens. The candidate is then scored teacher-forced along that
+continuation: at every position, given the prompt plus the reference's tokens so far, is the
+candidate's top-1 token the reference's token?
+
+llama-server returns no prompt logprobs, so teacher forcing is done with greedy rollouts that
+restart after each disagreement: the candidate continues greedily from the prompt plus the
+reference prefix; the run of agreeing tokens counts as agreements, the first disagreement as
+one miss, and the next rollout starts from the reference prefix one token further. That is
+exactly per-position top-1 agreement, at one request per disagreement instead of one per token.
+
+With `n_probs` the server also reports log-probabilities (before sampling), so the report
+gives the mean log-probability the candidate loses on the reference's tokens.
+
+Reported: top-1 agreement over all positions, the share of continuations that are identical,
+and the mean position of the first disagreement.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import httpx
+from pydantic import BaseModel, Field
+
+from cortex.bench import bundled_prompts
+
+TOP_K_PROBS = 5
+
+
+class QualityCheckError(RuntimeError):
+    """The quality check could not run (server unreachable, vocabularies differ, bad answer)."""
+
+
+class QualityGateFailed(RuntimeError):
+    """Top-1 agreement is below the spec's `min_top1_agreement`."""
+
+    def __init__(self, report: "QualityReport", minimum: float):
+        self.report = report
+        self.minimum = minimum
+        super().__init__(
+            f"quantization quality gate failed: {report.candidate_label} agrees with "
+            f"{report.reference_label} on {report.top1_agreement:.1%} of next tokens "
+            f"({report.agreements}/{report.positions}), below the minimum {minimum:.1%}"
+        )
+
+
+class PromptAgreement(BaseModel):
+    prompt: str
+    positions: int
+    agreements: int
+    first_divergence: int = Field(description="index of the first disagreement; = positions if none")
+    reference_text: str
+    candidate_text: str = Field(description="the candidate's free greedy continuation")
+
+
+class QualityReport(BaseModel):
+    reference_label: str
+    candidate_label: str
+    prompts: int
+    tokens_per_prompt: int
+    positions: int
+    agreements: int
+    top1_agreement: float
+    identical_continuations: float = Field(description="share of prompts whose greedy continuations match fully")
+    mean_first_divergence: float
+    mean_logprob_drop: float | None = Field(
+        None, description="mean (reference - candidate) log-probability of the reference's token, "
+        "over positions where the candidate ranks it in its top 5",
+    )
+    positions_outside_top_k: int = 0
+    requests: int = 0
+    min_top1_agreement: float | None = None
+    passed: bool | None = None
+    per_prompt: list[PromptAgreement] = Field(default_factory=list)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)
+
+    def markdown(self) -> str:
+        gate = ""
+        if self.min_top1_agreement is not None:
+            gate = f"\n\nGate: top-1 agreement >= {self.min_top1_agreement:.1%}: {'passed' if self.passed else 'FAILED'}"
+        drop = "-" if self.mean_logprob_drop is None else f"{self.mean_logprob_drop:.4f}"
+        return (
+            f"# Quantization quality: {self.candidate_label} vs {self.reference_label}\n\n"
+            f"{self.prompts} prompts x {self.tokens_per_prompt} tokens, greedy, teacher-forced.\n\n"
+            "| metric | value |\n|---|---:|\n"
+            f"| top-1 agreement | {self.top1_agreement:.2%} ({self.agreements}/{self.positions}) |\n"
+            f"| identical continuations | {self.identical_continuations:.1%} |\n"
+            f"| mean first divergence (tokens) | {self.mean_first_divergence:.1f} |\n"
+            f"| mean log-prob drop on reference tokens | {drop} |\n"
+            f"| positions outside candidate top-{TOP_K_PROBS} | {self.positions_outside_top_k} |"
+            f"{gate}\n"
+        )
+
+
+class _LlamaServer:
+    """The two native llama-server calls the check needs."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float):
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers, trust_env=False)
+        self.requests = 0
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = self.base + path
+        self.requests += 1
+        try:
+            resp = self.client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise QualityCheckError(f"cannot reach llama-server at {url}: {exc}") from exc
+        if resp.status_code != 200:
+            raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in self._post("/tokenize", {"content": text, "add_special": True})["tokens"]]
+
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[dict[str, Any]], str]:
+        """n greedy tokens after `prompt`, with each token's top log-probabilities."""
+        out = self._post("/completion", {
+            "prompt": prompt,
+            "n_predict": n,
+            "temperature": 0.0,
+            "n_probs": TOP_K_PROBS,
+            "ignore_eos": True,
+            "return_tokens": True,
+            "stream": False,
+        })
+        probs = out.get("completion_probabilities")
+        if probs is None:
+            raise QualityCheckError(
+                f"{self.base}/completion returned no completion_probabilities; "
+                "this llama-server version does not support n_probs"
+            )
+        tokens = [int(p["id"]) for p in probs]
+        return tokens, probs, str(out.get("content", ""))
+
+
+def _logprob_of(entry: dict[str, Any], token: int) -> float | None:
+    for alt in entry.get("top_logprobs") or []:
+        if int(alt["id"]) == token:
+            return float(alt["logprob"])
+    return None
+
+
+def compare_greedy(
+    reference: _LlamaServer, candidate: _LlamaServer, prompt_text: str, tokens: int
+) -> tuple[PromptAgreement, list[float], int]:
+    """Score one prompt; returns the agreement, the log-prob drops, and positions outside top-k."""
+    ids = reference.tokenize(prompt_text)
+    if candidate.tokenize(prompt_text) != ids:
+        raise QualityCheckError(
+            "the reference and the candidate tokenize the same prompt differently; "
+            "they are not the same model in two precisions"
+        )
+    ref_tokens, ref_probs, ref_text = reference.greedy(ids, tokens)
+    if len(ref_tokens) != tokens:
+        raise QualityCheckError(f"the reference produced {len(ref_tokens)} of {tokens} tokens")
+    ref_lp = [float(p["logprob"]) for p in ref_probs]
+
+    agreements = 0
+    drops: list[float] = []
+    outside = 0
+    first_divergence = tokens
+    candidate_text = ""
+    k = 0
+    while k < tokens:
+        gen, probs, text = candidate.greedy(ids + ref_tokens[:k], tokens - k)
+        if k == 0:
+            candidate_text = text
+        if not gen:
+            raise QualityCheckError("the candidate produced no tokens")
+        for i, tok in enumerate(gen):
+            j = k + i
+            lp = _logprob_of(probs[i], ref_tokens[j])
+            if lp is None:
+                outside += 1
+            else:
+                drops.append(ref_lp[j] - lp)
+            if tok == ref_tokens[j]:
+                agreements += 1
+                continue
+            first_divergence = min(first_divergence, j)
+            k = j + 1
+            break
+        else:
+            k += len(gen)
+    return (
+        PromptAgreement(
+            prompt=prompt_text,
+            positions=tokens,
+            agreements=agreements,
+            first_divergence=first_divergence,
+            reference_text=ref_text,
+            candidate_text=candidate_text,
+        ),
+        drops,
+        outside,
+    )
+
+
+def check_quant_quality(
+    reference_url: str,
+    candidate_url: str,
+    *,
+    prompts: int | Sequence[str] = 16,
+    tokens: int = 32,
+    min_top1_agreement: float | None = None,
+    reference_label: str = "F16",
+    candidate_label: str = "candidate",
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> QualityReport:
+    """Compare a quantized model's llama-server with its F16 reference's.
+
+    `prompts` is a count (the first n bundled prompts, cycled if more) or the prompts
+    themselves. Sets `passed` when `min_top1_agreement` is given; raising is the caller's
+    choice (`enforce_quality`).
+    """
+    if isinstance(prompts, int):
+        bundled = bundled_prompts()
+        texts = [bundled[i % len(bundled)] for i in range(prompts)]
+    else:
+        texts = list(prompts)
+    if not texts or tokens < 1:
+        raise ValueError("need at least one prompt and one token")
+    ref = _LlamaServer(reference_url, api_key, timeout)
+    cand = _LlamaServer(candidate_url, api_key, timeout)
+    try:
+        per_prompt: list[PromptAgreement] = []
+        drops: list[float] = []
+        outside = 0
+        for text in texts:
+            agreement, d, o = compare_greedy(ref, cand, text, tokens)
+            per_prompt.append(agreement)
+            drops += d
+            outside += o
+        requests = ref.requests + cand.requests
+    finally:
+        ref.close()
+        cand.close()
+    positions = sum(p.positions for p in per_prompt)
+    agreements = sum(p.agreements for p in per_prompt)
+    top1 = agreements / positions
+    report = QualityReport(
+        reference_label=reference_label,
+        candidate_label=candidate_label,
+        prompts=len(texts),
+        tokens_per_prompt=tokens,
+        positions=positions,
+        agreements=agreements,
+        top1_agreement=top1,
+        identical_continuations=sum(p.first_divergence == p.positions for p in per_prompt) / len(per_prompt),
+        mean_first_divergence=sum(p.first_divergence for p in per_prompt) / len(per_prompt),
+        mean_logprob_drop=(sum(drops) / len(drops)) if drops else None,
+        positions_outside_top_k=outside,
+        requests=requests,
+        min_top1_agreement=min_top1_agreement,
+        passed=None if min_top1_agreement is None else top1 >= min_top1_agreement,
+        per_prompt=per_prompt,
+    )
+    return report
+
+
+def enforce_quality(report: QualityReport) -> QualityReport:
+    """Raise `QualityGateFailed` when the report's gate is set and not met."""
+    if report.min_top1_agreement is not None and not report.passed:
+        raise QualityGateFailed(report, report.min_top1_agreement)
+    return report
