@@ -17,6 +17,9 @@ COMMANDS = [
     "engines",
     "gateway",
     "keys",
+    "deploy",
+    "retire",
+    "status",
 ]
 
 

@@ -1,0 +1,61 @@
+"""`cortex status`: what Cortex runs — name, engine, runtime, endpoint, health, since."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cortex.runtime import RUNTIMES, ReplicaError, get_runtime
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="list the engines Cortex runs, with their health",
+        description="Every replica Cortex started, in the process runtime and (if a Docker "
+        "daemon answers) the docker runtime, with a live health check.",
+    )
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None, help="only this runtime")
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.set_defaults(func=run)
+
+
+def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
+    """(rows, notes): one row per replica; notes say which runtimes could not be asked."""
+    rows, notes = [], []
+    for kind in [runtime] if runtime else list(RUNTIMES):
+        try:
+            rt = get_runtime(kind)
+        except ReplicaError as exc:
+            if runtime:
+                raise
+            notes.append(f"{kind}: not available ({str(exc).split(':')[0]})")
+            continue
+        for replica in rt.list():
+            health = rt.health(replica) if rt.is_running(replica) else "exited"
+            rows.append({
+                "name": replica.model, "replica": replica.name, "engine": replica.engine,
+                "runtime": replica.runtime, "endpoint": replica.endpoint, "health": health,
+                "since": replica.since,
+            })
+    return rows, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    rows, notes = collect(args.runtime)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("Cortex runs no engine.")
+    else:
+        header = ("NAME", "ENGINE", "RUNTIME", "ENDPOINT", "HEALTH", "SINCE", "REPLICA")
+        table = [header] + [
+            (r["name"], r["engine"], r["runtime"], r["endpoint"], r["health"], r["since"], r["replica"]) for r in rows
+        ]
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    for note in notes:
+        print(f"({note})")
+    return 0
