@@ -48,7 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "status", "headers", "chunks", "buffered", "waiter",
         "headers_done", "complete", "error", "received", "paused", "closed", "framed",
-        "last_activity", "reused",
+        "last_activity", "reused", "keep_alive",
     )
 
     def __init__(self, pool: "ConnectionPool") -> None:
@@ -71,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False
         self.paused = False
         self.framed = False
+        self.keep_alive = False
         self.last_activity = time.monotonic()
 
     # --- asyncio.Protocol ----------------------------------------------------------------
@@ -111,6 +112,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # Read here: after the message completes, llhttp has reset and always answers False.
+        self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         self._wake()
 
@@ -219,7 +222,7 @@ class ConnectionPool:
             conn.closed
             or not conn.complete
             or conn.error is not None
-            or not conn.parser.should_keep_alive()
+            or not conn.keep_alive
             or len(self.idle) >= self.max_idle
         ):
             if not conn.closed and conn.transport is not None:
