@@ -313,6 +313,15 @@ def verified_digest(path: Path, kind: str = "sha256") -> str:
     return digest
 
 
+def record_digest(path: Path, digest: str, kind: str = "sha256") -> None:
+    """Remember a digest just computed for `path` (e.g. before an atomic rename moved it here)."""
+    real = path.resolve()
+    key = hashlib.sha256(f"{kind}:{real}".encode()).hexdigest()
+    stamp = cache_root() / "verified" / "by-path" / f"{key}.json"
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(stamp, {"path": str(real), "identity": _file_identity(real), "kind": kind, "digest": digest})
+
+
 def _forget_digest(path: Path) -> None:
     real = path.resolve()
     for kind in ("sha256", "git"):
