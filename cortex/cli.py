@@ -20,6 +20,8 @@ COMMANDS = [
     "deploy",
     "retire",
     "status",
+    "bench",
+    "compare",
 ]
 
 

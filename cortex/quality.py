@@ -218,13 +218,14 @@ def check_quant_quality(
     reference_label: str = "F16",
     candidate_label: str = "candidate",
     api_key: str | None = None,
+    reference_api_key: str | None = None,
     timeout: float = 300.0,
 ) -> QualityReport:
     """Compare a quantized model's llama-server with its F16 reference's.
 
     `prompts` is a count (the first n bundled prompts, cycled if more) or the prompts
     themselves. Sets `passed` when `min_top1_agreement` is given; raising is the caller's
-    choice (`enforce_quality`).
+    choice (`enforce_quality`). `api_key` is the candidate's; the reference's defaults to it.
     """
     if isinstance(prompts, int):
         bundled = bundled_prompts()
@@ -233,7 +234,7 @@ def check_quant_quality(
         texts = list(prompts)
     if not texts or tokens < 1:
         raise ValueError("need at least one prompt and one token")
-    ref = _LlamaServer(reference_url, api_key, timeout)
+    ref = _LlamaServer(reference_url, reference_api_key or api_key, timeout)
     cand = _LlamaServer(candidate_url, api_key, timeout)
     try:
         per_prompt: list[PromptAgreement] = []

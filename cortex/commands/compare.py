@@ -1,0 +1,124 @@
+"""`cortex compare A B`: two benchmark results side by side, with B/A ratios.
+
+A and B are each a results JSON file (from `cortex bench --save`, or a deploy's results.json)
+or a target to benchmark now (a base URL, or a model name behind the gateway), both with the
+same load. The seed's migration check: the same model on vLLM and on llama.cpp, or at two
+quantization types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cortex.bench import BenchmarkError, BenchmarkResult, benchmark, format_table
+from cortex.commands.bench import add_load_arguments, resolve_target, settings_from_args
+
+# (label, how to read it from a level, higher is better)
+COLUMNS: list[tuple[str, Any, bool]] = [
+    ("out tok/s", lambda lv: lv.output_tokens_per_s, True),
+    ("req/s", lambda lv: lv.requests_per_s, True),
+    ("TTFT p50 ms", lambda lv: lv.ttft_ms.p50, False),
+    ("TTFT p99 ms", lambda lv: lv.ttft_ms.p99, False),
+    ("TPOT p50 ms", lambda lv: lv.tpot_ms.p50, False),
+    ("ITL p99 ms", lambda lv: lv.itl_ms.p99, False),
+    ("E2EL p99 ms", lambda lv: lv.e2el_ms.p99, False),
+    ("errors", lambda lv: lv.errors, False),
+]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="two benchmark results (files or targets) side by side, with ratios",
+        description="Compare two deployments of a model. A and B are results JSON files or "
+        "targets to benchmark now with the same load (base URL or gateway model name).",
+    )
+    parser.add_argument("a", metavar="A", help="results JSON file, base URL, or gateway model name")
+    parser.add_argument("b", metavar="B", help="results JSON file, base URL, or gateway model name")
+    add_load_arguments(parser)
+    parser.add_argument("--chart", metavar="PNG", default=None, help="write both into one chart")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    parser.set_defaults(func=run)
+
+
+def load_or_measure(ref: str, args: argparse.Namespace) -> BenchmarkResult:
+    path = Path(ref)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise BenchmarkError(f"no results file at {path}")
+        return BenchmarkResult.load(path)
+    base_url, model, api_key = resolve_target(ref, args.model, args.api_key)
+    return benchmark(base_url, settings_from_args(args), model=model, api_key=api_key, target=ref)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or a == 0:
+        return None
+    return b / a
+
+
+def compare(a: BenchmarkResult, b: BenchmarkResult) -> list[dict[str, Any]]:
+    """One row per concurrency level both measured: A, B and B/A for each column."""
+    rows = []
+    for lv_a in a.levels:
+        lv_b = b.level(lv_a.concurrency)
+        if lv_b is None:
+            continue
+        row: dict[str, Any] = {"concurrency": lv_a.concurrency}
+        for label, read, _ in COLUMNS:
+            va, vb = read(lv_a), read(lv_b)
+            row[label] = {"a": va, "b": vb, "b/a": _ratio(va, vb)}
+        rows.append(row)
+    return rows
+
+
+def _cell(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if isinstance(v, int) else f"{v:.1f}"
+
+
+def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[str, Any]]) -> str:
+    lines = [f"A: {a.target} ({a.model}, {a.tool})", f"B: {b.target} ({b.model}, {b.tool})"]
+    if (a.settings.input_len, a.settings.output_len, a.settings.prompts) != (
+        b.settings.input_len, b.settings.output_len, b.settings.prompts
+    ):
+        lines.append("warning: A and B were measured with different prompt or output lengths")
+    table = []
+    for row in rows:
+        for label, _, higher_better in COLUMNS:
+            cell = row[label]
+            ratio = cell["b/a"]
+            verdict = ""
+            if ratio is not None and label != "errors" and abs(ratio - 1) >= 0.05:
+                verdict = "B better" if (ratio > 1) == higher_better else "B worse"
+            table.append({
+                "conc": row["concurrency"], "metric": label, "A": _cell(cell["a"]), "B": _cell(cell["b"]),
+                "B/A": "-" if ratio is None else f"{ratio:.2f}x", "": verdict,
+            })
+    lines.append("(B better / B worse: by 5% or more)")
+    lines.append(format_table(table) if table else "(no concurrency level in common)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        a = load_or_measure(args.a, args)
+        b = load_or_measure(args.b, args)
+    except BenchmarkError as exc:
+        print(f"cortex compare: {exc}", file=sys.stderr)
+        return 1
+    rows = compare(a, b)
+    if args.chart:
+        from cortex.charts import save_chart
+
+        save_chart([a, b], args.chart, title=f"A: {a.target}  vs  B: {b.target}")
+    if args.json:
+        print(json.dumps({"a": a.summary(), "b": b.summary(), "levels": rows}, indent=2))
+    else:
+        print(format_comparison(a, b, rows))
+    return 0 if rows else 1

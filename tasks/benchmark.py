@@ -1,0 +1,185 @@
+"""Prefect tasks for the benchmark, its gates and the quantization quality check.
+
+Each wraps one function of `cortex.bench` / `cortex.quality` and adds what Prefect is for:
+a table artifact, a markdown summary with the chart embedded, an image artifact, the results
+JSON and PNG on disk, and logging. A failed gate fails the task after the artifacts are
+published, so the run shows the numbers that failed it.
+
+The deploy flow calls, after the smoke test and inside its transaction (so a failure rolls
+the new replica back and the previous one keeps serving):
+
+    result = benchmark_replica(replica, spec)                  # raises GatesFailed
+    quality_check(reference_url, replica.endpoint, spec, ...)  # llama.cpp quants only
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cortex.bench import (
+    BenchmarkResult,
+    BenchmarkSettings,
+    GateResult,
+    GatesFailed,
+    benchmark,
+    evaluate_gates,
+    results_markdown,
+    results_table,
+)
+from cortex.charts import png_data_uri, render_chart
+from cortex.quality import QualityReport, check_quant_quality, enforce_quality
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+
+
+def default_results_dir(model: str) -> Path:
+    """<CORTEX_HOME>/benchmarks/<model>/<UTC timestamp>/"""
+    from cortex.settings import Settings
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(Settings.load().home) / "benchmarks" / artifact_key(model) / stamp
+
+
+def gpu_count(resources_gpus: Any) -> int:
+    """The spec's `resources.gpus` (a count, a list of ids, or None) as a count."""
+    if resources_gpus is None:
+        return 0
+    if isinstance(resources_gpus, (list, tuple)):
+        return len(resources_gpus)
+    return int(resources_gpus)
+
+
+def publish_benchmark(
+    result: BenchmarkResult,
+    gates: Sequence[GateResult] = (),
+    *,
+    results_dir: Path | None = None,
+    key: str | None = None,
+) -> dict[str, Path]:
+    """Save results JSON and chart PNG, and create the table, markdown and image artifacts."""
+    key = key or artifact_key(f"benchmark-{result.model}")
+    png = render_chart(result)
+    files: dict[str, Path] = {}
+    if results_dir is not None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        files["json"] = result.save(results_dir / "results.json")
+        files["png"] = results_dir / "chart.png"
+        files["png"].write_bytes(png)
+        if gates:
+            import json
+
+            files["gates"] = results_dir / "gates.json"
+            files["gates"].write_text(json.dumps([g.to_dict() for g in gates], indent=2) + "\n")
+    verdict = "" if not gates else (" — gates passed" if all(g.passed for g in gates) else " — gates FAILED")
+    create_table_artifact(
+        key=key,
+        table=results_table(result),
+        description=f"Benchmark of {result.model} at {result.base_url}{verdict}",
+    )
+    saved = f"\n\nSaved: `{files['json']}`, `{files['png']}`\n" if files else ""
+    create_markdown_artifact(
+        key=f"{key}-summary",
+        markdown=results_markdown(result, gates) + saved
+        + f"\n![throughput and TTFT against concurrency]({png_data_uri(png)})\n",
+        description=f"Benchmark summary of {result.model}{verdict}",
+    )
+    create_image_artifact(
+        image_url=png_data_uri(png),
+        key=f"{key}-chart",
+        description=f"Throughput and TTFT against concurrency: {result.model}",
+    )
+    return files
+
+
+@task(name="benchmark", **TASK_OPTIONS)
+def run_benchmark(
+    base_url: str,
+    settings: BenchmarkSettings,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    gates: Sequence[Any] = (),
+    results_dir: str | Path | None = None,
+    target: str | None = None,
+) -> BenchmarkResult:
+    """Benchmark `base_url`, publish artifacts, then fail if any gate fails."""
+    logger = get_run_logger()
+    logger.info(
+        "benchmarking %s: concurrency %s, %d requests per level, %d in / %d out tokens",
+        base_url, settings.concurrency, settings.requests, settings.input_len, settings.output_len,
+    )
+
+    def on_level(level) -> None:
+        logger.info(
+            "concurrency %d: %.1f out tok/s, TTFT p50 %s ms, %d errors",
+            level.concurrency, level.output_tokens_per_s,
+            "-" if level.ttft_ms.p50 is None else f"{level.ttft_ms.p50:.0f}", level.errors,
+        )
+
+    result = benchmark(base_url, settings, model=model, api_key=api_key, target=target, on_level=on_level)
+    checked = evaluate_gates(result, gates) if gates else []
+    folder = Path(results_dir) if results_dir is not None else default_results_dir(result.model)
+    files = publish_benchmark(result, checked, results_dir=folder)
+    logger.info("benchmark results saved to %s", files.get("json"))
+    failed = [g for g in checked if not g.passed]
+    if failed:
+        raise GatesFailed(failed)
+    return result
+
+
+def benchmark_replica(replica: Any, spec: Any, *, results_dir: str | Path | None = None) -> BenchmarkResult:
+    """Benchmark a started replica with its spec's `benchmark` section and gates."""
+    section = getattr(spec, "benchmark", None)
+    settings = BenchmarkSettings.from_spec(section, gpus=gpu_count(spec.resources.gpus))
+    return run_benchmark(
+        replica.endpoint, settings, model=replica.model, api_key=getattr(replica, "api_key", None),
+        gates=list(getattr(section, "gates", None) or []), results_dir=results_dir, target=replica.name,
+    )
+
+
+@task(name="quantization-quality", **TASK_OPTIONS)
+def quality_check(
+    reference_url: str,
+    candidate_url: str,
+    *,
+    prompts: int = 16,
+    tokens: int = 32,
+    min_top1_agreement: float | None = None,
+    candidate_label: str = "candidate",
+    reference_label: str = "F16",
+    api_key: str | None = None,
+    reference_api_key: str | None = None,
+    results_dir: str | Path | None = None,
+) -> QualityReport:
+    """Compare a quantized llama-server with its F16 reference; publish; fail below the gate."""
+    report = check_quant_quality(
+        reference_url, candidate_url, prompts=prompts, tokens=tokens,
+        min_top1_agreement=min_top1_agreement, candidate_label=candidate_label,
+        reference_label=reference_label, api_key=api_key, reference_api_key=reference_api_key,
+    )
+    if results_dir is not None:
+        folder = Path(results_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "quality.json").write_text(report.to_json() + "\n")
+    create_markdown_artifact(
+        key=artifact_key(f"quality-{candidate_label}"),
+        markdown=report.markdown(),
+        description=f"Top-1 agreement of {candidate_label} with {reference_label}: {report.top1_agreement:.1%}",
+    )
+    get_run_logger().info(
+        "%s agrees with %s on %.1f%% of next tokens (%d/%d)",
+        candidate_label, reference_label, 100 * report.top1_agreement, report.agreements, report.positions,
+    )
+    return enforce_quality(report)
