@@ -151,7 +151,6 @@ class DockerRuntime(Runtime):
             image=launch["image"],
             command=[str(a) for a in launch["command"]],
             name=name,
-            detach=True,
             labels=labels,
             environment=resolve_env(launch.get("env") or {}, secrets),
             mounts=mounts,
@@ -164,23 +163,27 @@ class DockerRuntime(Runtime):
         if launch.get("ipc_mode"):
             kwargs["ipc_mode"] = launch["ipc_mode"]
         try:
-            container = self.client.containers.run(**kwargs)
-        except docker.errors.ImageNotFound as exc:
+            self.client.images.get(launch["image"])  # never pull implicitly: say what is missing
+        except docker.errors.ImageNotFound:
             raise LaunchError(
                 f"image {launch['image']} is not on the Docker host: build it "
-                f"(scripts/docker-setup builds the llama.cpp image) or pull it ({exc.explanation})"
-            ) from exc
+                "(scripts/docker-setup builds the llama.cpp image) or pull it"
+            ) from None
+        try:
+            container = self.client.containers.create(**kwargs)
         except docker.errors.APIError as exc:
-            # created but failed to start (port, device request, mount): leave nothing behind
-            try:
-                self.client.containers.get(name).remove(force=True)
-            except docker.errors.NotFound:
-                pass
+            raise LaunchError(f"docker could not create {name}: {exc.explanation or exc}") from exc
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            # created but could not start (port, device request, mount): leave nothing behind
+            container.remove(force=True)
             raise LaunchError(f"docker could not start {name}: {exc.explanation or exc}") from exc
         container.reload()
         replica = self._replica(container)
-        if not replica.endpoint:
-            container.remove(force=True)
+        if not replica.endpoint and container.status == "running":
+            # (an engine that already exited has no published port; wait_ready reports why it exited)
+            self.stop(replica)
             raise LaunchError(f"{name} started but docker published no port for {launch['port']}/tcp")
         return Replica(**{**replica.to_json(secrets=True),
                           "api_key": api_key_from_env(launch.get("env") or {}, secrets)})
