@@ -22,6 +22,8 @@ COMMANDS = [
     "status",
     "bench",
     "compare",
+    "prepare",
+    "cache",
 ]
 
 
