@@ -547,3 +547,62 @@ def quantize(
     source = {**base.source, "quantized_from": {"key": base.key.digest, "file": base.model_file.name,
                                                 "sha256": base.files[0].sha256}}
     return store.build(key, produce, source=source, needed_bytes=needed_bytes)
+
+
+def build_gguf(
+    hf_dir: Path,
+    *,
+    source_id: str,
+    quantization: str,
+    toolchain,
+    model_name: str,
+    architecture: str,
+    source: dict,
+    weights_bytes: int,
+    predicted_bytes: dict[str, int] | None = None,
+    store: ArtifactStore | None = None,
+    log: Log = lambda line: None,
+    on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
+) -> list[Artifact]:
+    """The GGUF artifacts a plan of `quantization` needs, from the HF checkpoint in `hf_dir`:
+    [F16/BF16/F32] when that is the type asked for, else [F16, the quantized type]. Each comes
+    from the cache when it is there; `on_step(name, artifact, built_now)` reports each one."""
+    store = store or ArtifactStore()
+    quant = quantization.upper()
+    base_type = quant if quant in CONVERTER_OUTTYPES else "F16"
+    predicted = {k.upper(): v for k, v in (predicted_bytes or {}).items()}
+    done: list[Artifact] = []
+
+    final_key = ArtifactKey(source_id, quant, toolchain.version)
+    if quant != base_type:
+        cached = store.get(final_key)
+        if cached is not None:  # the quantized file is all an engine needs
+            on_step(quant, cached, False)
+            return [cached]
+
+    base_key = ArtifactKey(source_id, base_type, toolchain.version)
+    base_need = predicted.get(base_type) or estimate_gguf_bytes(weights_bytes, 2, base_type)
+    built = store.get(base_key) is None
+    base = convert(hf_dir, base_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
+                   source=source, needed_bytes=base_need, store=store, log=log)
+    on_step(base_type, base, built)
+    done.append(base)
+    if quant == base_type:
+        return done
+    need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
+    built = store.get(final_key) is None
+    quantized = quantize(base, final_key, toolchain=toolchain, model_name=model_name, needed_bytes=need,
+                         store=store, log=log)
+    on_step(quant, quantized, built)
+    done.append(quantized)
+    return done
+
+
+def local_source_id(paths: Iterable[Path]) -> str:
+    """The id of a local source (a GGUF file or split set, an HF folder's files): the sha256 of
+    a single file, else the sha256 over each file's name and sha256, in name order."""
+    paths = sorted(Path(p) for p in paths)
+    if len(paths) == 1:
+        return verified_digest(paths[0])
+    listing = "".join(f"{p.name}\0{verified_digest(p)}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()

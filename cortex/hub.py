@@ -76,6 +76,10 @@ class HubError(RuntimeError):
     """Fetching from the Hub failed; the message says what and what to do."""
 
 
+class HubUnreachable(HubError):
+    """The Hub could not be reached or answered 429/5xx: worth retrying later."""
+
+
 class NotEnoughSpace(HubError):
     """Not enough free disk space for what is about to be written."""
 
@@ -401,8 +405,21 @@ def _translate(error: Exception, repo: str, revision: str) -> HubError:
             "or pin `source.revision` to a commit sha that is cached"
         )
     if isinstance(error, HfHubHTTPError):
-        return HubError(f"the Hub answered {error.response.status_code} for {repo}@{revision}: {error}")
-    return HubError(f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}")
+        status = error.response.status_code
+        kind = HubUnreachable if status == 429 or status >= 500 else HubError
+        return kind(f"the Hub answered {status} for {repo}@{revision}: {error}")
+    if isinstance(error, OSError) and error.errno == 28:
+        return NotEnoughSpace(f"the disk holding {hub_cache_dir()} filled up while fetching {repo}@{revision}; "
+                              "free space or point HF_HUB_CACHE at a larger disk")
+    if isinstance(error, OSError) and not isinstance(error, _transport_errors()):
+        return HubError(f"{repo}@{revision}: {type(error).__name__}: {error}")
+    return HubUnreachable(f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}")
+
+
+def _transport_errors() -> type[Exception]:
+    import httpx2  # huggingface_hub's HTTP client
+
+    return httpx2.TransportError
 
 
 def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | None = None) -> str:
@@ -415,7 +432,7 @@ def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | Non
             repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline(),
             token=_client_token(token),
         )
-    except (HfHubHTTPError, RevisionResolutionError, OSError) as error:
+    except (HfHubHTTPError, RevisionResolutionError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, revision) from error
     return str(resolved.resolved)
 
@@ -439,7 +456,7 @@ def list_files(repo: str, commit: str, *, token: HubToken | None = None) -> list
 
     try:
         info = _api().model_info(repo, revision=commit, files_metadata=True, token=_client_token(token))
-    except (HfHubHTTPError, OSError) as error:
+    except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, commit) from error
     files = [
         RemoteFile(
@@ -490,7 +507,7 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
     url = hf_hub_url(repo, f.path, revision=commit, endpoint=hub_endpoint())
     try:
         meta = get_hf_file_metadata(url, token=_client_token(token), endpoint=hub_endpoint(), retry_on_errors=True)
-    except (HfHubHTTPError, OSError) as error:
+    except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, commit) from error
     if meta.etag != f.sha256:
         raise ChecksumMismatch(f"{repo}@{commit[:12]}/{f.path}: the Hub lists sha256 {f.sha256} but serves "
@@ -505,9 +522,13 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
     if have > f.size:
         partial.unlink()
         have = 0
-    with open(partial, "ab") as out:
-        http_get(location, out, resume_size=have, headers=headers, expected_size=f.size,
-                 displayed_filename=f.path, tqdm_class=_progress_bar(progress, f.path, f.size))
+    try:
+        with open(partial, "ab") as out:
+            http_get(location, out, resume_size=have, headers=headers, expected_size=f.size,
+                     displayed_filename=f.path, tqdm_class=_progress_bar(progress, f.path, f.size))
+    except (HfHubHTTPError, _transport_errors()) as error:
+        # The partial file stays: the next attempt continues from where this one stopped.
+        raise _translate(error, repo, commit) from error
     got = sha256_of(partial)
     if got != f.sha256:
         partial.unlink()
@@ -534,7 +555,7 @@ def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken
             f"offline mode is on (HF_HUB_OFFLINE) and the cache ({hub_cache_dir()}) lacks files of "
             f"{repo}@{commit[:12]}; run `cortex prepare` once with network access"
         ) from error
-    except (HfHubHTTPError, OSError) as error:
+    except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, commit) from error
     return Path(folder)
 
