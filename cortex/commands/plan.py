@@ -1,0 +1,114 @@
+"""`cortex plan SPEC`: the decision trace, the memory plan and the exact launch, before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from cortex.decide import ENGINE_NAMES, DecisionError
+from cortex.engines import FlagError
+from cortex.facts import FactsError
+from cortex.pipeline import PlannedModel, plan_spec_file
+from cortex.plan import PlanError
+from cortex.spec import format_bytes, parse_bytes
+from cortex.specfile import SpecError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="explain the engine choice, memory plan and launch for a spec",
+                       description="Decide the engine, plan memory per device and build the launch spec. "
+                       "No download, no container; no network for local sources or a warm Hub cache.")
+    p.add_argument("spec", metavar="SPEC", help="spec file")
+    p.add_argument("--gpus", type=int, help="plan for N GPUs (overrides resources.gpus)")
+    p.add_argument("--gpu-memory", type=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        planned = plan_spec_file(args.spec, gpus=args.gpus, gpu_memory=args.gpu_memory)
+    except SpecError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (FactsError, PlanError, DecisionError, FlagError, ValueError) as e:
+        print(f"{args.spec}: cannot plan: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(planned.to_json(), indent=2, default=str))
+    else:
+        print(render(planned))
+    return 0
+
+
+def render(m: PlannedModel) -> str:
+    p, f = m.plan, m.facts
+    out = [f"# {m.spec.name}  ({m.spec_path})", ""]
+    moe = f", MoE {f.n_experts_active}/{f.n_experts} experts" if f.is_moe else ""
+    swa = f", sliding window {f.sliding_window} on {f.sliding_layers}/{f.n_layers} layers" if f.sliding_window else ""
+    mla = f", MLA latent {f.mla_kv_lora_rank}" if f.is_mla else ""
+    out.append(f"model: {f.architecture} ({f.source_format}), {f.params_total / 1e9:.2f}B params"
+               f"{f' ({f.params_active / 1e9:.2f}B active)' if f.is_moe else ''}, {f.n_layers} layers, "
+               f"{f.n_heads} heads / {f.n_kv_heads} KV heads (GQA {f.n_gqa}) x {f.head_dim}{moe}{swa}{mla}, "
+               f"context {f.max_context}, {f.dtype}{', tied embeddings' if f.tie_embeddings else ''}")
+    gpus = ", ".join(f"cuda:{g.index} {format_bytes(g.memory_bytes)}" for g in m.inventory.gpus) or "none"
+    out.append(f"hardware ({m.inventory.source}): GPUs {gpus}; {m.inventory.cpu_cores} CPU cores, "
+               f"{format_bytes(m.inventory.ram_bytes)} RAM available")
+    out += ["", f"## engine: {ENGINE_NAMES[p.engine]} {p.engine_version}" + (" (pinned by spec)" if p.decision.pinned else "")]
+    for r in p.decision.trace:
+        mark = "=>" if r.decided else ("+ " if r.matched else "- ")
+        out.append(f"  {mark} {r.rule:<18} {r.question}  [{ENGINE_NAMES[r.engine]}]")
+        out.append(f"       {'matched' if r.matched else 'not matched'}: {r.reason}")
+        if r.policy and r.matched:
+            out.append(f"       policy: {r.policy}")
+    out.append(f"  {p.decision.why_not}")
+    out += ["", "## plan"]
+    settings = [("artifact", f"{p.artifact.format} {p.artifact.quantization}, {format_bytes(p.artifact.predicted_bytes)}"
+                 + (" (converted from the HF checkpoint)" if p.artifact.convert_from else ""))]
+    if p.engine == "vllm":
+        settings += [("tensor parallel", p.tensor_parallel_size), ("pipeline parallel", p.pipeline_parallel_size),
+                     ("gpu memory utilization", p.gpu_memory_utilization), ("max model len", p.max_model_len),
+                     ("sequences in KV pool", p.parallel)]
+        if p.cpu_kv_cache_gib:
+            settings.append(("CPU KV cache space", f"{p.cpu_kv_cache_gib} GiB"))
+    else:
+        settings += [("quantization", p.quantization), ("ngl", p.ngl),
+                     ("tensor split", ",".join(f"{x:g}" for x in p.tensor_split) if p.tensor_split else "-"),
+                     ("context", f"{p.context_total} total = {p.parallel} slots x {p.context}"),
+                     ("KV cache type", p.kv_cache_type)]
+    for k, v in settings:
+        if v is not None:
+            out.append(f"  {k:<24} {v}")
+    out.append("")
+    out.append(f"  {'device':<8} {'weights':>12} {'KV cache':>12} {'overhead':>12} {'total':>12} {'capacity':>12}  fits")
+    for d in p.devices:
+        out.append(f"  {d.device:<8} {format_bytes(d.weights_bytes):>12} {format_bytes(d.kv_cache_bytes):>12} "
+                   f"{format_bytes(d.overhead_bytes):>12} {format_bytes(d.total_bytes):>12} "
+                   f"{format_bytes(d.capacity_bytes):>12}  {'yes' if d.fits else 'NO'}")
+    for w in p.warnings:
+        out.append(f"  warning: {w}")
+    if not p.fits:
+        out.append(f"  DOES NOT FIT: {p.shortfall}")
+        for s in p.suggestions:
+            out.append(f"    would fit: {s}")
+    L = m.launch
+    out += ["", "## launch",
+            f"  image        {L.image}", f"  name         {L.name}",
+            f"  command      {shlex.join(L.command)}",
+            f"  env          " + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
+            ]
+    for mnt in L.mounts:
+        out.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")
+    out += [f"  gpus         {L.gpus or 'none'}", f"  port         {L.port}  health {L.health_path}",
+            f"  stop timeout {L.stop_timeout_s} s"]
+    return "\n".join(out)

@@ -1,0 +1,43 @@
+"""llama.cpp's llama-server: the flag table and the server command."""
+
+from __future__ import annotations
+
+from cortex.engines import FlagMap
+
+ENGINE_LABEL = "llama-server"
+FLAG_TABLE_ENGINE = "llama-server"  # name of the committed flag table (cortex/data/flags)
+SECTION = "llamacpp"
+PORT = 8080
+STOP_TIMEOUT_S = 10  # the seed's graceful stop for llama.cpp (CPU offload cleanup takes longer)
+API_KEY_ENV = "LLAMA_API_KEY"  # llama-server reads --api-key from this variable; keeps it off the command line
+DEFAULT_IMAGE = "cortex/llamacpp-server"  # built from images/llamacpp, tagged with the toolchain version
+
+# spec setting (llamacpp.*) or plan value -> llama-server flag. Adding a flag is one line.
+FLAGS: list[FlagMap] = [
+    FlagMap("ngl", "-ngl", plan="ngl"),
+    FlagMap("tensor_split", "-ts", "list_comma", plan="tensor_split"),
+    FlagMap("split_mode", "-sm"),
+    FlagMap("context_size", "-c", plan="context_total"),
+    FlagMap("parallel", "-np", plan="parallel"),
+    FlagMap("batch_size", "-b"),
+    FlagMap("ubatch_size", "-ub"),
+    FlagMap("threads", "-t"),
+    FlagMap("rope_freq_base", "--rope-freq-base"),
+    FlagMap("rope_freq_scale", "--rope-freq-scale"),
+    FlagMap("flash_attention", "-fa"),
+    FlagMap("mlock", "--mlock", "switch"),
+    FlagMap("no_mmap", "--no-mmap", "switch"),
+    FlagMap("numa", "--numa"),
+    FlagMap("cache_type_k", "-ctk"),
+    FlagMap("cache_type_v", "-ctv"),
+]
+
+# Flags Cortex sets itself; extra_args may not override them.
+RESERVED = ["--host", "--port", "--api-key", "--api-key-file", "-m", "--alias", "-hf", "-mu", "--path"]
+
+
+def server_args(*, model_path: str, served_name: str, port: int, embed: bool) -> list[str]:
+    args = ["-m", model_path, "--host", "0.0.0.0", "--port", str(port), "--alias", served_name, "--metrics"]
+    if embed:
+        args.append("--embeddings")
+    return args

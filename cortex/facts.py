@@ -1,0 +1,523 @@
+"""Model facts: what a model is, read from its config.json or its GGUF header.
+
+`ModelFacts` is everything the decision rules and the memory planner need: architecture,
+parameter counts (total and active for MoE), attention shape (GQA, sliding window, MLA),
+context, dtype, tied embeddings, and the tensor list in GGUF naming so sizes can be
+predicted per tensor. Sources:
+
+- a local HF folder: config.json alone is enough; safetensors headers or the index, when
+  present, give the exact parameter count;
+- a GGUF file: its metadata through the `gguf` reader (split sets read as one model);
+- an HF repo: the Hub cache first (the HF cache, or a `hub/` folder beside the spec laid out
+  the same way), else the Hub API for config.json and safetensors metadata, no weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cortex.quant import FILE_TYPE_NAMES, TensorInfo
+
+
+class FactsError(Exception):
+    """The model could not be inspected; the message says what is missing and what to do."""
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
+SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+@dataclass
+class ModelFacts:
+    architecture: str  # HF class name (LlamaForCausalLM) or GGUF general.architecture (llama)
+    model_type: str  # HF model_type or GGUF architecture
+    source_format: str  # "hf" | "gguf"
+    params_total: int
+    params_active: int
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    dtype: str  # bfloat16 / float16 / ... for HF; the GGUF file type name (Q8_0, ...) for GGUF
+    tie_embeddings: bool = False
+    intermediate_size: int | None = None
+    n_experts: int = 0  # 0 = dense
+    n_experts_active: int = 0
+    sliding_window: int | None = None
+    sliding_layers: int = 0  # how many layers use the sliding window
+    mla_kv_lora_rank: int | None = None  # MLA: one latent of this size (+ rope dims) per token
+    mla_rope_dim: int = 0
+    quantized: str | None = None  # a pre-quantized checkpoint's method (mxfp4, awq, fp8, ...)
+    weights_bytes_on_disk: int | None = None  # sum of the weight files, when known
+    metadata_bytes: int | None = None  # GGUF: header + metadata; HF: estimated for conversion
+    tensors: list[TensorInfo] = field(default_factory=list, repr=False)
+    files: list[str] = field(default_factory=list)  # weight files (GGUF: the split set, in order)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    @property
+    def n_gqa(self) -> int:
+        return max(1, self.n_heads // max(1, self.n_kv_heads))
+
+    @property
+    def is_mla(self) -> bool:
+        return self.mla_kv_lora_rank is not None
+
+    def kv_bytes_per_token_layer(self, element_bytes: float) -> float:
+        """K+V bytes one token costs in one full-attention layer."""
+        if self.is_mla:
+            return (self.mla_kv_lora_rank + self.mla_rope_dim) * element_bytes
+        return 2 * self.n_kv_heads * self.head_dim * element_bytes
+
+    def kv_cache_bytes(self, tokens: int, element_bytes: float, *, sequences: int = 1) -> int:
+        """KV cache for `tokens` cells in all (sequences) together; sliding layers keep at most the
+        window per sequence."""
+        per = self.kv_bytes_per_token_layer(element_bytes)
+        full_layers = self.n_layers - self.sliding_layers
+        total = full_layers * tokens * per
+        if self.sliding_layers:
+            window_cells = min(tokens, (self.sliding_window or tokens) * max(1, sequences))
+            total += self.sliding_layers * window_cells * per
+        return int(total)
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("tensors",)}
+        d["tensor_count"] = len(self.tensors)
+        return d
+
+
+# --------------------------------------------------------------------------- HF config
+
+
+def _cfg(config: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for n in names:
+        if config.get(n) is not None:
+            return config[n]
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        for n in names:
+            if text.get(n) is not None:
+                return text[n]
+    return default
+
+
+def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
+    """The GGUF tensor list convert_hf_to_gguf writes for a decoder-only transformer, derived
+    from config.json (llama-like dense and MoE layouts). Shapes in ggml order (ne0 first)."""
+    h = int(_cfg(c, "hidden_size", "n_embd", "d_model"))
+    n_layers = int(_cfg(c, "num_hidden_layers", "n_layer", "num_layers"))
+    n_heads = int(_cfg(c, "num_attention_heads", "n_head"))
+    n_kv = int(_cfg(c, "num_key_value_heads", default=n_heads))
+    hd = int(_cfg(c, "head_dim", default=h // n_heads))
+    ff = int(_cfg(c, "intermediate_size", "ffn_dim", default=4 * h))
+    vocab = int(_cfg(c, "vocab_size"))
+    n_exp = int(_cfg(c, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    moe_ff = int(_cfg(c, "moe_intermediate_size", default=ff))
+    tied = bool(_cfg(c, "tie_word_embeddings", default=False))
+    bias = bool(_cfg(c, "attention_bias", default=False))
+    kv_lora = _cfg(c, "kv_lora_rank")
+
+    t: list[TensorInfo] = [TensorInfo("token_embd.weight", (h, vocab))]
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        t.append(TensorInfo(p + "attn_norm.weight", (h,)))
+        if kv_lora:  # MLA (DeepSeek V2/V3 style)
+            q_lora = _cfg(c, "q_lora_rank")
+            rope = int(_cfg(c, "qk_rope_head_dim", default=64))
+            nope = int(_cfg(c, "qk_nope_head_dim", default=128))
+            vdim = int(_cfg(c, "v_head_dim", default=128))
+            if q_lora:
+                t += [TensorInfo(p + "attn_q_a.weight", (h, int(q_lora))), TensorInfo(p + "attn_q_a_norm.weight", (int(q_lora),)),
+                      TensorInfo(p + "attn_q_b.weight", (int(q_lora), n_heads * (nope + rope)))]
+            else:
+                t.append(TensorInfo(p + "attn_q.weight", (h, n_heads * (nope + rope))))
+            t += [TensorInfo(p + "attn_kv_a_mqa.weight", (h, int(kv_lora) + rope)),
+                  TensorInfo(p + "attn_kv_a_norm.weight", (int(kv_lora),)),
+                  TensorInfo(p + "attn_kv_b.weight", (int(kv_lora), n_heads * (nope + vdim))),
+                  TensorInfo(p + "attn_output.weight", (n_heads * vdim, h))]
+        else:
+            t += [TensorInfo(p + "attn_q.weight", (h, n_heads * hd)),
+                  TensorInfo(p + "attn_k.weight", (h, n_kv * hd)),
+                  TensorInfo(p + "attn_v.weight", (h, n_kv * hd)),
+                  TensorInfo(p + "attn_output.weight", (n_heads * hd, h))]
+            if bias:
+                t += [TensorInfo(p + "attn_q.bias", (n_heads * hd,)), TensorInfo(p + "attn_k.bias", (n_kv * hd,)),
+                      TensorInfo(p + "attn_v.bias", (n_kv * hd,)), TensorInfo(p + "attn_output.bias", (h,))]
+        t.append(TensorInfo(p + "ffn_norm.weight", (h,)))
+        first_dense = int(_cfg(c, "first_k_dense_replace", default=0) or 0)
+        if n_exp > 1 and i >= first_dense:
+            t.append(TensorInfo(p + "ffn_gate_inp.weight", (h, n_exp)))
+            t += [TensorInfo(p + "ffn_gate_exps.weight", (h, moe_ff, n_exp)),
+                  TensorInfo(p + "ffn_up_exps.weight", (h, moe_ff, n_exp)),
+                  TensorInfo(p + "ffn_down_exps.weight", (moe_ff, h, n_exp))]
+            if c.get("model_type") == "gpt_oss":  # gpt-oss: biases on router and experts, attention sinks
+                t += [TensorInfo(p + "ffn_gate_inp.bias", (n_exp,)),
+                      TensorInfo(p + "ffn_gate_exps.bias", (moe_ff, n_exp)),
+                      TensorInfo(p + "ffn_up_exps.bias", (moe_ff, n_exp)),
+                      TensorInfo(p + "ffn_down_exps.bias", (h, n_exp)),
+                      TensorInfo(p + "attn_sinks.weight", (n_heads,))]
+            shared = int(_cfg(c, "n_shared_experts", default=0) or 0)
+            if shared:
+                sff = moe_ff * shared
+                t += [TensorInfo(p + "ffn_gate_shexp.weight", (h, sff)), TensorInfo(p + "ffn_up_shexp.weight", (h, sff)),
+                      TensorInfo(p + "ffn_down_shexp.weight", (sff, h))]
+        else:
+            t += [TensorInfo(p + "ffn_gate.weight", (h, ff)), TensorInfo(p + "ffn_up.weight", (h, ff)),
+                  TensorInfo(p + "ffn_down.weight", (ff, h))]
+    t.append(TensorInfo("output_norm.weight", (h,)))
+    if not tied:
+        t.append(TensorInfo("output.weight", (h, vocab)))
+    return t
+
+
+def _sliding(c: dict[str, Any], n_layers: int) -> tuple[int | None, int]:
+    window = _cfg(c, "sliding_window")
+    if not window or _cfg(c, "use_sliding_window") is False:
+        return None, 0
+    layer_types = _cfg(c, "layer_types")
+    if isinstance(layer_types, list):
+        return int(window), sum(1 for x in layer_types if "sliding" in str(x))
+    pattern = _cfg(c, "sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 1:  # gemma: every pattern-th layer is global
+        return int(window), n_layers - n_layers // pattern
+    return int(window), n_layers  # mistral v0.1 style: every layer slides
+
+
+def facts_from_config(
+    config: dict[str, Any],
+    *,
+    params_exact: int | None = None,
+    weights_bytes: int | None = None,
+    metadata_bytes: int | None = None,
+    files: list[str] | None = None,
+) -> ModelFacts:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise FactsError("config.json has no `architectures` list; it does not describe a model Cortex can serve")
+    try:
+        tensors = tensors_from_config(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FactsError(f"config.json lacks a field Cortex needs to size the model ({e})") from None
+    n_layers = int(_cfg(config, "num_hidden_layers", "n_layer", "num_layers"))
+    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
+    n_heads = int(_cfg(config, "num_attention_heads", "n_head"))
+    n_kv = int(_cfg(config, "num_key_value_heads", default=n_heads))
+    n_exp = int(_cfg(config, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    n_act = int(_cfg(config, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0) or 0)
+    computed = sum(t.elements for t in tensors)
+    expert_params = sum(t.elements for t in tensors if "_exps." in t.name)
+    active = computed - expert_params + (expert_params * n_act // n_exp if n_exp > 1 else 0)
+    total = params_exact or computed
+    window, sliding_layers = _sliding(config, n_layers)
+    dtype = str(_cfg(config, "torch_dtype", "dtype", default="bfloat16"))
+    qc = config.get("quantization_config") or {}
+    kv_lora = _cfg(config, "kv_lora_rank")
+    vocab = int(_cfg(config, "vocab_size"))
+    notes = []
+    if params_exact and abs(params_exact - computed) / params_exact > 0.02:
+        notes.append(f"parameter count from weights ({params_exact:,}) differs from the config-derived layout ({computed:,})")
+    if metadata_bytes is None:
+        # tokenizer vocabulary and merges dominate GGUF metadata (~28 bytes a token)
+        metadata_bytes = 28 * vocab + 64 * 1024
+    return ModelFacts(
+        architecture=archs[0],
+        model_type=str(config.get("model_type", archs[0])),
+        source_format="hf",
+        params_total=total,
+        params_active=active if n_exp > 1 else total,
+        n_layers=n_layers,
+        hidden_size=h,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=int(_cfg(config, "head_dim", default=h // n_heads)),
+        vocab_size=vocab,
+        max_context=int(_cfg(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=2048)),
+        dtype=dtype,
+        tie_embeddings=bool(_cfg(config, "tie_word_embeddings", default=False)),
+        intermediate_size=_cfg(config, "intermediate_size"),
+        n_experts=n_exp if n_exp > 1 else 0,
+        n_experts_active=n_act if n_exp > 1 else 0,
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        mla_kv_lora_rank=int(kv_lora) if kv_lora else None,
+        mla_rope_dim=int(_cfg(config, "qk_rope_head_dim", default=0) or 0) if kv_lora else 0,
+        quantized=qc.get("quant_method") if qc else None,
+        weights_bytes_on_disk=weights_bytes,
+        metadata_bytes=metadata_bytes,
+        tensors=tensors,
+        files=files or [],
+        notes=notes,
+    )
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise FactsError(f"{path}: not a safetensors file (header length {n})")
+        return json.loads(f.read(n))
+
+
+def _count_params(header: dict[str, Any]) -> int:
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        total += n
+    return total
+
+
+def _tokenizer_metadata_bytes(folder: Path) -> int | None:
+    tok = folder / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    data = json.loads(tok.read_text())
+    model = data.get("model", {})
+    vocab = model.get("vocab") or {}
+    merges = model.get("merges") or []
+    added = data.get("added_tokens") or []
+    size = sum(8 + len(k.encode()) + 4 + 4 for k in vocab)  # token string, type, score
+    size += sum(8 + len((m if isinstance(m, str) else " ".join(m)).encode()) for m in merges)
+    size += sum(8 + len(a.get("content", "").encode()) for a in added)
+    return size + 32 * 1024  # chat template, general.* and hparams
+
+
+def hf_dir_facts(folder: Path) -> ModelFacts:
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FactsError(f"{folder}: no config.json; an HF checkpoint folder needs one (is this the right folder?)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FactsError(f"{cfg_path}: not valid JSON ({e})") from None
+    shards = sorted(folder.glob("*.safetensors"))
+    params = None
+    weights = None
+    if shards:
+        params = sum(_count_params(_safetensors_header(p)) for p in shards)
+        weights = sum(p.stat().st_size for p in shards)
+    else:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            meta = json.loads(index.read_text()).get("metadata", {})
+            if meta.get("total_size"):
+                weights = int(meta["total_size"])
+                per = DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
+                params = weights // per
+    return facts_from_config(
+        config,
+        params_exact=params,
+        weights_bytes=weights,
+        metadata_bytes=_tokenizer_metadata_bytes(folder),
+        files=[p.name for p in shards],
+    )
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def gguf_split_set(path: Path) -> list[Path]:
+    """All files of a split GGUF (`x-00001-of-00003.gguf`), in order; `[path]` for a single file."""
+    m = SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group("n"))
+    parts = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise FactsError(f"{path}: split GGUF is missing {', '.join(missing)} (all {n} parts must sit together)")
+    return parts
+
+
+def gguf_facts(path: Path) -> ModelFacts:
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FactsError(f"{path}: GGUF file not found")
+    parts = gguf_split_set(path)
+    try:
+        readers = [GGUFReader(p) for p in parts]
+    except (ValueError, OSError, struct.error) as e:
+        raise FactsError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in readers[0].fields.items() if not k.startswith("GGUF.")}
+    if not meta.get("general.architecture"):
+        raise FactsError(f"{path}: GGUF has no general.architecture")
+    tensors = [TensorInfo(t.name, tuple(int(x) for x in t.shape)) for rd in readers for t in rd.tensors]
+    data_bytes = sum(int(t.n_bytes) for rd in readers for t in rd.tensors)
+    file_bytes = sum(p.stat().st_size for p in parts)
+    facts = facts_from_gguf_metadata(meta, tensors, data_bytes, file_bytes - data_bytes)
+    facts.files = [str(p) for p in parts]
+    return facts
+
+
+def facts_from_gguf_metadata(
+    meta: dict[str, Any], tensors: list[TensorInfo], data_bytes: int, metadata_bytes: int
+) -> ModelFacts:
+    """Facts from GGUF key/values and the tensor table (from the gguf reader or a header)."""
+    arch = meta["general.architecture"]
+
+    def kv(name: str, default: Any = None) -> Any:
+        v = meta.get(f"{arch}.{name}")
+        return default if v is None else v
+
+    def most(v: Any) -> int:  # per-layer arrays (e.g. head counts) -> the largest
+        return int(max(v) if isinstance(v, list) else v)
+
+    n_layers = int(kv("block_count"))
+    n_heads = most(kv("attention.head_count"))
+    n_kv = most(kv("attention.head_count_kv", n_heads))
+    h = int(kv("embedding_length"))
+    n_exp = int(kv("expert_count", 0) or 0)
+    n_act = int(kv("expert_used_count", 0) or 0)
+    params = sum(t.elements for t in tensors)
+    expert_params = sum(t.elements for t in tensors if "_exps." in t.name)
+    window = kv("attention.sliding_window")
+    pattern = kv("attention.sliding_window_pattern")
+    sliding_layers = 0
+    if window:
+        if isinstance(pattern, list):
+            sliding_layers = sum(1 for x in pattern if x)
+        elif arch == "gpt-oss":  # alternates sliding and full attention
+            sliding_layers = n_layers // 2
+        else:
+            sliding_layers = n_layers
+    ftype = meta.get("general.file_type")
+    kv_lora = kv("attention.kv_lora_rank")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return ModelFacts(
+        architecture=str(arch),
+        model_type=str(arch),
+        source_format="gguf",
+        params_total=params,
+        params_active=params - expert_params + (expert_params * n_act // n_exp if n_exp > 1 else 0),
+        n_layers=n_layers,
+        hidden_size=h,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=int(kv("attention.key_length", h // n_heads)),
+        vocab_size=len(tokens) if tokens else int(kv("vocab_size", 0)),
+        max_context=int(kv("context_length", 2048)),
+        dtype=FILE_TYPE_NAMES.get(int(ftype), f"type {ftype}") if ftype is not None else "unknown",
+        tie_embeddings=not any(t.name == "output.weight" for t in tensors),
+        intermediate_size=kv("feed_forward_length"),
+        n_experts=n_exp if n_exp > 1 else 0,
+        n_experts_active=n_act if n_exp > 1 else 0,
+        sliding_window=int(window) if window else None,
+        sliding_layers=sliding_layers,
+        mla_kv_lora_rank=int(kv_lora) if kv_lora else None,
+        mla_rope_dim=int(kv("rope.dimension_count", 0) or 0) if kv_lora else 0,
+        weights_bytes_on_disk=data_bytes,
+        metadata_bytes=metadata_bytes,
+        tensors=tensors,
+    )
+
+
+# --------------------------------------------------------------------------- HF repo
+
+
+def hub_cache_dirs(spec_dir: Path | None) -> list[Path | None]:
+    """Where to look for Hub files before the network: a `hub/` folder beside the spec (a warm
+    cache shipped with the specs, in the HF cache layout), then the user's HF cache (None)."""
+    dirs: list[Path | None] = []
+    if spec_dir is not None and (spec_dir / "hub").is_dir():
+        dirs.append(spec_dir / "hub")
+    dirs.append(None)
+    return dirs
+
+
+def _cached_file(repo: str, filename: str, revision: str, cache_dirs: list[Path | None]) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for d in cache_dirs:
+        found = try_to_load_from_cache(repo, filename, cache_dir=d, revision=revision)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = None, offline: bool | None = None) -> ModelFacts:
+    """Facts for an HF repo without downloading weights: config.json (+ safetensors index) from
+    the cache, or from the Hub (config.json and safetensors header metadata only)."""
+    cache_dirs = hub_cache_dirs(spec_dir)
+    cfg = _cached_file(repo, "config.json", revision, cache_dirs)
+    if cfg is not None:
+        folder = cfg.parent
+        facts = hf_dir_facts(folder)
+        return facts
+    import os
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    if offline:
+        raise FactsError(
+            f"{repo}@{revision}: config.json is not in the Hub cache and HF_HUB_OFFLINE is set; "
+            "download it once with network access (cortex prepare) or unset HF_HUB_OFFLINE"
+        )
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = Path(hf_hub_download(repo, "config.json", revision=revision))
+        config = json.loads(path.read_text())
+        meta = HfApi().get_safetensors_metadata(repo, revision=revision)
+        params = sum(meta.parameter_count.values()) if meta.parameter_count else None
+        files = sorted(meta.files_metadata)
+    except (HfHubHTTPError, OSError) as e:
+        raise FactsError(f"{repo}@{revision}: could not read config.json or safetensors metadata from the Hub ({e})") from None
+    return facts_from_config(config, params_exact=params, files=files)
+
+
+def gguf_repo_facts(repo: str, filename: str, revision: str = "main", *, spec_dir: Path | None = None) -> ModelFacts:
+    """Facts for a GGUF file inside an HF repo: the file itself from the Hub cache, or its header
+    (metadata + tensor table, the first megabytes) kept in the cache as `<file>.header`."""
+    cache_dirs = hub_cache_dirs(spec_dir)
+    full = _cached_file(repo, filename, revision, cache_dirs)
+    if full is not None:
+        return gguf_facts(full)
+    header = _cached_file(repo, filename + ".header", revision, cache_dirs)
+    if header is not None:
+        return gguf_header_facts(header, filename)
+    raise FactsError(
+        f"{repo}/{filename}@{revision}: not in the Hub cache; run `cortex prepare` with network access "
+        "to download it (or put its header in the spec folder's hub/ cache)"
+    )
+
+
+def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:
+    """Facts from the first bytes of a GGUF (metadata and tensor table, no tensor data)."""
+    from cortex.gguf_header import read_gguf_header
+
+    header = read_gguf_header(header_path.read_bytes())
+    if not header.metadata.get("general.architecture"):
+        raise FactsError(f"{header_path}: GGUF header has no general.architecture")
+    facts = facts_from_gguf_metadata(header.metadata, header.tensors, header.data_bytes, header.header_bytes)
+    facts.files = [filename]
+    return facts
+
+
+def facts_for_source(source: Any, *, spec_dir: Path | None = None) -> ModelFacts:
+    """Facts for a spec's `source`, whatever its kind; no weights are downloaded."""
+    kind = source.kind
+    if kind == "hf_dir":
+        return hf_dir_facts(Path(source.path))
+    if kind == "gguf_file":
+        return gguf_facts(Path(source.gguf))
+    if kind == "gguf_repo":
+        return gguf_repo_facts(source.repo, source.gguf, source.revision, spec_dir=spec_dir)
+    return hf_repo_facts(source.repo, source.revision, spec_dir=spec_dir)

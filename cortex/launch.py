@@ -1,0 +1,144 @@
+"""The launch spec: exactly how the chosen engine starts, as data a runtime executes.
+
+Image, container name, command (a list, never a shell string), environment (secrets only by
+reference), read-only model mounts, GPU requests, port, health path and stop timeout. Each
+engine's flags come from its table in cortex.engines; every flag emitted is checked against
+the engine version's own flag list before the launch spec exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cortex.engines import FlagError, build_args, flag_names
+from cortex.engines import llamacpp as llamacpp_engine
+from cortex.engines import vllm as vllm_engine
+from cortex.engines.introspect import load_flag_table
+from cortex.plan import Plan
+from cortex.spec import ModelSpec
+
+MODELS_DIR = "/models"  # where model files appear inside the engine's container
+VLLM_MODULE_ARGV = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+ENGINE_API_KEY_SECRET = "engine_api_key"  # the key only the gateway holds; resolved by the runtime
+LABEL_PREFIX = "ai.cortex"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str | None  # host path; None until prepare has made the artifact
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    engine: str
+    engine_version: str
+    image: str
+    name: str
+    command: list[str]
+    env: dict[str, Any]  # value, or {"secret": NAME} for a secret the runtime resolves
+    mounts: list[Mount]
+    gpus: list[int]
+    port: int
+    health_path: str = "/health"
+    stop_timeout_s: int = 10
+    shm_size: str | None = None
+    ipc_mode: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _model_mounts(spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None) -> tuple[list[Mount], str]:
+    """Mounts and the in-container model path. GGUF split sets mount every part."""
+    if plan.artifact.format == "gguf":
+        files = artifact if isinstance(artifact, list) else [artifact] if artifact else None
+        if files is None and spec.source.kind == "gguf_file":
+            from cortex.facts import gguf_split_set
+
+            files = gguf_split_set(Path(spec.source.gguf))
+        if files:
+            mounts = [Mount(str(f), f"{MODELS_DIR}/{Path(f).name}") for f in files]
+            return mounts, mounts[0].target
+        name = f"{spec.name}.{plan.artifact.quantization}.gguf"
+        return [Mount(None, f"{MODELS_DIR}/{name}")], f"{MODELS_DIR}/{name}"
+    folder = artifact if isinstance(artifact, Path) else Path(spec.source.path) if spec.source.kind == "hf_dir" else None
+    target = f"{MODELS_DIR}/{spec.name}"
+    return [Mount(str(folder) if folder else None, target)], target
+
+
+def launch_id(spec: ModelSpec, command: list[str], image: str, mounts: list[Mount]) -> str:
+    digest = hashlib.sha256(json.dumps([command, image, [asdict(m) for m in mounts]]).encode()).hexdigest()
+    return f"{spec.name}-{digest[:8]}"
+
+
+def check_flags(engine: str, args: list[str]) -> None:
+    """Refuse a command with a flag the target engine version does not know."""
+    module = vllm_engine if engine == "vllm" else llamacpp_engine
+    table = load_flag_table(module.FLAG_TABLE_ENGINE)
+    unknown = [f for f in flag_names(args) if f not in table.by_name]
+    if unknown:
+        raise FlagError(f"{module.ENGINE_LABEL} {table.version} does not accept {', '.join(unknown)}")
+
+
+def build_launch(spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None = None) -> LaunchSpec:
+    embed = spec.task == "embed"
+    mounts, model_path = _model_mounts(spec, plan, artifact)
+    gpus = [int(d.device.split(":")[1]) for d in plan.devices if d.device.startswith("cuda:")]
+    if plan.engine == "llamacpp":
+        eng = llamacpp_engine
+        settings = spec.llamacpp
+        base = eng.server_args(model_path=model_path, served_name=spec.name, port=eng.PORT, embed=embed)
+        args = base + build_args(eng.FLAGS, settings, plan) + list(settings.extra_args)
+        command = ["llama-server", *args]
+        variant = "cuda" if gpus else "cpu"
+        from cortex.toolchain import LLAMA_CPP_PYTHON_VERSION
+
+        image = spec.image.llamacpp or f"{eng.DEFAULT_IMAGE}:{LLAMA_CPP_PYTHON_VERSION}-{variant}"
+        env: dict[str, Any] = {eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}}
+        shm, ipc = None, None
+    else:
+        eng = vllm_engine
+        settings = spec.vllm
+        base = eng.server_args(model_path=model_path, served_name=spec.name, port=eng.PORT, embed=embed)
+        gpu_only = {"gpu_memory_utilization"} if not gpus else set()
+        table = [m for m in eng.FLAGS if m.setting not in gpu_only]
+        args = base + build_args(table, settings, plan) + list(settings.extra_args)
+        command = [*VLLM_MODULE_ARGV, *args]
+        image = spec.image.vllm or f"{eng.DEFAULT_IMAGE}:v{plan.engine_version}"
+        env = {eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}, "HF_HUB_OFFLINE": "1"}
+        if plan.cpu_kv_cache_gib:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
+        # tensor-parallel workers share memory through /dev/shm (vLLM's docs: --ipc=host)
+        shm, ipc = None, "host"
+    check_flags(plan.engine, args)
+    ident = launch_id(spec, command, image, mounts)
+    prefix = "vllm" if plan.engine == "vllm" else "llamacpp"
+    labels = {
+        f"{LABEL_PREFIX}.managed": "true",
+        f"{LABEL_PREFIX}.model": spec.name,
+        f"{LABEL_PREFIX}.engine": plan.engine,
+        f"{LABEL_PREFIX}.launch-id": ident,
+    }
+    return LaunchSpec(
+        engine=plan.engine,
+        engine_version=plan.engine_version,
+        image=image,
+        name=f"{prefix}-model-{ident}",
+        command=command,
+        env=env,
+        mounts=mounts,
+        gpus=gpus,
+        port=eng.PORT,
+        health_path="/health",
+        stop_timeout_s=eng.STOP_TIMEOUT_S,
+        shm_size=shm,
+        ipc_mode=ipc,
+        labels=labels,
+    )

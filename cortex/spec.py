@@ -1,0 +1,406 @@
+"""The model spec: what an operator writes in `specs/<name>.yaml`.
+
+One pydantic model per section. Every field carries its help text, so the JSON Schema in
+`specs/schema.json` (generated from these models) documents the format for editors.
+Unknown keys are errors everywhere (`extra="forbid"`): a typo must never be ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from croniter import croniter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from cortex.quant import GGUF_TYPES
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any) -> int:
+    """`46GiB`, `48GB`, `512 MiB` or a plain integer of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 46GiB or 48GB, not a boolean")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    if isinstance(value, float):
+        raise ValueError("write a size with a unit, such as 46GiB or 48GB")
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as 46GiB or 48GB")
+    m = _SIZE.match(value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; write it like 46GiB, 48GB or 512MiB")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+Bytes = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    PlainSerializer(format_bytes, return_type=str),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$"},
+            ],
+            "description": "bytes, or a size with a unit: 46GiB, 48GB, 512MiB",
+        }
+    ),
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- source
+
+
+class Source(Section):
+    """Where the weights come from: exactly one of an HF repo, a local HF folder, or a GGUF file."""
+
+    repo: str | None = Field(None, description="Hugging Face repo id, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    revision: str = Field("main", description="branch, tag or commit sha of `repo`; resolved to a commit sha and recorded")
+    include: list[str] | None = Field(None, description="file patterns to fetch from `repo` (default: what the plan needs)")
+    path: Path | None = Field(None, description="local folder holding an HF checkpoint (config.json, *.safetensors)")
+    gguf: str | None = Field(
+        None,
+        description="a GGUF file: a local path, or with `repo` a file name inside that repo; "
+        "for split models name the first part (x-00001-of-00003.gguf)",
+    )
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id; write it as owner/name")
+        return v
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.lower().endswith(".gguf"):
+            raise ValueError(f"{v!r} does not end in .gguf; name the GGUF file (the first part of a split set)")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Source":
+        given = [n for n in ("repo", "path", "gguf") if getattr(self, n) is not None]
+        if self.repo is not None and self.gguf is not None and self.path is None:
+            return self  # a GGUF file inside an HF repo
+        if len(given) == 0:
+            raise ValueError(
+                "no source given: set one of `repo` (an HF repo), `path` (a local HF folder) "
+                "or `gguf` (a GGUF file, local or with `repo`)"
+            )
+        if len(given) > 1:
+            raise ValueError(
+                f"two sources given ({', '.join(given)}): keep exactly one of `repo`, `path` or `gguf` "
+                "(`repo` together with `gguf` means a GGUF file inside that repo)"
+            )
+        if self.include is not None and self.repo is None:
+            raise ValueError("`include` only applies to an HF repo source (`repo`)")
+        return self
+
+    @property
+    def kind(self) -> Literal["hf_repo", "hf_dir", "gguf_file", "gguf_repo"]:
+        if self.repo and self.gguf:
+            return "gguf_repo"
+        if self.repo:
+            return "hf_repo"
+        if self.path is not None:
+            return "hf_dir"
+        return "gguf_file"
+
+
+# --------------------------------------------------------------------------- engines
+
+VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+class VllmSettings(Section):
+    """vLLM settings; each maps to one flag in cortex/engines/vllm.py. Unset = the plan decides."""
+
+    tensor_parallel_size: int | None = Field(None, ge=1, description="--tensor-parallel-size (default: planned)")
+    pipeline_parallel_size: int | None = Field(None, ge=1, description="--pipeline-parallel-size")
+    dtype: VllmDtype | None = Field(None, description="--dtype")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization (0..1]")
+    max_model_len: int | None = Field(None, ge=16, description="--max-model-len (default: resources.context_length)")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"] | None = Field(None, description="--kv-cache-dtype")
+    quantization: str | None = Field(None, description="--quantization (awq, gptq, fp8, ...)")
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = Field(None, description="--block-size (tokens per KV block)")
+    swap_space_gb: float | None = Field(
+        None, ge=0, description="--swap-space (GiB); vLLM 0.32 removed this flag, so setting it there is an error"
+    )
+    enforce_eager: bool | None = Field(None, description="--enforce-eager (no CUDA graphs)")
+    enable_prefix_caching: bool | None = Field(None, description="--enable-prefix-caching / --no-enable-prefix-caching")
+    enable_chunked_prefill: bool | None = Field(None, description="--enable-chunked-prefill / --no-enable-chunked-prefill")
+    cuda_graph_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="CUDA graph capture sizes (vLLM 0.32: --cudagraph-capture-sizes)"
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="--max-num-seqs (requests batched at once)")
+    trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="more vLLM flags, checked against vLLM's own flag list; host, port, API key and "
+        "flags with a setting above are refused",
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        from cortex.engines import check_extra_args
+
+        return check_extra_args(v, "vllm")
+
+
+
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+class LlamaCppSettings(Section):
+    """llama.cpp (llama-server) settings; each maps to one flag in cortex/engines/llamacpp.py."""
+
+    ngl: int | None = Field(None, ge=0, description="-ngl, layers on the GPU (999 = all; default: planned)")
+    tensor_split: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="--tensor-split, share of the model per GPU (default: proportional to free memory)"
+    )
+    batch_size: int | None = Field(None, ge=1, description="-b, logical batch size")
+    ubatch_size: int | None = Field(None, ge=1, description="-ub, physical batch size")
+    threads: int | None = Field(None, ge=1, description="-t, CPU threads for generation")
+    context_size: int | None = Field(None, ge=16, description="-c, total context shared by all slots")
+    parallel: int | None = Field(None, ge=1, description="-np, parallel slots (default: planned from resources.concurrency)")
+    rope_freq_base: float | None = Field(None, gt=0, description="--rope-freq-base")
+    rope_freq_scale: float | None = Field(None, gt=0, description="--rope-freq-scale")
+    flash_attention: Literal["on", "off", "auto"] | bool | None = Field(None, description="-fa on|off|auto")
+    mlock: bool | None = Field(None, description="--mlock")
+    no_mmap: bool | None = Field(None, description="--no-mmap")
+    numa: Literal["distribute", "isolate", "numactl"] | None = Field(None, description="--numa")
+    split_mode: Literal["none", "layer", "row"] | None = Field(None, description="-sm, how to split across GPUs")
+    cache_type_k: CacheType | None = Field(None, description="-ctk, KV cache type for K")
+    cache_type_v: CacheType | None = Field(None, description="-ctv, KV cache type for V")
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="more llama-server flags, checked against llama-server's own flag list; host, port, API key and "
+        "flags with a setting above are refused",
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        from cortex.engines import check_extra_args
+
+        return check_extra_args(v, "llamacpp")
+
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _split_not_zero(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or sum(v) <= 0):
+            raise ValueError("tensor_split needs at least one positive share, e.g. [0.5, 0.5]")
+        return v
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class Resources(Section):
+    gpus: int | list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="GPUs to use: a count, or a list of device ids. Default: all GPUs found (none on a CPU host)",
+    )
+    gpu_memory: Bytes | None = Field(
+        None, description="memory per GPU (e.g. 46GiB); lets a plan be made on a machine without those GPUs"
+    )
+    concurrency: int = Field(4, ge=1, description="expected simultaneous requests")
+    context_length: int | None = Field(
+        None, ge=16, description="context length per request (default: the model's, capped at 8192)"
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError("gpus must be a count >= 0 or a list of device ids")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("gpus lists a device id twice")
+        return v
+
+
+class Images(Section):
+    vllm: str | None = Field(None, description="vLLM image (default: vllm/vllm-openai at the pinned version)")
+    llamacpp: str | None = Field(None, description="llama.cpp server image (default: cortex/llamacpp-server, built from images/)")
+
+
+# --------------------------------------------------------------------------- tests, benchmark, schedule
+
+
+class SmokeTests(Section):
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["Say hello in one short sentence."], description="prompts sent as smoke tests"
+    )
+    max_tokens: int = Field(16, ge=1, le=4096)
+
+
+class GoodputSlo(Section):
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    e2el_ms: float | None = Field(None, gt=0)
+
+
+class Gate(Section):
+    """One SLO: a benchmark metric must stay under `max` or above `min` (at one level, or all)."""
+
+    metric: Literal["ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "output_tokens_per_s", "requests_per_s", "goodput_per_s"]
+    stat: Literal["mean", "p50", "p90", "p99"] = "p99"
+    concurrency: int | None = Field(None, ge=1, description="the level it applies to (default: every level)")
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> "Gate":
+        if self.max is None and self.min is None:
+            raise ValueError("a gate needs `max` or `min`")
+        return self
+
+
+class QualityCheck(Section):
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="gate: minimum top-1 agreement with F16")
+    prompts: int = Field(16, ge=1)
+    tokens: int = Field(32, ge=1)
+
+
+class BenchmarkSpec(Section):
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    requests: int = Field(32, ge=1, description="requests per level")
+    input_len: int = Field(128, ge=1)
+    output_len: int = Field(64, ge=1)
+    request_rate: float | None = Field(None, gt=0, description="requests/s (default: closed loop at the concurrency)")
+    burstiness: float = Field(1.0, gt=0, description="1.0 = Poisson arrivals, otherwise a gamma shape")
+    max_duration_s: float = Field(300, gt=0, description="time bound per level")
+    prompts: Literal["random", "bundled"] = "random"
+    gpu_hour_price_usd: float | None = Field(None, ge=0)
+    goodput_slo: GoodputSlo | None = None
+    gates: list[Gate] = Field(default_factory=list)
+    quality: QualityCheck | None = None
+
+
+class Schedule(Section):
+    cron: str = Field(description="cron expression for scheduled redeploys, e.g. '0 3 * * *'")
+    timezone: str = Field("UTC", description="IANA timezone, e.g. Europe/Berlin")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a valid cron expression; five fields: minute hour day month weekday")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not a known timezone; use an IANA name such as UTC or Europe/Berlin") from None
+        return v
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+class ModelSpec(Section):
+    """A model to prepare, serve, test, benchmark and register."""
+
+    name: str = Field(description="served model name (DNS-safe: lowercase letters, digits, dashes)")
+    aliases: list[str] = Field(default_factory=list, description="other names the gateway routes to this model")
+    task: Literal["generate", "embed"] = "generate"
+    source: Source
+    engine: Literal["auto", "vllm", "llamacpp"] = Field("auto", description="auto = the decision rules pick")
+    quantization: str = Field("auto", description="GGUF type for llama.cpp (auto = best that fits), e.g. Q8_0, Q4_K_M")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    resources: Resources = Field(default_factory=Resources)
+    runtime: Literal["docker", "process"] = Field("process", description="process = local subprocess (no Docker)")
+    image: Images = Field(default_factory=Images)
+    tests: SmokeTests = Field(default_factory=SmokeTests)
+    benchmark: BenchmarkSpec | None = None
+    schedule: Schedule | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        if not DNS_LABEL.match(v):
+            raise ValueError(
+                f"{v!r} is not DNS-safe: use 1-63 lowercase letters, digits and dashes, "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not ALIAS.match(a):
+                raise ValueError(f"alias {a!r} has characters a model name cannot have")
+        if len(set(v)) != len(v):
+            raise ValueError("an alias is listed twice")
+        return v
+
+    @field_validator("quantization")
+    @classmethod
+    def _quant(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        canon = {t.upper(): t for t in GGUF_TYPES}
+        if v.upper() not in canon:
+            raise ValueError(f"{v!r} is not a GGUF type; use auto or one of {', '.join(GGUF_TYPES)}")
+        return canon[v.upper()]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.name in self.aliases:
+            raise ValueError("an alias repeats the model's own name")
+        if self.source.kind in ("gguf_file", "gguf_repo") and self.engine == "vllm":
+            raise ValueError("engine vllm cannot serve a GGUF source here; use engine: llamacpp or auto")
+        if self.quantization != "auto" and self.engine == "vllm":
+            raise ValueError("`quantization` picks a GGUF type for llama.cpp; for vLLM use vllm.quantization")
+        return self
+
+    @property
+    def gpu_ids(self) -> list[int] | None:
+        g = self.resources.gpus
+        return list(g) if isinstance(g, list) else None
