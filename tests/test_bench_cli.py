@@ -12,7 +12,7 @@ from cortex.bench import BenchmarkResult, BenchmarkSettings, compute_level_metri
 from cortex.charts import png_data_uri, render_chart, save_chart
 from cortex.commands import bench as bench_cmd
 from cortex.commands import compare as compare_cmd
-from tests.test_bench import FakeEngine, ServerThread, rec
+from test_bench import FakeEngine, ServerThread, rec
 
 
 def cli(argv: list[str]) -> int:

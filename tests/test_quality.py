@@ -17,7 +17,7 @@ from cortex.quality import (
     check_quant_quality,
     enforce_quality,
 )
-from tests.test_bench import ServerThread
+from test_bench import ServerThread
 
 VOCAB = 50
 
