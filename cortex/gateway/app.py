@@ -454,6 +454,8 @@ class Gateway:
                 metrics.ttfb.observe(labels, ttfb)
             if error_kind is not None:
                 metrics.error(served, replica.id, error_kind)
+            elif status >= 500:
+                metrics.error(served, replica.id, "upstream_status_5xx")
             prompt_tokens = completion_tokens = None
             tail_bytes = prev + last if sse else last
             at = tail_bytes.rfind(b'"usage"')

@@ -1,0 +1,531 @@
+"""The gateway against instant fake engines: routing, pass-through, errors, auth, replicas,
+health, retries, drain, persistence, metrics and logs. A real gateway process each time
+(`python -m cortex.gateway`, the code behind `cortex gateway`)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cortex.gateway.client import GatewayClient, GatewayError
+from cortex.gateway.fake_engine import FakeEngine
+from cortex.gateway.registry import Registry, hash_key
+from cortex.gateway.testing import GatewayProcess
+from cortex.settings import Settings, SettingsError
+
+FAST = {"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "3",
+        "CORTEX_GATEWAY_CONNECT_TIMEOUT": "1", "CORTEX_GATEWAY_MAX_BODY_BYTES": "100000"}
+
+
+@pytest.fixture
+def engines():
+    started: list[FakeEngine] = []
+
+    def start(**kwargs) -> FakeEngine:
+        engine = FakeEngine(api_key=kwargs.pop("api_key", "engine-secret"), **kwargs).start()
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    procs: list[GatewayProcess] = []
+
+    def start(no_auth: bool = False, home: Path | None = None, **env) -> GatewayProcess:
+        g = GatewayProcess(home or tmp_path / "home", no_auth=no_auth, env={**FAST, **env}).start()
+        procs.append(g)
+        return g
+
+    yield start
+    for g in procs:
+        g.stop()
+
+
+def new_key(gw: GatewayProcess, **kwargs) -> str:
+    with gw.client() as c:
+        return c.create_key(**kwargs)["key"]
+
+
+def chat(gw: GatewayProcess, key: str | None, model: str, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=10,
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- routing and pass-through ----------------------------------------------------------------
+
+
+def test_routes_by_name_and_alias_and_passes_body_through_unchanged(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
+    key = new_key(gw)
+    raw = (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+           b'"top_k": 7, "repeat_penalty": 1.3, "mirostat": 2, "logit_bias": {"15": -100}}')
+    r = httpx.post(gw.url + "/v1/chat/completions", content=raw, timeout=10,
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Hello from the fake engine."
+    last = httpx.get(engine.base_url + "/_last").json()
+    assert last["body"].encode() == raw  # byte for byte, including the alias the client used
+    assert last["headers"]["authorization"] == "Bearer engine-secret"  # the engine's key, not the client's
+    assert key not in json.dumps(last["headers"])
+    assert r.headers["x-cortex-replica"].startswith("smol-")
+    assert float(r.headers["x-cortex-overhead-ms"]) >= 0
+
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/embeddings", {"input": "x"})):
+        r = httpx.post(gw.url + path, json={"model": "smol", **body}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        assert httpx.get(engine.base_url + "/_last").json()["path"] == path
+
+
+def test_models_lists_registered_healthy_models_without_urls(gateway, engines):
+    gw, a, b = gateway(), engines(), engines()
+    with gw.client() as c:
+        c.register("alpha", a.base_url, engine_api_key="engine-secret", aliases=["a1"])
+        c.register("beta", b.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    r = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200
+    assert sorted(m["id"] for m in r.json()["data"]) == ["a1", "alpha", "beta"]
+    assert "127.0.0.1" not in r.text
+    b.healthy = False
+    wait_until(lambda: [m["id"] for m in httpx.get(gw.url + "/v1/models", headers={
+        "Authorization": f"Bearer {key}"}).json()["data"]] == ["alpha", "a1"], what="beta to leave /v1/models")
+    assert httpx.get(gw.url + "/health").json()["status"] == "ok"
+
+
+def test_error_bodies_are_openai_style(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    r = chat(gw, key, "nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(gw.url + "/v1/chat/completions", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"messages": []}, headers=auth)
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "smol", "pad": "x" * 200_000}, headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(gw.url + "/v1/chat/completions", headers=auth)
+    assert r.status_code == 405
+    # The engine's own errors pass through with their status and body.
+    r = chat(gw, key, "smol", fake_status=422)
+    assert r.status_code == 422 and r.json()["error"]["message"] == "fake failure"
+
+
+# --- client auth -----------------------------------------------------------------------------
+
+
+def test_client_keys_hashed_limited_expiring_revocable(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("alpha", engine.base_url, engine_api_key="engine-secret")
+        c.register("beta", f"http://localhost:{engine.port}", engine_api_key="engine-secret")
+        everything = c.create_key(name="all")
+        only_alpha = c.create_key(name="alpha-only", models=["alpha"])
+        short = c.create_key(name="short", expires_at=time.time() + 1.0)
+
+    assert chat(gw, None, "alpha").status_code == 401
+    assert chat(gw, "sk-cortex-wrong", "alpha").status_code == 401
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "alpha"}, headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert chat(gw, everything["key"], "beta").status_code == 200
+    assert chat(gw, only_alpha["key"], "alpha").status_code == 200
+    r = chat(gw, only_alpha["key"], "beta")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    models = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {only_alpha['key']}"}).json()
+    assert [m["id"] for m in models["data"]] == ["alpha"]
+
+    assert chat(gw, short["key"], "alpha").status_code == 200
+    time.sleep(1.2)
+    r = chat(gw, short["key"], "alpha")
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+
+    with gw.client() as c:
+        c.revoke_key(everything["id"])
+        listed = {k["id"]: k for k in c.list_keys()}
+    assert listed[everything["id"]]["disabled"] is True
+    assert "key" not in listed[everything["id"]]
+    r = chat(gw, everything["key"], "alpha")
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+
+    # Only hashes are stored.
+    db = (gw.home / "gateway" / "registry.db").read_bytes() + b"".join(
+        p.read_bytes() for p in (gw.home / "gateway").glob("registry.db-*"))
+    for k in (everything, only_alpha, short):
+        assert k["key"].encode() not in db
+    rows = sqlite3.connect(gw.home / "gateway" / "registry.db").execute("SELECT key_hash FROM api_keys").fetchall()
+    assert {r[0] for r in rows} == {hash_key(k["key"]) for k in (everything, only_alpha, short)}
+
+
+def test_no_auth_mode_only_when_configured(gateway, engines, tmp_path):
+    engine = engines()
+    open_gw = gateway(no_auth=True, home=tmp_path / "open")
+    with open_gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    assert chat(open_gw, None, "smol").status_code == 200
+    # Admin routes still need the token in no-auth mode.
+    assert httpx.get(open_gw.url + "/admin/replicas").status_code == 401
+    closed = gateway(home=tmp_path / "closed")
+    with closed.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    assert chat(closed, None, "smol").status_code == 401
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def test_streaming_passes_events_through_as_they_arrive(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    arrivals = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "smol", "stream": True, "fake_chunks": 5, "fake_delay": 0.2,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic() - t0, line[6:]))
+    assert arrivals[-1][1] == "[DONE]"
+    assert len(arrivals) == 7  # 5 tokens, the usage chunk, [DONE]
+    assert arrivals[0][0] < 0.15, "first event held back"
+    assert arrivals[-1][0] > 0.9
+    gaps = [b[0] - a[0] for a, b in zip(arrivals[:5], arrivals[1:5])]
+    assert all(g > 0.1 for g in gaps), f"events were buffered: {gaps}"
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'cortex_gateway_tokens_total{model="smol"' in metrics and 'type="completion"} 5' in metrics
+
+
+def test_client_disconnect_cancels_upstream_request(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "smol", "stream": True, "fake_chunks": 100, "fake_delay": 0.1}) as r:
+        next(r.iter_lines())
+    # The client closed its connection after one event; the engine must see its request end.
+    wait_until(lambda: engine.cancelled == 1, 3.0, "the engine's stream to be cancelled")
+    wait_until(lambda: gw.client().list()["replicas"][0]["in_flight"] == 0, 3.0, "in-flight to drop")
+
+
+# --- replicas, health, retries, drain ------------------------------------------------------------
+
+
+def _stream_in_background(gw, key, model, results, chunks=10, delay=0.1):
+    def run():
+        try:
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"model": model, "stream": True, "fake_chunks": chunks, "fake_delay": delay}) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+                results.append((r.status_code, events, r.headers.get("x-cortex-replica")))
+        except httpx.HTTPError as exc:
+            results.append(("error", repr(exc), None))
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_least_in_flight_spreads_concurrent_requests(gateway, engines):
+    gw, a, b = gateway(), engines(), engines()
+    with gw.client() as c:
+        ra = c.register("smol", a.base_url, engine_api_key="engine-secret")
+        rb = c.register("smol", b.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    results: list = []
+    threads = []
+    for _ in range(6):
+        threads.append(_stream_in_background(gw, key, "smol", results, chunks=10, delay=0.1))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    used = [r[2] for r in results]
+    assert all(r[0] == 200 for r in results), results
+    assert used.count(ra["id"]) == 3 and used.count(rb["id"]) == 3, used
+
+
+def test_health_check_takes_replica_out_and_back(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    engine.healthy = False
+    wait_until(lambda: gw.client().list()["replicas"][0]["healthy"] is False, 3, "replica to be marked down")
+    r = chat(gw, key, "smol")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "no_healthy_replica"
+    engine.healthy = True
+    wait_until(lambda: gw.client().list()["replicas"][0]["healthy"] is True, 3, "replica to come back")
+    assert chat(gw, key, "smol").status_code == 200
+
+
+def test_connect_error_retries_on_another_replica(gateway, engines):
+    gw, live = gateway(), engines()
+    dead = engines()
+    dead.kill()  # nothing listens on its port any more
+    with gw.client() as c:
+        rd = c.register("smol", dead.base_url, engine_api_key="engine-secret")  # first at equal load
+        rl = c.register("smol", live.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    for _ in range(5):
+        r = chat(gw, key, "smol")
+        assert r.status_code == 200 and r.headers["x-cortex-replica"] == rl["id"]
+    replicas = {r["id"]: r for r in gw.client().list()["replicas"]}
+    assert replicas[rd["id"]]["healthy"] is False
+    assert 'kind="connect"' in httpx.get(gw.url + "/metrics").text
+
+
+def test_engine_killed_mid_stream_gives_error_event_then_failover_then_503(gateway, engines):
+    gw, a, b = gateway(), engines(), engines()
+    with gw.client() as c:
+        ra = c.register("smol", a.base_url, engine_api_key="engine-secret")
+        c.register("smol", b.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    events = []
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      timeout=10, json={"model": "smol", "stream": True, "fake_chunks": 50, "fake_delay": 0.05}) as r:
+        victim = a if r.headers["x-cortex-replica"] == ra["id"] else b
+        survivor = b if victim is a else a
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    victim.kill()
+    assert len(events) == 4, events
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error" and "failed mid-response" in error["message"]
+    for _ in range(3):
+        r = chat(gw, key, "smol")
+        assert r.status_code == 200
+    survivor.kill()
+    r = chat(gw, key, "smol")
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+
+
+def test_drain_finishes_in_flight_requests_then_removes_replica(gateway, engines):
+    gw, old, new = gateway(), engines(), engines()
+    with gw.client() as c:
+        r_old = c.register("smol", old.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    results: list = []
+    t = _stream_in_background(gw, key, "smol", results, chunks=10, delay=0.1)
+    wait_until(lambda: gw.client().list()["replicas"][0]["in_flight"] == 1, 3, "the stream to start")
+    with gw.client() as c:
+        r_new = c.register("smol", new.base_url, engine_api_key="engine-secret")
+        drained = c.drain(r_old["id"], wait=False)
+        assert drained["state"] == "draining"
+        for _ in range(3):
+            r = chat(gw, key, "smol")
+            assert r.status_code == 200 and r.headers["x-cortex-replica"] == r_new["id"]
+        assert r_old["id"] in [x["id"] for x in c.list()["replicas"]]  # still finishing its stream
+        c.drain(r_old["id"], wait=True, timeout=10)
+        assert [x["id"] for x in c.list()["replicas"]] == [r_new["id"]]
+    t.join()
+    status, events, replica = results[0]
+    assert status == 200 and replica == r_old["id"] and events[-1] == "data: [DONE]" and len(events) == 11
+
+
+def test_deregister_and_unknown_replica(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        rep = c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
+        c.deregister(rep["id"])
+        assert c.list() == {"replicas": [], "aliases": {}}
+        with pytest.raises(GatewayError) as err:
+            c.deregister(rep["id"])
+        assert err.value.status == 404
+        with pytest.raises(GatewayError) as err:
+            c.register("smol", "ftp://x")
+        assert err.value.status == 400
+    assert chat(gw, new_key(gw), "tiny").status_code == 404
+
+
+# --- registry durability -------------------------------------------------------------------------
+
+
+def test_registry_survives_restart(gateway, engines, tmp_path):
+    engine = engines()
+    first = gateway(home=tmp_path / "home")
+    with first.client() as c:
+        rep = c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
+    key = new_key(first)
+    first.stop()
+    second = gateway(home=tmp_path / "home")
+    r = chat(second, key, "tiny")
+    assert r.status_code == 200 and r.headers["x-cortex-replica"] == rep["id"]
+    assert httpx.get(engine.base_url + "/_last").json()["headers"]["authorization"] == "Bearer engine-secret"
+
+
+def _register_many(path: str, worker: int, n: int) -> None:
+    registry = Registry(path)
+    for i in range(n):
+        registry.register(f"m{i % 5}", f"http://10.0.{worker}.{i}:8000", f"key-{worker}-{i}", [f"alias{i % 5}"])
+        registry.create_key(name=f"w{worker}-{i}")
+    registry.close()
+
+
+def test_concurrent_registrations_do_not_corrupt_the_registry(tmp_path):
+    path = str(tmp_path / "registry.db")
+    Registry(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_register_many, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    registry = Registry(path)
+    assert len(registry.replicas()) == 160
+    assert len({r.url for r in registry.replicas()}) == 160
+    assert len(registry.keys()) == 160
+    assert registry.aliases() == {f"alias{i}": f"m{i}" for i in range(5)}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_concurrent_registrations_through_the_api(gateway, engines):
+    gw = gateway()
+    errors: list = []
+
+    def register(i: int) -> None:
+        try:
+            with gw.client() as c:
+                c.register(f"model{i % 3}", f"http://127.0.0.1:{20000 + i}", engine_api_key=f"k{i}")
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(gw.client().list()["replicas"]) == 30
+
+
+def test_alias_conflicts_are_refused(gateway):
+    gw = gateway()
+    with gw.client() as c:
+        c.register("alpha", "http://127.0.0.1:1", aliases=["shared"])
+        with pytest.raises(GatewayError) as err:
+            c.register("beta", "http://127.0.0.1:2", aliases=["shared"])
+        assert err.value.status == 409
+        with pytest.raises(GatewayError) as err:
+            c.register("beta", "http://127.0.0.1:2", aliases=["alpha"])
+        assert err.value.status == 409
+
+
+# --- observability ---------------------------------------------------------------------------------
+
+
+def test_metrics_and_access_log_without_prompts(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        rep = c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    secret_prompt = "the-password-is-swordfish-4711"
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "smol", "messages": [{"role": "user", "content": secret_prompt}]})
+    assert r.status_code == 200
+    chat(gw, key, "nope")
+    chat(gw, key, "smol", fake_status=500)
+    text = httpx.get(gw.url + "/metrics").text
+    labels = f'model="smol",replica="{rep["id"]}"'
+    assert f'cortex_gateway_requests_total{{{labels},status="200"}} 1' in text
+    assert f'cortex_gateway_requests_total{{{labels},status="500"}} 1' in text
+    assert 'cortex_gateway_errors_total{model="nope",replica="",kind="unknown_model"} 1' in text
+    assert f'cortex_gateway_tokens_total{{{labels},type="prompt"}} 7' in text
+    assert f'cortex_gateway_errors_total{{{labels},kind="upstream_status_5xx"}} 1' in text
+    assert f'cortex_gateway_in_flight{{{labels}}} 0' in text
+    assert f'cortex_gateway_request_duration_seconds_count{{{labels}}} 2' in text
+    assert f'cortex_gateway_time_to_first_byte_seconds_bucket{{{labels},le="+Inf"}} 2' in text
+    assert f'cortex_gateway_overhead_seconds_count{{{labels}}} 2' in text
+    wait_until(lambda: gw.log().count('"path":"/v1/chat/completions"') >= 2, 3, "access log lines")
+    log = gw.log()
+    assert secret_prompt not in log
+    assert key not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"ts"')]
+    assert lines[0]["model"] == "smol" and lines[0]["status"] == 200 and lines[0]["prompt_tokens"] == 7
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def test_settings_precedence_env_then_file_then_default(tmp_path):
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "config.yaml").write_text("gateway_url: http://gw.internal:9000\ngateway_port: 9000\nadmin_token: from-file\n")
+    s = Settings.load(env={"CORTEX_HOME": str(home), "CORTEX_GATEWAY_PORT": "7000"})
+    assert s.gateway_url == "http://gw.internal:9000"
+    assert s.gateway_port == 7000
+    assert s.resolve_admin_token() == "from-file"
+    assert s.gateway_db == str(home / "gateway" / "registry.db")
+    assert s.gateway_no_auth is False and s.gateway_host == "127.0.0.1"
+    (home / "config.yaml").write_text("gatway_url: typo\n")
+    with pytest.raises(SettingsError, match="gatway_url"):
+        Settings.load(env={"CORTEX_HOME": str(home)})
+    with pytest.raises(SettingsError, match="CORTEX_GATEWAY_PORT"):
+        Settings.load(env={"CORTEX_HOME": str(tmp_path / "x"), "CORTEX_GATEWAY_PORT": "eighty"})
+    empty = Settings.load(env={"CORTEX_HOME": str(tmp_path / "fresh")})
+    with pytest.raises(SettingsError, match="CORTEX_ADMIN_TOKEN"):
+        empty.resolve_admin_token()
+    token = empty.resolve_admin_token(create=True)
+    assert empty.resolve_admin_token() == token
+    assert (empty.admin_token_path.stat().st_mode & 0o777) == 0o600
+
+
+def test_keys_command_line(gateway, engines, capsys, monkeypatch):
+    import argparse
+
+    from cortex.commands import keys as keys_cmd
+
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    for name, value in gw.env.items():
+        if name.startswith("CORTEX_"):
+            monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    keys_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["keys", "create", "--name", "ci", "--models", "smol", "--expires", "30d"])
+    assert args.func(args) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-cortex-") and chat(gw, key, "smol").status_code == 200
+    args = parser.parse_args(["keys", "list", "--json"])
+    args.func(args)
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["name"] == "ci" and listed[0]["models"] == ["smol"]
+    assert 29 * 86400 < listed[0]["expires_at"] - time.time() <= 30 * 86400
+    args = parser.parse_args(["keys", "revoke", listed[0]["id"]])
+    args.func(args)
+    assert chat(gw, key, "smol").status_code == 401
+    assert keys_cmd.parse_expiry("2030-01-01") == 1893456000.0
