@@ -1,0 +1,217 @@
+"""Does Cortex's benchmark measure what `vllm bench serve` measures?
+
+Runs vLLM's own serving benchmark (`vllm.benchmarks.serve`: `add_cli_args` + `main`, in the
+vLLM virtualenv, because the `vllm` command of the CPU build breaks on its version lookup)
+and `cortex.bench` against one llama-server serving SmolLM2, with the same load: the same
+concurrency, request count, prompt and output lengths, greedy, ignore_eos, closed loop.
+
+Both tools alternate, round after round (vLLM first in odd rounds, Cortex first in even
+ones), so drift of a shared machine hits both alike. The script prints, per concurrency level,
+the median over rounds of each tool, their difference, and the noise floor: how far apart the
+rounds of one tool are. Agreement within the noise floor is all a measurement on a busy
+machine can show.
+
+    .venv/bin/python benchmarks/fidelity.py [--concurrency 1,4] [--requests 32]
+        [--input-len 128] [--output-len 64] [--rounds 3] [--gguf PATH] [--json OUT]
+
+Exit status 0 when output token throughput and median TTFT agree within --tolerance (10%)
+at every level, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cortex import toolchain as tc  # noqa: E402
+from cortex.bench import BenchmarkSettings, benchmark  # noqa: E402
+
+# Runs under the vLLM virtualenv's python: one process, many runs, so torch is imported once.
+VLLM_WORKER = r"""
+import contextlib, json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    args = parser.parse_args(json.loads(line))
+    with contextlib.redirect_stdout(sys.stderr):
+        result = main(args)
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None}),
+          flush=True)
+"""
+
+# (label, key in vLLM's result, how to read it from a Cortex level)
+METRICS = [
+    ("output tok/s", "output_throughput", lambda lv: lv.output_tokens_per_s),
+    ("requests/s", "request_throughput", lambda lv: lv.requests_per_s),
+    ("TTFT p50 ms", "median_ttft_ms", lambda lv: lv.ttft_ms.p50),
+    ("TTFT mean ms", "mean_ttft_ms", lambda lv: lv.ttft_ms.mean),
+    ("TPOT p50 ms", "median_tpot_ms", lambda lv: lv.tpot_ms.p50),
+    ("ITL p50 ms", "median_itl_ms", lambda lv: lv.itl_ms.p50),
+    ("E2EL p50 ms", "median_e2el_ms", lambda lv: lv.e2el_ms.p50),
+    ("output tokens", "total_output_tokens", lambda lv: lv.total_output_tokens),
+]
+GATED = ("output tok/s", "TTFT p50 ms")
+
+
+def start_llama_server(server: Path, gguf: Path, port: int, slots: int, ctx: int, log: Path) -> subprocess.Popen:
+    cmd = [str(server), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(slots), "-c", str(ctx)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"llama-server not healthy after 180 s; see {log}")
+
+
+class VllmBench:
+    """vLLM's benchmark in a long-lived worker process of the vLLM virtualenv."""
+
+    def __init__(self, python: Path, log: Path):
+        self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.log = log
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"vLLM benchmark worker died; see {self.log}")
+        return json.loads(line)
+
+    def run(self, argv: list[str]) -> dict:
+        self.proc.stdin.write(json.dumps(argv) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def vllm_argv(base_url: str, model: str, tokenizer: Path, conc: int, args: argparse.Namespace, seed: int) -> list[str]:
+    return [
+        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+        "--model", model, "--tokenizer", str(tokenizer),
+        "--dataset-name", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+        "--num-prompts", str(args.requests), "--max-concurrency", str(conc), "--request-rate", "inf",
+        "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--disable-tqdm",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+    ]
+
+
+def rel(a: float, b: float) -> float:
+    return (b - a) / a if a else float("nan")
+
+
+def spread(values: list[float]) -> float:
+    """Largest relative distance of one round from the median of its tool's rounds."""
+    med = statistics.median(values)
+    return max(abs(v - med) / med for v in values) if med else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tolerance", type=float, default=0.10)
+    parser.add_argument("--gguf", type=Path, default=None, help="default: the SmolLM2 Q4_1 test model")
+    parser.add_argument("--json", type=Path, default=None, help="write all runs and the summary here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    try:
+        toolchain, vllm, model = tc.find_toolchain(), tc.find_vllm(), tc.find_test_model()
+    except tc.ToolchainMissing as missing:
+        print(f"fidelity: {missing}", file=sys.stderr)
+        return 2
+    gguf = args.gguf or model.gguf
+    logs = Path(tempfile.mkdtemp(prefix="cortex-fidelity-"))
+    port = 18000 + int(time.time()) % 1000
+    base_url = f"http://127.0.0.1:{port}"
+    slots = max(levels)
+    ctx = slots * (args.input_len + args.output_len + 64)
+    print(f"llama-server {toolchain.version} on {gguf.name}, {slots} slots; vLLM {vllm.version}; logs in {logs}")
+    server = start_llama_server(toolchain.llama_server, gguf, port, slots, ctx, logs / "llama-server.log")
+    runs: list[dict] = []
+    try:
+        vbench = VllmBench(vllm.python, logs / "vllm-bench.log")
+        try:
+            for rnd in range(args.rounds):
+                for conc in levels:
+                    seed = 100 * rnd + conc  # fresh prompts every run: no prompt-cache hits
+                    order = ["vllm", "cortex"] if rnd % 2 == 0 else ["cortex", "vllm"]
+                    for tool in order:
+                        if tool == "vllm":
+                            res = vbench.run(vllm_argv(base_url, "smollm2", model.hf_dir, conc, args, seed))
+                            values = {label: res.get(key) for label, key, _ in METRICS}
+                            failed = res.get("failed", 0)
+                        else:
+                            settings = BenchmarkSettings(
+                                concurrency=[conc], requests=args.requests, input_len=args.input_len,
+                                output_len=args.output_len, seed=seed + 7,
+                            )
+                            lv = benchmark(base_url, settings, model="smollm2").levels[0]
+                            values = {label: read(lv) for label, _, read in METRICS}
+                            failed = lv.errors
+                        runs.append({"round": rnd, "concurrency": conc, "tool": tool, "failed": failed, **values})
+                        print(f"  round {rnd + 1} c={conc} {tool:6s}: {values['output tok/s']:.1f} out tok/s, "
+                              f"TTFT p50 {values['TTFT p50 ms']:.1f} ms, failed {failed}", flush=True)
+        finally:
+            vbench.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+    ok = True
+    summary = []
+    for conc in levels:
+        print(f"\nconcurrency {conc}: median of {args.rounds} rounds")
+        print(f"  {'metric':14s} {'vLLM':>10s} {'Cortex':>10s} {'diff':>8s}   {'vLLM noise':>10s} {'Cortex noise':>12s}")
+        for label, _, _ in METRICS:
+            v = [r[label] for r in runs if r["concurrency"] == conc and r["tool"] == "vllm"]
+            c = [r[label] for r in runs if r["concurrency"] == conc and r["tool"] == "cortex"]
+            mv, mc = statistics.median(v), statistics.median(c)
+            d = rel(mv, mc)
+            gated = label in GATED
+            passed = abs(d) <= args.tolerance
+            if gated and not passed:
+                ok = False
+            summary.append({"concurrency": conc, "metric": label, "vllm": mv, "cortex": mc, "diff": d,
+                            "vllm_noise": spread(v), "cortex_noise": spread(c), "gated": gated,
+                            "passed": passed if gated else None})
+            mark = ("ok" if passed else "OVER") if gated else ""
+            print(f"  {label:14s} {mv:10.2f} {mc:10.2f} {d:+8.1%}   {spread(v):10.1%} {spread(c):12.1%}  {mark}")
+    print(f"\n{'PASS' if ok else 'FAIL'}: output tok/s and TTFT p50 within {args.tolerance:.0%} at concurrency {levels}")
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "summary": summary, "passed": ok}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
