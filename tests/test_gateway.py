@@ -288,7 +288,8 @@ def test_health_check_takes_replica_out_and_back(gateway, engines):
 
 
 def test_connect_error_retries_on_another_replica(gateway, engines):
-    gw, live = gateway(), engines()
+    # Health checks far apart, so the failed request is what takes the dead replica out.
+    gw, live = gateway(CORTEX_GATEWAY_HEALTH_INTERVAL="60"), engines()
     dead = engines()
     dead.kill()  # nothing listens on its port any more
     with gw.client() as c:
