@@ -36,7 +36,7 @@ from tasks.prepare import (
 def prepare_model(spec_path: str) -> Prepared:
     """Prepare the weights the spec at `spec_path` needs; see the module docstring."""
     from cortex.quant import predict_gguf_bytes
-    from cortex.spec import load_spec
+    from cortex.specfile import load_spec
 
     logger = get_run_logger()
     spec = load_spec(spec_path)
