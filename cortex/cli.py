@@ -14,6 +14,7 @@ import sys
 COMMANDS = [
     "validate",
     "plan",
+    "schema",
     "engines",
     "gateway",
     "keys",

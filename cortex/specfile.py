@@ -202,7 +202,7 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
         for err in e.errors():
             loc = _clean_loc(tuple(err["loc"]))
             problems.append(Problem(filename, _line_of(root, loc), _field_path(loc), _message({**err, "loc": loc})))
-    raise SpecError(problems)
+    raise SpecError(sorted(problems, key=lambda p: p.line))
 
 
 def load_spec(path: str | Path) -> ModelSpec:

@@ -90,6 +90,8 @@ def check_extra_args(args: list[str], engine: str) -> list[str]:
             reserved[spelling] = name
     mapped = {}
     for m in module.FLAGS:
+        if m.kind == "removed":
+            continue
         info = table.by_name.get(m.flag)
         for spelling in info.names if info else (m.flag,):
             mapped[spelling] = m.setting

@@ -1,0 +1,135 @@
+"""No flag Cortex emits is unknown to the engine it is for: checked against the real engines.
+
+Every entry of both flag tables, the fixed server arguments, and a launch built from a spec
+that sets every setting, against the built `llama-server --help` and vLLM's own parser.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cortex.engines import flag_names
+from cortex.engines import llamacpp, vllm
+from cortex.engines.introspect import llama_server_table, vllm_table
+from cortex.hardware import Gpu, Inventory
+from cortex.launch import build_launch
+from cortex.facts import facts_from_config
+from cortex.plan import make_plan
+from cortex.specfile import parse_spec_text
+
+SMOL_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+                   num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3, vocab_size=49152,
+                   max_position_embeddings=8192, tie_word_embeddings=True, torch_dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def live_llama(toolchain):
+    return llama_server_table(toolchain)
+
+
+@pytest.fixture(scope="module")
+def live_vllm(vllm_install):
+    return vllm_table(vllm_install)
+
+
+def test_every_llamacpp_table_flag_exists(live_llama) -> None:
+    emitted = [m.flag for m in llamacpp.FLAGS] + flag_names(
+        llamacpp.server_args(model_path="/m.gguf", served_name="x", port=8080, embed=True)) + llamacpp.RESERVED
+    unknown = [f for f in emitted if f not in live_llama]
+    assert not unknown, f"llama-server {live_llama.version} does not accept {unknown}"
+
+
+def test_every_vllm_table_flag_exists(live_vllm) -> None:
+    emitted = [m.flag for m in vllm.FLAGS if m.kind != "removed"] + [m.negative for m in vllm.FLAGS if m.negative]
+    emitted += flag_names(vllm.server_args(model_path="/m", served_name="x", port=8000, embed=True)) + vllm.RESERVED
+    unknown = [f for f in emitted if f not in live_vllm]
+    assert not unknown, f"vLLM {live_vllm.version} does not accept {unknown}"
+
+
+def test_removed_vllm_flags_really_are_gone(live_vllm) -> None:
+    for m in vllm.FLAGS:
+        if m.kind == "removed":
+            assert m.flag not in live_vllm, f"{m.flag} exists in vLLM {live_vllm.version}: do not mark it removed"
+
+
+def test_full_llamacpp_launch_is_accepted(live_llama, test_model) -> None:
+    spec = parse_spec_text(f"""
+name: every-flag
+source: {{gguf: {test_model.gguf}}}
+task: embed
+llamacpp:
+  ngl: 10
+  split_mode: layer
+  tensor_split: [1, 1]
+  batch_size: 256
+  ubatch_size: 128
+  threads: 2
+  context_size: 4096
+  parallel: 2
+  rope_freq_base: 10000
+  rope_freq_scale: 1.0
+  flash_attention: "on"
+  mlock: true
+  no_mmap: true
+  numa: distribute
+  cache_type_k: q8_0
+  cache_type_v: q8_0
+  extra_args: ["--temp", "0.5"]
+""", "every-flag.yaml")
+    from cortex.facts import gguf_facts
+
+    plan = make_plan(spec, gguf_facts(test_model.gguf), Inventory([Gpu(0, 8 * 2**30), Gpu(1, 8 * 2**30)], 2, 2**34))
+    launch = build_launch(spec, plan)
+    used = flag_names(launch.command[1:])
+    assert {"-ngl", "-ts", "-sm", "-c", "-np", "-b", "-ub", "-t", "-fa", "--mlock", "--no-mmap", "--numa", "-ctk", "-ctv",
+            "--rope-freq-base", "--rope-freq-scale", "--embeddings", "--temp"} <= set(used)
+    assert [f for f in used if f not in live_llama] == []
+
+
+def test_full_vllm_launch_is_accepted(live_vllm, tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOL_CONFIG))
+    spec = parse_spec_text(f"""
+name: every-flag
+source: {{path: {tmp_path}}}
+engine: vllm
+task: embed
+vllm:
+  tensor_parallel_size: 1
+  pipeline_parallel_size: 1
+  dtype: bfloat16
+  gpu_memory_utilization: 0.8
+  max_model_len: 2048
+  kv_cache_dtype: fp8
+  quantization: fp8
+  block_size: 16
+  enforce_eager: false
+  enable_prefix_caching: true
+  enable_chunked_prefill: false
+  cuda_graph_sizes: [1, 2, 4]
+  max_num_seqs: 8
+  trust_remote_code: true
+  extra_args: ["--seed", "1"]
+""", "every-flag.yaml")
+    facts = facts_from_config(SMOL_CONFIG)
+    plan = make_plan(spec, facts, Inventory([Gpu(0, 8 * 2**30)], 2, 2**34))
+    launch = build_launch(spec, plan)
+    used = flag_names(launch.command[3:])
+    assert {"--no-enforce-eager", "--enable-prefix-caching", "--no-enable-chunked-prefill", "--cudagraph-capture-sizes",
+            "--runner", "--gpu-memory-utilization", "--kv-cache-dtype", "--trust-remote-code", "--seed"} <= set(used)
+    assert [f for f in used if f not in live_vllm] == []
+
+
+def test_swap_space_is_a_clear_error_for_vllm_0_32(tmp_path: Path) -> None:
+    import json
+
+    from cortex.engines import FlagError
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOL_CONFIG))
+    spec = parse_spec_text(f"name: s\nsource: {{path: {tmp_path}}}\nengine: vllm\nvllm:\n  swap_space_gb: 4\n", "s.yaml")
+    plan = make_plan(spec, facts_from_config(SMOL_CONFIG), Inventory([Gpu(0, 8 * 2**30)], 2, 2**34))
+    with pytest.raises(FlagError, match="removed --swap-space"):
+        build_launch(spec, plan)

@@ -1,0 +1,76 @@
+"""The plan's numbers against what the real llama.cpp tools write and report.
+
+- Predicted GGUF sizes for SmolLM2 (F16, Q8_0, Q4_K_M) are within 2% of the files the pinned
+  convert_hf_to_gguf.py and llama-quantize write (per-tensor types, k-quant fallbacks).
+- The planned KV cache for a context and slot count equals what llama-server reports when it
+  loads with those settings.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cortex.facts import gguf_facts, hf_dir_facts
+from cortex.hardware import Inventory
+from cortex.plan import make_plan
+from cortex.quant import assign_types, predict_gguf_bytes
+from cortex.specfile import parse_spec_text
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
+def test_predicted_gguf_size_within_2_percent(quant: str, test_model, smollm2_ggufs) -> None:
+    facts = hf_dir_facts(test_model.hf_dir)
+    predicted = predict_gguf_bytes(facts.tensors, quant, metadata_bytes=facts.metadata_bytes,
+                                   n_gqa=facts.n_gqa, n_expert=1)
+    real = smollm2_ggufs[quant].stat().st_size
+    assert abs(predicted - real) / real < 0.02, f"{quant}: predicted {predicted:,} vs real {real:,}"
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_per_tensor_types_match_llama_quantize(quant: str, test_model, smollm2_ggufs) -> None:
+    """Not just the total: every tensor gets the type llama-quantize gave it."""
+    from gguf import GGUFReader
+
+    facts = hf_dir_facts(test_model.hf_dir)
+    predicted = assign_types(facts.tensors, quant, n_gqa=facts.n_gqa)
+    real = {t.name: t.tensor_type for t in GGUFReader(smollm2_ggufs[quant]).tensors}
+    wrong = {n: (predicted.get(n), t) for n, t in real.items() if n in predicted and predicted[n] != t}
+    assert not wrong, f"{len(wrong)} tensors typed differently, e.g. {list(wrong.items())[:5]}"
+    assert set(real) <= set(predicted) | {"rope_freqs.weight"}
+
+
+def test_hf_checkpoint_and_its_gguf_agree_on_facts(test_model, smollm2_ggufs) -> None:
+    hf = hf_dir_facts(test_model.hf_dir)
+    gg = gguf_facts(smollm2_ggufs["F16"])
+    for field in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "tie_embeddings"):
+        assert getattr(hf, field) == getattr(gg, field), field
+    assert hf.params_total == gg.params_total == 134_515_008
+
+
+def _reported_kv_mib(log: str) -> float:
+    m = re.search(r"llama_kv_cache\w*:\s+size =\s+([\d.]+) MiB", log) or re.search(r"KV (?:self )?size\s*=\s*([\d.]+) MiB", log)
+    assert m, "llama-server did not report a KV cache size:\n" + log[-3000:]
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("ctx,slots,ctk", [(2048, 1, None), (4096, 2, None), (8192, 4, "q8_0")])
+def test_planned_kv_cache_equals_llama_server(ctx: int, slots: int, ctk: str | None, test_model, start_llama_server) -> None:
+    extra = f"\n  cache_type_k: {ctk}\n  cache_type_v: {ctk}" if ctk else ""
+    spec = parse_spec_text(
+        f"name: kv\nsource:\n  gguf: {test_model.gguf}\nllamacpp:\n  context_size: {ctx}\n  parallel: {slots}{extra}\n",
+        "kv.yaml",
+    )
+    facts = gguf_facts(test_model.gguf)
+    plan = make_plan(spec, facts, Inventory([], 2, 16 * 2**30))
+    planned_mib = plan.devices[0].kv_cache_bytes / MiB
+    args = ["-c", str(ctx), "-np", str(slots)]
+    if ctk:
+        args += ["-ctk", ctk, "-ctv", ctk]
+    server = start_llama_server(test_model.gguf, *args)
+    reported = _reported_kv_mib(server.log())
+    assert planned_mib == pytest.approx(reported, abs=0.01), f"planned {planned_mib} MiB, llama-server {reported} MiB"
