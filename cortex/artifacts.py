@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -304,7 +303,7 @@ def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = N
     tail: list[str] = []
     log(f"$ {' '.join(cmd)}")
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, bufsize=1, start_new_session=True)
+                            errors="replace", env=env, bufsize=1)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -314,7 +313,7 @@ def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = N
         code = proc.wait()
     except BaseException:
         # Interrupted (Ctrl-C, a cancelled flow run): take the tool down with us.
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         proc.wait()
         raise
     seconds = time.monotonic() - started
@@ -394,6 +393,14 @@ class ArtifactStore:
             for f in files:  # same inodes, same bytes: carry the digests over to the new paths
                 record_digest(Path(f.path), f.sha256)
             return artifact
+        except ToolFailed as error:
+            shutil.rmtree(work, ignore_errors=True)
+            if "No space left on device" in str(error):
+                raise NotEnoughSpace(
+                    f"the disk holding {self.root} filled up while building the {key.quantization} GGUF "
+                    f"(the partial build was removed); free space or point CORTEX_CACHE at a larger disk"
+                ) from error
+            raise
         except OSError as error:
             shutil.rmtree(work, ignore_errors=True)
             if error.errno == 28:  # ENOSPC
