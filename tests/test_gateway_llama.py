@@ -1,0 +1,182 @@
+"""The official `openai` client through the gateway against real llama-server (SmolLM2): the
+same answers as calling the engine directly, the right error types, a clean error when the
+engine dies mid-stream, and a redeploy under load that loses no request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+
+from cortex.gateway.testing import GatewayProcess
+
+GREEDY = {"temperature": 0, "seed": 7, "max_tokens": 24}
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    g = GatewayProcess(tmp_path_factory.mktemp("gateway-home"),
+                       env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}).start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(gateway, llama_server):
+    """llama_server registered as `smollm2` (alias `smol`), and a client key."""
+    with gateway.client() as c:
+        replica = c.register("smollm2", llama_server.base_url, engine_api_key=llama_server.api_key, aliases=["smol"])
+        key = c.create_key(name="openai-tests")["key"]
+    return {"replica": replica, "key": key}
+
+
+def via_gateway(gateway, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def direct(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0, timeout=120)
+
+
+def test_chat_and_completions_match_the_engine(gateway, routed, llama_server):
+    g, d = via_gateway(gateway, routed["key"]), direct(llama_server)
+    through = g.chat.completions.create(model="smol", messages=MESSAGES, **GREEDY)
+    straight = d.chat.completions.create(model="smollm2", messages=MESSAGES, **GREEDY)
+    assert through.choices[0].message.content == straight.choices[0].message.content
+    assert through.choices[0].message.content.strip()
+    assert through.usage.completion_tokens == straight.usage.completion_tokens
+
+    through = g.completions.create(model="smollm2", prompt="The capital of France is", **GREEDY)
+    straight = d.completions.create(model="smollm2", prompt="The capital of France is", **GREEDY)
+    assert through.choices[0].text == straight.choices[0].text
+    # llama.cpp's own sampling parameters reach the engine through the client's extra_body.
+    extra = {"top_k": 1, "repeat_penalty": 1.1, "mirostat": 0}
+    through = g.completions.create(model="smollm2", prompt="One, two,", extra_body=extra, **GREEDY)
+    straight = d.completions.create(model="smollm2", prompt="One, two,", extra_body=extra, **GREEDY)
+    assert through.choices[0].text == straight.choices[0].text
+
+
+def test_streaming_with_usage_matches_the_engine(gateway, routed, llama_server):
+    def collect(client, model):
+        text, usage, chunks = "", None, 0
+        for chunk in client.chat.completions.create(model=model, messages=MESSAGES, stream=True,
+                                                    stream_options={"include_usage": True}, **GREEDY):
+            chunks += 1
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return text, usage, chunks
+
+    text, usage, chunks = collect(via_gateway(gateway, routed["key"]), "smollm2")
+    text_direct, usage_direct, _ = collect(direct(llama_server), "smollm2")
+    assert text == text_direct and text.strip()
+    assert usage is not None and usage.completion_tokens == usage_direct.completion_tokens
+    assert chunks > 5  # streamed token by token, not one block
+
+
+def test_models_list_and_error_types(gateway, routed):
+    g = via_gateway(gateway, routed["key"])
+    ids = {m.id for m in g.models.list()}
+    assert {"smollm2", "smol"} <= ids
+    with pytest.raises(openai.NotFoundError) as err:
+        g.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        via_gateway(gateway, "sk-cortex-not-a-key").chat.completions.create(model="smol", messages=MESSAGES)
+    with gateway.client() as c:
+        limited = c.create_key(models=["other-model"])["key"]
+    with pytest.raises(openai.PermissionDeniedError):
+        via_gateway(gateway, limited).chat.completions.create(model="smol", messages=MESSAGES)
+    with pytest.raises(openai.APIStatusError) as err:
+        g.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x" * 17_000_000}])
+    assert err.value.status_code == 413
+
+
+def test_embeddings_match_the_engine(gateway, start_llama_server, test_model):
+    embedder = start_llama_server(test_model.gguf, "--embeddings", "--pooling", "mean")
+    with gateway.client() as c:
+        c.register("smollm2-embed", embedder.base_url, engine_api_key=embedder.api_key)
+        key = c.create_key()["key"]
+    through = via_gateway(gateway, key).embeddings.create(model="smollm2-embed", input=["hello world", "bonjour"])
+    straight = direct(embedder).embeddings.create(model="smollm2-embed", input=["hello world", "bonjour"])
+    assert len(through.data) == 2
+    assert through.data[0].embedding == straight.data[0].embedding
+    assert len(through.data[0].embedding) == 576  # SmolLM2-135M hidden size
+
+
+def test_engine_killed_mid_stream_gives_clean_error_then_503(tmp_path, start_llama_server, test_model):
+    gw = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "30"}).start()
+    try:
+        victim = start_llama_server(test_model.gguf)
+        with gw.client() as c:
+            c.register("smollm2", victim.base_url, engine_api_key=victim.api_key)
+            key = c.create_key()["key"]
+        g = via_gateway(gw, key)
+        received = 0
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError) as err:
+            for chunk in g.chat.completions.create(model="smollm2", messages=MESSAGES, stream=True,
+                                                   max_tokens=400, temperature=0):
+                received += 1
+                if received == 3:
+                    victim.process.kill()
+        assert received >= 3
+        assert "failed mid-response" in str(err.value.message)
+        assert time.monotonic() - t0 < 30  # an error event, not a hang
+        with pytest.raises(openai.InternalServerError) as err:
+            g.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=4)
+        assert err.value.status_code == 503
+        assert int(err.value.response.headers["retry-after"]) >= 1
+    finally:
+        gw.stop()
+
+
+def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test_model):
+    gw = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "1",
+                                                "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}).start()
+    try:
+        old = start_llama_server(test_model.gguf)
+        with gw.client() as c:
+            r_old = c.register("smollm2", old.base_url, engine_api_key=old.api_key)
+            key = c.create_key()["key"]
+        stop = threading.Event()
+        served: list[str] = []
+        errors: list[str] = []
+
+        def client_loop() -> None:
+            g = via_gateway(gw, key)
+            while not stop.is_set():
+                try:
+                    resp = g.chat.completions.with_raw_response.create(
+                        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+                    resp.parse()
+                    served.append(resp.headers["x-cortex-replica"])
+                except Exception as exc:  # any failure is the test's finding
+                    errors.append(repr(exc))
+
+        threads = [threading.Thread(target=client_loop) for _ in range(20)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        new = start_llama_server(test_model.gguf)  # the new replica comes up while the old one serves
+        with gw.client() as c:
+            r_new = c.register("smollm2", new.base_url, engine_api_key=new.api_key)
+            c.drain(r_old["id"], wait=True, timeout=120)
+            drained_at = len(served)
+        old.stop()  # only after the gateway has removed it
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert errors == [], errors[:5]
+        assert served.count(r_old["id"]) > 0 and served.count(r_new["id"]) > 0
+        # Once drained, no request went to the old one (20 may still be on their way to the list).
+        assert r_old["id"] not in served[drained_at + 20:]
+        print(f"\nredeploy under 20 clients: {len(served)} requests, 0 errors "
+              f"({served.count(r_old['id'])} old, {served.count(r_new['id'])} new)")
+    finally:
+        gw.stop()
