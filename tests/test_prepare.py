@@ -271,3 +271,21 @@ def test_offline_with_a_cold_cache_says_so(prefect_api, tmp_path):
                          check=False)
     assert proc.returncode != 0
     assert "OfflineCacheMiss" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_prepare_for_vllm_is_the_verified_snapshot(prefect_api, hub_repo, tmp_path):
+    """Client paths: resolve_revision, model_info, http_get for the safetensors, snapshot_download
+    for the rest; no conversion. The files table carries the Hub's sha256 for the weights."""
+    spec = _write_spec(tmp_path, {"repo": REPO}, name="smollm2-vllm-prep", engine="vllm")
+    with HubServer([hub_repo], token=TOKEN) as server:
+        out, _ = _prepare(spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url, HF_TOKEN=TOKEN))
+    assert out["engine"] == "vllm" and out["format"] == "hf" and out["built"] == []
+    commit = hub_repo.refs["main"]
+    assert out["artifact_path"].endswith(f"snapshots/{commit}") and out["source_revision"] == commit
+    assert Path(out["mount_root"]).name == "models--acme--smollm2-135m-instruct"
+    served = hub_repo.commits[commit]
+    by_name = {Path(f["path"]).name: f for f in out["files"]}
+    assert "model.safetensors" in by_name and "config.json" in by_name
+    assert by_name["model.safetensors"]["sha256"] == served["model.safetensors"].sha256
+    for f in out["files"]:
+        assert sha256_file(Path(f["path"])) == f["sha256"] and Path(f["path"]).stat().st_size == f["bytes"]

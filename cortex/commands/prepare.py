@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"prepared {result['name']} for {result['engine']}: {result['format']} {result['quantization']}")
-    print(f"  source    {result['source'].get('repo') or result['source'].get('folder') or ''} "
-          f"-> {result['source_revision']}")
+    source = result["source"]
+    origin = source.get("repo") or source.get("folder") or ", ".join(source.get("gguf_files", []))
+    print(f"  source    {origin} -> {result['source_revision']}")
     print(f"  cached    {'yes (nothing downloaded or built)' if result['cached'] else 'no'}"
           f"; downloaded {result['downloaded_bytes']} bytes; built {', '.join(result['built']) or 'nothing'}")
     print(f"  load      {result['artifact_path']}")
