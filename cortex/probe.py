@@ -139,8 +139,11 @@ def smoke_test(
             return check
 
         def completion() -> str:
+            # A raw completion continues text; instruct models often end an unterminated
+            # sentence at once (EOS, empty text), so the prompt ends with a newline.
+            prompt = prompts[0] if prompts[0].endswith("\n") else prompts[0] + "\n"
             body = _json(client.post("/v1/completions", json={
-                "model": model, "prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0,
+                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             }))
             choices = body.get("choices") or []
             _require(bool(choices), f"no choices in {body}")
