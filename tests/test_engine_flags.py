@@ -83,9 +83,11 @@ llamacpp:
     plan = make_plan(spec, gguf_facts(test_model.gguf), Inventory([Gpu(0, 8 * 2**30), Gpu(1, 8 * 2**30)], 2, 2**34))
     launch = build_launch(spec, plan)
     used = flag_names(launch.command[1:])
-    assert {"-ngl", "-ts", "-sm", "-c", "-np", "-b", "-ub", "-t", "-fa", "--mlock", "--no-mmap", "--numa", "-ctk", "-ctv",
+    assert {"-ngl", "-ts", "-sm", "-c", "-np", "-b", "-ub", "-t", "-fa", "-lm", "--numa", "-ctk", "-ctv",
             "--rope-freq-base", "--rope-freq-scale", "--embeddings", "--temp"} <= set(used)
     assert [f for f in used if f not in live_llama] == []
+    cmd = launch.command
+    assert cmd[cmd.index("-lm") + 1] == "mlock"  # mlock + no_mmap, translated for this llama.cpp
 
 
 def test_full_vllm_launch_is_accepted(live_vllm, tmp_path: Path) -> None:

@@ -51,10 +51,22 @@ def test_llama_3_70b_is_vllm_tp4_and_fits_barely() -> None:
     # barely: the KV pool left over holds the requested 10 full 8K sequences, with little to spare
     assert 10 <= p.parallel <= 12
     assert m.facts.kv_cache_bytes(1, 2.0) == 80 * 8 * 128 * 2 * 2
-    # on one GPU fewer it does not fit, and the plan says what would
+    # on two GPUs BF16 does not fit: the rules move it to llama.cpp with a quantization that does
     smaller = plan("llama-3-70b-instruct", gpus=2)
-    assert not smaller.plan.fits and smaller.plan.shortfall
-    assert any("more GPUs" in s for s in smaller.plan.suggestions)
+    assert smaller.plan.engine == "llamacpp" and smaller.plan.fits
+    assert next(r for r in smaller.plan.decision.trace if r.decided).rule == "vram-for-16bit"
+    assert smaller.plan.quantization in ("Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
+
+
+def test_vllm_pinned_on_too_few_gpus_says_what_would_fit(tmp_path: Path) -> None:
+    text = (SPECS / "llama-3-70b-instruct.yaml").read_text().replace("engine: auto", "engine: vllm").replace("gpus: 4", "gpus: 2")
+    (tmp_path / "hub").symlink_to(SPECS / "hub")
+    (tmp_path / "s.yaml").write_text(text)
+    m = plan_spec_file(tmp_path / "s.yaml")
+    assert m.plan.engine == "vllm" and not m.plan.fits
+    assert "short by" in m.plan.shortfall
+    assert any("more GPUs: 4" in s for s in m.plan.suggestions)
+    assert any("llama.cpp" in s for s in m.plan.suggestions)
 
 
 def test_mistral_7b_is_vllm_tp1() -> None:

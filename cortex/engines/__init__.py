@@ -10,7 +10,7 @@ installed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 Kind = Literal["value", "switch", "bool_pair", "list_comma", "list_space", "removed"]
 
@@ -29,6 +29,7 @@ class FlagMap:
     plan: str | None = None  # take the value from this Plan attribute instead (the plan honours the spec)
     negative: str | None = None  # bool_pair: the flag for False
     note: str = ""  # why, for a renamed or removed flag
+    derive: Callable[[Any], Any] | None = None  # value computed from the settings (a translated flag)
 
 
 def render(value: Any) -> str:
@@ -41,7 +42,10 @@ def build_args(table: list[FlagMap], settings: Any, plan: Any) -> list[str]:
     """The flags for every setting that has a value, in table order."""
     args: list[str] = []
     for m in table:
-        value = getattr(plan, m.plan) if m.plan else getattr(settings, m.setting)
+        if m.derive:
+            value = m.derive(settings)
+        else:
+            value = getattr(plan, m.plan) if m.plan else getattr(settings, m.setting)
         if value is None:
             continue
         if m.kind == "removed":

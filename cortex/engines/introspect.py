@@ -46,7 +46,7 @@ class FlagInfo:
 
     names: tuple[str, ...]  # every spelling, short and long: ("-c", "--ctx-size")
     takes_value: bool  # whether a value follows the flag
-    value_optional: bool = False  # the value may be left out (llama.cpp's "[on|off|auto]")
+    value_optional: bool = False  # the value may be left out (vLLM's nargs "?" or "*")
     metavar: str | None = None  # how the help names the value: "N", "FNAME", ...
     choices: tuple[str, ...] | None = None  # the values it accepts, when it says
     nargs: str | None = None  # argparse nargs ("+", "*", "?", "2"), vLLM only
@@ -55,8 +55,8 @@ class FlagInfo:
 
     @property
     def canonical(self) -> str:
-        """The longest spelling, which is the most readable one."""
-        return max(self.names, key=len)
+        """The first long spelling (the engine lists its preferred name first)."""
+        return next((n for n in self.names if n.startswith("--")), self.names[0])
 
     def signature(self) -> dict:
         """What must not change between the committed table and the engine (not help)."""
@@ -129,9 +129,33 @@ class FlagTable:
 
 # --- llama-server ----------------------------------------------------------------------
 
-# A flag line starts at column 0 with a dash; its description starts after 2+ spaces.
-_FLAG_LINE = re.compile(r"^(-\S.*?)(?:\s{2,}(.*))?$")
+# A flag line starts at column 0 with an option name: "-c,    --ctx-size N    description".
+_NAME = re.compile(r"-{1,2}[A-Za-z0-9][\w.+-]*")
 _ENV = re.compile(r"\(env: ([A-Z0-9_]+)\)")
+
+
+def _parse_flag_line(line: str) -> tuple[list[str], str | None, str] | None:
+    """Split one option line into (names, value or None, description); None if it is not
+    one. Names are separated by commas (llama.cpp pads after the short ones); the value
+    follows the last name after one space and may itself contain commas and single spaces;
+    the description starts after two or more spaces."""
+    names: list[str] = []
+    pos = 0
+    while True:
+        match = _NAME.match(line, pos)
+        if match is None:
+            return None if not names else (names, None, line[pos:].strip())
+        names.append(match.group(0))
+        pos = match.end()
+        after_comma = re.match(r",\s*(?=-)", line[pos:])
+        if after_comma:
+            pos += after_comma.end()
+            continue
+        rest = line[pos:]
+        if re.match(r" \S", rest):  # a value, up to the first run of 2+ spaces
+            value, _, description = rest[1:].partition("  ")
+            return names, value.strip(), description.strip()
+        return names, None, rest.strip()
 
 
 def parse_llama_server_help(text: str) -> list[FlagInfo]:
@@ -143,35 +167,24 @@ def parse_llama_server_help(text: str) -> list[FlagInfo]:
         if current is not None:
             help_text = " ".join(current["help"]).strip()
             env = _ENV.search(help_text)
+            metavar = current["metavar"]
             flags.append(FlagInfo(
                 names=tuple(current["names"]),
-                takes_value=current["metavar"] is not None,
-                value_optional=current["optional"],
-                metavar=current["metavar"],
-                choices=current["choices"],
+                takes_value=metavar is not None,
+                # llama.cpp's "[on|off|auto]" lists choices; every value is required.
+                value_optional=False,
+                metavar=metavar,
+                choices=_choices_in(metavar) if metavar else None,
                 env=env.group(1) if env else None,
                 help=_ENV.sub("", help_text).strip(),
             ))
 
     for line in text.splitlines():
-        match = _FLAG_LINE.match(line)
-        if match:
+        parsed = _parse_flag_line(line) if line.startswith("-") else None
+        if parsed:
             finish()
-            names, metavar = [], None
-            for item in match.group(1).split(","):
-                item = item.strip()
-                if not item:
-                    continue
-                name, _, value = item.partition(" ")
-                names.append(name)
-                if value.strip():
-                    metavar = value.strip()
-            optional, choices = False, None
-            if metavar is not None:
-                optional = metavar.startswith("[") and metavar.endswith("]")
-                choices = _choices_in(metavar)
-            current = {"names": names, "metavar": metavar, "optional": optional,
-                       "choices": choices, "help": [match.group(2) or ""]}
+            names, metavar, description = parsed
+            current = {"names": names, "metavar": metavar, "help": [description]}
         elif current is not None and line.startswith(" ") and line.strip():
             current["help"].append(line.strip())
         else:  # a blank line or a section header ("----- common params -----")
@@ -182,11 +195,11 @@ def parse_llama_server_help(text: str) -> list[FlagInfo]:
 
 
 def _choices_in(metavar: str) -> tuple[str, ...] | None:
-    """``{none,layer,row}`` or ``[on|off|auto]`` -> the choices; ``N`` -> None."""
-    inner = metavar.strip("[]{}<>")
-    if inner == metavar.strip() or not re.fullmatch(r"[\w.-]+([,|][\w.-]+)+", inner):
+    """``{none,layer,row}``, ``[on|off|auto]`` or ``<0|1>`` -> the choices; ``N`` -> None."""
+    match = re.fullmatch(r"\{([\w.-]+(?:,[\w.-]+)+)\}|[\[<]([\w.-]+(?:\|[\w.-]+)+)[\]>]", metavar)
+    if match is None:
         return None
-    return tuple(re.split(r"[,|]", inner))
+    return tuple(re.split(r"[,|]", match.group(1) or match.group(2)))
 
 
 def llama_server_help(toolchain: Toolchain) -> str:

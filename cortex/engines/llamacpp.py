@@ -25,12 +25,22 @@ FLAGS: list[FlagMap] = [
     FlagMap("rope_freq_base", "--rope-freq-base"),
     FlagMap("rope_freq_scale", "--rope-freq-scale"),
     FlagMap("flash_attention", "-fa"),
-    FlagMap("mlock", "--mlock", "switch"),
-    FlagMap("no_mmap", "--no-mmap", "switch"),
+    # the seed's --mlock / --no-mmap are one flag in this llama.cpp: -lm/--load-mode
+    FlagMap("mlock", "-lm", derive=lambda s: load_mode(s.mlock, s.no_mmap),
+            note="mlock and no_mmap become --load-mode (mmap+mlock, mlock, none)"),
     FlagMap("numa", "--numa"),
     FlagMap("cache_type_k", "-ctk"),
     FlagMap("cache_type_v", "-ctv"),
 ]
+
+def load_mode(mlock: bool | None, no_mmap: bool | None) -> str | None:
+    """The seed's two switches as llama-server's --load-mode value (None: leave the default)."""
+    if mlock:
+        return "mlock" if no_mmap else "mmap+mlock"
+    if no_mmap:
+        return "none"
+    return None
+
 
 # Flags Cortex sets itself; extra_args may not override them.
 RESERVED = ["--host", "--port", "--api-key", "--api-key-file", "-m", "--alias", "-hf", "-mu", "--path"]
