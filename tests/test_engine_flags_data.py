@@ -59,12 +59,18 @@ HELP_SAMPLE = """\
                                         default: 'auto')
                                         (env: LLAMA_ARG_FLASH_ATTN)
 -sm,   --split-mode {none,layer,row}    how to split the model across multiple GPUs
+-ts,   --tensor-split N0,N1,N2,...      fraction of the model to offload to each GPU, comma-separated
+-ot,   --override-tensor <tensor name pattern>=<buffer type>,...
+                                        override tensor buffer type
+-ngl,  --gpu-layers, --n-gpu-layers N   max. number of layers to store in VRAM
 --mmap, --no-mmap                       whether to memory-map model
 """
 
 
 def test_llama_server_help_parser_reads_spellings_values_and_choices() -> None:
-    flags = {f.canonical: f for f in introspect.parse_llama_server_help(HELP_SAMPLE)}
+    parsed = introspect.parse_llama_server_help(HELP_SAMPLE)
+    assert len(parsed) == 8
+    flags = {name: f for f in parsed for name in f.names}
     assert flags["--threads"].names == ("-t", "--threads")
     assert flags["--threads"].takes_value and flags["--threads"].metavar == "N"
     assert flags["--threads"].env == "LLAMA_ARG_THREADS"
@@ -72,10 +78,20 @@ def test_llama_server_help_parser_reads_spellings_values_and_choices() -> None:
     assert flags["--help"].names == ("-h", "--help", "--usage")
     assert not flags["--help"].takes_value
     fa = flags["--flash-attn"]
-    assert fa.takes_value and fa.value_optional and fa.choices == ("on", "off", "auto")
+    assert fa.takes_value and fa.choices == ("on", "off", "auto")
+    assert not fa.value_optional  # llama.cpp's brackets list choices; the value is required
     assert flags["--split-mode"].choices == ("none", "layer", "row")
     assert not flags["--split-mode"].value_optional
     assert set(flags["--no-mmap"].names) == {"--mmap", "--no-mmap"}
+    # Commas inside a value do not split it into more names.
+    assert flags["--tensor-split"].names == ("-ts", "--tensor-split")
+    assert flags["--tensor-split"].metavar == "N0,N1,N2,..."
+    assert flags["--tensor-split"].choices is None
+    assert flags["--override-tensor"].metavar == "<tensor name pattern>=<buffer type>,..."
+    assert flags["--override-tensor"].help == "override tensor buffer type"
+    assert flags["--n-gpu-layers"].names == ("-ngl", "--gpu-layers", "--n-gpu-layers")
+    assert "-----" not in flags
+    assert flags["--help"].canonical == "--help" and flags["-ngl"].canonical == "--gpu-layers"
 
 
 def test_llama_server_table_matches_the_built_server(toolchain: tc.Toolchain) -> None:
