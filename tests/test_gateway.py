@@ -320,7 +320,9 @@ def test_engine_killed_mid_stream_gives_error_event_then_failover_then_503(gatew
                 events.append(line[6:])
                 if len(events) == 3:
                     victim.kill()
-    assert len(events) == 4, events
+    # Events already on their way when the engine died still arrive; then the error event ends it.
+    assert 4 <= len(events) < 50 and "[DONE]" not in events, events
+    assert all("choices" in json.loads(e) for e in events[:-1])
     error = json.loads(events[-1])["error"]
     assert error["type"] == "server_error" and "failed mid-response" in error["message"]
     for _ in range(3):

@@ -21,13 +21,13 @@ import orjson
 
 from ..settings import Settings
 from . import openapi
+from .accesslog import AccessLog
 from .metrics import Metrics
 from .registry import Registry, RegistryError
 from .routing import Replica, RoutingTable
 from .upstream import ClosedError, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("cortex.gateway")
-access_log = logging.getLogger("cortex.gateway.access")
 
 PROXY_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 # Upstream response headers that describe the upstream connection, not the response.
@@ -131,13 +131,14 @@ class RequestState:
 class Gateway:
     """The ASGI application. `settings` decides auth mode, limits and the registry file."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None,
+                 access_log: AccessLog | None = None) -> None:
         self.settings = settings
         self.registry = registry or Registry(settings.gateway_db)
         self.admin_token = settings.resolve_admin_token(create=True).encode()
         self.no_auth = settings.gateway_no_auth
         self.max_body = settings.gateway_max_body_bytes
-        self.access_log = settings.gateway_access_log
+        self.access_log = access_log if settings.gateway_access_log else None
         self.retry_after = str(max(1, math.ceil(settings.gateway_health_interval))).encode()
         self.table = RoutingTable(settings.gateway_connect_timeout)
         self.metrics = Metrics()
@@ -194,6 +195,8 @@ class Gateway:
             await self._health_client.aclose()
         for replica in self.table.replicas.values():
             replica.pool.close()
+        if self.access_log is not None:
+            self.access_log.flush()
 
     async def _maintain(self) -> None:
         """Pick up other processes' registry writes; fail requests whose replica went silent."""
@@ -206,6 +209,8 @@ class Gateway:
             now = time.monotonic()
             for replica in self.table.replicas.values():
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
+            if self.access_log is not None:
+                self.access_log.flush()
 
     async def _health_loop(self) -> None:
         while True:
@@ -399,8 +404,13 @@ class Gateway:
         if streaming:
             watcher = asyncio.get_running_loop().create_task(self._watch_client(receive, state))
         status = conn.status
-        headers = [(k, v) for k, v in conn.headers if k not in HOP_BY_HOP]
-        sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+        headers = []
+        sse = False
+        for name, value in conn.headers:
+            if name not in HOP_BY_HOP:
+                headers.append((name, value))
+                if name == b"content-type" and value.startswith(b"text/event-stream"):
+                    sse = True
         overhead = (t_sent - t0) + (time.perf_counter() - t_headers)
         headers.append((b"x-cortex-replica", replica.id.encode()))
         headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
@@ -468,8 +478,8 @@ class Gateway:
                 if found:
                     completion_tokens = int(found.group(1))
                     metrics.tokens[(served, replica.id, "completion")] += completion_tokens
-            if self.access_log:
-                access_log.info(orjson.dumps({
+            if self.access_log is not None:
+                self.access_log.write({
                     "ts": time.time(),
                     "path": scope["path"],
                     "model": served,
@@ -485,7 +495,7 @@ class Gateway:
                     "overhead_ms": round(overhead * 1000, 3),
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
-                }).decode())
+                })
 
     async def _watch_client(self, receive: Receive, state: RequestState) -> None:
         """Cancel the upstream request when the client goes away (the engine frees its slot)."""

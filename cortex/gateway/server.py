@@ -8,16 +8,11 @@ import sys
 import uvicorn
 
 from ..settings import Settings
+from .accesslog import AccessLog
 from .app import Gateway
 
 
-def configure_logging(access_log: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("cortex.gateway.access")
-    access.handlers[:] = [handler]
-    access.propagate = False
-    access.setLevel(logging.INFO if access_log else logging.WARNING)
+def configure_logging() -> None:
     events = logging.StreamHandler(sys.stderr)
     events.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     gateway = logging.getLogger("cortex.gateway")
@@ -27,8 +22,8 @@ def configure_logging(access_log: bool) -> None:
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    configure_logging(settings.gateway_access_log)
-    app = Gateway(settings)
+    configure_logging()
+    app = Gateway(settings, access_log=AccessLog(sys.stderr.buffer))
     uvicorn.run(
         app,
         host=host or settings.gateway_host,
@@ -40,6 +35,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         server_header=False,
         date_header=False,
         timeout_keep_alive=75,
+        proxy_headers=False,  # the gateway is the edge; skipping the middleware saves a call per request
         backlog=4096,
         log_level="warning",
     )
