@@ -433,22 +433,41 @@ def _payload(model: str, prompt: Prompt, settings: BenchmarkSettings) -> dict[st
     return body
 
 
+class _StaleConnection(Exception):
+    """The server closed a kept-alive connection as the request went out: nothing was processed."""
+
+
 async def send_streaming_request(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: Mapping[str, str]
 ) -> RequestRecord:
     """POST one streaming completion and time its token events. Never raises for a failed
-    request: the failure is part of the measurement (`success=False`, `error`)."""
+    request: the failure is part of the measurement (`success=False`, `error`).
+
+    A request that meets a kept-alive connection the server has just closed (llama-server
+    closes idle ones after a few seconds) is sent once more on a fresh connection, with a fresh
+    clock: the server never saw it, so it is a client artifact, not a server error."""
+    try:
+        return await _stream_once(client, url, body, headers)
+    except _StaleConnection:
+        return await _stream_once(client, url, body, headers, retry=False)
+
+
+async def _stream_once(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: Mapping[str, str], retry: bool = True
+) -> RequestRecord:
     rec = RequestRecord()
     if isinstance(body.get("prompt"), list):
         rec.prompt_tokens = len(body["prompt"])
     content_chunks = 0
     usage_tokens: int | None = None
     first = True
+    responded = False
     st = time.perf_counter()
     rec.start_time = st
     last = st
     try:
         async with client.stream("POST", url, json=body, headers=dict(headers)) as resp:
+            responded = True
             if resp.status_code != 200:
                 detail = (await resp.aread()).decode(errors="replace")[:300]
                 rec.error = f"HTTP {resp.status_code}: {detail}"
@@ -485,6 +504,11 @@ async def send_streaming_request(
                     usage_tokens = int(usage["completion_tokens"])
                     if usage.get("prompt_tokens") is not None:
                         rec.prompt_tokens = int(usage["prompt_tokens"])
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        if retry and not responded:
+            raise _StaleConnection() from exc
+        rec.error = f"{type(exc).__name__}: {exc}"
+        return rec
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
         return rec

@@ -388,3 +388,38 @@ def test_results_round_trip_and_reports():
     md = results_markdown(result, evaluate_gates(result, [{"metric": "ttft_ms", "max": 100.0}]))
     assert "| concurrency |" in md and "Gates: FAILED" in md and "❌" in md
     json.loads(result.to_json())
+
+
+def test_a_connection_closed_before_any_response_is_sent_again():
+    """The server drops the first connection without answering (as llama-server does with a
+    stale keep-alive connection); the request goes out once more and is measured."""
+    from cortex.bench import send_streaming_request
+    import httpx
+
+    seen = {"connections": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([l for l in head.decode().split("\r\n") if l.lower().startswith("content-length")][0].split(":")[1])
+        await reader.readexactly(length)
+        if seen["connections"] == 1:
+            writer.close()
+            return
+        msg = {"choices": [{"text": "hi", "index": 0}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        body = f"data: {json.dumps(msg)}\n\ndata: [DONE]\n\n".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient() as client:
+            return await send_streaming_request(
+                client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {})
+
+    rec = asyncio.run(scenario())
+    assert seen["connections"] == 2
+    assert rec.success and rec.output_tokens == 1 and rec.text == "hi"
