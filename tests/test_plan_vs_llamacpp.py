@@ -68,7 +68,7 @@ def test_planned_kv_cache_equals_llama_server(ctx: int, slots: int, ctk: str | N
     facts = gguf_facts(test_model.gguf)
     plan = make_plan(spec, facts, Inventory([], 2, 16 * 2**30))
     planned_mib = plan.devices[0].kv_cache_bytes / MiB
-    args = ["-c", str(ctx), "-np", str(slots)]
+    args = ["-c", str(ctx), "-np", str(slots), "-lv", "4"]  # verbosity 4 logs the KV cache size
     if ctk:
         args += ["-ctk", ctk, "-ctv", ctk]
     server = start_llama_server(test_model.gguf, *args)
