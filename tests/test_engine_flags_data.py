@@ -24,7 +24,10 @@ def test_llama_server_table_knows_every_spelling() -> None:
     assert flags["-c"] is flags["--ctx-size"]
     assert flags["-ts"] is flags["--tensor-split"]
     assert flags["-c"].takes_value and flags["-c"].env == "LLAMA_ARG_CTX_SIZE"
-    assert not flags["--mlock"].takes_value
+    assert not flags["--metrics"].takes_value
+    assert flags["-cb"] is flags["--no-cont-batching"]
+    # This llama.cpp replaced --mlock / --no-mmap with --load-mode.
+    assert "--mlock" not in flags and flags["-lm"] is flags["--load-mode"]
     assert flags["--split-mode"].choices is not None
     assert set(flags["--split-mode"].choices) >= {"none", "layer", "row"}
     assert "--swap-space" not in flags
