@@ -484,19 +484,66 @@ def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = 
 
 
 def gguf_repo_facts(repo: str, filename: str, revision: str = "main", *, spec_dir: Path | None = None) -> ModelFacts:
-    """Facts for a GGUF file inside an HF repo: the file itself from the Hub cache, or its header
-    (metadata + tensor table, the first megabytes) kept in the cache as `<file>.header`."""
+    """Facts for a GGUF file inside an HF repo: the file itself from the Hub cache, else its
+    header (metadata + tensor table: the first megabytes, no weights) from the cache, else the
+    header fetched from the Hub with HTTP range requests and kept as `<file>.header`."""
+    import os
+
     cache_dirs = hub_cache_dirs(spec_dir)
     full = _cached_file(repo, filename, revision, cache_dirs)
     if full is not None:
         return gguf_facts(full)
     header = _cached_file(repo, filename + ".header", revision, cache_dirs)
-    if header is not None:
-        return gguf_header_facts(header, filename)
-    raise FactsError(
-        f"{repo}/{filename}@{revision}: not in the Hub cache; run `cortex prepare` with network access "
-        "to download it (or put its header in the spec folder's hub/ cache)"
-    )
+    if header is None:
+        header = _header_cache_path(repo, filename, revision)
+        if not header.is_file():
+            if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+                raise FactsError(
+                    f"{repo}/{filename}@{revision}: neither the file nor its header is in the Hub cache and "
+                    "HF_HUB_OFFLINE is set; run once with network access (cortex plan or cortex prepare)"
+                )
+            _fetch_gguf_header(repo, filename, revision, header)
+    return gguf_header_facts(header, filename)
+
+
+def _header_cache_path(repo: str, filename: str, revision: str) -> Path:
+    from cortex.toolchain import cache_root
+
+    return cache_root() / "gguf-headers" / repo / revision / (filename + ".header")
+
+
+def _fetch_gguf_header(repo: str, filename: str, revision: str, dest: Path) -> None:
+    """Download just enough of a GGUF from the Hub to read its header (4 MiB, doubling)."""
+    import httpx
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    import os
+
+    from cortex.gguf_header import HeaderTooShort, read_gguf_header
+
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    size = 4 * 2**20
+    with httpx.Client(follow_redirects=True, timeout=60, headers=build_hf_headers()) as client:
+        while size <= 256 * 2**20:
+            try:
+                r = client.get(url, headers={"Range": f"bytes=0-{size - 1}"})
+                r.raise_for_status()
+            except httpx.HTTPError as e:
+                raise FactsError(f"{repo}/{filename}@{revision}: could not read the GGUF header from the Hub ({e})") from None
+            try:
+                header = read_gguf_header(r.content)
+            except HeaderTooShort:
+                size *= 2
+                continue
+            except ValueError as e:
+                raise FactsError(f"{repo}/{filename}@{revision}: {e}") from None
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".part")
+            tmp.write_bytes(r.content[: header.header_bytes])
+            tmp.replace(dest)
+            return
+    raise FactsError(f"{repo}/{filename}@{revision}: GGUF header larger than 256 MiB; is this a GGUF file?")
 
 
 def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:

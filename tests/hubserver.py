@@ -297,40 +297,40 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                        "Content-Type": "application/octet-stream"}
             if entry.sha256:
                 headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
-            start = 0
+            start, end = 0, entry.size - 1
             if req.range and self.command == "GET":
                 spec = req.range.removeprefix("bytes=")
                 first, _, last = spec.partition("-")
                 start = int(first or 0)
-                if last:
-                    self._error(req, 416, None, "only open ranges (bytes=N-) are served")
-                    return
+                if last:  # a closed range (bytes=N-M), as a GGUF header read asks
+                    end = min(int(last), entry.size - 1)
                 if start >= entry.size:
                     self._send(req, 416, b"", {**headers, "Content-Range": f"bytes */{entry.size}"})
                     return
-            length = entry.size - start
-            status = 206 if start else 200
+            length = end - start + 1
+            status = 206 if req.range and self.command == "GET" else 200
             req.status = status
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{entry.size - 1}/{entry.size}")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{entry.size}")
             self.send_header("Content-Length", str(length))
             self.end_headers()
             if self.command == "HEAD":
                 return
             flip_at = entry.size // 2 if hub._take_flip(file_path) else -1
             try:
-                self._stream(req, entry.source, start, flip_at)
+                self._stream(req, entry.source, start, flip_at, length)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away (a killed download): that is the point of some tests
 
-        def _stream(self, req: Request, source: Path, start: int, flip_at: int) -> None:
+        def _stream(self, req: Request, source: Path, start: int, flip_at: int, length: int) -> None:
             with open(source, "rb") as f:
                 f.seek(start)
                 offset = start
-                while block := f.read(CHUNK):
+                stop = start + length
+                while offset < stop and (block := f.read(min(CHUNK, stop - offset))):
                     if offset <= flip_at < offset + len(block):
                         b = bytearray(block)
                         b[flip_at - offset] ^= 0xFF

@@ -90,3 +90,22 @@ def test_no_config_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
     with pytest.raises(FactsError, match="architectures"):
         hf_dir_facts(tmp_path)
+
+
+def test_gguf_in_a_hub_repo_reads_only_the_header(test_model, tmp_path: Path, monkeypatch) -> None:
+    """The real huggingface_hub URL builder and token headers, against a local Hub endpoint
+    (HF_ENDPOINT): facts come from a ranged read of the first megabytes, not the 98 MB file."""
+    from cortex.facts import gguf_repo_facts
+    from hubserver import HubRepo, HubServer
+
+    repo = HubRepo("community/smol-gguf")
+    sha = repo.commit({"smol.Q4_1.gguf": test_model.gguf})
+    with HubServer([repo]) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("CORTEX_CACHE", str(tmp_path))
+        f = gguf_repo_facts("community/smol-gguf", "smol.Q4_1.gguf", sha)
+        sent = sum(r.bytes_sent for r in hub.gets_of("smol.Q4_1.gguf"))
+    full = gguf_facts(test_model.gguf)
+    assert f.params_total == full.params_total and f.dtype == "Q4_1"
+    assert sent < 8 * 2**20 < test_model.gguf.stat().st_size
+    assert (tmp_path / "gguf-headers" / "community/smol-gguf" / sha / "smol.Q4_1.gguf.header").is_file()
