@@ -25,6 +25,7 @@ COMMANDS = [
     "compare",
     "prepare",
     "cache",
+    "serve",
 ]
 
 

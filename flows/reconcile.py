@@ -1,0 +1,297 @@
+"""Spec files to running models: apply one spec, retire a deleted one, reconcile a folder.
+
+    apply_spec(spec_path)                  validate (a bad spec fails the run with every problem,
+                                           and touches nothing) -> resolve the source -> deploy
+                                           -> benchmark -> remember what was applied
+    apply_spec(spec_path, scheduled=True)  the same source commit still runs: benchmark again and
+                                           record the numbers; a new commit: prepare and redeploy
+    retire_spec(spec_path)                 the spec file is gone: retire the model it deployed
+    reconcile_specs(specs_dir)             apply every spec whose file or source changed or whose
+                                           model is not running, retire models of deleted specs,
+                                           and report what runs against what the specs declare
+
+These are what `cortex serve` registers as deployments (flows/serve.py). Every flow reads the
+spec from disk; an event that started it only names the file.
+
+What was applied is kept per spec file in `<CORTEX_HOME>/applied-specs/` (spec sha256, model
+name, source revision, replica): that is how a scheduled run knows whether the commit moved
+and how a deleted spec's model is found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from cortex.specfile import SpecError, load_spec, spec_files
+
+TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+# --- what was applied, per spec file -----------------------------------------------------------
+
+
+@dataclass
+class AppliedSpec:
+    spec_path: str  # absolute
+    spec_sha256: str
+    name: str  # the served model name
+    runtime: str
+    source_revision: str  # commit sha, or sha256 of local weights
+    replica: str
+    endpoint: str
+    applied_at: str
+
+
+def applied_dir() -> Path:
+    from cortex.settings import Settings
+
+    return Path(Settings.load().home) / "applied-specs"
+
+
+def _record_path(spec_path: str | Path) -> Path:
+    key = hashlib.sha256(str(Path(spec_path).absolute()).encode()).hexdigest()[:24]
+    return applied_dir() / f"{key}.json"
+
+
+def read_applied(spec_path: str | Path) -> AppliedSpec | None:
+    path = _record_path(spec_path)
+    if not path.is_file():
+        return None
+    return AppliedSpec(**json.loads(path.read_text()))
+
+
+def write_applied(record: AppliedSpec) -> None:
+    path = _record_path(record.spec_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def forget_applied(spec_path: str | Path) -> None:
+    _record_path(spec_path).unlink(missing_ok=True)
+
+
+def all_applied() -> list[AppliedSpec]:
+    folder = applied_dir()
+    return [AppliedSpec(**json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@task(name="validate-spec", **TASK)
+def validate_spec(spec_path: str):
+    """The spec, or a failed task whose message and markdown artifact list every problem."""
+    try:
+        return load_spec(spec_path)
+    except SpecError as error:
+        create_markdown_artifact(
+            key="spec-problems",
+            markdown="## The spec is invalid; nothing was changed\n\n"
+            + "\n".join(f"- `{p}`" for p in error.problems)
+            + "\n\nFix the file; saving it starts a new run.",
+            description=f"{len(error.problems)} problem(s) in {spec_path}",
+        )
+        raise
+
+
+def _tag_run(*tags: str) -> None:
+    """Add tags (model name, engine) to the running flow run, so the UI can filter by them."""
+    from prefect.client.orchestration import get_client
+
+    run = get_run_context().flow_run
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run.id).tags
+        client.update_flow_run(run.id, tags=sorted(set(current) | set(tags)))
+
+
+def _running_replica(name: str, runtime: str, replica_name: str | None = None):
+    from cortex.runtime import get_runtime
+    from cortex.runtime.base import probe_health
+    from cortex.runtime.rollout import replicas_of
+
+    for replica in replicas_of(get_runtime(runtime), name):
+        if (replica_name is None or replica.name == replica_name) and probe_health(replica) == "ok":
+            return replica
+    return None
+
+
+# --- flows -------------------------------------------------------------------------------------
+
+
+@flow(name="apply-spec")
+def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = None,
+               gateway: bool | None = None) -> dict[str, Any]:
+    """Deploy the model the spec file at `spec_path` describes (see the module docstring).
+
+    scheduled: a scheduled run; redeploy only if the source's commit changed, else benchmark
+    the running replica again. runtime: process | docker (default: the spec's). gateway: True
+    requires the gateway, False skips it, unset uses it when one answers."""
+    from flows.deploy import deploy_model
+    from tasks.benchmark import benchmark_replica
+    from tasks.prepare import resolve_source
+
+    logger = get_run_logger()
+    path = str(Path(spec_path).expanduser().absolute())
+    spec = validate_spec(path)
+    digest = file_sha256(path)
+    kind = runtime or spec.runtime
+    _tag_run(f"model:{spec.name}", f"runtime:{kind}", "scheduled" if scheduled else "applied")
+    resolved = resolve_source(spec)
+    previous = read_applied(path)
+
+    if scheduled and previous is not None and previous.source_revision == resolved.source_id:
+        replica = _running_replica(spec.name, previous.runtime, previous.replica)
+        if replica is not None:
+            logger.info("%s still runs %s at source %s: benchmarking it again", spec.name,
+                        replica.name, resolved.source_id[:12])
+            _tag_run(f"engine:{replica.engine}")
+            bench = benchmark_replica(replica, spec)
+            outcome = {"action": "benchmarked", "name": spec.name, "replica": replica.name,
+                       "endpoint": replica.endpoint, "source_revision": resolved.source_id,
+                       "benchmark": _bench_summary(bench)}
+            _publish_outcome(path, digest, outcome)
+            return outcome
+        logger.info("%s is not running any more: deploying it again", spec.name)
+    elif scheduled and previous is not None:
+        logger.info("%s: source moved from %s to %s: preparing and redeploying", spec.name,
+                    previous.source_revision[:12], resolved.source_id[:12])
+
+    result = deploy_model(path, runtime=kind, gateway=gateway)
+    _tag_run(f"engine:{result['engine']}")
+    replica = _running_replica(spec.name, kind, result["replica"])
+    bench = result.get("benchmark")
+    if bench is None and replica is not None:  # the deploy flow did not benchmark: do it here
+        bench = _bench_summary(benchmark_replica(replica, spec))
+    write_applied(AppliedSpec(
+        spec_path=path, spec_sha256=digest, name=spec.name, runtime=kind, source_revision=resolved.source_id,
+        replica=result["replica"], endpoint=result["endpoint"], applied_at=datetime.now(timezone.utc).isoformat(),
+    ))
+    outcome = {"action": "deployed", "name": spec.name, "replica": result["replica"], "endpoint": result["endpoint"],
+               "engine": result["engine"], "source_revision": resolved.source_id, "reused": result.get("reused", False),
+               "stopped": result.get("stopped", []), "gateway": result.get("gateway"), "benchmark": bench}
+    _publish_outcome(path, digest, outcome)
+    return outcome
+
+
+def _bench_summary(bench: Any) -> dict[str, Any] | None:
+    if bench is None:
+        return None
+    if isinstance(bench, dict):
+        return bench
+    levels = getattr(bench, "levels", [])
+    return {"levels": [{"concurrency": lv.concurrency, "output_tokens_per_s": lv.output_tokens_per_s}
+                       for lv in levels]}
+
+
+def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any]) -> None:
+    rows = [f"| {k} | `{v}` |" for k, v in outcome.items() if k != "benchmark"]
+    create_markdown_artifact(
+        key="applied-spec",
+        markdown=f"## {outcome['action']}: {outcome['name']}\n\nspec `{spec_path}` (sha256 `{digest[:16]}`)\n\n"
+        "| | |\n|---|---|\n" + "\n".join(rows),
+        description=f"{outcome['action']} {outcome['name']}",
+    )
+
+
+@flow(name="retire-spec")
+def retire_spec(spec_path: str) -> list[str]:
+    """The spec file at `spec_path` was deleted: retire the model Cortex deployed from it."""
+    from flows.deploy import retire_model
+
+    logger = get_run_logger()
+    path = str(Path(spec_path).expanduser().absolute())
+    if Path(path).exists():
+        logger.info("%s exists again; nothing to retire", path)
+        return []
+    record = read_applied(path)
+    if record is None:
+        logger.info("no model was deployed from %s by Cortex; nothing to retire", path)
+        return []
+    _tag_run(f"model:{record.name}")
+    try:
+        stopped = retire_model(record.name, runtime=record.runtime)
+    except LookupError:
+        logger.info("%s was no longer running", record.name)
+        stopped = []
+    forget_applied(path)
+    create_markdown_artifact(
+        key="retired-spec",
+        markdown=f"## retired {record.name}\n\nits spec `{path}` was deleted\n\n"
+        + "\n".join(f"- stopped `{r}`" for r in stopped),
+        description=f"retired {record.name}",
+    )
+    return stopped
+
+
+@flow(name="reconcile-specs")
+def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = None) -> dict[str, Any]:
+    """Bring what runs in line with the spec files in `specs_dir`, and report both.
+
+    apply: False only reports. A spec is applied when its file changed since it was last
+    applied, it was never applied, or its model is not running; a model deployed from a spec
+    file of this folder that is gone is retired. Models started by hand (`cortex deploy`) are
+    reported, never touched."""
+    from flows.deploy import available_runtimes
+
+    logger = get_run_logger()
+    folder = Path(specs_dir).expanduser().absolute()
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of spec files")
+    rows: list[dict[str, Any]] = []
+    declared: set[str] = set()
+    for file in spec_files([folder]):
+        path = str(file.absolute())
+        try:
+            spec = load_spec(path)
+        except SpecError as error:
+            rows.append({"spec": file.name, "model": "", "state": "invalid", "action": "none",
+                         "detail": str(error.problems[0]) + (f" (+{len(error.problems) - 1})" if len(error.problems) > 1 else "")})
+            continue
+        declared.add(spec.name)
+        record = read_applied(path)
+        running = record is not None and _running_replica(record.name, record.runtime, record.replica) is not None
+        changed = record is None or record.spec_sha256 != file_sha256(path) or record.name != spec.name
+        state = "up to date" if running and not changed else ("changed" if running else "not running")
+        action, detail = "none", ""
+        if state != "up to date" and apply:
+            run = apply_spec(path, runtime=runtime, return_state=True)
+            action = "applied" if run.is_completed() else "failed"
+            detail = "" if run.is_completed() else str(run.message or run.name)
+        rows.append({"spec": file.name, "model": spec.name, "state": state, "action": action, "detail": detail})
+    for record in all_applied():
+        if Path(record.spec_path).parent == folder and not Path(record.spec_path).exists():
+            action = "retired" if apply else "none"
+            if apply:
+                retire_spec(record.spec_path)
+            rows.append({"spec": Path(record.spec_path).name, "model": record.name, "state": "spec deleted",
+                         "action": action, "detail": ""})
+    running_rows = [
+        {"model": r.model, "replica": r.name, "engine": r.engine, "runtime": r.runtime, "endpoint": r.endpoint,
+         "declared": r.model in declared}
+        for rt in available_runtimes(runtime) for r in rt.list()
+    ]
+    create_table_artifact(key="declared-specs", table=rows, description=f"spec files in {folder}")
+    create_table_artifact(key="running-models", table=running_rows, description="what runs now, and whether a spec declares it")
+    undeclared = [r["model"] for r in running_rows if not r["declared"]]
+    if undeclared:
+        logger.info("running but declared by no spec in %s: %s", folder, ", ".join(sorted(set(undeclared))))
+    failed = [r for r in rows if r["action"] == "failed"]
+    if failed:
+        raise RuntimeError("could not apply " + ", ".join(f"{r['spec']} ({r['detail']})" for r in failed))
+    return {"specs": rows, "running": running_rows}
