@@ -1,0 +1,334 @@
+"""`cortex serve` on a real Prefect server: spec-file triggers, schedules from specs, retire on
+delete, and a real `prefect worker` running a deployment from prefect.yaml.
+
+The server is `prefect server start` with its own PREFECT_HOME (SQLite) on a free port, once
+per session; `cortex serve` runs as its own process, as an operator would start it. The model is
+the SmolLM2 GGUF on the process runtime (llama-server), with a tiny benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+# --- a real Prefect server -----------------------------------------------------------------------
+
+
+@dataclass
+class PrefectServer:
+    api_url: str
+    home: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url[: -len("/api")]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url, **extra)
+        return env
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_prefect_server(home: Path, timeout_s: float = 180) -> PrefectServer:
+    """`prefect server start` on a free loopback port, PREFECT_HOME=home; waits for /api/health."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = home / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    server = PrefectServer(url, home, proc, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited {proc.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_process(proc)
+    pytest.fail(f"prefect server did not answer /api/health in {timeout_s} s:\n{server.log()[-3000:]}")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server
+    stop_process(server.process)
+
+
+# --- talking to it ---------------------------------------------------------------------------------
+
+
+def client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def flow_runs(deployment: str) -> list[Any]:
+    """Every flow run of a deployment ('flow-name/deployment-name'), newest first."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with client() as c:
+        dep = c.read_deployment_by_name(deployment)
+        return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                sort=FlowRunSort.START_TIME_DESC, limit=50)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"{what}: nothing after {timeout:.0f} s\n{log()[-4000:]}")
+
+
+def wait_for_new_run(deployment: str, known: set, timeout: float, log: Callable[[], str]) -> Any:
+    """The first run of `deployment` not in `known`, once it has finished."""
+    run = wait_for(lambda: next((r for r in flow_runs(deployment) if r.id not in known), None), 90,
+                   f"no new run of {deployment}", log)
+
+    def finished():
+        with client() as c:
+            r = c.read_flow_run(run.id)
+        return r if r.state and r.state.type.value in TERMINAL else None
+
+    return wait_for(finished, timeout, f"run {run.name} of {deployment} did not finish", log)
+
+
+def run_logs(run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client() as c:
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(entry.message for entry in logs)
+
+
+def run_artifacts(run_id) -> list[Any]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with client() as c:
+        return c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+
+
+def spec_schedules(deployment: str = "apply-spec/deploy") -> list[Any]:
+    with client() as c:
+        dep = c.read_deployment_by_name(deployment)
+        return [s for s in c.read_deployment_schedules(dep.id) if (s.slug or "").startswith("spec:")]
+
+
+# --- a spec folder and `cortex serve` on it ----------------------------------------------------------
+
+
+def smollm2_spec(gguf: Path, **extra: Any) -> dict[str, Any]:
+    spec = {
+        "name": "smollm2-served",
+        "source": {"gguf": str(gguf)},
+        "engine": "llamacpp",
+        "runtime": "process",
+        "resources": {"concurrency": 1, "context_length": 512},
+        "tests": {"prompts": ["Say hello."], "max_tokens": 4},
+        "benchmark": {"concurrency": [1], "requests": 2, "input_len": 16, "output_len": 8},
+    }
+    spec.update(extra)
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any] | str) -> None:
+    """Write like an editor: a temporary file renamed over the spec."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    tmp.replace(path)
+
+
+@dataclass
+class Serve:
+    specs: Path
+    cortex_home: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def cortex_serve(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory, toolchain) -> Iterator[Serve]:
+    root = tmp_path_factory.mktemp("serve")
+    specs, home = root / "specs", root / "cortex-home"
+    specs.mkdir()
+    log_path = root / "serve.log"
+    env = prefect_server.env(CORTEX_HOME=str(home), CORTEX_GATEWAY_URL="http://127.0.0.1:9",
+                             CORTEX_DEPLOY_LOCK_TIMEOUT_S="600", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cortex.cli", "serve", "--specs", str(specs), "--prefect-url", prefect_server.api_url],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        )
+    serve = Serve(specs, home, proc, log_path)
+
+    def registered():
+        if proc.poll() is not None:
+            pytest.fail(f"cortex serve exited {proc.returncode}:\n{serve.log()[-4000:]}")
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with client() as c:
+                return c.read_deployment_by_name("reconcile-specs/reconcile")
+        except ObjectNotFound:
+            return None
+
+    wait_for(registered, 120, "cortex serve registered no deployments", serve.log)
+    wait_for(lambda: "watching" in serve.log(), 30, "cortex serve did not start watching", serve.log)
+    time.sleep(3)  # the runner and the file watch settle
+    yield serve
+    stop_process(proc)
+    from cortex.runtime import get_runtime
+
+    old = os.environ.get("CORTEX_HOME")
+    os.environ["CORTEX_HOME"] = str(home)
+    try:
+        runtime = get_runtime("process")
+        for replica in runtime.list():
+            runtime.stop(replica)
+    finally:
+        if old is None:
+            os.environ.pop("CORTEX_HOME")
+        else:
+            os.environ["CORTEX_HOME"] = old
+
+
+def replicas(serve: Serve) -> list[Any]:
+    from cortex.runtime.process import ProcessRuntime
+
+    return ProcessRuntime(state_dir=serve.cortex_home / "runtime" / "process").list()
+
+
+# --- the tests -----------------------------------------------------------------------------------------
+
+
+def test_cortex_serve_registers_typed_deployments(cortex_serve: Serve) -> None:
+    with client() as c:
+        deploy = c.read_deployment_by_name("apply-spec/deploy")
+        names = {f"{c.read_flow(d.flow_id).name}/{d.name}" for d in c.read_deployments()}
+        automations = {a.name: a for a in c.read_automations()}
+    assert {"apply-spec/deploy", "prepare-model/prepare", "retire-model/retire", "retire-spec/retire-deleted",
+            "reconcile-specs/reconcile"} <= names
+    props = deploy.parameter_openapi_schema["properties"]
+    assert props["spec_path"]["type"] == "string" and props["scheduled"]["type"] == "boolean"
+    assert deploy.parameter_openapi_schema["required"] == ["spec_path"]
+    trigger = automations["deploy on spec change"].trigger
+    assert trigger.expect == {"cortex.spec.changed"}
+    assert trigger.match.root["prefect.resource.id"] == f"{cortex_serve.specs}/*"
+    [action] = automations["deploy on spec change"].actions
+    assert action.parameters == {"spec_path": "{{ event.resource.id }}"}
+
+
+def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Serve, test_model) -> None:
+    spec_path = cortex_serve.specs / "smollm2.yaml"
+    deploy = "apply-spec/deploy"
+    known = {r.id for r in flow_runs(deploy)}
+
+    # 1. A new spec with a schedule: a deploy run starts by itself and finishes serving; the
+    #    schedule is on the deploy deployment with the spec as its parameter.
+    write_spec(spec_path, smollm2_spec(test_model.gguf, schedule={"cron": "0 3 * * *", "timezone": "Europe/Berlin"}))
+    run = wait_for_new_run(deploy, known, 600, cortex_serve.log)
+    assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
+    assert run.parameters == {"spec_path": str(spec_path)}
+    assert {"model:smollm2-served", "engine:llamacpp"} <= set(run.tags)
+    [first] = replicas(cortex_serve)
+    assert first.model == "smollm2-served"
+    assert httpx.get(first.endpoint + "/health", timeout=5).status_code == 200
+    keys = {a.key for a in run_artifacts(run.id)}
+    assert {"applied-spec"} <= keys and any(k and k.startswith("benchmark") for k in keys), keys
+    [schedule] = spec_schedules()
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert schedule.parameters == {"spec_path": str(spec_path), "scheduled": True} and schedule.active
+    known.add(run.id)
+
+    # 2. What a scheduled run does when the source is the same: benchmark again, no redeploy.
+    from prefect.deployments import run_deployment
+
+    scheduled = run_deployment(deploy, parameters=schedule.parameters, timeout=600)
+    assert scheduled.state.type.value == "COMPLETED", run_logs(scheduled.id)[-4000:]
+    [applied] = [a for a in run_artifacts(scheduled.id) if a.key == "applied-spec"]
+    assert applied.description == "benchmarked smollm2-served"
+    assert [r.name for r in replicas(cortex_serve)] == [first.name]
+    known.add(scheduled.id)
+
+    # 3. A burst of saves that changes the launch and drops the schedule: one run, a new replica
+    #    replaces the old one, and the schedule is gone.
+    for batch in (512, 256, 128):
+        write_spec(spec_path, smollm2_spec(test_model.gguf, llamacpp={"batch_size": batch}))
+        time.sleep(0.1)
+    run = wait_for_new_run(deploy, known, 600, cortex_serve.log)
+    assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
+    wait_for(lambda: spec_schedules() == [], 30, "the schedule was not removed", cortex_serve.log)
+    [second] = replicas(cortex_serve)
+    assert second.name != first.name and "128" in " ".join(second.launch.get("command", []))
+    time.sleep(5)
+    assert len([r for r in flow_runs(deploy) if r.id not in known]) == 1, "the burst started more than one run"
+    known.add(run.id)
+
+    # 4. An invalid spec: a failed run that names the problem; the model keeps serving.
+    write_spec(spec_path, yaml.safe_dump(smollm2_spec(test_model.gguf, resources={"concurency": 1})))
+    run = wait_for_new_run(deploy, known, 300, cortex_serve.log)
+    assert run.state.type.value == "FAILED"
+    assert "resources.concurency: unknown key 'concurency'; did you mean 'concurrency'?" in run_logs(run.id)
+    assert [r.name for r in replicas(cortex_serve)] == [second.name]
+    assert httpx.get(second.endpoint + "/health", timeout=5).status_code == 200
+
+    # 5. Delete the spec: its model is retired.
+    retire = "retire-spec/retire-deleted"
+    known_retire = {r.id for r in flow_runs(retire)}
+    spec_path.unlink()
+    run = wait_for_new_run(retire, known_retire, 300, cortex_serve.log)
+    assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
+    assert run.parameters == {"spec_path": str(spec_path)}
+    assert replicas(cortex_serve) == []
