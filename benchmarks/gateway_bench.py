@@ -29,6 +29,7 @@ import http.client
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -173,11 +174,15 @@ class LiteLLM(Target):
             raise RuntimeError(f"LiteLLM not installed in {venv}: python3 -m venv {venv} && "
                                f"{venv}/bin/pip install 'litellm[proxy]'")
         port = free_port()
+        self.master_key = "sk-" + secrets.token_hex(32)
+        self.auth = f"Bearer {self.master_key}"
         config = workdir / "litellm.yaml"
         config.write_text(json.dumps({
             "model_list": [{"model_name": "fake", "litellm_params": {
                 "model": "openai/fake", "api_base": upstream.url + "/v1", "api_key": ENGINE_KEY}}],
             "litellm_settings": {"drop_params": True, "telemetry": False},
+            # LiteLLM refuses to start without a master key; with no database it is the only key.
+            "general_settings": {"master_key": self.master_key},
         }))
         env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "true"}
         env.pop("DATABASE_URL", None)
