@@ -207,8 +207,11 @@ class Gateway:
             except Exception:
                 log.exception("reloading the registry %s failed; keeping the current table", self.registry.path)
             now = time.monotonic()
-            for replica in self.table.replicas.values():
+            for replica in list(self.table.replicas.values()):
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
+                # Drained by another process, or before a restart: remove once idle here.
+                if replica.state == "draining" and replica.in_flight == 0 and not replica.removed:
+                    self._finish_drain(replica)
             if self.access_log is not None:
                 self.access_log.flush()
 
