@@ -68,16 +68,17 @@ def test_redeploys_replace_the_replica_and_failed_ones_roll_back(cortex_home: Pa
         roll_out(llamacpp_launch(Path("/nonexistent/model.gguf"), "smollm2"), "process")
     _serving(second["replica"])
 
-    # Healthy but failing the smoke tests (an embeddings-only server cannot chat): the
-    # transaction's rollback hook removes the replica that had already started and become ready.
+    # Healthy but failing the smoke tests (extra args rename the served model, so /v1/models
+    # does not list the name clients will ask for): the transaction's rollback hook removes
+    # the replica that had already started and become ready.
     with pytest.raises(SmokeTestFailed) as smoke_failure:
-        roll_out(llamacpp_launch(test_model.gguf, "smollm2", "--embeddings"), "process", max_tokens=4)
-    assert not smoke_failure.value.result.passed
-    rejected = smoke_failure.value.result.endpoint
+        roll_out(llamacpp_launch(test_model.gguf, "smollm2", "--alias", "renamed"), "process")
+    result = smoke_failure.value.result
+    assert not result.passed and "not 'smollm2'" in result.failures()[0].detail
     assert [r.name for r in get_runtime("process").list()] == [second["replica"]]
     _serving(second["replica"])
     with pytest.raises(httpx.ConnectError):  # the rejected engine no longer listens
-        httpx.get(rejected + "/health", timeout=2)
+        httpx.get(result.endpoint + "/health", timeout=2)
 
     # Retire: stopped and removed; retiring again says there is nothing.
     assert retire_model("smollm2") == [second["replica"]]
@@ -87,7 +88,7 @@ def test_redeploys_replace_the_replica_and_failed_ones_roll_back(cortex_home: Pa
 
 
 def test_embeddings_deploy_checks_the_vector_dimension(cortex_home: Path, test_model) -> None:
-    launch = llamacpp_launch(test_model.gguf, "smollm2-embed", "--embeddings")
+    launch = llamacpp_launch(test_model.gguf, "smollm2-embed", "--embeddings", "--pooling", "mean")
     result = roll_out(launch, "process", task_kind="embed", embedding_dim=576)
     assert result["smoke"]["passed"]
     assert [c["name"] for c in result["smoke"]["checks"]] == ["models", "embeddings"]

@@ -144,8 +144,10 @@ class ProcessRuntime(Runtime):
     ):
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.program = program
-        # Children this process started: polled so that they are reaped and their exit code known.
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # Engines this Python process started, shared by every ProcessRuntime in it: polled so they
+    # are reaped and their exit code is known, whichever instance (or Prefect task) asks.
+    _children: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- state files
 

@@ -48,12 +48,19 @@ def gateway_client(mode: bool | None) -> Any | None:
     if mode is False:
         return None
     from cortex.gateway.client import GatewayClient, GatewayError
+    from cortex.settings import SettingsError
 
     try:
         client = GatewayClient()
+    except SettingsError:  # no admin token: no gateway was ever started here
+        if mode:
+            raise
+        return None
+    try:
         client.list()
         return client
     except GatewayError:
+        client.close()
         if mode:
             raise
         return None
