@@ -273,12 +273,22 @@ def test_offline_with_a_cold_cache_says_so(prefect_api, tmp_path):
     assert "OfflineCacheMiss" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_prepare_for_vllm_is_the_verified_snapshot(prefect_api, hub_repo, tmp_path):
+def test_prepare_for_vllm_is_the_verified_snapshot_with_the_token_from_a_secret_block(prefect_api, hub_repo, tmp_path):
     """Client paths: resolve_revision, model_info, http_get for the safetensors, snapshot_download
-    for the rest; no conversion. The files table carries the Hub's sha256 for the weights."""
+    for the rest; no conversion. The token comes from a Prefect Secret block (no HF_TOKEN).
+    The files table carries the Hub's sha256 for the weights."""
+    from prefect.blocks.system import Secret
+
+    secret = "hf_fromSecretBlock" + os.urandom(12).hex()
+    Secret(value=secret).save("cortex-test-hf-token", overwrite=True)
     spec = _write_spec(tmp_path, {"repo": REPO}, name="smollm2-vllm-prep", engine="vllm")
-    with HubServer([hub_repo], token=TOKEN) as server:
-        out, _ = _prepare(spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url, HF_TOKEN=TOKEN))
+    with HubServer([hub_repo], token=secret) as server:
+        out, proc = _prepare(spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url,
+                                        CORTEX_HF_TOKEN_BLOCK="cortex-test-hf-token"))
+        assert all(r.authorized for r in server.requests if REPO in r.path)
+    _, logs, runs, _ = _read(_all_artifacts_and_logs())
+    assert secret not in "\n".join(log.message for log in logs) + json.dumps([r.parameters for r in runs])
+    assert secret not in proc.stdout + proc.stderr
     assert out["engine"] == "vllm" and out["format"] == "hf" and out["built"] == []
     commit = hub_repo.refs["main"]
     assert out["artifact_path"].endswith(f"snapshots/{commit}") and out["source_revision"] == commit
