@@ -142,7 +142,6 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     scheduled: a scheduled run; redeploy only if the source's commit changed, else benchmark
     the running replica again. runtime: process | docker (default: the spec's). gateway: True
     requires the gateway, False skips it, unset uses it when one answers."""
-    from flows.deploy import deploy_model
     from tasks.benchmark import benchmark_replica
     from tasks.prepare import resolve_source
 
@@ -172,7 +171,7 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
         logger.info("%s: source moved from %s to %s: preparing and redeploying", spec.name,
                     previous.source_revision[:12], resolved.source_id[:12])
 
-    result = deploy_model(path, runtime=kind, gateway=gateway)
+    result = deploy_spec(spec, path, kind, gateway)
     _tag_run(f"engine:{result['engine']}")
     replica = _running_replica(spec.name, kind, result["replica"])
     bench = result.get("benchmark")
@@ -187,6 +186,27 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
                "stopped": result.get("stopped", []), "gateway": result.get("gateway"), "benchmark": bench}
     _publish_outcome(path, digest, outcome)
     return outcome
+
+
+def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -> dict[str, Any]:
+    """flows.deploy.deploy_model's steps (prepare -> launch -> roll_out under the host's deploy
+    slot) on an already validated spec. deploy_model itself imports load_spec from cortex.spec,
+    where it is not, so it is not called until that is fixed."""
+    from cortex.launch import build_launch
+    from cortex.runtime import ready_timeout_s
+    from cortex.runtime.base import launch_dict, path_size
+    from flows.deploy import host_deploy_slot, roll_out
+    from flows.prepare import prepare_model
+
+    with host_deploy_slot(runtime):
+        prepared = prepare_model(spec_path)
+        launch = launch_dict(build_launch(spec, prepared.plan, prepared.artifact_path))
+        artifacts = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
+        return roll_out(
+            launch, runtime, task_kind=spec.task, prompts=spec.tests.prompts, max_tokens=spec.tests.max_tokens,
+            aliases=list(spec.aliases), gateway=gateway,
+            ready_timeout=ready_timeout_s(launch["engine"], sum(path_size(p) for p in artifacts)),
+        )
 
 
 def _bench_summary(bench: Any) -> dict[str, Any] | None:

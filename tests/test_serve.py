@@ -109,14 +109,16 @@ def client():
 
 
 def flow_runs(deployment: str) -> list[Any]:
-    """Every flow run of a deployment ('flow-name/deployment-name'), newest first."""
+    """Flow runs of a deployment ('flow-name/deployment-name'), newest first, without the
+    future runs the scheduler creates ahead of a cron schedule."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
     with client() as c:
         dep = c.read_deployment_by_name(deployment)
-        return c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
                                 sort=FlowRunSort.START_TIME_DESC, limit=50)
+    return [r for r in runs if not r.auto_scheduled]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> Any:
