@@ -119,33 +119,32 @@ def roll_out(
     ).to_json()
 
 
-def launch_for_spec(spec_path: str, runtime: str) -> tuple[Any, dict[str, Any], str]:
-    """(spec, launch, artifact path): validate, prepare the weights, plan, build the launch."""
+def launch_for_spec(spec: Any, spec_path: str) -> tuple[dict[str, Any], int]:
+    """(launch, artifact bytes): prepare the weights (a subflow), then build the launch."""
     from cortex.launch import build_launch
-    from cortex.spec import load_spec
     from flows.prepare import prepare_model
 
-    spec = load_spec(spec_path)
     prepared = prepare_model(spec_path)
     launch = build_launch(spec, prepared.plan, prepared.artifact_path)
-    return spec, launch_dict(launch), str(prepared.artifact_path)
+    paths = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
+    return launch_dict(launch), sum(path_size(p) for p in paths)
 
 
 @flow(name="deploy-model")
 def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | None = None) -> dict[str, Any]:
     """Deploy the model a spec file describes; see the module docstring for the steps."""
-    from cortex.spec import load_spec
+    from cortex.specfile import load_spec
 
     spec = load_spec(spec_path)
     kind = runtime or spec.runtime
     if kind not in RUNTIMES:
         raise ValueError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")
     with host_deploy_slot(kind):
-        spec, launch, artifact = launch_for_spec(spec_path, kind)
+        launch, artifact_bytes = launch_for_spec(spec, spec_path)
         return roll_out(
             launch, kind, task_kind=spec.task, prompts=spec.tests.prompts,
             max_tokens=spec.tests.max_tokens, aliases=list(spec.aliases),
-            ready_timeout=ready_timeout_s(launch["engine"], path_size(artifact)), gateway=gateway,
+            ready_timeout=ready_timeout_s(launch["engine"], artifact_bytes), gateway=gateway,
         )
 
 

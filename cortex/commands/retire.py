@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cortex.runtime import RUNTIMES
@@ -24,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # On a busy 2-core machine Prefect's ephemeral API server can take longer than its
+    # default 20 s to start; a deploy is worth the wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.deploy import retire_model
 
     state = retire_model(args.name, runtime=args.runtime, return_state=True)
