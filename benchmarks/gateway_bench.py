@@ -210,8 +210,15 @@ def _body(model: str, stream: bool) -> str:
 
 def _unit(text: str) -> float:
     m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if m is None:  # wrk prints nonsense when (almost) nothing completed
+        return float("nan")
     value, unit = float(m.group(1)), m.group(2)
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def _percentile(out: str, which: str) -> float:
+    found = re.search(which + r"\s+(\S+)", out)
+    return _unit(found.group(1)) if found else float("nan")
 
 
 def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, workdir: Path) -> dict:
@@ -223,10 +230,13 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
         f'wrk.headers["Authorization"] = "{target.auth}"\n')
     before = cpu_seconds(target.pids)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "10s", "-s", str(script),
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "30s", "-s", str(script),
          target.url + "/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
     cpu = cpu_seconds(target.pids) - before
     requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if requests == 0:
+        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "cpu_us_per_req": float("nan"),
+                "requests": 0, "errors": 0}
     errors = 0
     for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
         found = re.search(pattern, out)
@@ -234,8 +244,8 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
             errors += sum(int(g) for g in found.groups())
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": _unit(re.search(r"50%\s+(\S+)", out).group(1)),
-        "p99_ms": _unit(re.search(r"99%\s+(\S+)", out).group(1)),
+        "p50_ms": _percentile(out, "50%"),
+        "p99_ms": _percentile(out, "99%"),
         "cpu_us_per_req": cpu / max(requests, 1) * 1e6,
         "requests": requests,
         "errors": errors,

@@ -19,7 +19,8 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     g = GatewayProcess(tmp_path_factory.mktemp("gateway-home"),
-                       env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}).start()
+                       env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5",
+                            "CORTEX_GATEWAY_MAX_BODY_BYTES": "200000"}).start()
     yield g
     g.stop()
 
@@ -92,7 +93,7 @@ def test_models_list_and_error_types(gateway, routed):
     with pytest.raises(openai.PermissionDeniedError):
         via_gateway(gateway, limited).chat.completions.create(model="smol", messages=MESSAGES)
     with pytest.raises(openai.APIStatusError) as err:
-        g.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x" * 17_000_000}])
+        g.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x" * 300_000}])
     assert err.value.status_code == 413
 
 
