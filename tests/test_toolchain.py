@@ -144,3 +144,23 @@ def test_llama_server_serves_the_converted_checkpoint(start_llama_server, smollm
     )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"].strip()
+
+
+def test_vllm_serves_the_hf_checkpoint(start_vllm_server, test_model) -> None:
+    server = start_vllm_server(test_model.hf_dir, "--max-model-len", "2048",
+                               "--served-model-name", "smollm2")
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers=server.headers,
+        json={
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Say hello in one word."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"].strip()
+    assert body["usage"]["completion_tokens"] == 8
