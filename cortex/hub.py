@@ -398,6 +398,8 @@ def _translate(error: Exception, repo: str, revision: str) -> HubError:
     if isinstance(error, RepositoryNotFoundError):
         return HubError(f"{repo} was not found on {where}, or it is private and no valid token was given; "
                         "set HF_TOKEN or store the token in the Prefect Secret block")
+    if isinstance(error, RevisionResolutionError) and not is_offline() and error.__cause__ is not None:
+        return _translate(error.__cause__, repo, revision)  # the Hub is down and nothing is cached
     if isinstance(error, (RevisionResolutionError, OfflineModeIsEnabled)):
         return OfflineCacheMiss(
             f"cannot resolve {repo}@{revision}: offline mode is on (HF_HUB_OFFLINE) and the cache "

@@ -12,7 +12,8 @@ It serves what the installed `huggingface_hub` client asks for, and only that:
 - errors with the Hub's `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`).
 
 Test knobs: a required bearer token (401 without it), a throttle (bytes per second) so a test
-can kill a transfer midway, and a one-shot byte flip in the next GET of a file. Every request
+can kill a transfer midway, a one-shot byte flip in the next GET of a file, and failing the
+next N requests with a 5xx. Every request
 is recorded (method, path, Range, whether it carried the right token), never the token itself.
 """
 
@@ -126,6 +127,7 @@ class HubServer:
         self.throttle_bytes_per_s = throttle_bytes_per_s
         self.requests: list[Request] = []
         self._flip_next: set[str] = set()
+        self._fail_next: list[int] = []  # statuses for the next requests (a Hub having a bad minute)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -140,6 +142,15 @@ class HubServer:
         """The next GET of `path_in_repo` sends one flipped byte (in the middle of the file)."""
         with self._lock:
             self._flip_next.add(path_in_repo)
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next `count` requests with `status` (and no body worth reading)."""
+        with self._lock:
+            self._fail_next += [status] * count
+
+    def _take_failure(self) -> int | None:
+        with self._lock:
+            return self._fail_next.pop(0) if self._fail_next else None
 
     def _take_flip(self, path_in_repo: str) -> bool:
         with self._lock:
@@ -227,6 +238,10 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _route(self) -> None:
             req = self._record()
+            failure = hub._take_failure()
+            if failure is not None:
+                self._error(req, failure, None, "the Hub is having a bad minute")
+                return
             if hub.token is not None and not req.authorized:
                 self._error(req, 401, "RepoNotFound", "Invalid credentials in Authorization header")
                 return

@@ -299,3 +299,30 @@ def test_prepare_for_vllm_is_the_verified_snapshot_with_the_token_from_a_secret_
     assert by_name["model.safetensors"]["sha256"] == served["model.safetensors"].sha256
     for f in out["files"]:
         assert sha256_file(Path(f["path"])) == f["sha256"] and Path(f["path"]).stat().st_size == f["bytes"]
+
+
+def test_network_failures_are_retried_and_a_missing_revision_is_not(prefect_api, hub_repo, tmp_path):
+    """Client path: HfApi.resolve_revision meeting a 503 (HubUnreachable: the task retries) and
+    a 404 RevisionNotFound (HubError: no retry, a message naming the revision)."""
+    spec = _write_spec(tmp_path, {"repo": REPO}, name="retry-prep", engine="vllm")
+    with HubServer([hub_repo]) as server:
+        env = _env(prefect_api, tmp_path, HF_ENDPOINT=server.url)
+        server.fail_next(1, 503)
+        out, proc = _prepare(spec, env)
+        assert out["source_revision"] == hub_repo.refs["main"]
+        bad = _write_spec(tmp_path, {"repo": REPO, "revision": "no-such-branch"}, name="norev-prep", engine="vllm")
+        _, failed = _prepare(bad, env, check=False)
+    assert failed.returncode != 0 and "no-such-branch" in failed.stderr
+    by_spec = _read(_resolve_runs_by_spec())
+    assert by_spec[str(spec)] == 2  # the 503 cost one retry
+    assert by_spec[str(bad)] == 1  # a missing revision is not retried
+
+
+async def _resolve_runs_by_spec() -> dict[str, int]:
+    async with get_client() as client:
+        out = {}
+        for t in await client.read_task_runs():
+            if t.name.startswith("resolve-source"):
+                run = await client.read_flow_run(t.flow_run_id)
+                out[run.parameters["spec_path"]] = t.run_count
+        return out
