@@ -269,6 +269,31 @@ def check_disk_space(needed_bytes: int, where: Path, *, what: str) -> None:
         )
 
 
+def check_space_for(needs: Iterable[tuple[Path, int, str]]) -> None:
+    """Check several writes at once: (where, bytes, what) summed per filesystem, so a download
+    and the conversion after it that share a disk are checked together, before either starts."""
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for where, size, what in needs:
+        if size > 0:
+            by_device.setdefault(os.stat(_existing_ancestor(where)).st_dev, []).append((where, size, what))
+    for items in by_device.values():
+        total = sum(size for _, size, _ in items)
+        what = " and ".join(f"{w} ({_gb(size)} in {where})" for where, size, w in items)
+        check_disk_space(total, items[0][0], what=what)
+
+
+def bytes_to_fetch(repo: str, commit: str, files: Iterable[RemoteFile]) -> int:
+    """How many bytes fetching `files` would still write to the HF cache (a cheap presence check)."""
+    storage = _storage_folder(repo)
+    total = 0
+    for f in files:
+        if (storage / "snapshots" / commit / f.path).exists() or (f.sha256 and (storage / "blobs" / f.sha256).exists()):
+            continue
+        partial = storage / "blobs" / f"{f.sha256}.cortex-partial"
+        total += f.size - (partial.stat().st_size if f.sha256 and partial.exists() else 0)
+    return total
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB ({n} bytes)" if n >= 1e7 else f"{n} bytes"
 

@@ -4,6 +4,7 @@
     inspect + plan       (facts from config / GGUF header; engine, artifact type and size;
                           an architecture the converter does not know fails here, before
                           any weights are downloaded)
+    check space          (the download and the GGUF files to build, summed per disk)
     download             (only the files the plan needs; resumable; sha256-verified)
     re-plan              (HF repos: exact facts from the downloaded weights)
     build                (GGUF plans from HF weights: convert, then quantize; cached by
@@ -23,6 +24,7 @@ from tasks.prepare import (
     Prepared,
     ResolvedSource,
     build_gguf_artifacts,
+    check_space,
     download_weights,
     hf_files,
     inspect_model,
@@ -50,6 +52,7 @@ def prepare_model(spec_path: str) -> Prepared:
     plan = plan_model(spec, facts)
 
     if resolved.kind == "hf_repo":
+        check_space(spec, resolved, facts, plan)
         snapshot = download_weights(spec, resolved)
         facts = inspect_model(resolved)  # now with the weights: exact parameter counts and sizes
         replanned = plan_model(spec, facts, check_converter=False)

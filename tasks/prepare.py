@@ -223,6 +223,31 @@ class _Progress:
             update_progress_artifact(self.id, progress=max(0.0, min(100.0, percent)), description=description)
 
 
+@task(name="check-space", **TASK)
+def check_space(spec, resolved: ResolvedSource, facts, plan) -> None:
+    """Before any download: room for the files still to fetch and for the GGUF files the plan
+    will build (F16 and the quantized file), summed per disk."""
+    from cortex.artifacts import ArtifactKey, ArtifactStore
+    from cortex.quant import predict_gguf_bytes
+    from cortex.toolchain import find_toolchain
+
+    needs = []
+    if resolved.kind in ("hf_repo", "gguf_repo"):
+        src = spec.source
+        listing = hub.list_files(src.repo, resolved.commit)
+        wanted = hub.needed_files(listing, gguf=src.gguf if resolved.kind == "gguf_repo" else None, include=src.include)
+        needs.append((hub.hub_cache_dir(), hub.bytes_to_fetch(src.repo, resolved.commit, wanted), "the download"))
+    if plan.artifact.format == "gguf" and facts.source_format == "hf":
+        store, version = ArtifactStore(), find_toolchain().version
+        quant = plan.artifact.quantization.upper()
+        for q in dict.fromkeys([quant if quant in ("F16", "BF16", "F32") else "F16", quant]):
+            if store.get(ArtifactKey(resolved.source_id, q, version)) is None:
+                size = predict_gguf_bytes(facts.tensors, q, metadata_bytes=facts.metadata_bytes or 0,
+                                          n_gqa=facts.n_gqa, n_expert=max(1, facts.n_experts))
+                needs.append((store.root, size, f"the {q} GGUF"))
+    hub.check_space_for(needs)
+
+
 @task(name="download-weights", **TASK, **NETWORK)
 def download_weights(spec, resolved: ResolvedSource) -> hub.RepoSnapshot | None:
     """Fetch the weights the plan needs (resumable, verified); nothing for local sources."""

@@ -326,3 +326,23 @@ async def _resolve_runs_by_spec() -> dict[str, int]:
                 run = await client.read_flow_run(t.flow_run_id)
                 out[run.parameters["spec_path"]] = t.run_count
         return out
+
+
+def test_no_room_for_download_plus_conversion_fails_before_the_download(prefect_api, hub_repo, tmp_path):
+    """Client paths: resolve_revision, model_info and the small files only. Caches on a real
+    450 MB tmpfs: the 270 MB download fits, the download plus the F16 and Q8_0 files do not."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450M", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"this test needs a tmpfs mount (root or CAP_SYS_ADMIN): {result.stderr}"
+    try:
+        spec = _write_spec(tmp_path, {"repo": REPO}, name="full-prep", quantization="Q8_0")
+        with HubServer([hub_repo]) as server:
+            _, proc = _prepare(spec, _env(prefect_api, mount, HF_ENDPOINT=server.url), check=False)
+            assert not [r for r in server.requests if r.method == "GET" and r.path.endswith(".safetensors")]
+        assert proc.returncode != 0 and "NotEnoughSpace" in proc.stderr, proc.stderr[-3000:]
+        assert "F16 GGUF" in proc.stderr and "the download" in proc.stderr and str(mount) in proc.stderr
+        assert not list((mount / "cortex").glob("artifacts/*"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
