@@ -515,7 +515,7 @@ config = loaded.config
 # The weights are dequantized now; a checkpoint that claims GGUF quantization is wrong.
 if hasattr(config, "quantization_config"):
     del config.quantization_config
-config.torch_dtype = torch.bfloat16
+config.dtype = torch.bfloat16
 fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 fresh.load_state_dict(loaded.state_dict(), strict=True)
 fresh.eval()
