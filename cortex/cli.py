@@ -12,6 +12,7 @@ import sys
 
 # Module names under cortex.commands, in the order `cortex --help` shows them.
 COMMANDS = [
+    "demo",
     "validate",
     "plan",
     "schema",
