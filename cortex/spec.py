@@ -146,6 +146,21 @@ class Source(Section):
 
 # --------------------------------------------------------------------------- engines
 
+
+def _extra_args_field(label: str) -> Any:
+    return Field(
+        default_factory=list,
+        description=f"more {label} flags, checked against {label}'s own flag list; host, port, API key and "
+        "flags with a setting above are refused",
+    )
+
+
+def _checked_extra_args(args: list[str], engine: str) -> list[str]:
+    from cortex.engines import check_extra_args  # late: the engine tables import this module
+
+    return check_extra_args(args, engine)
+
+
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
@@ -171,18 +186,12 @@ class VllmSettings(Section):
     )
     max_num_seqs: int | None = Field(None, ge=1, description="--max-num-seqs (requests batched at once)")
     trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
-    extra_args: list[str] = Field(
-        default_factory=list,
-        description="more vLLM flags, checked against vLLM's own flag list; host, port, API key and "
-        "flags with a setting above are refused",
-    )
+    extra_args: list[str] = _extra_args_field("vLLM")
 
     @field_validator("extra_args")
     @classmethod
     def _extra(cls, v: list[str]) -> list[str]:
-        from cortex.engines import check_extra_args
-
-        return check_extra_args(v, "vllm")
+        return _checked_extra_args(v, "vllm")
 
 
 
@@ -210,18 +219,12 @@ class LlamaCppSettings(Section):
     split_mode: Literal["none", "layer", "row"] | None = Field(None, description="-sm, how to split across GPUs")
     cache_type_k: CacheType | None = Field(None, description="-ctk, KV cache type for K")
     cache_type_v: CacheType | None = Field(None, description="-ctv, KV cache type for V")
-    extra_args: list[str] = Field(
-        default_factory=list,
-        description="more llama-server flags, checked against llama-server's own flag list; host, port, API key and "
-        "flags with a setting above are refused",
-    )
+    extra_args: list[str] = _extra_args_field("llama-server")
 
     @field_validator("extra_args")
     @classmethod
     def _extra(cls, v: list[str]) -> list[str]:
-        from cortex.engines import check_extra_args
-
-        return check_extra_args(v, "llamacpp")
+        return _checked_extra_args(v, "llamacpp")
 
 
     @field_validator("tensor_split")
