@@ -126,6 +126,15 @@ def test_missing_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
     assert "nope.yaml:1: (file): no such file" in proc.stderr
 
 
+def test_argparse_spellings_of_known_flags_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(OK + "vllm:\n  extra_args: ['--seed', '1', '--disable_log_stats', '--compilation-config.mode', '3']\n")
+    assert load_spec(path).vllm.extra_args[0] == "--seed"
+    path.write_text(OK + "vllm:\n  extra_args: ['--max_num_seqs', '4']\n")
+    with pytest.raises(SpecError, match="vllm.max_num_seqs"):
+        load_spec(path)
+
+
 def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "s.yaml").write_text("name: m\nsource:\n  gguf: ../models/x.gguf\n")

@@ -104,7 +104,7 @@ def check_extra_args(args: list[str], engine: str) -> list[str]:
     for a in args:
         if not a.startswith("-") or _is_number(a):
             continue
-        name = a.split("=", 1)[0]
+        name = _spelling(a.split("=", 1)[0], table.by_name)
         if name in reserved:
             raise FlagError(f"{name} is set by Cortex (host, port, API key, model and name come from the spec and plan); remove it")
         if name in mapped:
@@ -116,6 +116,18 @@ def check_extra_args(args: list[str], engine: str) -> list[str]:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise FlagError(f"{name} is not a flag of {module.ENGINE_LABEL} {table.version}{hint}")
     return args
+
+
+def _spelling(name: str, known: dict) -> str:
+    """The table's spelling of a flag: argparse (vLLM) also accepts `--max_num_seqs` and dotted
+    keys of a JSON option (`--compilation-config.level`)."""
+    if name in known:
+        return name
+    dashed = name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name
+    if dashed in known:
+        return dashed
+    head = dashed.split(".", 1)[0]
+    return head if "." in dashed and head in known else name
 
 
 def _module(engine: str):
