@@ -251,21 +251,23 @@ class ProcessRuntime(Runtime):
             state = self._read_state(replica.name)
         except ReplicaNotFound:
             return
-        pid = self._alive_pid(state)
+        pid, pgid = self._alive_pid(state), int(state["pid"])
+
+        def gone() -> bool:
+            return self._alive_pid(state) is None and not _group_members(pgid)
+
         if pid is not None:
-            self._signal_group(pid, signal.SIGTERM)
+            # SIGTERM to the whole group (vLLM's engine core is a child), the launch's stop
+            # timeout to finish, then SIGKILL for whatever is left.
+            self._signal_group(pgid, signal.SIGTERM)
             deadline = time.monotonic() + float(state.get("stop_timeout_s", replica.stop_timeout_s))
-            while time.monotonic() < deadline and self._alive_pid(state) is not None:
+            while time.monotonic() < deadline and not gone():
                 time.sleep(0.1)
-            if self._alive_pid(state) is not None:
-                self._signal_group(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and self._alive_pid(state) is not None:
-                    time.sleep(0.05)
-        # The engine's own children (vLLM's engine core) share its process group and may
-        # outlive it.
-        if _group_members(int(state["pid"])):
-            self._signal_group(int(state["pid"]), signal.SIGKILL)
+        if not gone():
+            self._signal_group(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not gone():
+                time.sleep(0.05)
         child = self._children.pop(int(state["pid"]), None)
         if child is not None:
             child.wait(timeout=5)
