@@ -334,3 +334,51 @@ def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Ser
     assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
     assert run.parameters == {"spec_path": str(spec_path)}
     assert replicas(cortex_serve) == []
+
+
+def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str], timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
+    prefect_server: PrefectServer, tmp_path: Path, test_model
+) -> None:
+    # As flows/README.md says: the pool, one queue per host with its limit, `prefect deploy`
+    # from the checkout, then a worker on the host's queue, started in the checkout.
+    env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), CORTEX_CHECKOUT=str(REPO), PYTHONUNBUFFERED="1")
+    prefect_cli(prefect_server, "work-pool", "create", "cortex", "--type", "process", env=env)
+    prefect_cli(prefect_server, "work-queue", "create", "gpu-host-1", "--pool", "cortex", "--limit", "1", env=env)
+    prefect_cli(prefect_server, "--no-prompt", "deploy", "--name", "prepare-gpu-host-1", env=env)
+    with client() as c:
+        queue = c.read_work_queue_by_name("gpu-host-1", work_pool_name="cortex")
+        dep = c.read_deployment_by_name("prepare-model/prepare-gpu-host-1")
+    assert queue.concurrency_limit == 1
+    assert dep.work_pool_name == "cortex" and dep.work_queue_name == "gpu-host-1"
+    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CORTEX_CHECKOUT }}"}}]
+
+    spec = tmp_path / "smollm2.yaml"
+    write_spec(spec, smollm2_spec(test_model.gguf))
+    with client() as c:
+        run = c.create_flow_run_from_deployment(dep.id, parameters={"spec_path": str(spec)})
+
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cortex", "--work-queue", "gpu-host-1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+        )
+    try:
+        def finished():
+            with client() as c:
+                r = c.read_flow_run(run.id)
+            return r if r.state and r.state.type.value in TERMINAL else None
+
+        done = wait_for(finished, 300, "the worker did not finish the run", lambda: log_path.read_text())
+    finally:
+        stop_process(worker)
+    assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
+    assert done.work_queue_name == "gpu-host-1"
+    assert "prepared smollm2-served: gguf" in run_logs(run.id)
