@@ -7,10 +7,15 @@ continuation: at every position, given the prompt plus the reference's tokens so
 candidate's top-1 token the reference's token?
 
 llama-server returns no prompt logprobs, so teacher forcing is done with greedy rollouts that
-restart after each disagreement: the candidate continues greedily from the prompt plus the
-reference prefix; the run of agreeing tokens counts as agreements, the first disagreement as
-one miss, and the next rollout starts from the reference prefix one token further. That is
-exactly per-position top-1 agreement, at one request per disagreement instead of one per token.
+restart after each disagreement: the candidate continues greedily (streamed) from the prompt
+plus the reference prefix; the run of agreeing tokens counts as agreements, the first
+disagreement as one miss, and the stream is dropped there (llama-server stops generating when
+the client goes away); the next rollout starts from the reference prefix one token further.
+That is exactly per-position top-1 agreement, at one request per disagreement instead of one
+per token, and about one generated token per position.
+
+The reference's continuations do not depend on the candidate: `greedy_reference` computes
+them once, and several quantizations can be checked against the same reference.
 
 With `n_probs` the server also reports log-probabilities (before sampling), so the report
 gives the mean log-probability the candidate loses on the reference's tokens.
@@ -21,7 +26,8 @@ and the mean position of the first disagreement.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+from typing import Any, Iterator, Sequence
 
 import httpx
 from pydantic import BaseModel, Field
@@ -54,7 +60,7 @@ class PromptAgreement(BaseModel):
     agreements: int
     first_divergence: int = Field(description="index of the first disagreement; = positions if none")
     reference_text: str
-    candidate_text: str = Field(description="the candidate's free greedy continuation")
+    candidate_text: str = Field(description="the candidate's own greedy continuation, up to its first disagreement")
 
 
 class QualityReport(BaseModel):
@@ -99,7 +105,7 @@ class QualityReport(BaseModel):
 
 
 class _LlamaServer:
-    """The two native llama-server calls the check needs."""
+    """The native llama-server calls the check needs."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float):
         self.base = base_url.rstrip("/").removesuffix("/v1")
@@ -124,25 +130,95 @@ class _LlamaServer:
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self._post("/tokenize", {"content": text, "add_special": True})["tokens"]]
 
-    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[dict[str, Any]], str]:
-        """n greedy tokens after `prompt`, with each token's top log-probabilities."""
-        out = self._post("/completion", {
+    @staticmethod
+    def _greedy_body(prompt: list[int], n: int, stream: bool) -> dict[str, Any]:
+        return {
             "prompt": prompt,
             "n_predict": n,
             "temperature": 0.0,
             "n_probs": TOP_K_PROBS,
             "ignore_eos": True,
-            "return_tokens": True,
-            "stream": False,
-        })
+            "stream": stream,
+        }
+
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[dict[str, Any]], str]:
+        """n greedy tokens after `prompt`, with each token's top log-probabilities."""
+        out = self._post("/completion", self._greedy_body(prompt, n, stream=False))
         probs = out.get("completion_probabilities")
         if probs is None:
             raise QualityCheckError(
                 f"{self.base}/completion returned no completion_probabilities; "
                 "this llama-server version does not support n_probs"
             )
-        tokens = [int(p["id"]) for p in probs]
-        return tokens, probs, str(out.get("content", ""))
+        return [int(p["id"]) for p in probs], probs, str(out.get("content", ""))
+
+    def stream_greedy(self, prompt: list[int], n: int) -> Iterator[tuple[dict[str, Any], str]]:
+        """Greedy tokens after `prompt` as they come: (probability entry, text piece).
+        Closing the generator drops the connection, and the server stops generating."""
+        url = self.base + "/completion"
+        self.requests += 1
+        try:
+            with self.client.stream("POST", url, json=self._greedy_body(prompt, n, stream=True)) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
+                for line in resp.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    msg = json.loads(data)
+                    if msg.get("error"):
+                        raise QualityCheckError(f"{url} streamed an error: {msg['error']}")
+                    probs = msg.get("completion_probabilities") or []
+                    for i, entry in enumerate(probs):
+                        yield entry, str(msg.get("content", "")) if i == 0 else ""
+                    if msg.get("stop"):
+                        return
+        except httpx.HTTPError as exc:
+            raise QualityCheckError(f"llama-server at {url} failed mid-stream: {exc}") from exc
+
+
+class ReferenceContinuation(BaseModel):
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    text: str
+
+
+def greedy_reference(
+    reference_url: str,
+    prompts: int | Sequence[str] = 16,
+    tokens: int = 32,
+    *,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> list[ReferenceContinuation]:
+    """The reference model's greedy continuations of the prompts (the bundled ones by count)."""
+    if isinstance(prompts, int):
+        bundled = bundled_prompts()
+        texts = [bundled[i % len(bundled)] for i in range(prompts)]
+    else:
+        texts = list(prompts)
+    if not texts or tokens < 1:
+        raise ValueError("need at least one prompt and one token")
+    ref = _LlamaServer(reference_url, api_key, timeout)
+    try:
+        out = []
+        for text in texts:
+            ids = ref.tokenize(text)
+            toks, probs, content = ref.greedy(ids, tokens)
+            if len(toks) != tokens:
+                raise QualityCheckError(f"the reference produced {len(toks)} of {tokens} tokens")
+            out.append(ReferenceContinuation(
+                prompt=text, prompt_ids=ids, tokens=toks,
+                logprobs=[float(p["logprob"]) for p in probs], text=content,
+            ))
+        return out
+    finally:
+        ref.close()
 
 
 def _logprob_of(entry: dict[str, Any], token: int) -> float | None:
@@ -153,54 +229,53 @@ def _logprob_of(entry: dict[str, Any], token: int) -> float | None:
 
 
 def compare_greedy(
-    reference: _LlamaServer, candidate: _LlamaServer, prompt_text: str, tokens: int
+    ref: ReferenceContinuation, candidate: _LlamaServer
 ) -> tuple[PromptAgreement, list[float], int]:
     """Score one prompt; returns the agreement, the log-prob drops, and positions outside top-k."""
-    ids = reference.tokenize(prompt_text)
-    if candidate.tokenize(prompt_text) != ids:
+    if candidate.tokenize(ref.prompt) != ref.prompt_ids:
         raise QualityCheckError(
             "the reference and the candidate tokenize the same prompt differently; "
             "they are not the same model in two precisions"
         )
-    ref_tokens, ref_probs, ref_text = reference.greedy(ids, tokens)
-    if len(ref_tokens) != tokens:
-        raise QualityCheckError(f"the reference produced {len(ref_tokens)} of {tokens} tokens")
-    ref_lp = [float(p["logprob"]) for p in ref_probs]
-
+    n = len(ref.tokens)
     agreements = 0
     drops: list[float] = []
     outside = 0
-    first_divergence = tokens
+    first_divergence = n
     candidate_text = ""
     k = 0
-    while k < tokens:
-        gen, probs, text = candidate.greedy(ids + ref_tokens[:k], tokens - k)
-        if k == 0:
-            candidate_text = text
-        if not gen:
-            raise QualityCheckError("the candidate produced no tokens")
-        for i, tok in enumerate(gen):
-            j = k + i
-            lp = _logprob_of(probs[i], ref_tokens[j])
-            if lp is None:
-                outside += 1
-            else:
-                drops.append(ref_lp[j] - lp)
-            if tok == ref_tokens[j]:
-                agreements += 1
-                continue
-            first_divergence = min(first_divergence, j)
-            k = j + 1
-            break
-        else:
-            k += len(gen)
+    while k < n:
+        start = k
+        stream = candidate.stream_greedy(ref.prompt_ids + ref.tokens[:k], n - k)
+        try:
+            for entry, piece in stream:
+                j = k
+                if start == 0:
+                    candidate_text += piece
+                lp = _logprob_of(entry, ref.tokens[j])
+                if lp is None:
+                    outside += 1
+                else:
+                    drops.append(ref.logprobs[j] - lp)
+                k = j + 1
+                if int(entry["id"]) == ref.tokens[j]:
+                    agreements += 1
+                    if k == n:
+                        break
+                    continue
+                first_divergence = min(first_divergence, j)
+                break  # the rest of this rollout no longer follows the reference
+        finally:
+            stream.close()
+        if k == start:
+            raise QualityCheckError("the candidate streamed no tokens")
     return (
         PromptAgreement(
-            prompt=prompt_text,
-            positions=tokens,
+            prompt=ref.prompt,
+            positions=n,
             agreements=agreements,
             first_divergence=first_divergence,
-            reference_text=ref_text,
+            reference_text=ref.text,
             candidate_text=candidate_text,
         ),
         drops,
@@ -209,7 +284,7 @@ def compare_greedy(
 
 
 def check_quant_quality(
-    reference_url: str,
+    reference: str | Sequence[ReferenceContinuation],
     candidate_url: str,
     *,
     prompts: int | Sequence[str] = 16,
@@ -221,42 +296,43 @@ def check_quant_quality(
     reference_api_key: str | None = None,
     timeout: float = 300.0,
 ) -> QualityReport:
-    """Compare a quantized model's llama-server with its F16 reference's.
+    """Compare a quantized model's llama-server with its F16 reference.
 
-    `prompts` is a count (the first n bundled prompts, cycled if more) or the prompts
-    themselves. Sets `passed` when `min_top1_agreement` is given; raising is the caller's
-    choice (`enforce_quality`). `api_key` is the candidate's; the reference's defaults to it.
+    `reference` is the reference llama-server's URL, or continuations `greedy_reference`
+    made before (then `prompts` and `tokens` come from them). `prompts` is a count (the first
+    n bundled prompts, cycled if more) or the prompts themselves. Sets `passed` when
+    `min_top1_agreement` is given; raising is the caller's choice (`enforce_quality`).
+    `api_key` is the candidate's; the reference's defaults to it.
     """
-    if isinstance(prompts, int):
-        bundled = bundled_prompts()
-        texts = [bundled[i % len(bundled)] for i in range(prompts)]
+    if isinstance(reference, str):
+        refs = greedy_reference(reference, prompts, tokens, api_key=reference_api_key or api_key, timeout=timeout)
+        ref_requests = 2 * len(refs)
     else:
-        texts = list(prompts)
-    if not texts or tokens < 1:
-        raise ValueError("need at least one prompt and one token")
-    ref = _LlamaServer(reference_url, reference_api_key or api_key, timeout)
+        refs = list(reference)
+        ref_requests = 0
+    if not refs:
+        raise ValueError("no reference continuations to compare with")
     cand = _LlamaServer(candidate_url, api_key, timeout)
     try:
         per_prompt: list[PromptAgreement] = []
         drops: list[float] = []
         outside = 0
-        for text in texts:
-            agreement, d, o = compare_greedy(ref, cand, text, tokens)
+        for ref in refs:
+            agreement, d, o = compare_greedy(ref, cand)
             per_prompt.append(agreement)
             drops += d
             outside += o
-        requests = ref.requests + cand.requests
+        requests = ref_requests + cand.requests
     finally:
-        ref.close()
         cand.close()
     positions = sum(p.positions for p in per_prompt)
     agreements = sum(p.agreements for p in per_prompt)
     top1 = agreements / positions
-    report = QualityReport(
+    return QualityReport(
         reference_label=reference_label,
         candidate_label=candidate_label,
-        prompts=len(texts),
-        tokens_per_prompt=tokens,
+        prompts=len(refs),
+        tokens_per_prompt=len(refs[0].tokens),
         positions=positions,
         agreements=agreements,
         top1_agreement=top1,
@@ -269,7 +345,6 @@ def check_quant_quality(
         passed=None if min_top1_agreement is None else top1 >= min_top1_agreement,
         per_prompt=per_prompt,
     )
-    return report
 
 
 def enforce_quality(report: QualityReport) -> QualityReport:

@@ -9,7 +9,7 @@ The deploy flow calls, after the smoke test and inside its transaction (so a fai
 the new replica back and the previous one keeps serving):
 
     result = benchmark_replica(replica, spec)                  # raises GatesFailed
-    quality_check(reference_url, replica.endpoint, spec, ...)  # llama.cpp quants only
+    quality_check(f16_url, replica.endpoint, ...)              # llama.cpp quants only
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cortex.bench import (
     results_table,
 )
 from cortex.charts import png_data_uri, render_chart
-from cortex.quality import QualityReport, check_quant_quality, enforce_quality
+from cortex.quality import QualityReport, ReferenceContinuation, check_quant_quality, enforce_quality
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -151,7 +151,7 @@ def benchmark_replica(replica: Any, spec: Any, *, results_dir: str | Path | None
 
 @task(name="quantization-quality", **TASK_OPTIONS)
 def quality_check(
-    reference_url: str,
+    reference: str | list[ReferenceContinuation],
     candidate_url: str,
     *,
     prompts: int = 16,
@@ -163,9 +163,10 @@ def quality_check(
     reference_api_key: str | None = None,
     results_dir: str | Path | None = None,
 ) -> QualityReport:
-    """Compare a quantized llama-server with its F16 reference; publish; fail below the gate."""
+    """Compare a quantized llama-server with its F16 reference (its URL, or continuations from
+    `cortex.quality.greedy_reference`); publish; fail below the gate."""
     report = check_quant_quality(
-        reference_url, candidate_url, prompts=prompts, tokens=tokens,
+        reference, candidate_url, prompts=prompts, tokens=tokens,
         min_top1_agreement=min_top1_agreement, candidate_label=candidate_label,
         reference_label=reference_label, api_key=api_key, reference_api_key=reference_api_key,
     )

@@ -3,12 +3,14 @@ llama-server whose 'model' is a known function, then on real SmolLM2 GGUFs."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from cortex.quality import (
@@ -35,24 +37,41 @@ def noisy_next(prefix: list[int], noise: int) -> int:
     return ref_next(prefix)
 
 
-def fake_llama_server(next_token, *, vocab_shift: int = 0):
-    calls = {"completion": 0}
+def fake_llama_server(next_token, *, vocab_shift: int = 0, token_delay: float = 0.0):
+    """/tokenize and /completion (plain and streamed) of a llama-server whose greedy 'model'
+    is `next_token(prefix)`. Counts requests and the tokens it generated."""
+    calls = {"completion": 0, "generated": 0}
 
     async def tokenize(request: Request):
         body = await request.json()
         return JSONResponse({"tokens": [1] + [(ord(c) + vocab_shift) % VOCAB for c in body["content"]]})
 
+    def entry(tok: int) -> dict:
+        other = (tok - 1) % VOCAB  # the noisy model's runner-up is the reference's token
+        return {"id": tok, "token": str(tok), "logprob": -0.1,
+                "top_logprobs": [{"id": tok, "token": str(tok), "logprob": -0.1},
+                                 {"id": other, "token": str(other), "logprob": -2.5}]}
+
     async def completion(request: Request):
         body = await request.json()
         calls["completion"] += 1
         prompt = list(body["prompt"])
+        if body.get("stream"):
+            async def events():
+                for _ in range(body["n_predict"]):
+                    if token_delay:
+                        await asyncio.sleep(token_delay)
+                    tok = next_token(prompt)
+                    prompt.append(tok)
+                    calls["generated"] += 1
+                    yield f"data: {json.dumps({'content': str(tok), 'stop': False, 'completion_probabilities': [entry(tok)]})}\n\n"
+                yield f"data: {json.dumps({'content': '', 'stop': True})}\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
         probs = []
         for _ in range(body["n_predict"]):
             tok = next_token(prompt)
-            other = (tok - 1) % VOCAB  # the noisy model's runner-up is the reference's token
-            probs.append({"id": tok, "token": str(tok), "logprob": -0.1,
-                          "top_logprobs": [{"id": tok, "token": str(tok), "logprob": -0.1},
-                                           {"id": other, "token": str(other), "logprob": -2.5}]})
+            calls["generated"] += 1
+            probs.append(entry(tok))
             prompt.append(tok)
         return JSONResponse({"content": " ".join(p["token"] for p in probs),
                              "tokens": [p["id"] for p in probs], "completion_probabilities": probs})
@@ -78,7 +97,7 @@ def teacher_forced_agreement(prompts: list[str], tokens: int, noise: int) -> flo
 def test_rollouts_with_restarts_equal_per_position_teacher_forcing():
     prompts = ["alpha", "beta gamma", "delta", "an apple a day"]
     ref_app, _ = fake_llama_server(ref_next)
-    cand_app, calls = fake_llama_server(lambda p: noisy_next(p, 20))
+    cand_app, calls = fake_llama_server(lambda p: noisy_next(p, 20), token_delay=0.01)
     with ServerThread(ref_app) as ref, ServerThread(cand_app) as cand:
         report = check_quant_quality(ref.base_url, cand.base_url, prompts=prompts, tokens=24,
                                      candidate_label="noisy")
@@ -89,6 +108,9 @@ def test_rollouts_with_restarts_equal_per_position_teacher_forcing():
     # one rollout per prompt plus at most one per disagreement, far fewer than one per token
     misses = report.positions - report.agreements
     assert misses <= calls["completion"] <= len(prompts) + misses
+    # a rollout stops at its first disagreement: about one generated token per position
+    rollouts = calls["completion"]
+    assert calls["generated"] <= report.positions + 3 * rollouts
     # at a disagreement the reference token is the candidate's second choice: drop 2.4
     assert report.mean_logprob_drop == pytest.approx(2.4 * misses / report.positions)
     assert report.positions_outside_top_k == 0
@@ -123,3 +145,18 @@ def test_different_vocabularies_are_refused():
     with ServerThread(app_a) as a, ServerThread(app_b) as b:
         with pytest.raises(QualityCheckError, match="tokenize the same prompt differently"):
             check_quant_quality(a.base_url, b.base_url, prompts=1, tokens=4)
+
+
+def test_one_reference_serves_several_candidates():
+    from cortex.quality import greedy_reference
+
+    ref_app, ref_calls = fake_llama_server(ref_next)
+    a_app, _ = fake_llama_server(lambda p: noisy_next(p, 5))
+    b_app, _ = fake_llama_server(lambda p: noisy_next(p, 40))
+    with ServerThread(ref_app) as ref, ServerThread(a_app) as a, ServerThread(b_app) as b:
+        refs = greedy_reference(ref.base_url, prompts=6, tokens=20)
+        good = check_quant_quality(refs, a.base_url, candidate_label="a")
+        bad = check_quant_quality(refs, b.base_url, candidate_label="b")
+    assert ref_calls["completion"] == 6
+    assert good.positions == bad.positions == 120
+    assert good.top1_agreement > bad.top1_agreement
