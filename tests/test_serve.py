@@ -347,8 +347,9 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     prefect_server: PrefectServer, tmp_path: Path, test_model
 ) -> None:
     # As flows/README.md says: the pool, one queue per host with its limit, `prefect deploy`
-    # from the checkout, then a worker on the host's queue, started in the checkout.
-    env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), CORTEX_CHECKOUT=str(REPO), PYTHONUNBUFFERED="1")
+    # next to prefect.yaml, then a worker on the host's queue (started elsewhere: the flows
+    # come from the installed package).
+    env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), PYTHONUNBUFFERED="1")
     prefect_cli(prefect_server, "work-pool", "create", "cortex", "--type", "process", env=env)
     prefect_cli(prefect_server, "work-queue", "create", "gpu-host-1", "--pool", "cortex", "--limit", "1", env=env)
     prefect_cli(prefect_server, "--no-prompt", "deploy", "--name", "prepare-gpu-host-1", env=env)
@@ -357,7 +358,7 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
         dep = c.read_deployment_by_name("prepare-model/prepare-gpu-host-1")
     assert queue.concurrency_limit == 1
     assert dep.work_pool_name == "cortex" and dep.work_queue_name == "gpu-host-1"
-    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CORTEX_CHECKOUT }}"}}]
+    assert dep.entrypoint == "flows.prepare.prepare_model" and not dep.pull_steps
 
     spec = tmp_path / "smollm2.yaml"
     write_spec(spec, smollm2_spec(test_model.gguf))
