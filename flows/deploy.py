@@ -86,8 +86,13 @@ def roll_out(
     for orphan in rt.cleanup_orphans():
         logger.warning("removed %s: its engine was no longer running", orphan.name)
     existing = replicas_of(rt, model)
-    previous = [r for r in existing if r.name != launch["name"]]
     same = next((r for r in existing if r.name == launch["name"]), None)
+    # The model's other replicas, in this runtime and any other that answers (a spec that moves
+    # from process to docker replaces the process replica too).
+    previous = [r for r in existing if r.name != launch["name"]]
+    for other in available_runtimes():
+        if other.kind != runtime:
+            previous += replicas_of(other, model)
     gw = gateway_client(gateway)
     gateway_state = "registered" if gw else ("disabled" if gateway is False else "not running")
     if gw is None and gateway is None:

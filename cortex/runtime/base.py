@@ -110,6 +110,16 @@ def served_model_name(launch: Mapping[str, Any]) -> str:
     raise ValueError(f"launch {launch.get('name')!r} names no served model (--served-model-name / --alias)")
 
 
+def require_mount_sources(launch: Mapping[str, Any]) -> None:
+    """A launch built before its artifact was prepared has mounts without a source."""
+    missing = [m["target"] for m in launch.get("mounts") or [] if not m.get("source")]
+    if missing:
+        raise LaunchError(
+            f"launch {launch.get('name')} mounts {', '.join(missing)} from no host path: "
+            "prepare the model first (`cortex prepare SPEC`), then build the launch from its artifact"
+        )
+
+
 def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str, str]:
     """Environment for the engine: plain values as they are, `{"secret": NAME}` from `secrets`."""
     resolved: dict[str, str] = {}

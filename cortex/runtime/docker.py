@@ -24,6 +24,7 @@ from cortex.runtime.base import (
     Runtime,
     api_key_from_env,
     launch_dict,
+    require_mount_sources,
     resolve_env,
     served_model_name,
     utc_now,
@@ -121,6 +122,7 @@ class DockerRuntime(Runtime):
         secrets = secrets or {}
         name = launch["name"]
         model = served_model_name(launch)
+        require_mount_sources(launch)
         try:
             existing = self.client.containers.get(name)
         except docker.errors.NotFound:

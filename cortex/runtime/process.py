@@ -28,6 +28,7 @@ from cortex.runtime.base import (
     Runtime,
     api_key_from_env,
     launch_dict,
+    require_mount_sources,
     resolve_env,
     served_model_name,
     utc_now,
@@ -88,6 +89,7 @@ def translate_command(
     launch: Mapping[str, Any], host_port: int, program: Callable[[list[str]], list[str]] = default_program
 ) -> list[str]:
     """The launch's command as it runs on this machine."""
+    require_mount_sources(launch)
     command = [str(a) for a in launch["command"]]
     if "--port" not in command:
         raise LaunchError(f"launch {launch['name']} has no --port in its command; cannot run it locally")
