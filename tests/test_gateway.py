@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
+import sys
 import sqlite3
 import threading
 import time
@@ -532,3 +534,20 @@ def test_keys_command_line(gateway, engines, capsys, monkeypatch):
     args.func(args)
     assert chat(gw, key, "smol").status_code == 401
     assert keys_cmd.parse_expiry("2030-01-01") == 1893456000.0
+
+
+def test_cortex_gateway_command(tmp_path, engines):
+    cli = [sys.executable, "-m", "cortex.cli"]
+    gw = GatewayProcess(tmp_path / "home", env=FAST, command=[*cli, "gateway"]).start()
+    try:
+        engine = engines()
+        with gw.client() as c:
+            c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
+        out = subprocess.run([*cli, "gateway", "replicas"], env=gw.env, capture_output=True, text=True, check=True)
+        assert "smol (tiny)" in out.stdout and "active" in out.stdout
+        out = subprocess.run([*cli, "gateway", "settings"], env=gw.env, capture_output=True, text=True, check=True)
+        assert "CORTEX_GATEWAY_NO_AUTH" in out.stdout and f"gateway_port = {gw.port}" in out.stdout
+        assert "cortex-admin-" not in out.stdout  # the token is never printed
+        assert "client authentication is OFF" not in gw.log()
+    finally:
+        gw.stop()

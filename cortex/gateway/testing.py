@@ -25,7 +25,10 @@ class GatewayProcess:
     """`python -m cortex.gateway` on a free port with its state under `home`."""
 
     def __init__(self, home: str | os.PathLike, port: int | None = None, no_auth: bool = False,
-                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None) -> None:
+                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+                 command: list[str] | None = None) -> None:
+        # Default: the module behind `cortex gateway`; tests of the CLI pass ["cortex", "gateway"].
+        self.command = command or [sys.executable, "-m", "cortex.gateway"]
         self.home = Path(home)
         self.port = port or free_port()
         self.env = {
@@ -50,7 +53,7 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cortex.gateway"], env=self.env,
+        self.proc = subprocess.Popen(self.command, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
