@@ -28,11 +28,13 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cortex.hub import NotEnoughSpace, check_disk_space, record_digest, verified_digest
+from cortex.hub import NotEnoughSpace, check_disk_space, record_digest, sha256_of, verified_digest
 from cortex.toolchain import cache_root
 
 CONVERTER_TABLE = Path(__file__).parent / "data" / "converter-architectures.json"
@@ -240,6 +242,20 @@ class Artifact:
         )
 
 
+@dataclass
+class Build:
+    """An artifact being built (see `ArtifactStore.building`)."""
+
+    key: ArtifactKey
+    work: Path
+    source: dict
+    paths: list[Path] = field(default_factory=list)
+    summary: GgufSummary | None = None
+    steps: list[dict] = field(default_factory=list)
+    digests: dict[Path, str] = field(default_factory=dict)  # sha256s already computed
+    artifact: Artifact | None = None
+
+
 # --- checking a GGUF ---------------------------------------------------------------------------
 
 
@@ -377,41 +393,41 @@ class ArtifactStore:
         os.utime(manifest)  # last used: what `cortex cache prune --unused-for` reads
         return artifact
 
-    def build(
-        self,
-        key: ArtifactKey,
-        produce: Callable[[Path], tuple[list[Path], GgufSummary, list[dict]]],
-        *,
-        source: dict,
-        needed_bytes: int,
-    ) -> Artifact:
-        """Run `produce(workdir)` in a private build folder; it returns (files written, their
-        verified summary, the steps run). The folder becomes the artifact only when it is
-        complete; on any failure it is removed, so the cache never holds a partial artifact."""
+    @contextmanager
+    def building(self, key: ArtifactKey, *, source: dict, needed_bytes: int) -> Iterator["Build"]:
+        """A private build folder for `key`. The body writes files into `build.work` and sets
+        `build.paths` and `build.summary` (checked); on a clean exit the folder is renamed into
+        the cache (`build.artifact`). On any failure it is removed, so the cache never holds a
+        partial artifact."""
         self.root.mkdir(parents=True, exist_ok=True)
         check_disk_space(needed_bytes, self.root, what=f"building {key.quantization} GGUF")
         work = self.root / f".build-{key.digest}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
+        build = Build(key=key, work=work, source=source)
         started = time.monotonic()
         try:
-            paths, summary, steps = produce(work)
+            yield build
+            if build.summary is None or not build.paths:
+                raise ArtifactError(f"the build of {key.quantization} finished without a checked file")
             final = self.folder(key)
-            files = [ArtifactFile(str(final / p.name), p.stat().st_size, verified_digest(p)) for p in paths]
-            artifact = Artifact(key=key, folder=final, files=files, gguf=summary, source=source,
+            files = [ArtifactFile(str(final / p.name), p.stat().st_size, build.digests.get(p) or verified_digest(p))
+                     for p in build.paths]
+            artifact = Artifact(key=key, folder=final, files=files, gguf=build.summary, source=build.source,
                                 created_at=time.time(), build_seconds=round(time.monotonic() - started, 3),
-                                steps=steps)
+                                steps=build.steps)
             (work / MANIFEST).write_text(json.dumps(artifact.to_json(), indent=2))
             try:
                 os.rename(work, final)
             except OSError:
                 if (final / MANIFEST).is_file():  # another run finished the same artifact first
                     shutil.rmtree(work, ignore_errors=True)
-                    return self.get(key)  # type: ignore[return-value]
+                    build.artifact = self.get(key)
+                    return
                 raise
             for f in files:  # same inodes, same bytes: carry the digests over to the new paths
                 record_digest(Path(f.path), f.sha256)
-            return artifact
+            build.artifact = artifact
         except ToolFailed as error:
             shutil.rmtree(work, ignore_errors=True)
             if "No space left on device" in str(error):
@@ -431,6 +447,21 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def build(
+        self,
+        key: ArtifactKey,
+        produce: Callable[[Path], tuple[list[Path], GgufSummary, list[dict]]],
+        *,
+        source: dict,
+        needed_bytes: int,
+    ) -> Artifact:
+        """`produce(workdir)` -> (files written, their checked summary, the steps run), published
+        into the cache as one artifact (see `building`)."""
+        with self.building(key, source=source, needed_bytes=needed_bytes) as build:
+            build.paths, build.summary, build.steps = produce(build.work)
+        assert build.artifact is not None
+        return build.artifact
 
     def list(self) -> list[Artifact]:
         found = []
@@ -608,6 +639,14 @@ def build_gguf(
 
     base_key = ArtifactKey(source_id, base_type, toolchain.version)
     base_need = predicted.get(base_type) or estimate_gguf_bytes(weights_bytes, 2, base_type)
+    if quant != base_type and store.get(base_key) is None:
+        need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
+        base, quantized = _convert_then_quantize(
+            hf_dir, base_key, final_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
+            source=source, base_need=base_need, need=need, store=store, log=log)
+        on_step(base_type, base, True)
+        on_step(quant, quantized, True)
+        return [base, quantized]
     built = store.get(base_key) is None
     base = convert(hf_dir, base_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
                    source=source, needed_bytes=base_need, store=store, log=log)
@@ -632,3 +671,38 @@ def local_source_id(paths: Iterable[Path]) -> str:
         return verified_digest(paths[0])
     listing = "".join(f"{p.name}\0{verified_digest(p)}\n" for p in paths)
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _convert_then_quantize(hf_dir: Path, base_key: ArtifactKey, final_key: ArtifactKey, *, toolchain, model_name: str,
+                           architecture: str, source: dict, base_need: int, need: int, store: ArtifactStore,
+                           log: Log) -> tuple[Artifact, Artifact]:
+    """Convert, then quantize while the converted file is being checked (gguf reader, sha256) on
+    another thread: llama-quantize only reads it, and nothing is published unless both files
+    pass. On a large model this hides minutes of hashing behind the quantization."""
+    from cortex.toolchain import converter_command, quantize_command
+
+    base_type, quant = base_key.quantization.upper(), final_key.quantization.upper()
+    with store.building(base_key, source=source, needed_bytes=base_need) as base:
+        converted = base.work / f"{model_name}-{base_type}.gguf"
+        base.steps.append(run_streamed(converter_command(hf_dir, converted, base_type.lower(), toolchain=toolchain),
+                                       log, env=tool_env(), what=f"convert_hf_to_gguf.py ({base_type})"))
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(lambda: (verify_gguf(converted, architecture=architecture, file_type=base_type),
+                                           sha256_of(converted)))
+            with store.building(final_key, source=dict(source), needed_bytes=need) as final:
+                out = final.work / f"{model_name}-{quant}.gguf"
+                final.steps.append(run_streamed(
+                    quantize_command(converted, out, quant, toolchain=toolchain), log, env=tool_env(),
+                    what=f"llama-quantize ({base_type} -> {quant})"))
+                base.summary, base_sha = checked.result()
+                log(f"verified {converted.name}: {base.summary.architecture}, {base.summary.tensor_count} tensors, "
+                    f"{base.summary.file_type}")
+                final.summary = verify_gguf(out, architecture=base.summary.architecture, file_type=quant,
+                                            tensor_count=base.summary.tensor_count)
+                log(f"verified {out.name}: {final.summary.architecture}, {final.summary.tensor_count} tensors, "
+                    f"{final.summary.file_type}")
+                final.paths = [out]
+                final.source["quantized_from"] = {"key": base_key.digest, "file": converted.name, "sha256": base_sha}
+        base.paths, base.digests = [converted], {converted: base_sha}
+    assert base.artifact is not None and final.artifact is not None
+    return base.artifact, final.artifact
