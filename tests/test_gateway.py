@@ -238,6 +238,19 @@ def test_client_disconnect_cancels_upstream_request(gateway, engines):
     wait_until(lambda: gw.client().list()["replicas"][0]["in_flight"] == 0, 3.0, "in-flight to drop")
 
 
+def test_client_disconnect_cancels_a_slow_non_streaming_request(gateway, engines):
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes
+        httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=0.5,
+                   json={"model": "smol", "messages": [], "fake_delay": 5})
+    wait_until(lambda: engine.cancelled == 1, 3.0, "the engine's request to be cancelled")
+    assert chat(gw, key, "smol").status_code == 200  # and the replica is not blamed for it
+    assert 'kind="client_disconnect"' in httpx.get(gw.url + "/metrics").text
+
+
 # --- replicas, health, retries, drain ------------------------------------------------------------
 
 

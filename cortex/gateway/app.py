@@ -29,6 +29,8 @@ from .upstream import ClosedError, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("cortex.gateway")
 
+# Seconds a proxied request runs before the gateway starts watching for the client leaving.
+WATCH_AFTER = 0.05
 PROXY_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 # Upstream response headers that describe the upstream connection, not the response.
 HOP_BY_HOP = frozenset(
@@ -120,12 +122,20 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 class RequestState:
     """Per-request flags shared with the disconnect watcher."""
 
-    __slots__ = ("done", "client_gone", "conn")
+    __slots__ = ("done", "client_gone", "conn", "timer", "watcher")
 
     def __init__(self) -> None:
         self.done = False
         self.client_gone = False
         self.conn: UpstreamConnection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.watcher: asyncio.Task | None = None
+
+    def stop_watching(self) -> None:
+        self.done = True
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class Gateway:
@@ -176,6 +186,10 @@ class Gateway:
         except RegistryError:
             pass  # already removed by another process or an admin call
         self.reload()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     async def startup(self) -> None:
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
@@ -369,9 +383,14 @@ class Gateway:
         # Pick a replica; retry elsewhere while the replica has sent nothing.
         tried: tuple[Replica, ...] = ()
         attempts = 0
+        state = RequestState()
+        # Watch for the client leaving only once a request has lasted WATCH_AFTER: an instant
+        # answer then costs a timer, not a task, and a long one still frees the engine's slot.
+        state.timer = self.loop.call_later(WATCH_AFTER, self._start_watch, receive, state)
         while True:
             replica = self.table.pick(replicas, tried)
             if replica is None:
+                state.stop_watching()
                 self.metrics.error(served, "", "no_replica")
                 await send_error(
                     send, 503, f"no healthy replica of model '{served}' is available; retry shortly",
@@ -382,17 +401,22 @@ class Gateway:
             replica.in_flight += 1
             conn = None
             try:
-                conn = await replica.pool.acquire()
+                conn = state.conn = await replica.pool.acquire()
                 t_sent = time.perf_counter()
-                conn.transport.write(b"POST " + target + b" HTTP/1.1\r\n" + replica.request_head + tail + body)
+                conn.transport.write(b"".join((b"POST ", target, b" HTTP/1.1\r\n", replica.request_head, tail, body)))
                 await conn.response_headers()
                 break
             except UpstreamError as exc:
                 if conn is not None:
                     conn.finish()
                 self._release(replica)
+                if state.client_gone:
+                    state.stop_watching()
+                    self.metrics.error(served, replica.id, "client_disconnect")
+                    return
                 self.metrics.error(served, replica.id, exc.kind)
                 if not exc.sent_nothing or attempts > len(replicas) + 4:
+                    state.stop_watching()
                     await send_error(send, 502, f"replica of '{served}' failed: {exc}", "upstream_error")
                     return
                 stale = conn is not None and conn.reused and isinstance(exc, ClosedError)
@@ -401,11 +425,6 @@ class Gateway:
                     tried += (replica,)
 
         t_headers = time.perf_counter()
-        state = RequestState()
-        state.conn = conn
-        watcher = None
-        if streaming:
-            watcher = asyncio.get_running_loop().create_task(self._watch_client(receive, state))
         status = conn.status
         headers = []
         sse = False
@@ -450,9 +469,7 @@ class Gateway:
                     break
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         finally:
-            state.done = True
-            if watcher is not None:
-                watcher.cancel()
+            state.stop_watching()
             if error_kind is not None and not conn.complete:
                 conn.abort("request ended early")
             conn.finish()
@@ -500,6 +517,10 @@ class Gateway:
                     "completion_tokens": completion_tokens,
                 })
 
+    def _start_watch(self, receive: Receive, state: RequestState) -> None:
+        if not state.done:
+            state.watcher = self.loop.create_task(self._watch_client(receive, state))
+
     async def _watch_client(self, receive: Receive, state: RequestState) -> None:
         """Cancel the upstream request when the client goes away (the engine frees its slot)."""
         while True:
@@ -507,7 +528,8 @@ class Gateway:
             if message["type"] == "http.disconnect":
                 if not state.done:
                     state.client_gone = True
-                    state.conn.abort("client disconnected")
+                    if state.conn is not None:
+                        state.conn.abort("client disconnected")
                 return
 
     # --- /admin -------------------------------------------------------------------------------

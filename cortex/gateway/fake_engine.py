@@ -129,10 +129,19 @@ class _Conn(asyncio.Protocol):
                 self.streaming = True
                 asyncio.get_running_loop().create_task(
                     self._stream(model, n, float(request.get("fake_delay", 0)), chat, usage))
+            elif request.get("fake_delay"):
+                # A slow non-streaming answer (a long generation); cancelled if the caller leaves.
+                self.streaming = True
+                asyncio.get_running_loop().call_later(float(request["fake_delay"]), self._late, chat, model)
             else:
                 self._send(200, _chat_json(model) if chat else _completion_json(model))
         else:
             self._send(404, b'{"error":{"message":"not found"}}')
+
+    def _late(self, chat: bool, model: str) -> None:
+        if not self.transport.is_closing():
+            self.streaming = False
+            self._send(200, _chat_json(model) if chat else _completion_json(model))
 
     def _send(self, status: int, body: bytes) -> None:
         self.transport.write(
