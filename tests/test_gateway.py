@@ -380,9 +380,10 @@ def test_deregister_and_unknown_replica(gateway, engines):
         with pytest.raises(GatewayError) as err:
             c.deregister(rep["id"])
         assert err.value.status == 404
-        with pytest.raises(GatewayError) as err:
-            c.register("smol", "ftp://x")
-        assert err.value.status == 400
+        for bad in ("ftp://x", "http://127.0.0.1:8000/v1", "http://:80"):
+            with pytest.raises(GatewayError) as err:
+                c.register("smol", bad)
+            assert err.value.status == 400
     assert chat(gw, new_key(gw), "tiny").status_code == 404
 
 
