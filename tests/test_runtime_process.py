@@ -6,6 +6,7 @@ error and nothing left running."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from cortex.probe import smoke_test
 from cortex.runtime import EngineNotReady, LaunchError, failure_hint
+from cortex.runtime import process as process_module
 from cortex.runtime.process import ProcessRuntime, host_path, translate_command
 from runtime_helpers import SECRETS, kill_now, llamacpp_launch, process_group_alive
 
@@ -146,6 +148,34 @@ def test_a_missing_model_file_is_reported_as_such(runtime: ProcessRuntime, test_
         runtime.wait_ready(replica, timeout_s=60)
     assert failure.value.hint.startswith("missing file"), failure.value
     assert str(tmp_path / "absent.gguf") in failure.value.logs
+    assert runtime.list() == []
+
+
+def test_a_context_that_cannot_fit_in_memory_gets_the_out_of_memory_hint(runtime: ProcessRuntime, test_model) -> None:
+    # 200M tokens of KV cache is terabytes: llama-server fails to allocate it and exits.
+    launch = llamacpp_launch(test_model.gguf, "smollm2", "--fit", "off")
+    command = launch["command"]
+    command[command.index("-c") + 1] = "200000000"
+    replica = runtime.start(launch, SECRETS)
+    with pytest.raises(EngineNotReady) as failure:
+        runtime.wait_ready(replica, timeout_s=120)
+    assert failure.value.hint.startswith("out of memory"), failure.value
+    assert "failed to allocate" in failure.value.logs
+    assert runtime.list() == []
+
+
+def test_a_port_taken_meanwhile_gets_the_port_in_use_hint(
+    runtime: ProcessRuntime, test_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another program takes the port between Cortex choosing it and the engine binding it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(process_module, "free_port", lambda: taken.getsockname()[1])
+        replica = runtime.start(llamacpp_launch(test_model.gguf, "smollm2"), SECRETS)
+        with pytest.raises(EngineNotReady) as failure:
+            runtime.wait_ready(replica, timeout_s=60)
+    assert failure.value.hint.startswith("port in use"), failure.value
     assert runtime.list() == []
 
 

@@ -150,7 +150,7 @@ def api_key_from_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> str 
 FAILURE_HINTS: list[tuple[re.Pattern[str], str]] = [
     (
         re.compile(r"out of memory|OutOfMemoryError|cudaMalloc failed|failed to allocate|"
-                   r"unable to allocate|std::bad_alloc|Cannot allocate memory|OOMKilled", re.I),
+                   r"unable to allocate|insufficient memory|std::bad_alloc|Cannot allocate memory|OOMKilled", re.I),
         "out of memory: lower the context length or parallel slots, pick a smaller "
         "quantization, or give the model more (or larger) GPUs",
     ),
