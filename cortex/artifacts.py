@@ -233,7 +233,8 @@ class Artifact:
         return cls(
             key=ArtifactKey(**key),
             folder=folder,
-            files=[ArtifactFile(**f) for f in data["files"]],
+            # Files sit in the artifact's own folder: re-rooted, so a moved cache still works.
+            files=[ArtifactFile(str(folder / Path(f["path"]).name), f["bytes"], f["sha256"]) for f in data["files"]],
             gguf=GgufSummary(**data["gguf"]),
             source=data["source"],
             created_at=data["created_at"],
