@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 
 import httpx
@@ -16,6 +17,12 @@ from cortex.gateway import openapi
 from cortex.gateway.app import ADMIN_ROUTES
 from cortex.gateway.fake_engine import FakeEngine
 from cortex.gateway.testing import GatewayProcess
+
+
+# 1,000 streams need about 2,000 descriptors here and in the gateway (which inherits this).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and _soft < 8192:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(8192, _hard) if _hard != resource.RLIM_INFINITY else 8192, _hard))
 
 
 @pytest.fixture
