@@ -143,9 +143,16 @@ class Settings:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         token = "cortex-admin-" + secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
+        try:
+            os.link(partial, path)  # atomic, and fails if another process got there first
+        except FileExistsError:
+            token = path.read_text().strip()
+        finally:
+            partial.unlink()
         return token
 
 
