@@ -481,7 +481,8 @@ def test_metrics_and_access_log_without_prompts(gateway, engines):
     labels = f'model="smol",replica="{rep["id"]}"'
     assert f'cortex_gateway_requests_total{{{labels},status="200"}} 1' in text
     assert f'cortex_gateway_requests_total{{{labels},status="500"}} 1' in text
-    assert 'cortex_gateway_errors_total{model="nope",replica="",kind="unknown_model"} 1' in text
+    assert 'cortex_gateway_errors_total{model="",replica="",kind="unknown_model"} 1' in text
+    assert "nope" not in text  # an unknown name a client sent never becomes a series
     assert f'cortex_gateway_tokens_total{{{labels},type="prompt"}} 7' in text
     assert f'cortex_gateway_errors_total{{{labels},kind="upstream_status_5xx"}} 1' in text
     assert f'cortex_gateway_in_flight{{{labels}}} 0' in text

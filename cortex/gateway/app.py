@@ -364,7 +364,7 @@ class Gateway:
             return
         replicas = self.table.models.get(model)
         if replicas is None:
-            self.metrics.error(model[:100], "", "unknown_model")
+            self.metrics.error("", "", "unknown_model")  # not the name: clients must not mint series
             await send_error(send, 404, f"The model '{model[:200]}' does not exist; GET /v1/models lists the served models",
                              "model_not_found")
             return
