@@ -184,7 +184,7 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     outcome = {"action": "deployed", "name": spec.name, "replica": result["replica"], "endpoint": result["endpoint"],
                "engine": result["engine"], "source_revision": resolved.source_id, "reused": result.get("reused", False),
                "stopped": result.get("stopped", []), "gateway": result.get("gateway"), "benchmark": bench}
-    _publish_outcome(path, digest, outcome)
+    _publish_outcome(path, digest, outcome, smoke=result.get("smoke"))
     return outcome
 
 
@@ -198,8 +198,17 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
     from flows.deploy import host_deploy_slot, roll_out
     from flows.prepare import prepare_model
 
+    from tasks.benchmark import artifact_key
+    from tasks.prepare import render_report
+
     with host_deploy_slot(runtime):
         prepared = prepare_model(spec_path)
+        # The same report as the prepare-model subflow's, on this run too: its page is the one
+        # an operator opens, and the UI lists only a run's own artifacts.
+        create_markdown_artifact(
+            key=artifact_key(f"plan-{spec.name}"), markdown=render_report(spec, prepared.facts, prepared.plan, prepared),
+            description=f"{spec.name}: source, files, facts, decision trace, plan",
+        )
         launch = launch_dict(build_launch(spec, prepared.plan, prepared.artifact_path))
         artifacts = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
         return roll_out(
@@ -219,12 +228,17 @@ def _bench_summary(bench: Any) -> dict[str, Any] | None:
                        for lv in levels]}
 
 
-def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any]) -> None:
+def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke: dict[str, Any] | None = None) -> None:
     rows = [f"| {k} | `{v}` |" for k, v in outcome.items() if k != "benchmark"]
+    checks = ""
+    if smoke:
+        checks = "\n\n### Smoke tests: " + ("passed" if smoke.get("passed") else "FAILED") + "\n\n| check | passed | detail |\n|---|---|---|\n"
+        checks += "\n".join(f"| {c.get('name')} | {'yes' if c.get('passed') else 'no'} | {str(c.get('detail', '')).replace('|', '/')} |"
+                             for c in smoke.get("checks", []))
     create_markdown_artifact(
         key="applied-spec",
         markdown=f"## {outcome['action']}: {outcome['name']}\n\nspec `{spec_path}` (sha256 `{digest[:16]}`)\n\n"
-        "| | |\n|---|---|\n" + "\n".join(rows),
+        "| | |\n|---|---|\n" + "\n".join(rows) + checks,
         description=f"{outcome['action']} {outcome['name']}",
     )
 

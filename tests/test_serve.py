@@ -58,7 +58,9 @@ def start_prefect_server(home: Path, timeout_s: float = 180) -> PrefectServer:
     url = f"http://127.0.0.1:{port}/api"
     log_path = home / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(home)
+    # --port alone leaves the UI calling the API at the default port 4200: name it for the UI too
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+               PREFECT_UI_API_URL=url)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -383,3 +385,35 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
     assert done.work_queue_name == "gpu-host-1"
     assert "prepared smollm2-served: gguf" in run_logs(run.id)
+
+
+def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), CORTEX_HOME=str(tmp_path / "cortex-home"),
+               PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cortex.cli", "serve", "--specs", str(specs), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "watching" in log_path.read_text() or proc.poll() is not None, 240,
+                 "cortex serve did not come up", log_path.read_text)
+        assert f"Prefect UI: http://127.0.0.1:{port}\n" in log_path.read_text(), log_path.read_text()
+        ui = httpx.get(f"http://127.0.0.1:{port}/deployments", timeout=10)
+        assert ui.status_code == 200 and "<html" in ui.text.lower()
+
+        def registered():
+            found = httpx.post(f"http://127.0.0.1:{port}/api/deployments/filter", json={}, timeout=10).json()
+            return {d["name"] for d in found} >= {"deploy", "prepare", "retire", "retire-deleted", "reconcile"}
+
+        wait_for(registered, 60, "the deployments were not registered", log_path.read_text)
+    finally:
+        stop_process(proc, timeout=40)
+    # The server it started stops with it.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)

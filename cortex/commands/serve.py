@@ -56,6 +56,8 @@ def start_local_server(port: int, log_path: Path, timeout_s: float = 120.0) -> t
         raise RuntimeError(f"something already answers at {url}; connect to it with --prefect-url {url}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # --port alone leaves the UI calling the API at the default port 4200: name it for the UI too
+    env.update(PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=url)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
