@@ -404,8 +404,9 @@ def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_p
         wait_for(lambda: "watching" in log_path.read_text() or proc.poll() is not None, 240,
                  "cortex serve did not come up", log_path.read_text)
         assert f"Prefect UI: http://127.0.0.1:{port}\n" in log_path.read_text(), log_path.read_text()
-        ui = httpx.get(f"http://127.0.0.1:{port}/deployments", timeout=10)
-        assert ui.status_code == 200 and "<html" in ui.text.lower()
+        ui = wait_for(lambda: (r := httpx.get(f"http://127.0.0.1:{port}/", timeout=10)).status_code == 200 and r, 60,
+                      "the Prefect UI did not answer", log_path.read_text)
+        assert "<html" in ui.text.lower()
 
         def registered():
             found = httpx.post(f"http://127.0.0.1:{port}/api/deployments/filter", json={}, timeout=10).json()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"Prefect UI: {ui}", flush=True)
     print(f"  deployments: {ui}/deployments   (Run > Custom run on 'apply-spec/deploy' starts a deploy)", flush=True)
     print(f"watching {specs} for spec changes; Ctrl-C stops", flush=True)
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM stops like Ctrl-C: the server it started too
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             from flows.serve import serve_specs
