@@ -346,3 +346,31 @@ def test_no_room_for_download_plus_conversion_fails_before_the_download(prefect_
         assert not list((mount / "cortex").glob("artifacts/*"))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_killed_prepare_resumes_its_download(prefect_api, hub_repo, tmp_path):
+    """Client path: http_get with `Range: bytes=N-` in the download-weights task of a second
+    `cortex prepare`, after the first one was SIGKILLed (with its whole process group) mid-file."""
+    spec = _write_spec(tmp_path, {"repo": REPO}, name="resume-prep", engine="vllm")
+    size = next(f.size for f in hub_repo.commits[hub_repo.refs["main"]].values() if f.path == "model.safetensors")
+    with HubServer([hub_repo], throttle_bytes_per_s=30_000_000) as server:
+        env = _env(prefect_api, tmp_path, HF_ENDPOINT=server.url)
+        proc = subprocess.Popen([sys.executable, "-m", "cortex.cli", "prepare", str(spec), "--json"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        kept = 0
+        while time.monotonic() < deadline and kept < size // 4:
+            partial = list((tmp_path / "hf").glob("models--*/blobs/*.cortex-partial"))
+            kept = partial[0].stat().st_size if partial else 0
+            time.sleep(0.05)
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        kept = partial[0].stat().st_size
+        assert size // 4 <= kept < size, "the kill should land mid-file"
+        server.throttle_bytes_per_s = None
+        out, _ = _prepare(spec, env)
+        gets = server.gets_of("model.safetensors")
+    assert [g.range for g in gets] == [None, f"bytes={kept}-"]
+    assert out["resumed_bytes"] == kept and out["cached"] is False
+    weights = next(f for f in out["files"] if f["path"].endswith("model.safetensors"))
+    assert sha256_file(Path(weights["path"])) == weights["sha256"] == hub_repo.commits[hub_repo.refs["main"]]["model.safetensors"].sha256
