@@ -346,10 +346,11 @@ def publish_report(spec, facts, plan, prepared: Prepared) -> None:
 def render_report(spec, facts, plan, prepared: Prepared) -> str:
     pj = plan_json(plan)
     lines = [f"# Prepared `{spec.name}`", ""]
+    src = prepared.source
+    origin = (f"{src['repo']}@{src.get('revision')}" if src.get("repo")
+              else src.get("folder") or ", ".join(src.get("gguf_files", [])))
     lines += [
-        f"- **source**: {prepared.source.get('kind')} "
-        + (f"`{prepared.source.get('repo')}@{prepared.source.get('revision')}`" if prepared.source.get("repo") else "")
-        + f" → `{prepared.source_revision}`",
+        f"- **source**: {src.get('kind')} `{origin}` → `{prepared.source_revision}`",
         f"- **engine**: {prepared.engine}; **artifact**: {prepared.format} {prepared.quantization}",
         f"- **cached**: {'yes, nothing downloaded or built' if prepared.cached else 'no'}; downloaded "
         f"{prepared.downloaded_bytes} bytes ({prepared.resumed_bytes} resumed); built: {', '.join(prepared.built) or 'nothing'}",
