@@ -418,3 +418,44 @@ def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_p
     # The server it started stops with it.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)
+
+
+def test_reconcile_applies_what_changed_reports_declared_against_running_and_retires_deleted(
+    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_model, toolchain
+) -> None:
+    from cortex.runtime import get_runtime
+    from flows.reconcile import reconcile_specs
+
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "cortex-home"))
+    monkeypatch.setenv("CORTEX_GATEWAY_URL", "http://127.0.0.1:9")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    write_spec(specs / "smollm2.yaml", smollm2_spec(test_model.gguf))
+    write_spec(specs / "broken.yaml", "name: Broken_Name\nsource: {gguf: ./x.gguf}\n")
+
+    def by_spec(report: dict) -> dict[str, dict]:
+        return {row["spec"]: row for row in report["specs"]}
+
+    def ours(report: dict) -> list[dict]:
+        return [row for row in report["running"] if row["model"] == "smollm2-served"]
+
+    try:
+        first = reconcile_specs(str(specs))
+        rows = by_spec(first)
+        assert (rows["smollm2.yaml"]["state"], rows["smollm2.yaml"]["action"]) == ("not running", "applied")
+        assert rows["broken.yaml"]["state"] == "invalid" and "broken.yaml:1: name:" in rows["broken.yaml"]["detail"]
+        [running] = ours(first)
+        assert running["declared"] and running["runtime"] == "process"
+
+        second = by_spec(reconcile_specs(str(specs)))  # nothing changed: nothing is done
+        assert (second["smollm2.yaml"]["state"], second["smollm2.yaml"]["action"]) == ("up to date", "none")
+
+        (specs / "smollm2.yaml").unlink()
+        third = reconcile_specs(str(specs))
+        assert by_spec(third)["smollm2.yaml"] == {"spec": "smollm2.yaml", "model": "smollm2-served",
+                                                  "state": "spec deleted", "action": "retired", "detail": ""}
+        assert ours(third) == []
+    finally:
+        runtime = get_runtime("process")
+        for replica in runtime.list():
+            runtime.stop(replica)
