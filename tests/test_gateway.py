@@ -380,7 +380,7 @@ def test_deregister_and_unknown_replica(gateway, engines):
         with pytest.raises(GatewayError) as err:
             c.deregister(rep["id"])
         assert err.value.status == 404
-        for bad in ("ftp://x", "http://127.0.0.1:8000/v1", "http://:80"):
+        for bad in ("ftp://x", "http://127.0.0.1:8000/v1", "http://:80", "http://h:99999", "http://h:port"):
             with pytest.raises(GatewayError) as err:
                 c.register("smol", bad)
             assert err.value.status == 400

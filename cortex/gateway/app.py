@@ -233,7 +233,10 @@ class Gateway:
         while True:
             replicas = list(self.table.replicas.values())
             if replicas:
-                await asyncio.gather(*(self.check_health(r) for r in replicas))
+                results = await asyncio.gather(*(self.check_health(r) for r in replicas), return_exceptions=True)
+                for replica, result in zip(replicas, results):
+                    if isinstance(result, Exception):  # a bug, not a down replica: keep checking the rest
+                        log.error("health check of %s crashed: %r", replica.id, result)
             await asyncio.sleep(self.settings.gateway_health_interval)
 
     async def check_health(self, replica: Replica) -> bool:
@@ -242,7 +245,7 @@ class Gateway:
             response = await self._health_client.get(replica.url + "/health", headers=headers)
             ok = response.status_code == 200
             reason = f"/health answered {response.status_code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             ok, reason = False, f"/health failed: {type(exc).__name__}: {exc}"
         if ok != replica.healthy:
             if ok:

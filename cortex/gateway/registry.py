@@ -115,6 +115,10 @@ def hash_key(key: str) -> str:
 
 def validate_replica_url(url: str) -> str:
     parts = urlsplit(url)
+    try:
+        parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise RegistryError(f"replica url {url!r}: {exc}") from None
     if parts.scheme != "http" or not parts.hostname:
         raise RegistryError(f"replica url {url!r}: expected http://host:port (the engine's base URL)")
     if parts.query or parts.fragment or parts.path.strip("/"):
