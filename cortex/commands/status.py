@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from cortex.runtime import RUNTIMES, ReplicaError, get_runtime
 
@@ -29,7 +30,8 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
         except ReplicaError as exc:
             if runtime:
                 raise
-            notes.append(f"{kind}: not available ({str(exc).split(':')[0]})")
+            where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            notes.append(f"{kind}: no daemon answers at {where}, so no containers are listed")
             continue
         for replica in rt.list():
             health = rt.health(replica) if rt.is_running(replica) else "exited"
