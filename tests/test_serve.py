@@ -459,3 +459,44 @@ def test_reconcile_applies_what_changed_reports_declared_against_running_and_ret
         runtime = get_runtime("process")
         for replica in runtime.list():
             runtime.stop(replica)
+
+
+def test_a_scheduled_run_benchmarks_the_same_commit_and_redeploys_a_new_one(
+    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_model, toolchain
+) -> None:
+    """What the spec's schedule starts (apply-spec with scheduled=true), against a local Hub
+    endpoint (tests/hubserver.py) whose `main` moves to a new commit between two runs."""
+    from cortex.runtime import get_runtime
+    from flows.reconcile import apply_spec
+    from hubserver import HubRepo, HubServer
+
+    repo = HubRepo("acme/smollm2-gguf")
+    first_commit = repo.commit({"SmolLM2.Q4_1.gguf": test_model.gguf})
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "cortex-home"))
+    monkeypatch.setenv("CORTEX_GATEWAY_URL", "http://127.0.0.1:9")
+    spec = tmp_path / "smollm2.yaml"
+    write_spec(spec, smollm2_spec(test_model.gguf, source={"repo": "acme/smollm2-gguf", "gguf": "SmolLM2.Q4_1.gguf"}))
+    try:
+        with HubServer([repo]) as hub:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            first = apply_spec(str(spec))
+            assert first["action"] == "deployed" and first["source_revision"] == first_commit
+
+            same = apply_spec(str(spec), scheduled=True)
+            assert same["action"] == "benchmarked" and same["replica"] == first["replica"]
+            assert same["benchmark"]["levels"][0]["concurrency"] == 1
+
+            readme = tmp_path / "README.md"
+            readme.write_text("a new commit on main\n")
+            second_commit = repo.commit({"SmolLM2.Q4_1.gguf": test_model.gguf, "README.md": readme})
+            moved = apply_spec(str(spec), scheduled=True)
+            assert moved["action"] == "deployed" and moved["source_revision"] == second_commit
+            assert moved["replica"] != first["replica"] and moved["stopped"] == [first["replica"]]
+            assert [r.name for r in get_runtime("process").list()] == [moved["replica"]]
+    finally:
+        runtime = get_runtime("process")
+        for replica in runtime.list():
+            runtime.stop(replica)
