@@ -162,9 +162,11 @@ FAILURE_HINTS: list[tuple[re.Pattern[str], str]] = [
     ),
     (
         re.compile(r"error: invalid argument|unrecognized arguments?|unknown argument|"
-                   r"invalid choice|error: unknown option", re.I),
-        "unknown flag: the engine version in the image rejects a flag in the launch command; "
-        "check the spec's engine settings against this engine version (`cortex engines`)",
+                   r"invalid choice|error: unknown option|unknown value for|"
+                   r"error while handling argument", re.I),
+        "unknown flag or value: the engine version in the image rejects a flag (or its value) "
+        "in the launch command; check the spec's engine settings and extra_args against this "
+        "engine version (`cortex engines`)",
     ),
     (
         re.compile(r"no such file or directory|failed to load model|failed to open|"
