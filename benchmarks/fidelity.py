@@ -136,6 +136,82 @@ def spread(values: list[float]) -> float:
     return max(abs(v - med) / med for v in values) if med else float("nan")
 
 
+# --- a control: a server with known timing ------------------------------------------------
+#
+# On a busy shared CPU, llama-server's own speed swings by tens of percent between runs, which
+# hides any difference between the two clients. The control server answers like llama-server
+# (SSE, `usage` beside `choices` in the last message) with timing set by sleeps: prefill
+# `prefill_ms` per request (not per token: vLLM sends text, Cortex token ids, and the control
+# server has no tokenizer to count them alike), then one token every `token_ms`, both stretched by
+# `slowdown` per other request in flight (a crude continuous batch). Differences the two tools
+# report against it come from the clients alone.
+
+
+def serve_control(port: int, prefill_ms: float, token_ms: float, slowdown: float) -> None:
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    active = [0]
+
+    def stretch() -> float:
+        return 1.0 + slowdown * max(active[0] - 1, 0)
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model"}]})
+
+    async def completions(request: Request):
+        body = await request.json()
+        prompt = body["prompt"]
+        n_prompt = len(prompt) if isinstance(prompt, list) else max(1, len(str(prompt).split()))
+        n = int(body.get("max_tokens") or 16)
+
+        async def events():
+            active[0] += 1
+            try:
+                await asyncio.sleep(prefill_ms / 1000 * stretch())
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(token_ms / 1000 * stretch())
+                    msg = {"choices": [{"text": " the", "index": 0, "logprobs": None,
+                                        "finish_reason": "length" if i == n - 1 else None}],
+                           "object": "text_completion", "model": "smollm2"}
+                    if i == n - 1:
+                        msg["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n,
+                                        "total_tokens": n_prompt + n}
+                    yield f"data: {json.dumps(msg)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                active[0] -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/health", lambda r: JSONResponse({"status": "ok"}))])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def start_control(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--serve-control", str(port), "--prefill-ms", str(args.prefill_ms),
+           "--token-ms", str(args.token_ms), "--slowdown", str(args.slowdown)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"control server not up after 60 s; see {log}")
+
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4")
@@ -149,7 +225,18 @@ def main() -> int:
                         help="llama-server threads (default 1: on a shared, oversubscribed CPU one thread is "
                         "several times faster and far steadier than two, whose barriers wait on each other)")
     parser.add_argument("--json", type=Path, default=None, help="write all runs and the summary here")
+    parser.add_argument("--server", choices=["llama", "control"], default="llama",
+                        help="llama: a real llama-server (default); control: a server with known timing, "
+                        "so that only the clients can differ")
+    parser.add_argument("--prefill-ms", type=float, default=250.0, help="control server: prefill per request")
+    parser.add_argument("--token-ms", type=float, default=20.0, help="control server: per output token")
+    parser.add_argument("--slowdown", type=float, default=0.25,
+                        help="control server: stretch per other request in flight")
+    parser.add_argument("--serve-control", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_control is not None:
+        serve_control(args.serve_control, args.prefill_ms, args.token_ms, args.slowdown)
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
 
     try:
@@ -163,11 +250,16 @@ def main() -> int:
     base_url = f"http://127.0.0.1:{port}"
     slots = max(levels)
     ctx = slots * (args.input_len + args.output_len + 64)
-    print(f"llama-server {toolchain.version} on {gguf.name}, {slots} slots, {args.threads} thread(s); "
-          f"vLLM {vllm.version}; {args.requests} requests of {args.input_len} in / {args.output_len} out "
-          f"tokens per run; logs in {logs}")
-    server = start_llama_server(toolchain.llama_server, gguf, port, slots, ctx, args.threads,
-                                logs / "llama-server.log")
+    load = f"{args.requests} requests of {args.input_len} in / {args.output_len} out tokens per run"
+    if args.server == "control":
+        print(f"control server (prefill {args.prefill_ms:g} ms, {args.token_ms:g} ms/token, slowdown "
+              f"{args.slowdown:g} per other request); vLLM {vllm.version}; {load}; logs in {logs}")
+        server = start_control(port, args, logs / "control-server.log")
+    else:
+        print(f"llama-server {toolchain.version} on {gguf.name}, {slots} slots, {args.threads} thread(s); "
+              f"vLLM {vllm.version}; {load}; logs in {logs}")
+        server = start_llama_server(toolchain.llama_server, gguf, port, slots, ctx, args.threads,
+                                    logs / "llama-server.log")
     runs: list[dict] = []
     try:
         vbench = VllmBench(vllm.python, logs / "vllm-bench.log")
