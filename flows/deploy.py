@@ -25,7 +25,7 @@ from prefect.transactions import transaction
 
 from cortex.runtime import RUNTIMES, ReplicaError, get_runtime, ready_timeout_s
 from cortex.runtime.base import launch_dict, path_size, probe_health, served_model_name
-from cortex.runtime.rollout import DeployResult, engine_secrets, gateway_client, host_slot_name, replicas_of
+from cortex.runtime.rollout import DeployResult, gateway_client, host_slot_name, replicas_of
 from tasks.deploy import register_in_gateway, retire_replica, smoke_test_replica, start_replica, wait_until_ready
 
 
@@ -110,7 +110,7 @@ def roll_out(
     else:
         reused = False
         with transaction():
-            replica = start_replica(launch, runtime, engine_secrets())
+            replica = start_replica(launch, runtime)
             replica = wait_until_ready(replica, timeout)
             smoke = smoke_test_replica(replica, **smoke_args)
             if gw:

@@ -18,6 +18,7 @@ from prefect.transactions import Transaction, get_transaction
 
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
 from cortex.runtime import Replica, get_runtime
+from cortex.runtime.rollout import engine_secrets
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -27,8 +28,9 @@ def _artifact_key(text: str) -> str:
 
 
 @task(name="start-replica", **TASK_OPTIONS)
-def start_replica(launch: dict[str, Any], runtime: str, secrets: dict[str, str]) -> Replica:
-    replica = get_runtime(runtime).start(launch, secrets)
+def start_replica(launch: dict[str, Any], runtime: str) -> Replica:
+    # Secrets are made here, not passed in, so they never appear among a task's parameters.
+    replica = get_runtime(runtime).start(launch, engine_secrets())
     transaction = get_transaction()
     if transaction is not None:
         transaction.set("replica", replica.to_json(secrets=True))
