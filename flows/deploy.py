@@ -109,6 +109,9 @@ def roll_out(
             register_in_gateway(replica, aliases or [])
     else:
         reused = False
+        if same is not None:  # the same launch exists but does not answer healthy: replace it
+            logger.warning("%s exists but is not healthy; replacing it", same.name)
+            rt.stop(same)
         with transaction():
             replica = start_replica(launch, runtime)
             replica = wait_until_ready(replica, timeout)
