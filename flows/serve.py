@@ -19,6 +19,7 @@ spec keeps what it had, so a typo never removes a schedule.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from pathlib import Path
@@ -158,9 +159,16 @@ def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading
         deployment.apply()  # now, so that the schedules below have a deployment to attach to
     sync_schedules(folder)
 
-    def on_change(change: SpecChange) -> None:
+    # The watcher thread sees this thread's Prefect settings (API URL) only through a copy of
+    # its context: threads do not inherit context variables.
+    context = contextvars.copy_context()
+
+    def report(change: SpecChange) -> None:
         emit_spec_event(change)
         sync_schedules(folder)
+
+    def on_change(change: SpecChange) -> None:
+        context.run(report, change)
 
     stop = stop or threading.Event()
     SpecWatcher(folder, on_change).start(stop)

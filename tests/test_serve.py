@@ -98,6 +98,11 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # this process's flow runs' last logs and events,
+        EventsWorker.drain_all(timeout=10)  # before their server goes away
     stop_process(server.process)
 
 
@@ -324,7 +329,9 @@ def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Ser
     write_spec(spec_path, yaml.safe_dump(smollm2_spec(test_model.gguf, resources={"concurency": 1})))
     run = wait_for_new_run(deploy, known, 300, cortex_serve.log)
     assert run.state.type.value == "FAILED"
-    assert "resources.concurency: unknown key 'concurency'; did you mean 'concurrency'?" in run_logs(run.id)
+    problem = "resources.concurency: unknown key 'concurency'; did you mean 'concurrency'?"
+    assert problem in run.state.message
+    wait_for(lambda: problem in run_logs(run.id), 30, "the run's log does not name the problem")  # logs arrive after the state
     assert [r.name for r in replicas(cortex_serve)] == [second.name]
     assert httpx.get(second.endpoint + "/health", timeout=5).status_code == 200
 
