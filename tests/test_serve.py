@@ -361,10 +361,13 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), PYTHONUNBUFFERED="1")
     prefect_cli(prefect_server, "work-pool", "create", "cortex", "--type", "process", env=env)
     prefect_cli(prefect_server, "work-queue", "create", "gpu-host-1", "--pool", "cortex", "--limit", "1", env=env)
-    prefect_cli(prefect_server, "--no-prompt", "deploy", "--name", "prepare-gpu-host-1", env=env)
+    prefect_cli(prefect_server, "--no-prompt", "deploy", "--all", env=env, timeout=600)
     with client() as c:
         queue = c.read_work_queue_by_name("gpu-host-1", work_pool_name="cortex")
         dep = c.read_deployment_by_name("prepare-model/prepare-gpu-host-1")
+        pooled = {(d.name, d.work_queue_name) for d in c.read_deployments() if d.work_pool_name == "cortex"}
+    assert pooled == {(f"{flow}-gpu-host-{n}", f"gpu-host-{n}") for flow in ("deploy", "prepare", "retire", "reconcile")
+                      for n in (1, 2)}
     assert queue.concurrency_limit == 1
     assert dep.work_pool_name == "cortex" and dep.work_queue_name == "gpu-host-1"
     assert dep.entrypoint == "flows.prepare.prepare_model" and not dep.pull_steps
@@ -391,7 +394,7 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
         stop_process(worker)
     assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
     assert done.work_queue_name == "gpu-host-1"
-    assert "prepared smollm2-served: gguf" in run_logs(run.id)
+    wait_for(lambda: "prepared smollm2-served: gguf" in run_logs(run.id), 30, "the run's log lacks the prepare summary")
 
 
 def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_path: Path) -> None:
