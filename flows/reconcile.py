@@ -30,6 +30,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.context import get_run_context
 
 from cortex.specfile import SpecError, load_spec, spec_files
@@ -112,8 +114,6 @@ def validate_spec(spec_path: str):
 
 def _tag_run(*tags: str) -> None:
     """Add tags (model name, engine) to the running flow run, so the UI can filter by them."""
-    from prefect.client.orchestration import get_client
-
     run = get_run_context().flow_run
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(run.id).tags
@@ -189,33 +189,22 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
 
 
 def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -> dict[str, Any]:
-    """flows.deploy.deploy_model's steps (prepare -> launch -> roll_out under the host's deploy
-    slot) on an already validated spec. deploy_model itself imports load_spec from cortex.spec,
-    where it is not, so it is not called until that is fixed."""
-    from cortex.launch import build_launch
-    from cortex.runtime import ready_timeout_s
-    from cortex.runtime.base import launch_dict, path_size
-    from flows.deploy import host_deploy_slot, roll_out
-    from flows.prepare import prepare_model
-
+    """Run flows.deploy.deploy_model as a subflow, and put the prepare report (source, files,
+    facts, decision trace, plan) on this run too: its page is the one an operator opens, and
+    the UI lists only a run's own artifacts."""
+    from flows.deploy import deploy_model
     from tasks.benchmark import artifact_key
-    from tasks.prepare import render_report
+    from tasks.prepare import artifact_key as prepare_key
 
-    with host_deploy_slot(runtime):
-        prepared = prepare_model(spec_path)
-        # The same report as the prepare-model subflow's, on this run too: its page is the one
-        # an operator opens, and the UI lists only a run's own artifacts.
-        create_markdown_artifact(
-            key=artifact_key(f"plan-{spec.name}"), markdown=render_report(spec, prepared.facts, prepared.plan, prepared),
-            description=f"{spec.name}: source, files, facts, decision trace, plan",
-        )
-        launch = launch_dict(build_launch(spec, prepared.plan, prepared.artifact_path))
-        artifacts = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
-        return roll_out(
-            launch, runtime, task_kind=spec.task, prompts=spec.tests.prompts, max_tokens=spec.tests.max_tokens,
-            aliases=list(spec.aliases), gateway=gateway,
-            ready_timeout=ready_timeout_s(launch["engine"], sum(path_size(p) for p in artifacts)),
-        )
+    result = deploy_model(spec_path, runtime=runtime, gateway=gateway)
+    key = prepare_key("prepare", spec.name, "report")
+    with get_client(sync_client=True) as client:
+        reports = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])), limit=1)
+    for report in reports:
+        create_markdown_artifact(key=artifact_key(f"plan-{spec.name}"), markdown=str(report.data),
+                                 description=f"{spec.name}: source, files, facts, decision trace, plan")
+    return result
 
 
 def _bench_summary(bench: Any) -> dict[str, Any] | None:
