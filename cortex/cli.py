@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Module names under cortex.commands, in the order `cortex --help` shows them.
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Commands that run flows start Prefect's ephemeral server when no PREFECT_API_URL is set;
+    # its 20 s default start-up timeout is too short on a busy small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -219,6 +219,9 @@ class LlamaCppSettings(Section):
     split_mode: Literal["none", "layer", "row"] | None = Field(None, description="-sm, how to split across GPUs")
     cache_type_k: CacheType | None = Field(None, description="-ctk, KV cache type for K")
     cache_type_v: CacheType | None = Field(None, description="-ctv, KV cache type for V")
+    pooling: Literal["none", "mean", "cls", "last", "rank"] | None = Field(
+        None, description="--pooling for embed models (default: the model's own; chat models need mean)"
+    )
     extra_args: list[str] = _extra_args_field("llama-server")
 
     @field_validator("extra_args")

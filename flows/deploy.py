@@ -77,8 +77,11 @@ def roll_out(
     aliases: list[str] | None = None,
     ready_timeout: float | None = None,
     gateway: bool | None = None,
+    benchmark: dict[str, Any] | None = None,
+    gpus: int = 0,
 ) -> dict[str, Any]:
-    """Start `launch`, prove it works, route to it, then stop the model's other replicas."""
+    """Start `launch`, prove it works, measure it against its gates, route to it, then stop the
+    model's other replicas. `benchmark` is the spec's benchmark section (None: no benchmark)."""
     logger = get_run_logger()
     launch = launch_dict(launch)
     model = served_model_name(launch)
@@ -105,6 +108,7 @@ def roll_out(
         logger.info("%s already runs this launch; testing it again instead of restarting", same.name)
         replica, reused = same, True
         smoke = smoke_test_replica(replica, **smoke_args)
+        bench = _benchmark(replica, benchmark, gpus)
         if gw:
             register_in_gateway(replica, aliases or [])
     else:
@@ -116,6 +120,8 @@ def roll_out(
             replica = start_replica(launch, runtime)
             replica = wait_until_ready(replica, timeout)
             smoke = smoke_test_replica(replica, **smoke_args)
+            # a failed gate raises here, inside the transaction: the new replica is rolled back
+            bench = _benchmark(replica, benchmark, gpus)
             if gw:
                 register_in_gateway(replica, aliases or [])
 
@@ -124,7 +130,27 @@ def roll_out(
         name=model, engine=replica.engine, runtime=runtime, endpoint=replica.endpoint,
         replica=replica.name, smoke=smoke.model_dump(), gateway=gateway_state, reused=reused,
         stopped=stopped, since=replica.since,
-    ).to_json()
+    ).to_json() | {"benchmark": bench}
+
+
+def _benchmark(replica: Any, section: dict[str, Any] | None, gpus: int) -> dict[str, Any] | None:
+    """Benchmark the replica with the spec's section and enforce its gates (GatesFailed)."""
+    if section is None:
+        return None
+    from cortex.bench import BenchmarkSettings
+    from cortex.spec import BenchmarkSpec
+    from tasks.benchmark import run_benchmark
+
+    spec = BenchmarkSpec.model_validate(section)
+    result = run_benchmark(
+        replica.endpoint, BenchmarkSettings.from_spec(spec, gpus=gpus), model=replica.model,
+        api_key=replica.api_key, gates=list(spec.gates), target=replica.name,
+    )
+    return {"levels": [
+        {"concurrency": lv.concurrency, "output_tokens_per_s": lv.output_tokens_per_s,
+         "requests_per_s": lv.requests_per_s, "ttft_ms_p50": lv.ttft_ms.p50, "errors": lv.errors}
+        for lv in result.levels
+    ]}
 
 
 def launch_for_spec(spec: Any, spec_path: str) -> tuple[dict[str, Any], int]:
@@ -153,7 +179,13 @@ def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | Non
             launch, kind, task_kind=spec.task, prompts=spec.tests.prompts,
             max_tokens=spec.tests.max_tokens, aliases=list(spec.aliases),
             ready_timeout=ready_timeout_s(launch["engine"], artifact_bytes), gateway=gateway,
+            benchmark=spec.benchmark.model_dump() if spec.benchmark else None,
+            gpus=_gpu_count(spec.resources.gpus),
         )
+
+
+def _gpu_count(gpus: Any) -> int:
+    return len(gpus) if isinstance(gpus, list) else int(gpus or 0)
 
 
 def available_runtimes(runtime: str | None = None) -> list[Any]:

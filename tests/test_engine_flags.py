@@ -76,6 +76,7 @@ llamacpp:
   numa: distribute
   cache_type_k: q8_0
   cache_type_v: q8_0
+  pooling: mean
   extra_args: ["--temp", "0.5"]
 """, "every-flag.yaml")
     from cortex.facts import gguf_facts
@@ -84,7 +85,7 @@ llamacpp:
     launch = build_launch(spec, plan)
     used = flag_names(launch.command[1:])
     assert {"-ngl", "-ts", "-sm", "-c", "-np", "-b", "-ub", "-t", "-fa", "-lm", "--numa", "-ctk", "-ctv",
-            "--rope-freq-base", "--rope-freq-scale", "--embeddings", "--temp"} <= set(used)
+            "--rope-freq-base", "--rope-freq-scale", "--embeddings", "--pooling", "--temp"} <= set(used)
     assert [f for f in used if f not in live_llama] == []
     cmd = launch.command
     assert cmd[cmd.index("-lm") + 1] == "mlock"  # mlock + no_mmap, translated for this llama.cpp

@@ -31,6 +31,7 @@ FLAGS: list[FlagMap] = [
     FlagMap("numa", "--numa"),
     FlagMap("cache_type_k", "-ctk"),
     FlagMap("cache_type_v", "-ctv"),
+    FlagMap("pooling", "--pooling"),
 ]
 
 def load_mode(mlock: bool | None, no_mmap: bool | None) -> str | None:
