@@ -55,8 +55,12 @@ class LaunchSpec:
         return asdict(self)
 
 
-def _model_mounts(spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None) -> tuple[list[Mount], str]:
-    """Mounts and the in-container model path. GGUF split sets mount every part."""
+def _model_mounts(
+    spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None, mount_root: Path | None = None
+) -> tuple[list[Mount], str]:
+    """Mounts and the in-container model path. GGUF split sets mount every part. A Hub snapshot
+    (`snapshots/<sha>/` whose files link into `../../blobs/`) mounts its repo folder, `mount_root`,
+    so the links resolve inside the container."""
     if plan.artifact.format == "gguf":
         files = artifact if isinstance(artifact, list) else [artifact] if artifact else None
         if files is None and spec.source.kind == "gguf_file":
@@ -70,6 +74,9 @@ def _model_mounts(spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | Non
         return [Mount(None, f"{MODELS_DIR}/{name}")], f"{MODELS_DIR}/{name}"
     folder = artifact if isinstance(artifact, Path) else Path(spec.source.path) if spec.source.kind == "hf_dir" else None
     target = f"{MODELS_DIR}/{spec.name}"
+    if folder is not None and mount_root is not None and Path(folder).is_relative_to(mount_root):
+        inside = Path(folder).relative_to(mount_root).as_posix()
+        return [Mount(str(mount_root), target)], f"{target}/{inside}"
     return [Mount(str(folder) if folder else None, target)], target
 
 
@@ -87,9 +94,11 @@ def check_flags(engine: str, args: list[str]) -> None:
         raise FlagError(f"{module.ENGINE_LABEL} {table.version} does not accept {', '.join(unknown)}")
 
 
-def build_launch(spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None = None) -> LaunchSpec:
+def build_launch(
+    spec: ModelSpec, plan: Plan, artifact: Path | list[Path] | None = None, mount_root: Path | None = None
+) -> LaunchSpec:
     embed = spec.task == "embed"
-    mounts, model_path = _model_mounts(spec, plan, artifact)
+    mounts, model_path = _model_mounts(spec, plan, artifact, mount_root)
     gpus = [int(d.device.split(":")[1]) for d in plan.devices if d.device.startswith("cuda:")]
     if plan.engine == "llamacpp":
         eng = llamacpp_engine

@@ -159,7 +159,7 @@ def launch_for_spec(spec: Any, spec_path: str) -> tuple[dict[str, Any], int]:
     from flows.prepare import prepare_model
 
     prepared = prepare_model(spec_path)
-    launch = build_launch(spec, prepared.plan, prepared.artifact_path)
+    launch = build_launch(spec, prepared.plan, prepared.artifact_path, prepared.mount_root)
     paths = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
     return launch_dict(launch), sum(path_size(p) for p in paths)
 

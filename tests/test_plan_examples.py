@@ -161,3 +161,16 @@ def test_plan_text_explains_the_trace() -> None:
     assert "=> gpt-oss" in proc.stdout and "policy:" in proc.stdout
     assert "vLLM was not chosen" in proc.stdout
     assert "llama-server -m /models/" in proc.stdout
+
+
+def test_hub_snapshot_mounts_its_repo_folder_so_blob_links_resolve(tmp_path: Path) -> None:
+    from cortex.launch import build_launch
+
+    m = plan("llama-3-8b-instruct")
+    repo = tmp_path / "models--meta-llama--Meta-Llama-3-8B-Instruct"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    launch = build_launch(m.spec, m.plan, snap, repo)
+    assert launch.mounts[0].source == str(repo) and launch.mounts[0].read_only
+    cmd = launch.command
+    assert cmd[cmd.index("--model") + 1] == "/models/llama-3-8b-instruct/snapshots/abc123"
