@@ -39,7 +39,7 @@ def _ram_bytes() -> int:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        return 0  # no /proc (not Linux): RAM unknown, a CPU plan will say it does not fit
     return 0
 
 
