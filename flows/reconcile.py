@@ -189,21 +189,30 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
 
 
 def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -> dict[str, Any]:
-    """Run flows.deploy.deploy_model as a subflow, and put the prepare report (source, files,
-    facts, decision trace, plan) on this run too: its page is the one an operator opens, and
-    the UI lists only a run's own artifacts."""
+    """Run flows.deploy.deploy_model as a subflow, and copy its subflows' prepare report (source,
+    files, facts, decision trace, plan) and benchmark table and summary (with the chart) onto
+    this run: its page is the one an operator opens, and the UI lists only a run's own artifacts."""
     from flows.deploy import deploy_model
     from tasks.benchmark import artifact_key
     from tasks.prepare import artifact_key as prepare_key
 
     result = deploy_model(spec_path, runtime=runtime, gateway=gateway)
-    key = prepare_key("prepare", spec.name, "report")
+    copies = {  # subflow artifact key -> (key on this run, kind)
+        prepare_key("prepare", spec.name, "report"): (f"plan-{spec.name}", "markdown"),
+        artifact_key(f"benchmark-{spec.name}"): (f"bench-{spec.name}", "table"),
+        artifact_key(f"benchmark-{spec.name}-summary"): (f"bench-{spec.name}-summary", "markdown"),
+    }
     with get_client(sync_client=True) as client:
-        reports = client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])), limit=1)
-    for report in reports:
-        create_markdown_artifact(key=artifact_key(f"plan-{spec.name}"), markdown=str(report.data),
-                                 description=f"{spec.name}: source, files, facts, decision trace, plan")
+        latest = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=list(copies))))
+    for artifact in latest:
+        key, kind = copies[artifact.key]
+        description = f"{spec.name}: {artifact.description or key} (from the {kind} of a subflow)"
+        if kind == "table":
+            data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+            create_table_artifact(key=artifact_key(key), table=data, description=description)
+        else:
+            create_markdown_artifact(key=artifact_key(key), markdown=str(artifact.data), description=description)
     return result
 
 

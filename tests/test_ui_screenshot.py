@@ -121,7 +121,7 @@ def test_a_finished_deploy_run_shows_its_artifacts_in_the_ui(
             runtime.stop(replica)
     run_id = state.state_details.flow_run_id
     artifacts = {a.key: a for a in run_artifacts(run_id) if a.key}
-    assert {"applied-spec", "plan-smollm2-served", "benchmark-smollm2-served", "benchmark-smollm2-served-chart"} <= set(artifacts), sorted(artifacts)
+    assert {"applied-spec", "plan-smollm2-served", "bench-smollm2-served", "bench-smollm2-served-summary"} <= set(artifacts), sorted(artifacts)
 
     OUT.mkdir(parents=True, exist_ok=True)
     browser = Browser(tmp_path / "chromium")
@@ -130,13 +130,13 @@ def test_a_finished_deploy_run_shows_its_artifacts_in_the_ui(
         browser.open(f"{prefect_server.ui_url}/runs/flow-run/{run_id}")
         browser.wait_for_text("apply-spec", "Completed", "Artifacts")
         browser.click("Artifacts")
-        browser.wait_for_text("applied-spec", "benchmark-smollm2-served", "plan-smollm2-served")
+        browser.wait_for_text("applied-spec", "bench-smollm2-served-summary", "plan-smollm2-served")
         time.sleep(2)  # the artifact cards finish rendering
         browser.screenshot(OUT / "deploy-run-artifacts.png")
 
-        table = artifacts["benchmark-smollm2-served"]
+        table = artifacts["bench-smollm2-served"]
         browser.open(f"{prefect_server.ui_url}/artifacts/artifact/{table.id}")
-        browser.wait_for_text("benchmark-smollm2-served", "concurrency")
+        browser.wait_for_text("bench-smollm2-served", "concurrency")
         time.sleep(2)
         browser.screenshot(OUT / "benchmark-table.png")
     finally:
