@@ -399,11 +399,14 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
             return r if r.state and r.state.type.value in TERMINAL else None
 
         done = wait_for(finished, 300, "the worker did not finish the run", lambda: log_path.read_text())
+        assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
+        # The run's process sends its last logs after its final state; stopping the worker
+        # before that would lose them.
+        wait_for(lambda: "prepared smollm2-served: gguf" in run_logs(run.id), 60,
+                 "the run's log lacks the prepare summary", lambda: log_path.read_text())
     finally:
         stop_process(worker)
-    assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
     assert done.work_queue_name == "gpu-host-1"
-    wait_for(lambda: "prepared smollm2-served: gguf" in run_logs(run.id), 30, "the run's log lacks the prepare summary")
 
 
 def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_path: Path) -> None:
