@@ -364,7 +364,7 @@ def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str], timeout:
 def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     prefect_server: PrefectServer, tmp_path: Path, test_model
 ) -> None:
-    # As flows/README.md says: the pool, one queue per host with its limit, `prefect deploy`
+    # As README.md says: the pool, one queue per host with its limit, `prefect deploy`
     # next to prefect.yaml, then a worker on the host's queue (started elsewhere: the flows
     # come from the installed package).
     env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), PYTHONUNBUFFERED="1")

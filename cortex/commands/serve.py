@@ -4,7 +4,7 @@
 
 Connects to the Prefect server at --prefect-url (or $PREFECT_API_URL); with neither, starts a
 local one (`prefect server start`, SQLite in $PREFECT_HOME) and stops it on exit. Prints where
-the UI is, then serves until Ctrl-C. See flows/README.md.
+the UI is, then serves until Ctrl-C. See README.md, "Operating Cortex through Prefect".
 """
 
 from __future__ import annotations
