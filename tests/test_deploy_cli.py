@@ -72,11 +72,11 @@ def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, 
 
         # A redeploy whose engine rejects a value: clear failure, the old replica still serves.
         broken = tmp_path / "broken.yaml"
-        broken.write_text(spec.read_text() + "llamacpp:\n  extra_args: ['--pooling', 'bogus']\n")
+        broken.write_text(spec.read_text() + "llamacpp:\n  extra_args: ['--reasoning-format', 'bogus']\n")
         failed = cortex("deploy", str(broken), env=env)
         assert failed.returncode == 1
         assert "deploy of" in failed.stderr and "exited with code 1 before it became ready" in failed.stderr
-        assert "hint: unknown flag or value" in failed.stderr and 'handling argument "--pooling": invalid value' in failed.stderr
+        assert "hint: unknown flag or value" in failed.stderr and 'handling argument "--reasoning-format"' in failed.stderr
         status = json.loads(cortex("status", "--json", env=env).stdout)
         assert [(r["replica"], r["health"]) for r in status if r["name"] == "smollm2-cli"] == [(result["replica"], "ok")]
 
