@@ -16,6 +16,7 @@ one slot per host keeps two deploys from fighting over the same GPUs.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -79,6 +80,7 @@ def roll_out(
     gateway: bool | None = None,
     benchmark: dict[str, Any] | None = None,
     gpus: int = 0,
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start `launch`, prove it works, measure it against its gates, route to it, then stop the
     model's other replicas. `benchmark` is the spec's benchmark section (None: no benchmark)."""
@@ -122,6 +124,8 @@ def roll_out(
             smoke = smoke_test_replica(replica, **smoke_args)
             # a failed gate raises here, inside the transaction: the new replica is rolled back
             bench = _benchmark(replica, benchmark, gpus)
+            # quantization quality against the F16 reference (a llama.cpp GGUF made from HF)
+            _quality(replica, quality, runtime, timeout)
             if gw:
                 register_in_gateway(replica, aliases or [])
 
@@ -153,15 +157,56 @@ def _benchmark(replica: Any, section: dict[str, Any] | None, gpus: int) -> dict[
     ]}
 
 
-def launch_for_spec(spec: Any, spec_path: str) -> tuple[dict[str, Any], int]:
-    """(launch, artifact bytes): prepare the weights (a subflow), then build the launch."""
+def _quality(replica: Any, quality: dict[str, Any] | None, runtime: str, timeout: float) -> None:
+    """Start the F16 reference next to the new replica, compare them, stop the reference;
+    a score under the spec's threshold raises QualityGateFailed (the transaction rolls back)."""
+    if not quality:
+        return
+    from cortex.runtime.rollout import engine_secrets
+    from tasks.benchmark import quality_check
+
+    rt = get_runtime(runtime)
+    reference = rt.start(quality["reference_launch"], engine_secrets())
+    try:
+        reference = rt.wait_ready(reference, timeout)
+        quality_check(
+            reference.endpoint, replica.endpoint, prompts=quality["prompts"], tokens=quality["tokens"],
+            min_top1_agreement=quality["min_top1_agreement"], candidate_label=quality["label"],
+            api_key=replica.api_key, reference_api_key=reference.api_key,
+        )
+    finally:
+        rt.stop(reference)
+
+
+def launch_for_spec(spec: Any, spec_path: str) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+    """(launch, artifact bytes, quality check): prepare the weights (a subflow), then build the
+    launch; when the spec asks for a quality check of a GGUF made from an HF checkpoint, also the
+    launch of its F16 reference."""
     from cortex.launch import build_launch
     from flows.prepare import prepare_model
 
     prepared = prepare_model(spec_path)
     launch = build_launch(spec, prepared.plan, prepared.artifact_path, prepared.mount_root)
     paths = prepared.artifact_path if isinstance(prepared.artifact_path, list) else [prepared.artifact_path]
-    return launch_dict(launch), sum(path_size(p) for p in paths)
+    quality = None
+    check = spec.benchmark.quality if spec.benchmark else None
+    if check is not None:
+        quant = prepared.plan.artifact.quantization.upper()
+        if prepared.plan.engine != "llamacpp" or prepared.plan.artifact.convert_from != "hf" or quant == "F16":
+            get_run_logger().warning("benchmark.quality needs a llama.cpp GGUF quantized from an HF checkpoint; "
+                                     "this plan (%s %s) has no F16 reference to compare with", prepared.plan.engine, quant)
+        else:
+            from cortex.artifacts import ArtifactKey, ArtifactStore
+            from cortex.toolchain import find_toolchain
+
+            f16 = ArtifactStore().get(ArtifactKey(prepared.source_revision, "F16", find_toolchain().version))
+            if f16 is None:
+                raise RuntimeError(f"the F16 reference of {spec.name} is not in the artifact cache; "
+                                   "run `cortex prepare` again (it keeps the F16 it quantizes from)")
+            reference = build_launch(spec, prepared.plan, f16.model_file)
+            quality = {"reference_launch": launch_dict(reference), "prompts": check.prompts, "tokens": check.tokens,
+                       "min_top1_agreement": check.min_top1_agreement, "label": quant}
+    return launch_dict(launch), sum(path_size(p) for p in paths), quality
 
 
 @flow(name="deploy-model")
@@ -174,13 +219,13 @@ def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | Non
     if kind not in RUNTIMES:
         raise ValueError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIMES)}")
     with host_deploy_slot(kind):
-        launch, artifact_bytes = launch_for_spec(spec, spec_path)
+        launch, artifact_bytes, quality = launch_for_spec(spec, spec_path)
         return roll_out(
             launch, kind, task_kind=spec.task, prompts=spec.tests.prompts,
             max_tokens=spec.tests.max_tokens, aliases=list(spec.aliases),
             ready_timeout=ready_timeout_s(launch["engine"], artifact_bytes), gateway=gateway,
             benchmark=spec.benchmark.model_dump() if spec.benchmark else None,
-            gpus=_gpu_count(spec.resources.gpus),
+            gpus=_gpu_count(spec.resources.gpus), quality=quality,
         )
 
 

@@ -58,3 +58,38 @@ def test_impossible_slo_fails_the_deploy_and_keeps_the_old_replica(cortex_home: 
     assert still.name == first["replica"]
     assert smoke_test(still.endpoint, still.model, api_key=still.api_key, max_tokens=4).passed
     retire_model("gated")
+
+
+def test_quantization_quality_gates_the_deploy(cortex_home: Path, test_model, tmp_path: Path) -> None:
+    """SmolLM2's HF checkpoint quantized to Q8_0, compared with its F16 reference started
+    beside it: a threshold it cannot reach fails the deploy and leaves nothing running; a
+    reachable one deploys and publishes the quality report."""
+    from cortex.quality import QualityGateFailed
+    from flows.deploy import deploy_model
+
+    def spec(threshold: float) -> Path:
+        path = tmp_path / f"q{threshold}.yaml"
+        path.write_text(f"""
+name: smol-q8
+source: {{path: {test_model.hf_dir}}}
+engine: llamacpp
+quantization: Q8_0
+resources: {{concurrency: 1, context_length: 512}}
+tests: {{max_tokens: 4}}
+benchmark:
+  concurrency: [1]
+  requests: 2
+  input_len: 8
+  output_len: 4
+  quality: {{min_top1_agreement: {threshold}, prompts: 2, tokens: 8}}
+""")
+        return path
+
+    with pytest.raises(QualityGateFailed):
+        deploy_model(str(spec(1.0)), runtime="process", gateway=False)
+    assert get_runtime("process").list() == []  # neither the candidate nor the reference is left
+    result = deploy_model(str(spec(0.3)), runtime="process", gateway=False)
+    assert result["smoke"]["passed"]
+    assert [r.name for r in get_runtime("process").list()] == [result["replica"]]
+    assert any("quality" in k for k in asyncio.run(_artifact_keys()))
+    retire_model("smol-q8")
