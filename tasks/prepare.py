@@ -101,6 +101,9 @@ class Prepared:
     plan: Any = field(repr=False)  # cortex.plan.Plan
     facts: dict[str, Any] = field(default_factory=dict, repr=False)
     mount_root: Path | None = None  # Hub snapshots are links into ../../blobs: mount this folder
+    # The tool runs that built this run's artifacts: {what, command, exit_code, seconds} each
+    # (convert_hf_to_gguf, then llama-quantize); empty when everything came from the cache.
+    build_steps: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         path = self.artifact_path
@@ -118,6 +121,7 @@ class Prepared:
             "downloaded_bytes": self.downloaded_bytes,
             "resumed_bytes": self.resumed_bytes,
             "built": self.built,
+            "build_steps": self.build_steps,
             "predicted_bytes": self.predicted_bytes,
             "plan": plan_json(self.plan),
         }

@@ -22,6 +22,10 @@ import pytest
 
 from cortex import toolchain as tc
 
+# The tests' Prefect servers (prefect_test_harness, `prefect server start`) send no telemetry:
+# there is no network here, and each attempt would only log "Failed to send telemetry".
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

@@ -1,9 +1,17 @@
 """`cortex demo`: the main job end to end on the embedded default.
 
-Validates and plans every example spec, starts the gateway if none answers, deploys the
-SmolLM2 GGUF spec with the process runtime through the Prefect deploy flow (local Prefect),
-then asks the model a question through the gateway and prints the answer. The model and the
-gateway keep running afterwards; the last lines say how to talk to them and how to stop them.
+Validates and plans every example spec, starts the gateway if none answers, then takes
+SmolLM2-135M-Instruct from its HF checkpoint through the whole pipeline with the process
+runtime and local Prefect: the prepare-model flow (resolve, plan, convert_hf_to_gguf.py to F16,
+llama-quantize to the type the plan picked) and the deploy-model flow (engine picked by the
+rules, start, ready, smoke tests, benchmark, gateway). Each step is printed with the time
+Prefect recorded for it, and the last step asks the model a question through the gateway.
+
+The default spec is the example `specs/smollm2-135m-instruct.yaml` with its Hub source
+replaced by the test model's local checkpoint (no Hub is needed; `./dev setup` installs it);
+it is written to `<CORTEX_HOME>/demo/`. `--spec` deploys any other spec instead. A second run
+reuses the converted and quantized files from the artifact cache. The model and the gateway
+keep running afterwards; the last lines say how to talk to them and how to stop them.
 """
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ import time
 from pathlib import Path
 
 REPO_SPECS = Path(__file__).resolve().parents[2] / "specs"
-DEFAULT_SPEC = "smollm2-135m-instruct-gguf.yaml"
+DEFAULT_SPEC = "smollm2-135m-instruct.yaml"  # its source is replaced by the local checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="plan the examples, deploy SmolLM2 locally and ask it something through the gateway")
     p.add_argument("--specs", type=Path, default=REPO_SPECS, help="folder of example specs (default: the repo's specs/)")
-    p.add_argument("--spec", type=Path, default=None, help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC})")
+    p.add_argument("--spec", type=Path, default=None,
+                   help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC} from the test model's local HF checkpoint)")
     p.add_argument("--prompt", default="Say hello in one short sentence.")
     p.set_defaults(func=run)
 
@@ -36,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from cortex.spec import format_bytes
     from cortex.specfile import SpecError, load_spec, spec_files
 
-    spec_path = args.spec or args.specs / DEFAULT_SPEC
     _say(f"validate {args.specs}")
     files = spec_files([args.specs])
     for f in files:
@@ -63,23 +71,41 @@ def run(args: argparse.Namespace) -> int:
     _say(f"gateway at {settings.gateway_url}")
     _ensure_gateway(settings)
 
-    _say(f"deploy {spec_path} (process runtime, Prefect flow deploy-model)")
+    spec_path = args.spec or _local_checkpoint_spec(args.specs / DEFAULT_SPEC, Path(settings.home) / "demo")
+    if spec_path is None:
+        return 1
     from flows.deploy import deploy_model
+    from flows.prepare import prepare_model
 
+    _say(f"prepare {spec_path} (Prefect flow prepare-model)")
+    state = prepare_model(str(spec_path), return_state=True)
+    if _failed(state, "prepare"):
+        return 1
+    prepared = state.result()
+    _print_steps(state)
+    for step in prepared.build_steps:
+        print(f"    {step['what']:<38} {step['seconds']:>7.1f} s")
+    if prepared.format == "gguf" and not prepared.build_steps and prepared.built == []:
+        print("    (converted and quantized files reused from the artifact cache)")
+    print(f"  {prepared.engine} will load {prepared.format} {prepared.quantization}: {prepared.artifact_path}")
+
+    _say(f"deploy {spec_path} (Prefect flow deploy-model, process runtime)")
     state = deploy_model(str(spec_path), runtime="process", gateway=True, return_state=True)
-    if state.is_failed():
-        try:
-            state.result()
-        except Exception as exc:  # the flow's error is already in its logs; say it plainly
-            print(f"deploy failed: {exc}", file=sys.stderr)
-            return 1
+    if _failed(state, "deploy"):
+        return 1
     result = state.result()
-    print(f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}")
+    _print_steps(state)
+    print(f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}"
+          + (" (the same launch was already serving: tested again)" if result.get("reused") else ""))
     print(f"  smoke tests {'passed' if result['smoke']['passed'] else 'FAILED'}")
+    for level in (result.get("benchmark") or {}).get("levels", []):
+        print(f"  benchmark c={level['concurrency']:<3} {level['output_tokens_per_s']:>8.1f} output tok/s  "
+              f"TTFT p50 {level['ttft_ms_p50']:.0f} ms  errors {level['errors']}")
 
     _say(f"ask {result['name']} through the gateway")
+    started = time.monotonic()
     answer, key = _ask(settings, result["name"], args.prompt)
-    print(f"  Q: {args.prompt}\n  A: {answer}")
+    print(f"  Q: {args.prompt}\n  A: {answer}\n  ({time.monotonic() - started:.1f} s)")
 
     print(f"""
 The model keeps serving. Talk to it:
@@ -90,6 +116,73 @@ The model keeps serving. Talk to it:
   cortex retire {result['name']}
 """)
     return 0
+
+
+def _local_checkpoint_spec(example: Path, folder: Path) -> Path | None:
+    """The example HF spec with its Hub source replaced by the test model's local checkpoint,
+    written into `folder`; None (with the reason on stderr) when the test model is missing."""
+    import yaml
+
+    from cortex import toolchain as tc
+
+    try:
+        model = tc.find_test_model()
+    except tc.ToolchainMissing as missing:
+        print(f"cortex demo: {missing}", file=sys.stderr)
+        return None
+    data = yaml.safe_load(example.read_text())
+    data["source"] = {"path": str(model.hf_dir)}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / example.name
+    path.write_text(
+        f"# Written by `cortex demo`: {example.name} with its Hub source replaced by the test model's\n"
+        "# local HF checkpoint (no Hub needed). The pipeline converts and quantizes it as it would a download.\n"
+        + yaml.safe_dump(data, sort_keys=False))
+    print(f"  spec {path}: {example.name} from the local checkpoint {model.hf_dir}")
+    return path
+
+
+def _failed(state, what: str) -> bool:
+    if not state.is_failed():
+        return False
+    try:
+        state.result()
+    except Exception as exc:  # the flow's error is already in its logs; say it plainly
+        print(f"{what} failed: {exc}", file=sys.stderr)
+    return True
+
+
+def _print_steps(state) -> None:
+    """Each task run of the flow run (and of its subflows) with the time Prefect recorded."""
+    for name, seconds, note in _task_runs(state.state_details.flow_run_id):
+        print(f"  {name:<40} {seconds:>7.1f} s{note}")
+
+
+def _task_runs(flow_run_id) -> list[tuple[str, float, str]]:
+    """(task name, seconds, note) for every task run of the flow run and its subflows, in the
+    order they started; a subflow's own placeholder task run is left out (its tasks are listed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        ids, frontier, placeholders = [flow_run_id], [flow_run_id], set()
+        while frontier:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            placeholders |= {c.parent_task_run_id for c in children}
+            frontier = [c.id for c in children]
+            ids += frontier
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)))
+    rows = []
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time or r.created):
+        if run.id in placeholders:
+            continue
+        seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0
+        note = "" if run.state is None or run.state.is_completed() else f"  ({run.state.name})"
+        rows.append((run.name.rsplit("-", 1)[0], seconds, note))
+    return rows
 
 
 def _gateway_up(url: str) -> bool:

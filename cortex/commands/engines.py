@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from cortex import toolchain as tc
 from cortex.engines import introspect
@@ -59,23 +61,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_install(args: argparse.Namespace) -> int:
     everything = args.all or not (args.llamacpp or args.vllm or args.test_model)
-    steps = []
+    # Two lanes run side by side: compiling llama.cpp keeps every core busy, while installing
+    # vLLM and exporting the test model mostly wait on pip and the disk. Each lane keeps its
+    # own order (the test model is exported with vLLM's Python).
+    lanes: list[list[tuple[str, Callable[[], tuple[object, bool]]]]] = []
     if everything or args.llamacpp:
-        steps.append(("llama.cpp toolchain", lambda: tc.install_toolchain(jobs=args.jobs)))
+        lanes.append([("llama.cpp toolchain", lambda: tc.install_toolchain(jobs=args.jobs))])
+    python_lane: list[tuple[str, Callable[[], tuple[object, bool]]]] = []
     if everything or args.vllm:
-        steps.append(("vLLM (CPU)", tc.install_vllm))
+        python_lane.append(("vLLM (CPU)", tc.install_vllm))
     if everything or args.test_model:
-        steps.append(("test model", tc.install_test_model))
+        python_lane.append(("test model", tc.install_test_model))
+    if python_lane:
+        lanes.append(python_lane)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(lanes) or 1) as pool:
+        results = list(pool.map(_install_lane, lanes))
+    return 1 if any(code != 0 for code in results) else 0
+
+
+def _install_lane(steps: list[tuple[str, Callable[[], tuple[object, bool]]]]) -> int:
     for label, install in steps:
         started = time.monotonic()
         try:
             installed, new = install()
         except (tc.ToolchainMissing, tc.InstallError) as error:
-            print(f"cortex engines install: {label}: {error}", file=sys.stderr)
+            print(f"cortex engines install: {label}: {error}", file=sys.stderr, flush=True)
             return 1
         where, version = _describe(installed)
         took = f" in {time.monotonic() - started:.0f} s" if new else ""
-        print(f"{label} {version}: {'installed' if new else 'already installed'}{took}: {where}")
+        print(f"{label} {version}: {'installed' if new else 'already installed'}{took}: {where}",
+              flush=True)
     return 0
 
 

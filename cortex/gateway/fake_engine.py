@@ -4,7 +4,9 @@ benchmarks/gateway_bench.py (so only proxy cost is measured). Not a model: answe
     python -m cortex.gateway.fake_engine --port 9001 [--api-key KEY] [--chunks 20]
 
 Request fields it understands besides the OpenAI ones: `fake_chunks` (SSE events to send),
-`fake_delay` (seconds between events), `fake_status` (answer with this status).
+`fake_delay` (seconds between events), `fake_status` (answer with this status), `fake_hold`
+(a name: each token event waits for a permit of that name, given by `FakeEngine.release`, so a
+test decides when a stream moves on instead of guessing how long it takes).
 GET /_last returns the last request's body and headers (to check pass-through).
 """
 
@@ -55,6 +57,33 @@ def _chunk(model: str, i: int, chat: bool) -> bytes:
                                      "model": model, "choices": [choice]}) + b"\n\n"
 
 
+class _Gate:
+    """Permits for the token events of streams held on one name (used on the engine's loop only)."""
+
+    def __init__(self) -> None:
+        self.permits = 0
+        self.opened = False
+        self.waiters: list[asyncio.Future] = []
+
+    async def take(self) -> None:
+        while not self.opened and self.permits == 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+        if not self.opened:
+            self.permits -= 1
+
+    def release(self, n: int | None) -> None:
+        if n is None:
+            self.opened = True
+        else:
+            self.permits += n
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, engine: "FakeEngine") -> None:
         self.engine = engine
@@ -64,6 +93,7 @@ class _Conn(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.url = b""
         self.streaming = False
+        self.task: asyncio.Task | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -73,6 +103,8 @@ class _Conn(asyncio.Protocol):
         self.engine.connections.discard(self)
         if self.streaming:
             self.engine.cancelled += 1
+        if self.task is not None:
+            self.task.cancel()  # a stream held on a gate would otherwise wait forever
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -126,9 +158,11 @@ class _Conn(asyncio.Protocol):
             if request.get("stream"):
                 n = int(request.get("fake_chunks", self.engine.chunks))
                 usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                hold = request.get("fake_hold")
                 self.streaming = True
-                asyncio.get_running_loop().create_task(
-                    self._stream(model, n, float(request.get("fake_delay", 0)), chat, usage))
+                self.task = asyncio.get_running_loop().create_task(self._stream(
+                    model, n, float(request.get("fake_delay", 0)), chat, usage,
+                    self.engine.gate(str(hold)) if hold is not None else None))
             elif request.get("fake_delay"):
                 # A slow non-streaming answer (a long generation); cancelled if the caller leaves.
                 self.streaming = True
@@ -147,10 +181,12 @@ class _Conn(asyncio.Protocol):
         self.transport.write(
             b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body)) + body)
 
-    async def _stream(self, model: str, n: int, delay: float, chat: bool, usage: bool) -> None:
+    async def _stream(self, model: str, n: int, delay: float, chat: bool, usage: bool, gate: _Gate | None) -> None:
         t = self.transport
         t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for i in range(n):
+            if gate is not None:
+                await gate.take()
             if t.is_closing():
                 return
             data = _chunk(model, i, chat)
@@ -165,6 +201,7 @@ class _Conn(asyncio.Protocol):
         done = b"data: [DONE]\n\n"
         t.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         self.streaming = False
+        self.task = None
 
 
 class FakeEngine:
@@ -180,6 +217,7 @@ class FakeEngine:
         self.cancelled = 0
         self.last: dict = {}
         self.connections: set[_Conn] = set()
+        self.gates: dict[str, _Gate] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._thread: threading.Thread | None = None
@@ -187,6 +225,14 @@ class FakeEngine:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def gate(self, name: str) -> _Gate:
+        return self.gates.setdefault(name, _Gate())
+
+    def release(self, name: str, events: int | None = None) -> None:
+        """Let `events` more token events of the streams held on `name` go (None: all of them,
+        now and later). Callable from any thread, before or after the streams arrive."""
+        self._loop.call_soon_threadsafe(lambda: self.gate(name).release(events))
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -205,7 +251,7 @@ class FakeEngine:
 
         self._thread = threading.Thread(target=run, daemon=True, name=f"fake-engine")
         self._thread.start()
-        if not ready.wait(10):
+        if not ready.wait(120):
             raise RuntimeError("fake engine did not start")
         return self
 
@@ -217,11 +263,12 @@ class FakeEngine:
                 conn.transport.abort()
         done = threading.Event()
         self._loop.call_soon_threadsafe(lambda: (do(), done.set()))
-        done.wait(5)
+        if not done.wait(120):
+            raise RuntimeError("fake engine did not close its connections")
 
     def restart(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self.serve(), self._loop)
-        fut.result(5)
+        fut.result(120)
 
     def stop(self) -> None:
         if self._loop is not None:

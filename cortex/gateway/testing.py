@@ -50,7 +50,7 @@ class GatewayProcess:
     def settings(self) -> Settings:
         return Settings.load(env=self.env)
 
-    def start(self, timeout: float = 30.0) -> "GatewayProcess":
+    def start(self, timeout: float = 120.0) -> "GatewayProcess":
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command, env=self.env,
