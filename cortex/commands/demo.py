@@ -82,11 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if _failed(state, "prepare"):
         return 1
     prepared = state.result()
-    _print_steps(state)
-    for step in prepared.build_steps:
-        print(f"    {step['what']:<38} {step['seconds']:>7.1f} s")
-    if prepared.format == "gguf" and not prepared.build_steps and prepared.built == []:
-        print("    (converted and quantized files reused from the artifact cache)")
+    tools = [f"{step['what']:<36} {step['seconds']:>7.1f} s" for step in prepared.build_steps]
+    if prepared.format == "gguf" and not tools:
+        tools = ["(the converted and quantized files came from the artifact cache)"]
+    _print_steps(state, {"build-gguf": tools})
     print(f"  {prepared.engine} will load {prepared.format} {prepared.quantization}: {prepared.artifact_path}")
 
     _say(f"deploy {spec_path} (Prefect flow deploy-model, process runtime)")
@@ -152,37 +151,50 @@ def _failed(state, what: str) -> bool:
     return True
 
 
-def _print_steps(state) -> None:
-    """Each task run of the flow run (and of its subflows) with the time Prefect recorded."""
-    for name, seconds, note in _task_runs(state.state_details.flow_run_id):
-        print(f"  {name:<40} {seconds:>7.1f} s{note}")
+def _print_steps(state, details: dict[str, list[str]] | None = None) -> None:
+    """Each task run of the flow run and of its subflows, grouped by flow, with the times
+    Prefect recorded; `details` adds lines under a task of that name."""
+    for flow_name, flow_seconds, tasks in _flow_tree(state.state_details.flow_run_id):
+        print(f"  {flow_name + ' flow':<40} {flow_seconds:>7.1f} s")
+        for name, seconds, note in tasks:
+            print(f"    {name:<38} {seconds:>7.1f} s{note}")
+            for line in (details or {}).get(name, []):
+                print(f"      {line}")
 
 
-def _task_runs(flow_run_id) -> list[tuple[str, float, str]]:
-    """(task name, seconds, note) for every task run of the flow run and its subflows, in the
-    order they started; a subflow's own placeholder task run is left out (its tasks are listed)."""
+def _flow_tree(flow_run_id) -> list[tuple[str, float, list[tuple[str, float, str]]]]:
+    """[(flow name, seconds, [(task name, seconds, note)])] for the flow run and its subflows,
+    each in the order it started; a subflow's placeholder task run is left out (its own tasks
+    are listed under it)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
+        FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
     )
 
     with get_client(sync_client=True) as client:
-        ids, frontier, placeholders = [flow_run_id], [flow_run_id], set()
+        flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        frontier = [flow_run_id]
         while frontier:
             children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
-            placeholders |= {c.parent_task_run_id for c in children}
+            flows += children
             frontier = [c.id for c in children]
-            ids += frontier
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)))
-    rows = []
-    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time or r.created):
-        if run.id in placeholders:
-            continue
-        seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0
-        note = "" if run.state is None or run.state.is_completed() else f"  ({run.state.name})"
-        rows.append((run.name.rsplit("-", 1)[0], seconds, note))
-    return rows
+        placeholders = {f.parent_task_run_id for f in flows}
+        names = {f.flow_id: client.read_flow(f.flow_id).name for f in flows}
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flows])))
+
+    def started(run):
+        return run.start_time or run.expected_start_time or run.created
+
+    tree = []
+    for flow in sorted(flows, key=started):
+        tasks = []
+        for run in sorted((r for r in runs if r.flow_run_id == flow.id and r.id not in placeholders), key=started):
+            note = "" if run.state is None or run.state.is_completed() else f"  ({run.state.name})"
+            tasks.append((run.name.rsplit("-", 1)[0], run.total_run_time.total_seconds(), note))
+        tree.append((names[flow.flow_id], flow.total_run_time.total_seconds(), tasks))
+    return tree
 
 
 def _gateway_up(url: str) -> bool:
