@@ -23,8 +23,10 @@ from cortex.gateway.registry import Registry, hash_key
 from cortex.gateway.testing import GatewayProcess
 from cortex.settings import Settings, SettingsError
 
-FAST = {"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "3",
-        "CORTEX_GATEWAY_CONNECT_TIMEOUT": "1", "CORTEX_GATEWAY_MAX_BODY_BYTES": "100000"}
+# Frequent health checks, but generous timeouts: a dead fake engine refuses at once or answers
+# 503, so only a busy machine would ever run into them, and that must not take a replica out.
+FAST = {"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "30",
+        "CORTEX_GATEWAY_CONNECT_TIMEOUT": "30", "CORTEX_GATEWAY_MAX_BODY_BYTES": "100000"}
 
 
 @pytest.fixture

@@ -37,7 +37,8 @@ def gateway(tmp_path):
     procs: list[GatewayProcess] = []
 
     def start(**env: str) -> GatewayProcess:
-        g = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_TIMEOUT": "5", **env}).start()
+        # A generous health timeout: a slow /health on a busy machine must not take the only replica out.
+        g = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30", **env}).start()
         procs.append(g)
         return g
 
