@@ -105,6 +105,22 @@ def test_routes_by_name_and_alias_and_passes_body_through_unchanged(gateway, eng
         assert httpx.get(engine.base_url + "/_last").json()["path"] == path
 
 
+def test_the_engines_hop_by_hop_headers_stay_between_gateway_and_engine(gateway, engines):
+    """Headers about the engine's own connection (RFC 9110 7.6.1) must not reach the client:
+    `connection: close` or `upgrade` from the engine would tear down or hijack the client's
+    connection. End-to-end headers pass through."""
+    gw, engine = gateway(), engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    hop = {"connection": "close", "keep-alive": "timeout=1", "proxy-connection": "close", "upgrade": "h2c",
+           "te": "trailers", "trailer": "x-sum", "server": "fake-engine/1"}
+    r = chat(gw, new_key(gw), "smol", fake_headers={**hop, "x-engine-note": "kept"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-engine-note"] == "kept"
+    leaked = {name: value for name, value in hop.items() if value in r.headers.get_list(name)}
+    assert leaked == {}, f"the engine's hop-by-hop headers reached the client: {leaked}"
+
+
 def test_models_lists_registered_healthy_models_without_urls(gateway, engines):
     gw, a, b = gateway(), engines(), engines()
     with gw.client() as c:

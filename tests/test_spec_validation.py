@@ -41,6 +41,7 @@ BAD: list[tuple[str, str, int, str, str]] = [
     ("name-too-long", "name: " + "a" * 70 + "\nsource:\n  repo: a/b\n", 1, "name", "DNS-safe"),
     ("name-number", "name: 42\nsource:\n  repo: a/b\n", 1, "name", "string"),
     ("alias-repeats-name", OK + "aliases: [m]\n", 1, "(spec)", "alias"),
+    ("alias-twice", OK + "aliases: [a, b, a]\n", 4, "aliases", "listed twice"),
     ("bad-task", OK + "task: chat\n", 4, "task", "generate"),
     ("bad-engine", OK + "engine: tgi\n", 4, "engine", "vllm"),
     ("vllm-for-gguf", "name: m\nsource:\n  gguf: /x.gguf\nengine: vllm\n", 1, "(spec)", "GGUF"),

@@ -4,7 +4,8 @@ benchmarks/gateway_bench.py (so only proxy cost is measured). Not a model: answe
     python -m cortex.gateway.fake_engine --port 9001 [--api-key KEY] [--chunks 20]
 
 Request fields it understands besides the OpenAI ones: `fake_chunks` (SSE events to send),
-`fake_delay` (seconds between events), `fake_status` (answer with this status), `fake_hold`
+`fake_delay` (seconds between events), `fake_status` (answer with this status),
+`fake_headers` (extra response headers of a plain answer, e.g. hop-by-hop ones), `fake_hold`
 (a name: each token event waits for a permit of that name, given by `FakeEngine.release`, so a
 test decides when a stream moves on instead of guessing how long it takes).
 GET /_last returns the last request's body and headers (to check pass-through).
@@ -168,7 +169,8 @@ class _Conn(asyncio.Protocol):
                 self.streaming = True
                 asyncio.get_running_loop().call_later(float(request["fake_delay"]), self._late, chat, model)
             else:
-                self._send(200, _chat_json(model) if chat else _completion_json(model))
+                extra = "".join(f"{k}: {v}\r\n" for k, v in (request.get("fake_headers") or {}).items())
+                self._send(200, _chat_json(model) if chat else _completion_json(model), extra.encode())
         else:
             self._send(404, b'{"error":{"message":"not found"}}')
 
@@ -177,9 +179,10 @@ class _Conn(asyncio.Protocol):
             self.streaming = False
             self._send(200, _chat_json(model) if chat else _completion_json(model))
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, extra_headers: bytes = b"") -> None:
         self.transport.write(
-            b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body)) + body)
+            b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+            % (status, len(body), extra_headers) + body)
 
     async def _stream(self, model: str, n: int, delay: float, chat: bool, usage: bool, gate: _Gate | None) -> None:
         t = self.transport
