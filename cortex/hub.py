@@ -681,8 +681,3 @@ def fetch(
     return RepoSnapshot(repo=repo, revision=revision, commit=commit, folder=folder, files=tuple(wanted),
                         downloaded_bytes=downloaded, resumed_bytes=resumed, refetched=tuple(refetched))
 
-
-def read_config(repo: str, revision: str = "main", *, token: HubToken | None = None) -> tuple[str, dict]:
-    """(commit sha, config.json) of `repo@revision`, fetching only config.json."""
-    snap = fetch(repo, revision, only=["config.json"], token=token)
-    return snap.commit, json.loads(snap.path("config.json").read_text())

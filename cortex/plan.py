@@ -22,7 +22,7 @@ from typing import Any
 from cortex.decide import Decision, DecisionInput, decide, describe_fit, vllm_architectures
 from cortex.facts import ModelFacts
 from cortex.hardware import Inventory
-from cortex.quant import AUTO_LADDER, GGUF_TYPES, predict_gguf_bytes, weights_bytes
+from cortex.quant import AUTO_LADDER, predict_gguf_bytes, weights_bytes
 from cortex.spec import ModelSpec, format_bytes
 
 GiB = 2**30

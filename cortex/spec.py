@@ -405,8 +405,3 @@ class ModelSpec(Section):
         if self.quantization != "auto" and self.engine == "vllm":
             raise ValueError("`quantization` picks a GGUF type for llama.cpp; for vLLM use vllm.quantization")
         return self
-
-    @property
-    def gpu_ids(self) -> list[int] | None:
-        g = self.resources.gpus
-        return list(g) if isinstance(g, list) else None

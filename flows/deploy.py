@@ -16,7 +16,6 @@ one slot per host keeps two deploys from fighting over the same GPUs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger

@@ -415,7 +415,7 @@ def test_a_connection_closed_before_any_response_is_sent_again():
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen["connections"] += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int([l for l in head.decode().split("\r\n") if l.lower().startswith("content-length")][0].split(":")[1])
+        length = int([h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1])
         await reader.readexactly(length)
         if seen["connections"] == 1:
             writer.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cortex.gateway.client import GatewayClient, GatewayError
+from cortex.gateway.client import GatewayError
 from cortex.gateway.fake_engine import FakeEngine
 from cortex.gateway.registry import Registry, hash_key
 from cortex.gateway.testing import GatewayProcess

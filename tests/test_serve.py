@@ -9,7 +9,6 @@ the SmolLM2 GGUF on the process runtime (llama-server), with a tiny benchmark.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time

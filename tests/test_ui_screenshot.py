@@ -104,7 +104,8 @@ class Browser:
 
 
 def test_a_finished_deploy_run_shows_its_artifacts_in_the_ui(
-    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_model, toolchain
+    prefect_server: PrefectServer,  # noqa: F811 (the fixture imported from test_serve)
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_model, toolchain
 ) -> None:
     from flows.reconcile import apply_spec
 

@@ -105,7 +105,7 @@ def render(m: PlannedModel) -> str:
     out += ["", "## launch",
             f"  image        {L.image}", f"  name         {L.name}",
             f"  command      {shlex.join(L.command)}",
-            f"  env          " + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
+            "  env          " + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
             ]
     for mnt in L.mounts:
         out.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")

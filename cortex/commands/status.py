@@ -27,7 +27,7 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
     for kind in [runtime] if runtime else list(RUNTIMES):
         try:
             rt = get_runtime(kind)
-        except ReplicaError as exc:
+        except ReplicaError:
             if runtime:
                 raise
             where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")

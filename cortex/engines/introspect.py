@@ -2,7 +2,7 @@
 
 Two sources, one shape (``FlagInfo``):
 
-- ``llama_server_flags(toolchain)`` parses the built ``llama-server --help``;
+- ``llama_server_table(toolchain)`` parses the built ``llama-server --help``;
 - ``vllm_flags(vllm)`` runs vLLM's own argument parser (``make_arg_parser`` on a
   ``FlexibleArgumentParser``) inside the vLLM virtualenv and reads its actions.
 
@@ -223,11 +223,6 @@ def llama_server_table(toolchain: Toolchain) -> FlagTable:
         source=toolchain_build_info(toolchain).splitlines()[0],
         flags=tuple(parse_llama_server_help(llama_server_help(toolchain))),
     )
-
-
-def llama_server_flags(toolchain: Toolchain) -> dict[str, FlagInfo]:
-    """Every spelling llama-server accepts -> its FlagInfo."""
-    return dict(llama_server_table(toolchain).by_name)
 
 
 # --- vLLM ------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ HOP_BY_HOP = frozenset(
 )
 USAGE_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 USAGE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-JSON_HEADERS = [(b"content-type", b"application/json")]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -679,6 +678,3 @@ ADMIN_ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]]]] = [
     ("DELETE", "/admin/keys/{id}", Gateway.admin_revoke_key),
 ]
 
-
-def create_app(settings: Settings | None = None) -> Gateway:
-    return Gateway(settings or Settings.load())

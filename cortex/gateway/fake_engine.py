@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import threading
-import time
 
 import httptools
 import orjson
@@ -252,7 +251,7 @@ class FakeEngine:
             ready.set()
             loop.run_forever()
 
-        self._thread = threading.Thread(target=run, daemon=True, name=f"fake-engine")
+        self._thread = threading.Thread(target=run, daemon=True, name="fake-engine")
         self._thread.start()
         if not ready.wait(120):
             raise RuntimeError("fake engine did not start")
