@@ -41,7 +41,8 @@ from pathlib import Path
 
 import httpx
 
-from cortex.gateway.testing import GatewayProcess, free_port
+from cortex.gateway.testing import GatewayProcess
+from cortex.net import free_port
 
 HERE = Path(__file__).resolve().parent
 ENGINE_KEY = "bench-engine-key"

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cortex.hub import NotEnoughSpace, check_disk_space, record_digest, sha256_of, verified_digest
-from cortex.toolchain import cache_root
+from cortex.settings import cache_root
 
 CONVERTER_TABLE = Path(__file__).parent / "data" / "converter-architectures.json"
 CONVERTER_OUTTYPES = ("F32", "F16", "BF16")  # what Cortex asks the converter for; the rest is llama-quantize's job

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cortex.fileio import atomic_write_bytes
 from cortex.quant import FILE_TYPE_NAMES, TensorInfo
 
 
@@ -507,7 +508,7 @@ def gguf_repo_facts(repo: str, filename: str, revision: str = "main", *, spec_di
 
 
 def _header_cache_path(repo: str, filename: str, revision: str) -> Path:
-    from cortex.toolchain import cache_root
+    from cortex.settings import cache_root
 
     return cache_root() / "gguf-headers" / repo / revision / (filename + ".header")
 
@@ -538,10 +539,7 @@ def _fetch_gguf_header(repo: str, filename: str, revision: str, dest: Path) -> N
                 continue
             except ValueError as e:
                 raise FactsError(f"{repo}/{filename}@{revision}: {e}") from None
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".part")
-            tmp.write_bytes(r.content[: header.header_bytes])
-            tmp.replace(dest)
+            atomic_write_bytes(dest, r.content[: header.header_bytes])
             return
     raise FactsError(f"{repo}/{filename}@{revision}: GGUF header larger than 256 MiB; is this a GGUF file?")
 

@@ -26,7 +26,6 @@ and nothing here logs, records or passes it on a command line.
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -35,13 +34,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cortex.toolchain import cache_root
+from cortex.fileio import atomic_write_json
+from cortex.settings import cache_root
+from cortex.toolchain import install_lock
 
 # Files an HF checkpoint needs to be served by vLLM or converted by convert_hf_to_gguf.py.
 HF_CHECKPOINT_PATTERNS = (
@@ -337,8 +337,7 @@ def verified_digest(path: Path, kind: str = "sha256") -> str:
     except (OSError, ValueError):
         pass
     digest = sha256_of(real) if kind == "sha256" else git_blob_id_of(real)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(stamp, {"path": str(real), "identity": ident, "kind": kind, "digest": digest})
+    atomic_write_json(stamp, {"path": str(real), "identity": ident, "kind": kind, "digest": digest}, sort_keys=True)
     return digest
 
 
@@ -347,8 +346,8 @@ def record_digest(path: Path, digest: str, kind: str = "sha256") -> None:
     real = path.resolve()
     key = hashlib.sha256(f"{kind}:{real}".encode()).hexdigest()
     stamp = cache_root() / "verified" / "by-path" / f"{key}.json"
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(stamp, {"path": str(real), "identity": _file_identity(real), "kind": kind, "digest": digest})
+    atomic_write_json(stamp, {"path": str(real), "identity": _file_identity(real), "kind": kind, "digest": digest},
+                      sort_keys=True)
 
 
 def _forget_digest(path: Path) -> None:
@@ -366,27 +365,6 @@ def _matches(path: Path, f: RemoteFile) -> bool:
     if f.blob_id is not None:
         return verified_digest(path, "git") == f.blob_id
     return True
-
-
-def _write_json_atomic(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """An exclusive lock shared by every Cortex process on this machine (two prepares of
-    the same repo wait for each other instead of writing the same partial file)."""
-    folder = cache_root() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    with open(folder / f"{safe}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- talking to the Hub -------------------------------------------------------------------
@@ -494,9 +472,8 @@ def list_files(repo: str, commit: str, *, token: HubToken | None = None) -> list
         )
         for s in info.siblings or []
     ]
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(manifest, {"repo": repo, "commit": commit, "listed_at": time.time(),
-                                  "files": [asdict(f) for f in files]})
+    atomic_write_json(manifest, {"repo": repo, "commit": commit, "listed_at": time.time(),
+                                 "files": [asdict(f) for f in files]}, sort_keys=True)
     return files
 
 
@@ -629,7 +606,7 @@ def fetch(
     folder = storage / "snapshots" / commit
     downloaded = resumed = 0
     refetched: list[str] = []
-    with _lock(f"hub-{repo}"):
+    with install_lock(f"hub-{repo}"):  # two prepares of one repo never write the same partial file
         for attempt in (1, 2):
             present = [f for f in wanted if (folder / f.path).exists() and _matches(folder / f.path, f)]
             bad = [f for f in wanted if (folder / f.path).exists() and f not in present]

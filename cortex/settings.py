@@ -42,6 +42,15 @@ class Field:
         return "CORTEX_" + self.name.upper()
 
 
+def cache_root() -> Path:
+    """The cache of engines, the test model, artifacts and Hub stamps: ``$CORTEX_CACHE``, else
+    ``~/.cache/cortex``. Only the environment, never the config file: the cache is one per
+    machine, shared by every Cortex home (the config file lives in one), and the shell scripts
+    (dev, scripts/apt-install, scripts/docker-setup) read ``$CORTEX_CACHE`` with the same default."""
+    configured = os.environ.get("CORTEX_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cortex"
+
+
 def _default_home() -> str:
     return str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "cortex")
 
@@ -61,6 +70,11 @@ FIELDS: list[Field] = [
     Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
     Field("gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."),
     Field("gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."),
+    Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
+    Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
+    Field("docker_bind", str, "127.0.0.1", "Host address the docker runtime publishes engine ports on (a remote DOCKER_HOST needs a reachable one)."),
+    Field("deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."),
+    Field("hf_token_block", str, "hf-token", "Prefect Secret block holding the Hugging Face token, used when HF_TOKEN is not set."),
 ]
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -81,6 +95,11 @@ class Settings:
     gateway_connect_timeout: float
     gateway_read_timeout: float
     gateway_access_log: bool
+    api_key: str | None
+    engine_api_key: str | None
+    docker_bind: str
+    deploy_lock_timeout_s: float
+    hf_token_block: str
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

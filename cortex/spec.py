@@ -263,6 +263,12 @@ class Resources(Section):
             raise ValueError("gpus lists a device id twice")
         return v
 
+    @property
+    def gpu_count(self) -> int:
+        """How many GPUs `gpus` declares (0 when it is left to detection), e.g. for the cost per
+        GPU-hour in a benchmark."""
+        return len(self.gpus) if isinstance(self.gpus, list) else int(self.gpus or 0)
+
 
 class Images(Section):
     vllm: str | None = Field(None, description="vLLM image (default: vllm/vllm-openai at the pinned version)")

@@ -19,10 +19,10 @@ last), and a file lock keeps two concurrent installs of the same thing apart.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +30,12 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cortex.fileio import atomic_write_json, file_lock
+from cortex.settings import cache_root
 
 # --- pinned versions -------------------------------------------------------------------
 
@@ -93,12 +96,6 @@ class InstallError(RuntimeError):
 # --- cache layout ----------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """The cache folder: ``$CORTEX_CACHE``, else ``~/.cache/cortex``."""
-    configured = os.environ.get("CORTEX_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cortex"
-
-
 def toolchain_dir(version: str = TOOLCHAIN_VERSION) -> Path:
     return cache_root() / "toolchain" / f"llama.cpp-{version}-{TOOLCHAIN_BUILD_KEY}"
 
@@ -119,17 +116,11 @@ def _logs_dir() -> Path:
     return cache_root() / "logs"
 
 
-@contextlib.contextmanager
-def install_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``<cache>/locks/<name>.lock`` (waits for another holder)."""
-    locks = cache_root() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def install_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock ``<cache>/locks/<name>.lock`` shared by every Cortex process on this
+    machine, so two installs (or Hub downloads) of one thing wait for each other; characters
+    a file name should not have become ``_``."""
+    return file_lock(cache_root() / "locks" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock")
 
 
 def _say(message: str) -> None:
@@ -182,9 +173,7 @@ def _make_world_readable(path: Path) -> None:
 
 
 def _write_marker(folder: Path, facts: dict) -> None:
-    tmp = folder / f"{_MARKER}.tmp"
-    tmp.write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
-    tmp.replace(folder / _MARKER)
+    atomic_write_json(folder / _MARKER, facts, sort_keys=True, newline=True)
 
 
 def _read_marker(folder: Path) -> dict | None:

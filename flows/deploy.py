@@ -15,7 +15,6 @@ one slot per host keeps two deploys from fighting over the same GPUs.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -26,6 +25,7 @@ from prefect.transactions import transaction
 from cortex.runtime import RUNTIMES, ReplicaError, get_runtime, ready_timeout_s
 from cortex.runtime.base import launch_dict, path_size, probe_health, served_model_name
 from cortex.runtime.rollout import DeployResult, gateway_client, host_slot_name, replicas_of
+from cortex.settings import Settings
 from tasks.deploy import register_in_gateway, retire_replica, smoke_test_replica, start_replica, wait_until_ready
 
 
@@ -33,16 +33,12 @@ class DeployBusy(RuntimeError):
     """Another deploy holds this host's deploy slot."""
 
 
-def _lock_timeout_s() -> float:
-    return float(os.environ.get("CORTEX_DEPLOY_LOCK_TIMEOUT_S", "1800"))
-
-
 def host_deploy_slot(runtime: str, timeout_s: float | None = None):
     """The per-host deploy slot (a Prefect global concurrency limit of 1, created if missing)."""
     name = host_slot_name(runtime)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    return _Slot(name, _lock_timeout_s() if timeout_s is None else timeout_s)
+    return _Slot(name, Settings.load().deploy_lock_timeout_s if timeout_s is None else timeout_s)
 
 
 class _Slot:
@@ -224,12 +220,8 @@ def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | Non
             max_tokens=spec.tests.max_tokens, aliases=list(spec.aliases),
             ready_timeout=ready_timeout_s(launch["engine"], artifact_bytes), gateway=gateway,
             benchmark=spec.benchmark.model_dump() if spec.benchmark else None,
-            gpus=_gpu_count(spec.resources.gpus), quality=quality,
+            gpus=spec.resources.gpu_count, quality=quality,
         )
-
-
-def _gpu_count(gpus: Any) -> int:
-    return len(gpus) if isinstance(gpus, list) else int(gpus or 0)
 
 
 def available_runtimes(runtime: str | None = None) -> list[Any]:

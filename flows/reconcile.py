@@ -29,14 +29,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.context import get_run_context
 
+from cortex.fileio import atomic_write_json
 from cortex.specfile import SpecError, load_spec, spec_files
-
-TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+from tasks.common import TASK_OPTIONS, artifact_key
 
 
 # --- what was applied, per spec file -----------------------------------------------------------
@@ -73,11 +72,7 @@ def read_applied(spec_path: str | Path) -> AppliedSpec | None:
 
 
 def write_applied(record: AppliedSpec) -> None:
-    path = _record_path(record.spec_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(_record_path(record.spec_path), asdict(record), newline=True)
 
 
 def forget_applied(spec_path: str | Path) -> None:
@@ -96,7 +91,7 @@ def file_sha256(path: str | Path) -> str:
 # --- tasks -------------------------------------------------------------------------------------
 
 
-@task(name="validate-spec", **TASK)
+@task(name="validate-spec", **TASK_OPTIONS)
 def validate_spec(spec_path: str):
     """The spec, or a failed task whose message and markdown artifact list every problem."""
     try:
@@ -193,14 +188,12 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
     files, facts, decision trace, plan) and benchmark table and summary (with the chart) onto
     this run: its page is the one an operator opens, and the UI lists only a run's own artifacts."""
     from flows.deploy import deploy_model
-    from tasks.benchmark import artifact_key
-    from tasks.prepare import artifact_key as prepare_key
 
     result = deploy_model(spec_path, runtime=runtime, gateway=gateway)
     copies = {  # subflow artifact key -> (key on this run, kind)
-        prepare_key("prepare", spec.name, "report"): (f"plan-{spec.name}", "markdown"),
-        artifact_key(f"benchmark-{spec.name}"): (f"bench-{spec.name}", "table"),
-        artifact_key(f"benchmark-{spec.name}-summary"): (f"bench-{spec.name}-summary", "markdown"),
+        artifact_key("prepare", spec.name, "report"): (f"plan-{spec.name}", "markdown"),
+        artifact_key("benchmark", spec.name): (f"bench-{spec.name}", "table"),
+        artifact_key("benchmark", spec.name, "summary"): (f"bench-{spec.name}-summary", "markdown"),
     }
     with get_client(sync_client=True) as client:
         latest = client.read_latest_artifacts(

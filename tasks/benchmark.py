@@ -14,14 +14,12 @@ the new replica back and the previous one keeps serving):
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from cortex.bench import (
     BenchmarkResult,
@@ -35,30 +33,16 @@ from cortex.bench import (
 )
 from cortex.charts import png_data_uri, render_chart
 from cortex.quality import QualityReport, ReferenceContinuation, check_quant_quality, enforce_quality
-
-TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+from tasks.common import TASK_OPTIONS, artifact_key
 
 
 def default_results_dir(model: str) -> Path:
-    """<CORTEX_HOME>/benchmarks/<model>/<UTC timestamp>/"""
+    """<CORTEX_HOME>/benchmarks/<model>/<UTC timestamp>/ (<model> made safe as an artifact key,
+    and cut to 100 characters: a model name can be a long path, a folder name cannot)."""
     from cortex.settings import Settings
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path(Settings.load().home) / "benchmarks" / artifact_key(model) / stamp
-
-
-def gpu_count(resources_gpus: Any) -> int:
-    """The spec's `resources.gpus` (a count, a list of ids, or None) as a count."""
-    if resources_gpus is None:
-        return 0
-    if isinstance(resources_gpus, (list, tuple)):
-        return len(resources_gpus)
-    return int(resources_gpus)
+    return Path(Settings.load().home) / "benchmarks" / artifact_key(model)[:100] / stamp
 
 
 def publish_benchmark(
@@ -142,7 +126,7 @@ def run_benchmark(
 def benchmark_replica(replica: Any, spec: Any, *, results_dir: str | Path | None = None) -> BenchmarkResult:
     """Benchmark a started replica with its spec's `benchmark` section and gates."""
     section = getattr(spec, "benchmark", None)
-    settings = BenchmarkSettings.from_spec(section, gpus=gpu_count(spec.resources.gpus))
+    settings = BenchmarkSettings.from_spec(section, gpus=spec.resources.gpu_count)
     return run_benchmark(
         replica.endpoint, settings, model=replica.model, api_key=getattr(replica, "api_key", None),
         gates=list(getattr(section, "gates", None) or []), results_dir=results_dir, target=replica.name,

@@ -8,23 +8,16 @@ a deploy must really start and test an engine each time.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
 from cortex.runtime import Replica, get_runtime
 from cortex.runtime.rollout import engine_secrets
-
-TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def _artifact_key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+from tasks.common import TASK_OPTIONS, artifact_key
 
 
 @task(name="start-replica", **TASK_OPTIONS)
@@ -76,7 +69,7 @@ def smoke_test_replica(
         api_key=replica.api_key, embedding_dim=embedding_dim,
     )
     create_table_artifact(
-        key=_artifact_key(f"smoke-{replica.model}"),
+        key=artifact_key(f"smoke-{replica.model}"),
         table=result.table(),
         description=f"Smoke tests of {replica.model} on {replica.name} ({replica.engine}, {replica.runtime}): "
                     f"{'passed' if result.passed else 'FAILED'}",

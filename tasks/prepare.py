@@ -12,8 +12,6 @@ parameter, so Prefect records it nowhere, and nothing here logs it.
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,14 +19,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 
 from cortex import hub
 from cortex.artifacts import Artifact, build_gguf, gguf_architecture_for, local_source_id
-
-TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
-TOKEN_BLOCK_ENV = "CORTEX_HF_TOKEN_BLOCK"
-DEFAULT_TOKEN_BLOCK = "hf-token"
+from cortex.settings import Settings
+from tasks.common import TASK_OPTIONS, artifact_key
 
 
 def _retry_if_unreachable(task, task_run, state) -> bool:
@@ -45,10 +40,6 @@ def _retry_if_unreachable(task, task_run, state) -> bool:
 NETWORK: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _retry_if_unreachable}
 
 
-def artifact_key(*parts: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-
-
 def hub_token() -> hub.HubToken | None:
     """HF_TOKEN, else the Prefect Secret block `$CORTEX_HF_TOKEN_BLOCK` (default `hf-token`), else None."""
     token = hub.token_from_env()
@@ -56,7 +47,7 @@ def hub_token() -> hub.HubToken | None:
         return token
     from prefect.blocks.system import Secret
 
-    name = os.environ.get(TOKEN_BLOCK_ENV, DEFAULT_TOKEN_BLOCK)
+    name = Settings.load().hf_token_block
     try:
         value = Secret.load(name, _sync=True).get()
     except ValueError:  # no such block: public repos need no token
@@ -144,7 +135,7 @@ SMALL_HF_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json
                   "generation_config.json", "special_tokens_map.json")
 
 
-@task(name="resolve-source", **TASK, **NETWORK)
+@task(name="resolve-source", **TASK_OPTIONS, **NETWORK)
 def resolve_source(spec) -> ResolvedSource:
     """Pin the source: a Hub revision to its commit sha (and fetch the few small files the facts
     come from), a local folder or GGUF to the sha256 of its files."""
@@ -181,7 +172,7 @@ def resolve_source(spec) -> ResolvedSource:
     return ResolvedSource(kind, None, None, None, source_id, None, [str(p) for p in parts])
 
 
-@task(name="inspect-model", **TASK)
+@task(name="inspect-model", **TASK_OPTIONS)
 def inspect_model(resolved: ResolvedSource):
     """ModelFacts from what is on disk: config (+ weights once downloaded) or the GGUF header."""
     from cortex.facts import gguf_facts, hf_dir_facts
@@ -191,7 +182,7 @@ def inspect_model(resolved: ResolvedSource):
     return hf_dir_facts(Path(resolved.folder))
 
 
-@task(name="plan", **TASK)
+@task(name="plan", **TASK_OPTIONS)
 def plan_model(spec, facts, *, check_converter: bool = True):
     """The plan (engine, artifact format and quantization, memory), and, when it needs a GGUF
     made from an HF checkpoint, the check that this toolchain's converter knows the architecture:
@@ -227,7 +218,7 @@ class _Progress:
             update_progress_artifact(self.id, progress=max(0.0, min(100.0, percent)), description=description)
 
 
-@task(name="check-space", **TASK)
+@task(name="check-space", **TASK_OPTIONS)
 def check_space(spec, resolved: ResolvedSource, facts, plan) -> None:
     """Before any download: room for the files still to fetch and for the GGUF files the plan
     will build (F16 and the quantized file), summed per disk."""
@@ -252,7 +243,7 @@ def check_space(spec, resolved: ResolvedSource, facts, plan) -> None:
     hub.check_space_for(needs)
 
 
-@task(name="download-weights", **TASK, **NETWORK)
+@task(name="download-weights", **TASK_OPTIONS, **NETWORK)
 def download_weights(spec, resolved: ResolvedSource) -> hub.RepoSnapshot | None:
     """Fetch the weights the plan needs (resumable, verified); nothing for local sources."""
     if resolved.kind not in ("hf_repo", "gguf_repo"):
@@ -282,7 +273,7 @@ def download_weights(spec, resolved: ResolvedSource) -> hub.RepoSnapshot | None:
     return snap
 
 
-@task(name="build-gguf", **TASK)  # no retries: a converter error repeats itself
+@task(name="build-gguf", **TASK_OPTIONS)  # no retries: a converter error repeats itself
 def build_gguf_artifacts(spec, resolved: ResolvedSource, facts, plan, predicted: dict[str, int]) -> tuple[list[Artifact], list[str]]:
     """Convert (and quantize) the HF checkpoint into the artifact cache; cached artifacts are reused."""
     from cortex.toolchain import find_toolchain
@@ -331,7 +322,7 @@ def hf_files(folder: Path, snapshot: hub.RepoSnapshot | None) -> list[dict[str, 
             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
-@task(name="report", **TASK)
+@task(name="report", **TASK_OPTIONS)
 def publish_report(spec, facts, plan, prepared: Prepared) -> None:
     """A markdown artifact (facts, decision trace, plan, files) and a table artifact of the files."""
     create_table_artifact(

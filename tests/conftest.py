@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,17 +20,11 @@ import httpx
 import pytest
 
 from cortex import toolchain as tc
+from cortex.net import free_port
 
 # The tests' Prefect servers (prefect_test_harness, `prefect server start`) send no telemetry:
 # there is no network here, and each attempt would only log "Failed to send telemetry".
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _require(find: Callable):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from cortex.bench import (
@@ -70,12 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_target(target: str, model: str | None, api_key: str | None) -> tuple[str, str | None, str | None]:
     """(base_url, model, api_key) for a URL or a gateway model name."""
-    api_key = api_key or os.environ.get("CORTEX_API_KEY")
-    if "://" in target:
-        return target, model, api_key
     from cortex.settings import Settings
 
-    return Settings.load().gateway_url, model or target, api_key
+    settings = Settings.load()
+    api_key = api_key or settings.api_key
+    if "://" in target:
+        return target, model, api_key
+    return settings.gateway_url, model or target, api_key
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -317,11 +316,3 @@ def probe_health(replica: Replica, timeout: float = 2.0) -> str:
     if response.status_code == 503:
         return "loading"
     return "down"
-
-
-def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.chmod(mode)
-    tmp.replace(path)

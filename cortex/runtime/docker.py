@@ -29,6 +29,7 @@ from cortex.runtime.base import (
     served_model_name,
     utc_now,
 )
+from cortex.settings import Settings
 
 LABEL_MODEL = "ai.cortex.model"
 LABEL_ENGINE = "ai.cortex.engine"
@@ -59,7 +60,7 @@ class DockerRuntime(Runtime):
                     "or deploy with --runtime process"
                 ) from exc
         self.client = client
-        self.bind_address = bind_address or os.environ.get("CORTEX_DOCKER_BIND", "127.0.0.1")
+        self.bind_address = bind_address or Settings.load().docker_bind
 
     # -- helpers
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from cortex.fileio import atomic_write_json
+from cortex.net import free_port
 from cortex.runtime.base import (
     MANAGED_LABEL,
     LaunchError,
@@ -32,7 +33,6 @@ from cortex.runtime.base import (
     resolve_env,
     served_model_name,
     utc_now,
-    write_json_atomic,
 )
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -42,12 +42,6 @@ def default_state_dir() -> Path:
     from cortex.settings import Settings
 
     return Path(Settings.load().home) / "runtime" / "process"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def default_program(command: list[str]) -> list[str]:
@@ -212,7 +206,7 @@ class ProcessRuntime(Runtime):
         )
         state = replica.to_json(secrets=True)
         state.update(pid=proc.pid, start_ticks=stat[1] if stat else None, argv=argv, **{MANAGED_LABEL: True})
-        write_json_atomic(self._state_path(name), state)
+        atomic_write_json(self._state_path(name), state, mode=0o600)
         return replica
 
     def _alive_pid(self, state: Mapping[str, Any]) -> int | None:

@@ -13,15 +13,17 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from cortex.runtime.base import Replica, Runtime
+from cortex.settings import Settings
 
 ENGINE_API_KEY_SECRET = "engine_api_key"
 
 
 def engine_secrets() -> dict[str, str]:
-    """Secrets a launch may reference. The engine API key comes from CORTEX_ENGINE_API_KEY,
-    else a fresh random one per replica (the gateway gets it when the replica registers, and
-    the runtime keeps it with the replica's state, readable only by its owner)."""
-    key = os.environ.get("CORTEX_ENGINE_API_KEY") or _secrets.token_urlsafe(24)
+    """Secrets a launch may reference. The engine API key comes from the `engine_api_key`
+    setting (CORTEX_ENGINE_API_KEY), else a fresh random one per replica (the gateway gets it
+    when the replica registers, and the runtime keeps it with the replica's state, readable
+    only by its owner)."""
+    key = Settings.load().engine_api_key or _secrets.token_urlsafe(24)
     return {ENGINE_API_KEY_SECRET: key}
 
 
