@@ -28,6 +28,7 @@ COMMANDS = [
     "prepare",
     "cache",
     "serve",
+    "local_prefect",
 ]
 
 
@@ -44,10 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Commands that run flows start Prefect's ephemeral server when no PREFECT_API_URL is set;
-    # its 20 s default start-up timeout is too short on a busy small machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # The Prefect servers Cortex starts (ephemeral, or `cortex serve`'s own) would phone home
+    # Flow commands use Cortex's local Prefect server when no PREFECT_API_URL is set
+    # (cortex/commands/local_prefect.py). The servers Cortex starts (that one, `cortex serve`'s) would phone home
     # every run and print "Failed to send telemetry" where there is no network. An operator's
     # own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,7 +1,8 @@
 """`cortex deploy`, `cortex status` and `cortex retire` as an operator runs them: a SmolLM2
 spec deployed on the embedded default (process), then moved to a container (the docker
 runtime replaces the process replica), then retired. Real llama-server, real dockerd with
-Cortex's llama.cpp image (scripts/docker-setup), Prefect's ephemeral API."""
+Cortex's llama.cpp image (scripts/docker-setup), Cortex's local Prefect server (started by the
+first command, reused by the next ones, stopped with `cortex prefect stop`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,15 +26,17 @@ def cortex(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     environment = dict(os.environ)
     environment.update(
         CORTEX_HOME=str(tmp_path / "home"),
         PREFECT_HOME=str(tmp_path / "prefect"),
         CORTEX_GATEWAY_URL="http://127.0.0.1:9",
     )
-    environment.pop("PREFECT_API_URL", None)
-    return environment
+    environment.pop("PREFECT_API_URL", None)  # as an operator runs it: Cortex's local Prefect server
+    yield environment
+    stopped = cortex("prefect", "stop", env=environment)
+    assert stopped.returncode == 0, stopped.stderr
 
 
 def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, str], toolchain, test_model) -> None:
@@ -59,6 +63,8 @@ def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, 
         result = json.loads(deployed.stdout)
         assert (result["name"], result["engine"], result["runtime"]) == ("smollm2-cli", "llamacpp", "process")
         assert result["smoke"]["passed"] and result["gateway"] == "not running"
+        server = json.loads(cortex("prefect", "status", "--json", env=env).stdout)
+        assert server["running"] and server["home"] == str(tmp_path / "home" / "prefect"), server
         answer = httpx.post(
             result["endpoint"] + "/v1/chat/completions",
             json={"model": "smollm2-cli", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
@@ -96,6 +102,8 @@ def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, 
     assert "smollm2-cli" not in cortex("status", env=env).stdout
     failed = cortex("retire", "smollm2-cli", env=env)
     assert failed.returncode == 1 and "no replica of model 'smollm2-cli'" in failed.stderr
+    # every command ran its flow on the one local server the first command started
+    assert json.loads(cortex("prefect", "status", "--json", env=env).stdout)["pid"] == server["pid"]
 
 
 def _engine_key(env: dict[str, str], replica: str) -> str:

@@ -74,26 +74,28 @@ def run(args: argparse.Namespace) -> int:
     spec_path = args.spec or _local_checkpoint_spec(args.specs / DEFAULT_SPEC, Path(settings.home) / "demo")
     if spec_path is None:
         return 1
+    from cortex.commands.local_prefect import ensure_api, run_flow
     from flows.deploy import deploy_model
     from flows.prepare import prepare_model
 
+    _say(f"Prefect at {ensure_api()} (the UI shows every run below: {ensure_api()[:-len('/api')]}/runs)")
     _say(f"prepare {spec_path} (Prefect flow prepare-model)")
-    state = prepare_model(str(spec_path), return_state=True)
-    if _failed(state, "prepare"):
-        return 1
-    prepared = state.result()
+    outcome = run_flow("prepare", prepare_model, str(spec_path))
+    if outcome.exit_code:
+        return outcome.exit_code
+    prepared = outcome.result
     tools = [f"{step['what']:<36} {step['seconds']:>7.1f} s" for step in prepared.build_steps]
     if prepared.format == "gguf" and not tools:
         tools = ["(the converted and quantized files came from the artifact cache)"]
-    _print_steps(state, {"build-gguf": tools})
+    _print_steps(outcome.flow_run_id, {"build-gguf": tools})
     print(f"  {prepared.engine} will load {prepared.format} {prepared.quantization}: {prepared.artifact_path}")
 
     _say(f"deploy {spec_path} (Prefect flow deploy-model, process runtime)")
-    state = deploy_model(str(spec_path), runtime="process", gateway=True, return_state=True)
-    if _failed(state, "deploy"):
-        return 1
-    result = state.result()
-    _print_steps(state)
+    outcome = run_flow("deploy", deploy_model, str(spec_path), runtime="process", gateway=True)
+    if outcome.exit_code:
+        return outcome.exit_code
+    result = outcome.result
+    _print_steps(outcome.flow_run_id)
     print(f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}"
           + (" (the same launch was already serving: tested again)" if result.get("reused") else ""))
     print(f"  smoke tests {'passed' if result['smoke']['passed'] else 'FAILED'}")
@@ -141,20 +143,10 @@ def _local_checkpoint_spec(example: Path, folder: Path) -> Path | None:
     return path
 
 
-def _failed(state, what: str) -> bool:
-    if not state.is_failed():
-        return False
-    try:
-        state.result()
-    except Exception as exc:  # the flow's error is already in its logs; say it plainly
-        print(f"{what} failed: {exc}", file=sys.stderr)
-    return True
-
-
-def _print_steps(state, details: dict[str, list[str]] | None = None) -> None:
+def _print_steps(flow_run_id, details: dict[str, list[str]] | None = None) -> None:
     """Each task run of the flow run and of its subflows, grouped by flow, with the times
     Prefect recorded; `details` adds lines under a task of that name."""
-    for flow_name, flow_seconds, tasks in _flow_tree(state.state_details.flow_run_id):
+    for flow_name, flow_seconds, tasks in _flow_tree(flow_run_id):
         print(f"  {flow_name + ' flow':<40} {flow_seconds:>7.1f} s")
         for name, seconds, note in tasks:
             print(f"    {name:<38} {seconds:>7.1f} s{note}")
@@ -170,8 +162,10 @@ def _flow_tree(flow_run_id) -> list[tuple[str, float, list[tuple[str, float, str
     from prefect.client.schemas.filters import (
         FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
     )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as client:
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         frontier = [flow_run_id]
         while frontier:

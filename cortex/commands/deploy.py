@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from cortex.runtime import RUNTIMES
 
@@ -34,22 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # On a busy 2-core machine Prefect's ephemeral API server can take longer than its
-    # default 20 s to start; a deploy is worth the wait.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from cortex.commands.local_prefect import run_flow
     from flows.deploy import deploy_model
 
-    state = deploy_model(args.spec, runtime=args.runtime, gateway=args.gateway, return_state=True)
-    if state.is_failed():
-        try:
-            state.result()
-        except Exception as exc:  # the flow's own error, already logged by Prefect: show it plainly
-            message = f"deploy of {args.spec} failed: {exc}"
-            if args.json:
-                print(json.dumps({"spec": args.spec, "error": str(exc), "type": type(exc).__name__}))
-            print(message, file=sys.stderr)
-            return 1
-    result = state.result()
+    outcome = run_flow(f"deploy of {args.spec}", deploy_model, args.spec, runtime=args.runtime,
+                       gateway=args.gateway, json_errors=args.json, context={"spec": args.spec})
+    if outcome.exit_code:
+        return outcome.exit_code
+    result = outcome.result
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

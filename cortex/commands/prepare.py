@@ -2,7 +2,7 @@
 
     cortex prepare specs/smollm2.yaml [--json]
 
-Runs the prepare-model Prefect flow (against PREFECT_API_URL, or a temporary local API) and
+Runs the prepare-model Prefect flow (against PREFECT_API_URL, or Cortex's local Prefect server) and
 prints the files it produced. With --json: one object with `files` ({path, bytes, sha256}),
 `source_revision` (the commit sha, or a local GGUF's sha256), `cached` and the plan.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,18 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cortex.commands.local_prefect import run_flow
     from flows.prepare import prepare_model
 
-    state = prepare_model(args.spec, return_state=True)
-    if state.is_failed():
-        try:
-            state.result()
-        except Exception as exc:  # already in the run's logs; say it plainly here
-            if args.json:
-                print(json.dumps({"spec": args.spec, "error": str(exc), "type": type(exc).__name__}))
-            print(f"prepare of {args.spec} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-    result = state.result().to_json()
+    outcome = run_flow(f"prepare of {args.spec}", prepare_model, args.spec, json_errors=args.json,
+                       context={"spec": args.spec})
+    if outcome.exit_code:
+        return outcome.exit_code
+    result = outcome.result.to_json()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

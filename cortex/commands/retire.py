@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from cortex.runtime import RUNTIMES
 
@@ -25,17 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # On a busy 2-core machine Prefect's ephemeral API server can take longer than its
-    # default 20 s to start; a deploy is worth the wait.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from cortex.commands.local_prefect import run_flow
     from flows.deploy import retire_model
 
-    state = retire_model(args.name, runtime=args.runtime, return_state=True)
-    try:
-        stopped = state.result()
-    except Exception as exc:
-        print(f"retire {args.name} failed: {exc}", file=sys.stderr)
-        return 1
+    outcome = run_flow(f"retire {args.name}", retire_model, args.name, runtime=args.runtime,
+                       json_errors=args.json, context={"name": args.name})
+    if outcome.exit_code:
+        return outcome.exit_code
+    stopped = outcome.result
     if args.json:
         print(json.dumps({"name": args.name, "stopped": stopped}))
     else:

@@ -50,19 +50,22 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_local_server(port: int, log_path: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on 127.0.0.1:port; returns once /api/health answers."""
+def start_local_server(
+    port: int, log_path: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on 127.0.0.1:port (in its own session, with `env` added to this
+    process's environment); returns once /api/health answers."""
     url = f"http://127.0.0.1:{port}/api"
     if healthy(url):
         raise RuntimeError(f"something already answers at {url}; connect to it with --prefect-url {url}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    server_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | (env or {})
     # --port alone leaves the UI calling the API at the default port 4200: name it for the UI too
-    env.update(PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=url)
+    server_env.update(PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=url)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, env=server_env, start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
