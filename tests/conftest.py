@@ -26,6 +26,26 @@ from cortex.net import free_port
 # there is no network here, and each attempt would only log "Failed to send telemetry".
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# The fast tier (`./dev test --fast`, i.e. `-m "not parts"`) is every test that needs no engine,
+# no test model, no Docker and no Prefect server. A test needs a part when it asks for one of
+# these fixtures (directly or through another fixture), or when its module says so with
+# `pytestmark = pytest.mark.parts` (a part used without a fixture, e.g. a flow run or the CLI).
+PART_FIXTURES = frozenset({
+    "toolchain", "vllm_install", "test_model", "llama_server", "start_llama_server", "start_vllm_server",
+    "smollm2_ggufs", "prefect_api", "prefect_server", "docker_runtime",
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "parts: needs an engine, the test model, Docker or a Prefect server (not in the fast tier)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PART_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.parts)
+
 
 def _require(find: Callable):
     try:

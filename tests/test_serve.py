@@ -408,6 +408,7 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     assert done.work_queue_name == "gpu-host-1"
 
 
+@pytest.mark.parts  # it starts a Prefect server of its own
 def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_path: Path) -> None:
     specs = tmp_path / "specs"
     specs.mkdir()
