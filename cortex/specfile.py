@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,18 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------- loading
 
 
+_DEFAULTED_VAR = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def expand_path(value: str) -> str:
+    """`${VAR:-default}` (the default when VAR is unset or empty, as in a shell), then `~`, then
+    `$VAR`/`${VAR}`: a spec can name a file under the cache wherever `CORTEX_CACHE` puts it."""
+    value = _DEFAULTED_VAR.sub(lambda m: os.environ.get(m[1]) or m[2], value)
+    return os.path.expandvars(os.path.expanduser(value))
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Local paths in a spec are relative to the spec file; ~ and $VARS expand."""
+    """Local paths in a spec are relative to the spec file; ~, $VARS and ${VAR:-default} expand."""
     src = data.get("source")
     if not isinstance(src, dict):
         return
@@ -174,7 +185,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for key in keys:
         value = src.get(key)
         if isinstance(value, str) and value:
-            p = Path(os.path.expandvars(os.path.expanduser(value)))
+            p = Path(expand_path(value))
             src[key] = str(p if p.is_absolute() else (base / p).resolve())
 
 

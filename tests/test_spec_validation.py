@@ -147,3 +147,21 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
 def test_schema_json_is_current() -> None:
     committed = (SPECS / "schema.json").read_text()
     assert committed == schema_text(), "specs/schema.json is stale: run `cortex schema`"
+
+
+def test_local_paths_expand_defaulted_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`${VAR:-default}` as in a shell: the example GGUF spec finds the test model wherever
+    CORTEX_CACHE puts the cache, and under ~/.cache/cortex when it is unset or empty."""
+    from cortex.specfile import expand_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv("CORTEX_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("CORTEX_CACHE", unset)
+        assert expand_path("${CORTEX_CACHE:-~/.cache/cortex}/m.gguf") == f"{tmp_path}/.cache/cortex/m.gguf"
+    monkeypatch.setenv("CORTEX_CACHE", "/srv/cache")
+    assert expand_path("${CORTEX_CACHE:-~/.cache/cortex}/m.gguf") == "/srv/cache/m.gguf"
+    spec = load_spec(SPECS / "smollm2-135m-instruct-gguf.yaml")
+    assert spec.source.gguf == "/srv/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
