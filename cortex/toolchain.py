@@ -18,8 +18,6 @@ last), and a file lock keeps two concurrent installs of the same thing apart.
 
 from __future__ import annotations
 
-from cortex.engine_scripts import script_path
-
 import contextlib
 import hashlib
 import json
@@ -36,7 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cortex.engine_scripts import script_path
 from cortex.fileio import atomic_write_json, file_lock
+from cortex.progress import progress
 from cortex.settings import cache_root
 
 # --- pinned versions -------------------------------------------------------------------
@@ -130,17 +130,31 @@ def _say(message: str) -> None:
     print(f"cortex: {message}", file=sys.stderr, flush=True)
 
 
-def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str, **kwargs) -> None:
-    """Run ``cmd`` with its output appended to ``log``; raise InstallError if it fails."""
+_BUILD_STEP = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's and make's "[n/N]" (make: "[ 42%]" is not)
+
+
+def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str,
+                on_line: Callable[[str], None] | None = None, **kwargs) -> None:
+    """Run ``cmd`` with its output appended to ``log``; raise InstallError if it fails.
+    ``on_line`` sees each output line as it comes (to show progress)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(map(str, cmd))}\n")
         out.flush()
-        result = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, **kwargs)
-    if result.returncode != 0:
+        if on_line is None:
+            returncode = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode
+        else:
+            with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, errors="replace", **kwargs) as proc:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    out.write(line)
+                    on_line(line)
+            returncode = proc.returncode
+    if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise InstallError(
-            f"{step} failed (exit {result.returncode}); full log: {log}\n--- last lines ---\n{tail}"
+            f"{step} failed (exit {returncode}); full log: {log}\n--- last lines ---\n{tail}"
         )
 
 
@@ -296,10 +310,15 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
             ["cmake", "-S", llama, "-B", build, *generator, *LLAMA_CPP_CMAKE_OPTIONS],
             log, "cmake configure of llama.cpp",
         )
-        _run_logged(
-            ["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMA_CPP_TARGETS],
-            log, "cmake build of llama.cpp",
-        )
+        with progress(f"building llama.cpp {TOOLCHAIN_VERSION}", unit="steps") as bar:
+            def on_line(line: str) -> None:
+                if step := _BUILD_STEP.match(line):
+                    bar.update(int(step[1]), total=int(step[2]))
+
+            _run_logged(
+                ["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMA_CPP_TARGETS],
+                log, "cmake build of llama.cpp", on_line=on_line,
+            )
         _say(f"built llama.cpp in {time.monotonic() - started:.0f} s")
 
         staging = final.parent / f".staging-{final.name}"

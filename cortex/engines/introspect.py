@@ -14,14 +14,13 @@ the committed data with what the installed engines report, so it cannot go stale
 
 from __future__ import annotations
 
-from cortex.engine_scripts import script_path
-
 import json
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cortex.engine_scripts import script_path
 from cortex.toolchain import (
     TOOLCHAIN_VERSION,
     VLLM_CPU_VERSION,

@@ -7,11 +7,11 @@ installed vLLM and a test fails when the committed list is stale.
 
 from __future__ import annotations
 
-from cortex.engine_scripts import script_path
-
 import json
 import subprocess
 from pathlib import Path
+
+from cortex.engine_scripts import script_path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
