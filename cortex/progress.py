@@ -31,7 +31,7 @@ class _Plain:
     def _say(self, what: str) -> None:
         of = f"/{self.total:g}" if self.total else ""
         count = f" {self.done:g}{of} {self.unit}".rstrip() if self.done or self.total else ""
-        print(f"cortex: {self.label}:{count} {what} ({time.monotonic() - self.started:.0f} s)",
+        print(f"cortex: {self.label}:{count}{' ' + what if what else ''} ({time.monotonic() - self.started:.0f} s)",
               file=self.stream, flush=True)
 
     def update(self, done: float, total: float | None = None) -> None:

@@ -15,7 +15,7 @@ def test_plain_lines_say_start_each_tenth_and_end() -> None:
         for n in range(1, 211):
             bar.update(n, total=210)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("cortex: building llama.cpp:") and lines[0].split("(")[0].endswith("started ")
+    assert lines[0].startswith("cortex: building llama.cpp:") and lines[0].split("(")[0].endswith(" started ")
     assert len(lines) == 1 + 10 + 1, lines  # started, each tenth, done: not one line per step
     assert "210/210 steps" in lines[-1] and " done (" in lines[-1]
 
