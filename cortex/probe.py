@@ -17,6 +17,8 @@ from typing import Any, Callable, Literal
 import httpx
 from pydantic import BaseModel, Field
 
+from cortex.sse import DONE, iter_sse_data
+
 DEFAULT_PROMPTS = ["Say hello in one short sentence."]
 
 
@@ -162,11 +164,8 @@ def smoke_test(
                     raise _CheckFailed(f"HTTP {response.status_code}: {response.text[:300]}")
                 content_type = response.headers.get("content-type", "")
                 _require(content_type.startswith("text/event-stream"), f"content-type is {content_type!r}, not text/event-stream")
-                for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    last = line[5:].strip()
-                    if last == "[DONE]":
+                for last in iter_sse_data(response.iter_lines()):
+                    if last == DONE:
                         break
                     try:
                         event = json.loads(last)
@@ -176,7 +175,7 @@ def smoke_test(
                     for choice in event.get("choices") or []:
                         delta = choice.get("delta") or {}
                         text += (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-            _require(last == "[DONE]", f"stream ended without data: [DONE] (last data: {last!r})")
+            _require(last == DONE, f"stream ended without data: [DONE] (last data: {last!r})")
             _require(bool(text.strip()), f"{chunks} chunks but no text in their deltas")
             return f"{chunks} chunks, {_short(text)!r}, ended with [DONE]"
 

@@ -33,8 +33,11 @@ import httpx
 from pydantic import BaseModel, Field
 
 from cortex.bench import bundled_prompts
+from cortex.spec import QualityCheck
+from cortex.sse import DONE, iter_sse_data
 
 TOP_K_PROBS = 5
+QUALITY_DEFAULTS = QualityCheck()  # prompts and tokens per prompt, as a spec's `quality` has them
 
 
 class QualityCheckError(RuntimeError):
@@ -162,11 +165,8 @@ class _LlamaServer:
                 if resp.status_code != 200:
                     resp.read()
                     raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
-                for line in resp.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                for data in iter_sse_data(resp.iter_lines()):
+                    if data == DONE:
                         return
                     msg = json.loads(data)
                     if msg.get("error"):
@@ -190,8 +190,8 @@ class ReferenceContinuation(BaseModel):
 
 def greedy_reference(
     reference_url: str,
-    prompts: int | Sequence[str] = 16,
-    tokens: int = 32,
+    prompts: int | Sequence[str] = QUALITY_DEFAULTS.prompts,
+    tokens: int = QUALITY_DEFAULTS.tokens,
     *,
     api_key: str | None = None,
     timeout: float = 300.0,
@@ -287,8 +287,8 @@ def check_quant_quality(
     reference: str | Sequence[ReferenceContinuation],
     candidate_url: str,
     *,
-    prompts: int | Sequence[str] = 16,
-    tokens: int = 32,
+    prompts: int | Sequence[str] = QUALITY_DEFAULTS.prompts,
+    tokens: int = QUALITY_DEFAULTS.tokens,
     min_top1_agreement: float | None = None,
     reference_label: str = "F16",
     candidate_label: str = "candidate",

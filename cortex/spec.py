@@ -285,17 +285,28 @@ class SmokeTests(Section):
     max_tokens: int = Field(16, ge=1, le=4096)
 
 
+LatencyMetric = Literal["ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"]
+RateMetric = Literal["output_tokens_per_s", "requests_per_s", "goodput_per_s"]
+GateStat = Literal["mean", "p50", "p90", "p99"]
+PromptSet = Literal["random", "bundled"]
+
+
 class GoodputSlo(Section):
+    """Per-request service level objectives; a request that meets all set ones is 'good'."""
+
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
     e2el_ms: float | None = Field(None, gt=0)
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2el_ms))
 
 
 class Gate(Section):
     """One SLO: a benchmark metric must stay under `max` or above `min` (at one level, or all)."""
 
-    metric: Literal["ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "output_tokens_per_s", "requests_per_s", "goodput_per_s"]
-    stat: Literal["mean", "p50", "p90", "p99"] = "p99"
+    metric: Literal[LatencyMetric, RateMetric]
+    stat: GateStat = "p99"
     concurrency: int | None = Field(None, ge=1, description="the level it applies to (default: every level)")
     max: float | None = None
     min: float | None = None
@@ -313,16 +324,27 @@ class QualityCheck(Section):
     tokens: int = Field(32, ge=1)
 
 
-class BenchmarkSpec(Section):
-    concurrency: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
-    requests: int = Field(32, ge=1, description="requests per level")
-    input_len: int = Field(128, ge=1)
-    output_len: int = Field(64, ge=1)
+class BenchmarkLoad(Section):
+    """The load a benchmark sends. The one place of these fields and their defaults: the
+    spec's `benchmark` section and `cortex.bench.BenchmarkSettings` both build on it."""
+
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 4, 16], min_length=1, description="concurrency levels, measured one after another"
+    )
+    requests: int = Field(32, ge=1, description="requests per concurrency level")
+    input_len: int = Field(128, ge=1, description="prompt tokens per request (random prompts)")
+    output_len: int = Field(64, ge=1, description="tokens to generate per request")
     request_rate: float | None = Field(None, gt=0, description="requests/s (default: closed loop at the concurrency)")
     burstiness: float = Field(1.0, gt=0, description="1.0 = Poisson arrivals, otherwise a gamma shape")
-    max_duration_s: float = Field(300, gt=0, description="time bound per level")
-    prompts: Literal["random", "bundled"] = "random"
-    gpu_hour_price_usd: float | None = Field(None, ge=0)
+    # validate_default: the schema shows 300, a benchmark's settings hold 300.0 (a float).
+    max_duration_s: float = Field(300, gt=0, validate_default=True, description="time bound per level")
+    prompts: PromptSet = Field(
+        "random", description="random token ids (exactly input_len tokens) or the bundled English prompts"
+    )
+    gpu_hour_price_usd: float | None = Field(None, ge=0, description="USD per GPU-hour, for the cost per 1M output tokens")
+
+
+class BenchmarkSpec(BenchmarkLoad):
     goodput_slo: GoodputSlo | None = None
     gates: list[Gate] = Field(default_factory=list)
     quality: QualityCheck | None = None

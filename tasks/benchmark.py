@@ -32,7 +32,13 @@ from cortex.bench import (
     results_table,
 )
 from cortex.charts import png_data_uri, render_chart
-from cortex.quality import QualityReport, ReferenceContinuation, check_quant_quality, enforce_quality
+from cortex.quality import (
+    QUALITY_DEFAULTS,
+    QualityReport,
+    ReferenceContinuation,
+    check_quant_quality,
+    enforce_quality,
+)
 from tasks.common import TASK_OPTIONS, artifact_key
 
 
@@ -138,8 +144,8 @@ def quality_check(
     reference: str | list[ReferenceContinuation],
     candidate_url: str,
     *,
-    prompts: int = 16,
-    tokens: int = 32,
+    prompts: int = QUALITY_DEFAULTS.prompts,
+    tokens: int = QUALITY_DEFAULTS.tokens,
     min_top1_agreement: float | None = None,
     candidate_label: str = "candidate",
     reference_label: str = "F16",

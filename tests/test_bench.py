@@ -437,3 +437,34 @@ def test_a_connection_closed_before_any_response_is_sent_again():
     rec = asyncio.run(scenario())
     assert seen["connections"] == 2
     assert rec.success and rec.output_tokens == 1 and rec.text == "hi"
+
+
+def test_sse_comments_and_event_lines_are_not_token_events():
+    """Pings (`: ping`), `event:` lines and blank separators carry no data: only the two
+    `data:` messages are token events, and the stream is read past `[DONE]`."""
+    from cortex.bench import send_streaming_request
+    import httpx
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1])
+        await reader.readexactly(length)
+        first = {"choices": [{"text": "a", "index": 0}]}
+        last = {"choices": [{"text": "b", "index": 0}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        body = (f": ping\n\nevent: message\ndata: {json.dumps(first)}\n\n: ping\n\n"
+                f"data:{json.dumps(last)}\n\ndata: [DONE]\n\n").encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient() as client:
+            return await send_streaming_request(
+                client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {})
+
+    rec = asyncio.run(scenario())
+    assert rec.success and rec.text == "ab" and rec.output_tokens == 2
+    assert len(rec.itl) == 1 and rec.latency >= rec.ttft

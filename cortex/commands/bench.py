@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import get_args
 
 from cortex.bench import (
     BenchmarkError,
@@ -22,6 +23,7 @@ from cortex.bench import (
     format_table,
     results_table,
 )
+from cortex.spec import PromptSet
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,19 +37,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    d = BenchmarkSettings()
+    d = BenchmarkSettings()  # the defaults are the spec's (cortex.spec.BenchmarkLoad)
+    levels = ",".join(map(str, d.concurrency))
     parser.add_argument("--concurrency", type=_int_list, default=d.concurrency,
-                        help="comma-separated concurrency levels (default: 1,4,16)")
+                        help=f"comma-separated concurrency levels (default: {levels})")
     parser.add_argument("--requests", type=int, default=d.requests, help=f"requests per level (default {d.requests})")
     parser.add_argument("--input-len", type=int, default=d.input_len, help=f"prompt tokens (default {d.input_len})")
     parser.add_argument("--output-len", type=int, default=d.output_len, help=f"output tokens (default {d.output_len})")
-    parser.add_argument("--request-rate", type=float, default=None,
+    parser.add_argument("--request-rate", type=float, default=d.request_rate,
                         help="requests per second (default: closed loop at each concurrency)")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson arrivals, else gamma shape")
+    parser.add_argument("--burstiness", type=float, default=d.burstiness, help="1 = Poisson arrivals, else gamma shape")
     parser.add_argument("--max-duration", type=float, default=d.max_duration_s, help="seconds per level at most")
-    parser.add_argument("--prompts", choices=["random", "bundled"], default="random")
-    parser.add_argument("--gpu-hour-price", type=float, default=None, help="USD per GPU-hour, for cost per 1M tokens")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the deployment holds (for cost)")
+    parser.add_argument("--prompts", choices=get_args(PromptSet), default=d.prompts)
+    parser.add_argument("--gpu-hour-price", type=float, default=d.gpu_hour_price_usd,
+                        help="USD per GPU-hour, for cost per 1M tokens")
+    parser.add_argument("--gpus", type=int, default=d.gpus, help="GPUs the deployment holds (for cost)")
     parser.add_argument("--model", default=None, help="model name to request (default: the first the endpoint lists)")
     parser.add_argument("--api-key", default=None, help="API key (default: $CORTEX_API_KEY)")
 
