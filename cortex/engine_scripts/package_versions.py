@@ -6,6 +6,7 @@ Runs with the vLLM virtualenv's Python (cortex/toolchain.py: install_vllm).
 import importlib.metadata as m
 import json
 import sys
+
 out = {}
 for name in sys.argv[1:]:
     try:

@@ -4,6 +4,7 @@ Runs with the vLLM virtualenv's Python (cortex/engines/introspect.py: vllm_table
 """
 import json
 import sys
+
 # vLLM attaches help text only when it sees --help on the command line (arg_utils.NEEDS_HELP).
 sys.argv = ["vllm-api-server", "--help"]
 from vllm.entrypoints.launchers.cli_args import make_arg_parser  # noqa: E402 (after sys.argv, on purpose)
