@@ -28,14 +28,19 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cortex.hub import NotEnoughSpace, check_disk_space, record_digest, sha256_of, verified_digest
 from cortex.settings import cache_root
+
+if TYPE_CHECKING:
+    from cortex.facts import ModelFacts
+    from cortex.plan import Plan
 
 CONVERTER_TABLE = Path(__file__).parent / "data" / "converter-architectures.json"
 CONVERTER_OUTTYPES = ("F32", "F16", "BF16")  # what Cortex asks the converter for; the rest is llama-quantize's job
@@ -241,6 +246,11 @@ class Artifact:
             build_seconds=data.get("build_seconds", 0.0),
             steps=data.get("steps", []),
         )
+
+
+def source_origin(provenance: Mapping[str, Any]) -> str:
+    """Where a source is, in a word: the repo, the local folder, or the local GGUF file(s)."""
+    return provenance.get("repo") or provenance.get("folder") or ", ".join(provenance.get("gguf_files", []))
 
 
 @dataclass
@@ -513,6 +523,26 @@ class ArtifactStore:
         return chosen, stale
 
 
+def f16_reference(plan: Plan, source_revision: str, store: ArtifactStore | None = None) -> Artifact | None:
+    """The F16 GGUF that `prepare` quantized the plan's llama.cpp artifact from (it keeps it in
+    the cache), for comparing the quantized model with. None when the plan has no such
+    reference: its GGUF is not converted from an HF checkpoint, or it is F16 itself.
+    ArtifactError when it has one but the cache no longer does."""
+    from cortex.toolchain import find_toolchain
+
+    quant = plan.artifact.quantization.upper()
+    if plan.engine != "llamacpp" or plan.artifact.convert_from != "hf" or quant == "F16":
+        return None
+    key = ArtifactKey(source_revision, "F16", find_toolchain().version)
+    reference = (store or ArtifactStore()).get(key)
+    if reference is None:
+        raise ArtifactError(
+            f"the F16 reference of source {source_revision[:12]} (cache key {key.digest}) is not in the "
+            "artifact cache; run `cortex prepare SPEC` again (it keeps the F16 it quantizes from)"
+        )
+    return reference
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -524,6 +554,22 @@ def _alive(pid: int) -> bool:
 
 
 # --- convert and quantize -------------------------------------------------------------------------
+
+
+def gguf_build_types(quantization: str) -> list[str]:
+    """The GGUF types a build of `quantization` from an HF checkpoint makes, in order: what the
+    converter writes (that type for F16/BF16/F32, else F16), then the quantized type."""
+    quant = quantization.upper()
+    return list(dict.fromkeys([quant if quant in CONVERTER_OUTTYPES else "F16", quant]))
+
+
+def predict_build_bytes(facts: ModelFacts, quantization: str) -> dict[str, int]:
+    """The predicted size of each GGUF file a build of `quantization` makes (see gguf_build_types)."""
+    from cortex.quant import predict_gguf_bytes
+
+    return {q: predict_gguf_bytes(facts.tensors, q, metadata_bytes=facts.metadata_bytes or 0, n_gqa=facts.n_gqa,
+                                  n_expert=max(1, facts.n_experts))
+            for q in gguf_build_types(quantization)}
 
 
 def estimate_gguf_bytes(weights_bytes: int, source_dtype_bytes: float, quantization: str) -> int:
@@ -627,7 +673,7 @@ def build_gguf(
     from the cache when it is there; `on_step(name, artifact, built_now)` reports each one."""
     store = store or ArtifactStore()
     quant = quantization.upper()
-    base_type = quant if quant in CONVERTER_OUTTYPES else "F16"
+    base_type = gguf_build_types(quant)[0]
     predicted = {k.upper(): v for k, v in (predicted_bytes or {}).items()}
     done: list[Artifact] = []
 
@@ -662,6 +708,13 @@ def build_gguf(
     on_step(quant, quantized, built)
     done.append(quantized)
     return done
+
+
+def local_hf_files(folder: Path) -> list[Path]:
+    """The files of a local HF checkpoint folder whose sha256s make its source id: weights,
+    configs, tokenizer and chat template."""
+    return [p for p in folder.iterdir()
+            if p.name.endswith((".safetensors", ".json", ".model", ".txt", ".jinja")) and p.is_file()]
 
 
 def local_source_id(paths: Iterable[Path]) -> str:

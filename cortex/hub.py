@@ -63,6 +63,10 @@ HF_CHECKPOINT_PATTERNS = (
 )
 # Older checkpoints without safetensors: weights as PyTorch pickles.
 HF_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
+# The small files of an HF checkpoint its facts come from: fetched before the weights, so the plan
+# (and a converter that does not know the architecture) is settled before the big download.
+SMALL_HF_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                  "generation_config.json", "special_tokens_map.json")
 
 SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -206,6 +210,25 @@ def gguf_split_parts(name: str) -> list[str]:
         raise HubError(f"{name} is part {int(m['part'])} of a split GGUF; name the first part "
                        f"({m['stem']}-00001-of-{m['count']}.gguf)")
     return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def local_gguf_parts(first: Path) -> list[Path]:
+    """A local GGUF file, or every part of the split set whose first part is `first`; each must exist."""
+    parts = [first.with_name(n) for n in gguf_split_parts(first.name)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise HubError(f"GGUF file(s) not found: {', '.join(missing)}")
+    return parts
+
+
+def small_hf_files(repo: str, commit: str, files: Iterable[RemoteFile]) -> list[str]:
+    """The files of SMALL_HF_FILES that `repo@commit` has; config.json must be one of them."""
+    listed = {f.path for f in files}
+    small = [n for n in SMALL_HF_FILES if n in listed]
+    if "config.json" not in small:
+        raise HubError(f"{repo}@{commit[:12]} has no config.json: not an HF checkpoint "
+                       "(for a GGUF repo, set source.gguf)")
+    return small
 
 
 def needed_files(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cortex.engines import FlagError, build_args, flag_names
 from cortex.engines import llamacpp as llamacpp_engine
@@ -40,6 +40,7 @@ class LaunchSpec:
     engine_version: str
     image: str
     name: str
+    model: str  # the name the engine serves the model under (its --served-model-name / --alias)
     command: list[str]
     env: dict[str, Any]  # value, or {"secret": NAME} for a secret the runtime resolves
     mounts: list[Mount]
@@ -53,6 +54,16 @@ class LaunchSpec:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "LaunchSpec":
+        """The launch `to_json` gave, as a runtime recorded it with its replica."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["mounts"] = [Mount(**m) for m in data.get("mounts") or []]
+        # launches recorded before `model` was a field name it only in their labels
+        values.setdefault("model", (data.get("labels") or {}).get(f"{LABEL_PREFIX}.model", ""))
+        return cls(**values)
 
 
 def _model_mounts(
@@ -140,6 +151,7 @@ def build_launch(
         engine_version=plan.engine_version,
         image=image,
         name=f"{prefix}-model-{ident}",
+        model=spec.name,
         command=command,
         env=env,
         mounts=mounts,

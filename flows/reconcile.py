@@ -13,16 +13,14 @@
 These are what `cortex serve` registers as deployments (flows/serve.py). Every flow reads the
 spec from disk; an event that started it only names the file.
 
-What was applied is kept per spec file in `<CORTEX_HOME>/applied-specs/` (spec sha256, model
-name, source revision, replica): that is how a scheduled run knows whether the commit moved
-and how a deleted spec's model is found.
+What was applied is kept per spec file by cortex.applied (spec sha256, model name, source
+revision, replica): that is how a scheduled run knows whether the commit moved and how a
+deleted spec's model is found.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,59 +31,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.context import get_run_context
 
-from cortex.fileio import atomic_write_json
+from cortex.applied import AppliedSpec, all_applied, forget_applied, read_applied, spec_sha256, write_applied
 from cortex.specfile import SpecError, load_spec, spec_files
 from tasks.common import TASK_OPTIONS, artifact_key
-
-
-# --- what was applied, per spec file -----------------------------------------------------------
-
-
-@dataclass
-class AppliedSpec:
-    spec_path: str  # absolute
-    spec_sha256: str
-    name: str  # the served model name
-    runtime: str
-    source_revision: str  # commit sha, or sha256 of local weights
-    replica: str
-    endpoint: str
-    applied_at: str
-
-
-def applied_dir() -> Path:
-    from cortex.settings import Settings
-
-    return Path(Settings.load().home) / "applied-specs"
-
-
-def _record_path(spec_path: str | Path) -> Path:
-    key = hashlib.sha256(str(Path(spec_path).absolute()).encode()).hexdigest()[:24]
-    return applied_dir() / f"{key}.json"
-
-
-def read_applied(spec_path: str | Path) -> AppliedSpec | None:
-    path = _record_path(spec_path)
-    if not path.is_file():
-        return None
-    return AppliedSpec(**json.loads(path.read_text()))
-
-
-def write_applied(record: AppliedSpec) -> None:
-    atomic_write_json(_record_path(record.spec_path), asdict(record), newline=True)
-
-
-def forget_applied(spec_path: str | Path) -> None:
-    _record_path(spec_path).unlink(missing_ok=True)
-
-
-def all_applied() -> list[AppliedSpec]:
-    folder = applied_dir()
-    return [AppliedSpec(**json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --- tasks -------------------------------------------------------------------------------------
@@ -118,9 +66,8 @@ def _tag_run(*tags: str) -> None:
 def _running_replica(name: str, runtime: str, replica_name: str | None = None):
     from cortex.runtime import get_runtime
     from cortex.runtime.base import probe_health
-    from cortex.runtime.rollout import replicas_of
 
-    for replica in replicas_of(get_runtime(runtime), name):
+    for replica in get_runtime(runtime).replicas_of(name):
         if (replica_name is None or replica.name == replica_name) and probe_health(replica) == "ok":
             return replica
     return None
@@ -143,7 +90,7 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     logger = get_run_logger()
     path = str(Path(spec_path).expanduser().absolute())
     spec = validate_spec(path)
-    digest = file_sha256(path)
+    digest = spec_sha256(path)
     kind = runtime or spec.runtime
     _tag_run(f"model:{spec.name}", f"runtime:{kind}", "scheduled" if scheduled else "applied")
     resolved = resolve_source(spec)
@@ -189,7 +136,7 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
     this run: its page is the one an operator opens, and the UI lists only a run's own artifacts."""
     from flows.deploy import deploy_model
 
-    result = deploy_model(spec_path, runtime=runtime, gateway=gateway)
+    result = deploy_model(spec_path, runtime=runtime, gateway=gateway).to_json()
     copies = {  # subflow artifact key -> (key on this run, kind)
         artifact_key("prepare", spec.name, "report"): (f"plan-{spec.name}", "markdown"),
         artifact_key("benchmark", spec.name): (f"bench-{spec.name}", "table"),
@@ -291,7 +238,7 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
         declared.add(spec.name)
         record = read_applied(path)
         running = record is not None and _running_replica(record.name, record.runtime, record.replica) is not None
-        changed = record is None or record.spec_sha256 != file_sha256(path) or record.name != spec.name
+        changed = record is None or record.spec_changed(path) or record.name != spec.name
         state = "up to date" if running and not changed else ("changed" if running else "not running")
         action, detail = "none", ""
         if state != "up to date" and apply:

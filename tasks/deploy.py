@@ -1,5 +1,6 @@
 """Prefect tasks of a deploy: each wraps one function of cortex.runtime / cortex.probe and
-adds only what Prefect is for (logging, artifacts, rollback hooks).
+adds only what Prefect is for (logging, artifacts, rollback hooks). The flow hands each task
+the runtime it made for the run.
 
 The rollback hooks undo what a task did when the transaction around it fails: a started
 replica is stopped and removed, a gateway registration is removed. None of these tasks cache:
@@ -14,34 +15,36 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.transactions import Transaction, get_transaction
 
+from cortex.launch import LaunchSpec
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
-from cortex.runtime import Replica, get_runtime
-from cortex.runtime.rollout import engine_secrets
+from cortex.runtime import Replica, Runtime
+from cortex.runtime.base import engine_secrets
+from cortex.runtime.rollout import SmokeRequest
 from tasks.common import TASK_OPTIONS, artifact_key
 
 
 @task(name="start-replica", **TASK_OPTIONS)
-def start_replica(launch: dict[str, Any], runtime: str) -> Replica:
+def start_replica(launch: LaunchSpec, runtime: Runtime) -> Replica:
     # Secrets are made here, not passed in, so they never appear among a task's parameters.
-    replica = get_runtime(runtime).start(launch, engine_secrets())
+    replica = runtime.start(launch, engine_secrets())
     transaction = get_transaction()
     if transaction is not None:
-        transaction.set("replica", replica.to_json(secrets=True))
-    get_run_logger().info("started %s (%s, %s) at %s", replica.name, replica.engine, runtime, replica.endpoint)
+        transaction.set("replica", replica)
+        transaction.set("runtime", runtime)
+    get_run_logger().info("started %s (%s, %s) at %s", replica.name, replica.engine, runtime.kind, replica.endpoint)
     return replica
 
 
 @start_replica.on_rollback
 def _remove_started_replica(transaction: Transaction) -> None:
-    data = transaction.get("replica", None)
-    if data is None:
+    replica = transaction.get("replica", None)
+    if replica is None:
         return  # the start itself failed: the runtime left nothing behind
-    replica = Replica.from_json(data)
-    get_runtime(replica.runtime).stop(replica)
+    transaction.get("runtime").stop(replica)
 
 
 @task(name="wait-until-ready", **TASK_OPTIONS)
-def wait_until_ready(replica: Replica, timeout_s: float) -> Replica:
+def wait_until_ready(replica: Replica, runtime: Runtime, timeout_s: float) -> Replica:
     logger = get_run_logger()
     logger.info("waiting up to %.0f s for %s%s", timeout_s, replica.endpoint, replica.health_path)
     last_report = [0.0]
@@ -51,22 +54,16 @@ def wait_until_ready(replica: Replica, timeout_s: float) -> Replica:
             last_report[0] = elapsed
             logger.info("%s not ready yet (%.0f s)", replica.name, elapsed)
 
-    get_runtime(replica.runtime).wait_ready(replica, timeout_s, on_wait=report)
+    runtime.wait_ready(replica, timeout_s, on_wait=report)
     logger.info("%s is healthy", replica.name)
     return replica
 
 
 @task(name="smoke-test", **TASK_OPTIONS)
-def smoke_test_replica(
-    replica: Replica,
-    task_kind: str = "generate",
-    prompts: list[str] | None = None,
-    max_tokens: int = 16,
-    embedding_dim: int | None = None,
-) -> SmokeResult:
+def smoke_test_replica(replica: Replica, request: SmokeRequest) -> SmokeResult:
     result = smoke_test(
-        replica.endpoint, replica.model, task=task_kind, prompts=prompts, max_tokens=max_tokens,
-        api_key=replica.api_key, embedding_dim=embedding_dim,
+        replica.endpoint, replica.model, task=request.task, prompts=request.prompts,
+        max_tokens=request.max_tokens, api_key=replica.api_key, embedding_dim=request.embedding_dim,
     )
     create_table_artifact(
         key=artifact_key(f"smoke-{replica.model}"),
@@ -107,7 +104,7 @@ def _deregister(transaction: Transaction) -> None:
 
 
 @task(name="retire-replica", **TASK_OPTIONS)
-def retire_replica(replica: Replica, drain_gateway: bool) -> str:
+def retire_replica(replica: Replica, runtime: Runtime, drain_gateway: bool) -> str:
     """Take a replica out of the gateway (waiting for its requests in flight), then stop it."""
     logger = get_run_logger()
     if drain_gateway:
@@ -119,6 +116,6 @@ def retire_replica(replica: Replica, drain_gateway: bool) -> str:
             except GatewayError as exc:
                 if exc.status != 404:  # 404: the gateway never knew it; nothing to drain
                     raise
-    get_runtime(replica.runtime).stop(replica)
+    runtime.stop(replica)
     logger.info("stopped and removed %s", replica.name)
     return replica.name

@@ -1,5 +1,5 @@
-"""Launch specs for runtime, probe and deploy tests, shaped as cortex.launch.LaunchSpec.to_json()
-gives them: the command as it runs inside the engine's image."""
+"""Launch specs for runtime, probe and deploy tests, shaped as cortex.launch.build_launch makes
+them: the command as it runs inside the engine's image."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
+
+from cortex.launch import LaunchSpec, Mount
 
 
 def llamacpp_launch(
     gguf: Path, model: str = "smollm2", *extra: str, image: str = "cortex/llamacpp-server:0.3.36-cpu",
     model_target: str | None = None,
-) -> dict[str, Any]:
+) -> LaunchSpec:
     """llama-server serving `gguf` (mounted read-only at /models) under the name `model`."""
     gguf = Path(gguf)
     target = model_target or f"/models/{gguf.name}"
@@ -23,22 +24,19 @@ def llamacpp_launch(
         "--alias", model, "-c", "1024", "-np", "1", "-t", "2", *extra,
     ]
     digest = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:8]
-    return {
-        "engine": "llamacpp",
-        "engine_version": "0.3.36",
-        "image": image,
-        "name": f"llamacpp-model-{model}-{digest}",
-        "command": command,
-        "env": {"LLAMA_API_KEY": {"secret": "engine_api_key"}},
-        "mounts": [{"source": str(gguf.parent), "target": "/models", "read_only": True}],
-        "gpus": [],
-        "port": 8080,
-        "health_path": "/health",
-        "stop_timeout_s": 10,
-        "shm_size": None,
-        "ipc_mode": None,
-        "labels": {"ai.cortex.model": model},
-    }
+    return LaunchSpec(
+        engine="llamacpp",
+        engine_version="0.3.36",
+        image=image,
+        name=f"llamacpp-model-{model}-{digest}",
+        model=model,
+        command=command,
+        env={"LLAMA_API_KEY": {"secret": "engine_api_key"}},
+        mounts=[Mount(str(gguf.parent), "/models")],
+        gpus=[],
+        port=8080,
+        labels={"ai.cortex.model": model},
+    )
 
 
 SECRETS = {"engine_api_key": "test-engine-key"}

@@ -14,6 +14,8 @@ from prefect.testing.utilities import prefect_test_harness
 from cortex.bench import GatesFailed
 from cortex.probe import smoke_test
 from cortex.runtime import get_runtime
+from cortex.runtime.rollout import RolloutRequest, SmokeRequest
+from cortex.spec import BenchmarkSpec
 from flows.deploy import retire_model, roll_out
 from runtime_helpers import llamacpp_launch
 
@@ -43,19 +45,22 @@ async def _artifact_keys() -> set[str]:
 
 
 def test_impossible_slo_fails_the_deploy_and_keeps_the_old_replica(cortex_home: Path, test_model) -> None:
-    first = roll_out(llamacpp_launch(test_model.gguf, "gated"), "process", max_tokens=4, benchmark=SMALL)
-    assert first["benchmark"]["levels"][0]["output_tokens_per_s"] > 0
+    first = roll_out(RolloutRequest(launch=llamacpp_launch(test_model.gguf, "gated"), smoke=SmokeRequest(max_tokens=4),
+                                    benchmark=BenchmarkSpec(**SMALL)))
+    assert first.benchmark.levels[0].output_tokens_per_s > 0
+    assert first.to_json()["benchmark"]["levels"][0]["concurrency"] == 1
     keys = asyncio.run(_artifact_keys())
     assert any("smoke" in k for k in keys), keys
     assert any("bench" in k for k in keys), keys
 
-    impossible = dict(SMALL, gates=[{"metric": "ttft_ms", "stat": "p99", "max": 0.001}])
+    impossible = BenchmarkSpec(**SMALL, gates=[{"metric": "ttft_ms", "stat": "p99", "max": 0.001}])
     with pytest.raises(GatesFailed) as failure:
-        roll_out(llamacpp_launch(test_model.gguf, "gated", "-b", "256"), "process", max_tokens=4, benchmark=impossible)
+        roll_out(RolloutRequest(launch=llamacpp_launch(test_model.gguf, "gated", "-b", "256"),
+                                smoke=SmokeRequest(max_tokens=4), benchmark=impossible))
     message = str(failure.value)
     assert "ttft_ms" in message and "0.001" in message  # the measured number and the bound
     [still] = get_runtime("process").list()
-    assert still.name == first["replica"]
+    assert still.name == first.replica
     assert smoke_test(still.endpoint, still.model, api_key=still.api_key, max_tokens=4).passed
     retire_model("gated")
 
@@ -97,7 +102,7 @@ benchmark:
     assert get_runtime("process").list() == []  # neither the candidate nor the reference is left
 
     result = deploy_model(str(spec("Q8_0", 0.5)), runtime="process", gateway=False)
-    assert result["smoke"]["passed"]
-    assert [r.name for r in get_runtime("process").list()] == [result["replica"]]
+    assert result.smoke.passed
+    assert [r.name for r in get_runtime("process").list()] == [result.replica]
     assert any("quality" in k for k in asyncio.run(_artifact_keys()))
     retire_model("smol-gated")

@@ -15,6 +15,7 @@ from cortex.gateway.client import GatewayClient
 from cortex.gateway.testing import GatewayProcess
 from cortex.probe import SmokeTestFailed, smoke_test
 from cortex.runtime import get_runtime
+from cortex.runtime.rollout import RolloutRequest, SmokeRequest
 from flows.deploy import retire_model, roll_out
 from runtime_helpers import llamacpp_launch
 
@@ -33,32 +34,36 @@ def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toolchain):
     gw.stop()
 
 
+def _roll_out(launch, **smoke):
+    return roll_out(RolloutRequest(launch=launch, aliases=["smol"], smoke=SmokeRequest(**smoke)))
+
+
 def _routes(model: str) -> list[str]:
     with GatewayClient() as client:
         return [r["id"] for r in client.replicas_of(model)]
 
 
 def test_deploys_hand_over_to_the_gateway_and_retire_takes_the_route_away(gateway: GatewayProcess, test_model) -> None:
-    first = roll_out(llamacpp_launch(test_model.gguf, "smollm2"), "process", aliases=["smol"], max_tokens=8)
-    assert first["gateway"] == "registered"
-    assert _routes("smollm2") == [first["replica"]]
+    first = _roll_out(llamacpp_launch(test_model.gguf, "smollm2"), max_tokens=8)
+    assert first.gateway == "registered"
+    assert _routes("smollm2") == [first.replica]
     result = smoke_test(gateway.url, "smollm2", max_tokens=4)  # the same smoke tests, through the gateway
     assert result.passed, result.summary()
     via_alias = httpx.post(gateway.url + "/v1/chat/completions", timeout=60, json={
         "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert via_alias.status_code == 200, via_alias.text
 
-    second = roll_out(llamacpp_launch(test_model.gguf, "smollm2", "-b", "256"), "process", aliases=["smol"], max_tokens=8)
-    assert second["stopped"] == [first["replica"]]
-    assert _routes("smollm2") == [second["replica"]]  # the old route was drained away
+    second = _roll_out(llamacpp_launch(test_model.gguf, "smollm2", "-b", "256"), max_tokens=8)
+    assert second.stopped == [first.replica]
+    assert _routes("smollm2") == [second.replica]  # the old route was drained away
     assert smoke_test(gateway.url, "smollm2", max_tokens=4).passed
 
     with pytest.raises(SmokeTestFailed):
-        roll_out(llamacpp_launch(test_model.gguf, "smollm2", "--alias", "renamed"), "process", aliases=["smol"])
-    assert _routes("smollm2") == [second["replica"]]
+        _roll_out(llamacpp_launch(test_model.gguf, "smollm2", "--alias", "renamed"))
+    assert _routes("smollm2") == [second.replica]
     assert smoke_test(gateway.url, "smollm2", max_tokens=4).passed
 
-    assert retire_model("smollm2") == [second["replica"]]
+    assert retire_model("smollm2") == [second.replica]
     assert _routes("smollm2") == []
     gone = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
         "model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})

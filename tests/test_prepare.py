@@ -23,6 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from cortex.artifacts import inspect_gguf
+from cache_helpers import linked_cortex_cache
 from hubserver import HubRepo, HubServer, sha256_file
 
 TOKEN = "hf_cortexPrepareSecret0123456789abcdef"
@@ -45,14 +46,7 @@ def _env(prefect_api: str, tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PREFECT_"))}
     # The toolchain and test model stay where `./dev setup` put them; only the artifact cache,
     # stamps and Hub listings of this test go to a fresh CORTEX_CACHE that links to them.
-    real = Path(os.environ.get("CORTEX_CACHE") or Path.home() / ".cache" / "cortex")
-    cache = tmp / "cortex"
-    if not cache.exists():
-        cache.mkdir()
-        for part in ("toolchain", "engines", "models"):
-            if (real / part).exists():
-                os.symlink(real / part, cache / part)
-    env.update(PREFECT_API_URL=prefect_api, CORTEX_CACHE=str(cache), HF_HUB_CACHE=str(tmp / "hf"),
+    env.update(PREFECT_API_URL=prefect_api, CORTEX_CACHE=str(linked_cortex_cache(tmp)), HF_HUB_CACHE=str(tmp / "hf"),
                HF_HUB_DISABLE_TELEMETRY="1", PREFECT_LOGGING_LEVEL="INFO")
     env.update(extra)
     return env

@@ -17,6 +17,7 @@ import pytest
 
 from cortex import artifacts as art
 from cortex.hub import NotEnoughSpace
+from cache_helpers import linked_cortex_cache
 from hubserver import sha256_file
 
 SOURCE_ID = "0123456789abcdef0123456789abcdef01234567"
@@ -24,12 +25,7 @@ SOURCE_ID = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def cortex_cache(tmp_path, monkeypatch) -> Path:
-    real = Path(os.environ.get("CORTEX_CACHE") or Path.home() / ".cache" / "cortex")
-    cache = tmp_path / "cortex"
-    cache.mkdir()
-    for part in ("toolchain", "engines", "models"):
-        if (real / part).exists():
-            os.symlink(real / part, cache / part)
+    cache = linked_cortex_cache(tmp_path)
     monkeypatch.setenv("CORTEX_CACHE", str(cache))
     return cache
 

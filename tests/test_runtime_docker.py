@@ -6,11 +6,13 @@ from .ci/run). Without them these tests fail with that instruction: they never s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
+from cortex.launch import LaunchSpec
 from cortex.probe import smoke_test
 from cortex.runtime import EngineNotReady, LaunchError, ReplicaError
 from cortex.runtime.base import MANAGED_LABEL
@@ -38,14 +40,13 @@ def docker_runtime() -> DockerRuntime:
 def runtime(docker_runtime: DockerRuntime):
     yield docker_runtime
     for replica in docker_runtime.list():
-        if replica.launch.get("labels", {}).get("ai.cortex.test") == "1":
+        if replica.launch.labels.get("ai.cortex.test") == "1":
             docker_runtime.stop(replica)
 
 
-def _launch(gguf: Path, *extra: str, model: str = "smollm2-docker") -> dict:
+def _launch(gguf: Path, *extra: str, model: str = "smollm2-docker") -> LaunchSpec:
     launch = llamacpp_launch(gguf, model, *extra, image=IMAGE)
-    launch["labels"]["ai.cortex.test"] = "1"
-    return launch
+    return dataclasses.replace(launch, labels={**launch.labels, "ai.cortex.test": "1"})
 
 
 def test_device_requests_name_the_gpus_or_a_count() -> None:
@@ -70,8 +71,8 @@ def test_container_serves_the_model_with_the_launch_settings(runtime: DockerRunt
         result = smoke_test(replica.endpoint, "smollm2-docker", api_key=replica.api_key, max_tokens=8)
         assert result.passed, result.summary()
 
-        container = runtime.client.containers.get(launch["name"])
-        assert container.name == launch["name"] and container.name.startswith("llamacpp-model-")
+        container = runtime.client.containers.get(launch.name)
+        assert container.name == launch.name and container.name.startswith("llamacpp-model-")
         assert container.labels[MANAGED_LABEL] == "true"
         assert container.labels["ai.cortex.model"] == "smollm2-docker"
         assert "test-engine-key" not in container.labels["ai.cortex.launch"]  # secrets stay out of labels
@@ -79,14 +80,15 @@ def test_container_serves_the_model_with_the_launch_settings(runtime: DockerRunt
         assert (mount["Destination"], mount["RW"]) == ("/models", False)
         [binding] = container.attrs["NetworkSettings"]["Ports"]["8080/tcp"]
         assert binding["HostIp"] == "127.0.0.1"
-        assert container.attrs["Config"]["Cmd"] == launch["command"]
+        assert container.attrs["Config"]["Cmd"] == launch.command
 
         # A fresh runtime (another process) finds it by label, with its key and endpoint.
-        [seen] = [r for r in DockerRuntime().list() if r.name == launch["name"]]
+        [seen] = [r for r in DockerRuntime().list() if r.name == launch.name]
         assert (seen.endpoint, seen.api_key, seen.model) == (replica.endpoint, "test-engine-key", "smollm2-docker")
+        assert seen.launch == launch  # the typed launch, read back from the container's label
     finally:
         runtime.stop(replica)
-    assert launch["name"] not in [c.name for c in runtime.client.containers.list(all=True)]
+    assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
 
 
 def test_container_killed_during_readiness_fails_clearly_and_is_removed(runtime: DockerRuntime, test_model) -> None:
@@ -95,7 +97,7 @@ def test_container_killed_during_readiness_fails_clearly_and_is_removed(runtime:
     runtime.client.containers.get(replica.ref).kill()
     with pytest.raises(EngineNotReady, match="exited with code 137 before it became ready"):
         runtime.wait_ready(replica, timeout_s=60)
-    assert launch["name"] not in [c.name for c in runtime.client.containers.list(all=True)]
+    assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
 
 
 def test_a_flag_the_engine_rejects_is_reported_and_the_container_removed(runtime: DockerRuntime, test_model) -> None:
@@ -104,7 +106,7 @@ def test_a_flag_the_engine_rejects_is_reported_and_the_container_removed(runtime
     with pytest.raises(EngineNotReady) as failure:
         runtime.wait_ready(replica, timeout_s=60)
     assert failure.value.hint.startswith("unknown flag") and "--no-such-flag" in failure.value.logs
-    assert launch["name"] not in [c.name for c in runtime.client.containers.list(all=True)]
+    assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
 
 
 def test_orphans_found_by_label_are_removed(runtime: DockerRuntime, test_model) -> None:
@@ -112,13 +114,12 @@ def test_orphans_found_by_label_are_removed(runtime: DockerRuntime, test_model) 
     replica = runtime.start(launch, SECRETS)
     runtime.client.containers.get(replica.ref).kill()
     removed = runtime.cleanup_orphans()
-    assert launch["name"] in [r.name for r in removed]
-    assert launch["name"] not in [c.name for c in runtime.client.containers.list(all=True)]
+    assert launch.name in [r.name for r in removed]
+    assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
 
 
 def test_a_missing_image_says_how_to_get_it(runtime: DockerRuntime, test_model) -> None:
-    launch = _launch(test_model.gguf)
-    launch["image"] = "cortex/no-such-image:0"
+    launch = dataclasses.replace(_launch(test_model.gguf), image="cortex/no-such-image:0")
     with pytest.raises(LaunchError, match="cortex/no-such-image:0 is not on the Docker host"):
         runtime.start(launch, SECRETS)
-    assert launch["name"] not in [c.name for c in runtime.client.containers.list(all=True)]
+    assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]

@@ -5,6 +5,7 @@ error and nothing left running."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cortex.launch import Mount
 from cortex.probe import smoke_test
 from cortex.runtime import EngineNotReady, LaunchError, failure_hint
 from cortex.runtime import process as process_module
@@ -43,12 +45,12 @@ def test_command_is_translated_to_local_paths_program_and_loopback_port(tmp_path
 
 
 def test_vllm_module_command_keeps_its_arguments_after_the_venv_python(tmp_path: Path) -> None:
-    launch = {
-        "name": "vllm-model-x", "engine": "vllm", "port": 8000,
-        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/smol",
-                    "--served-model-name", "smol", "--host", "0.0.0.0", "--port", "8000"],
-        "mounts": [{"source": str(tmp_path / "hf"), "target": "/models/smol", "read_only": True}],
-    }
+    launch = dataclasses.replace(
+        llamacpp_launch(tmp_path / "m.gguf"), name="vllm-model-x", engine="vllm", port=8000,
+        command=["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/smol",
+                 "--served-model-name", "smol", "--host", "0.0.0.0", "--port", "8000"],
+        mounts=[Mount(str(tmp_path / "hf"), "/models/smol")],
+    )
     argv = translate_command(launch, 5000, program=lambda cmd: ["/venv/bin/python", "-m", cmd[2]])
     assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--model") + 1] == str(tmp_path / "hf")
@@ -56,7 +58,7 @@ def test_vllm_module_command_keeps_its_arguments_after_the_venv_python(tmp_path:
 
 
 def test_host_path_prefers_the_longest_mount_and_handles_flag_equals_value() -> None:
-    mounts = [{"source": "/data", "target": "/models"}, {"source": "/cache/x", "target": "/models/x"}]
+    mounts = [Mount("/data", "/models"), Mount("/cache/x", "/models/x")]
     assert host_path("/models/x/w.gguf", mounts) == "/cache/x/w.gguf"
     assert host_path("/models/y.gguf", mounts) == "/data/y.gguf"
     assert host_path("--model=/models/y", mounts) == "--model=/data/y"
@@ -65,7 +67,7 @@ def test_host_path_prefers_the_longest_mount_and_handles_flag_equals_value() -> 
 
 def test_unknown_program_is_refused_with_what_to_do(tmp_path: Path) -> None:
     launch = llamacpp_launch(tmp_path / "m.gguf")
-    launch["command"][0] = "text-generation-launcher"
+    launch = dataclasses.replace(launch, command=["text-generation-launcher", *launch.command[1:]])
     with pytest.raises(LaunchError, match="use --runtime docker"):
         translate_command(launch, 1)
 
@@ -112,6 +114,7 @@ def test_llama_server_starts_serves_smoke_tests_and_stops(runtime: ProcessRuntim
     other = ProcessRuntime(state_dir=runtime.state_dir)
     [seen] = other.list()
     assert (seen.name, seen.endpoint, seen.engine) == (replica.name, replica.endpoint, "llamacpp")
+    assert seen.launch == launch and seen.model == launch.model == "smollm2"  # the typed launch, read back
     assert other.health(seen) == "ok" and other.is_running(seen)
 
     other.stop(seen)  # stopping from the other process works too
@@ -154,8 +157,9 @@ def test_a_missing_model_file_is_reported_as_such(runtime: ProcessRuntime, test_
 def test_a_context_that_cannot_fit_in_memory_gets_the_out_of_memory_hint(runtime: ProcessRuntime, test_model) -> None:
     # 200M tokens of KV cache is terabytes: llama-server fails to allocate it and exits.
     launch = llamacpp_launch(test_model.gguf, "smollm2", "--fit", "off")
-    command = launch["command"]
+    command = list(launch.command)
     command[command.index("-c") + 1] = "200000000"
+    launch = dataclasses.replace(launch, command=command)
     replica = runtime.start(launch, SECRETS)
     with pytest.raises(EngineNotReady) as failure:
         runtime.wait_ready(replica, timeout_s=120)
@@ -191,11 +195,11 @@ def test_state_survives_the_process_that_started_the_engine(tmp_path: Path, test
     """Start from a separate Python process that exits; this one finds, checks and stops it."""
     state = tmp_path / "state"
     launch_file = tmp_path / "launch.json"
-    launch_file.write_text(json.dumps(llamacpp_launch(test_model.gguf, "smollm2")))
+    launch_file.write_text(json.dumps(llamacpp_launch(test_model.gguf, "smollm2").to_json()))
     script = (
-        "import json, sys; from cortex.runtime.process import ProcessRuntime;"
+        "import json, sys; from cortex.launch import LaunchSpec; from cortex.runtime.process import ProcessRuntime;"
         f"rt = ProcessRuntime(state_dir={str(state)!r});"
-        f"r = rt.start(json.load(open({str(launch_file)!r})), {{'engine_api_key': 'k'}});"
+        f"r = rt.start(LaunchSpec.from_json(json.load(open({str(launch_file)!r}))), {{'engine_api_key': 'k'}});"
         "rt.wait_ready(r, 120); print(r.ref)"
     )
     pid = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)

@@ -328,7 +328,7 @@ def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Ser
     assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
     wait_for(lambda: spec_schedules() == [], 30, "the schedule was not removed", cortex_serve.log)
     [second] = replicas(cortex_serve)
-    assert second.name != first.name and "128" in " ".join(second.launch.get("command", []))
+    assert second.name != first.name and "128" in " ".join(second.launch.command)
     time.sleep(5)
     assert len([r for r in flow_runs(deploy) if r.id not in known]) == 1, "the burst started more than one run"
     known.add(run.id)

@@ -34,12 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _row(store, a) -> dict:
+    from cortex.artifacts import source_origin
+
     return {
         "key": a.key.digest,
         "quantization": a.key.quantization,
         "toolchain_version": a.key.toolchain_version,
         "source_id": a.key.source_id,
-        "source": a.source.get("repo") or a.source.get("folder") or (a.source.get("gguf_files") or [""])[0],
+        "source": source_origin(a.source),
         "bytes": a.total_bytes,
         "files": [f.path for f in a.files],
         "last_used": store.last_used(a),

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_flow("deploy", deploy_model, str(spec_path), runtime="process", gateway=True)
     if outcome.exit_code:
         return outcome.exit_code
-    result = outcome.result
+    result = outcome.result.to_json()
     _print_steps(outcome.flow_run_id)
     print(f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}"
           + (" (the same launch was already serving: tested again)" if result.get("reused") else ""))

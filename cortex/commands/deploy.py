@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                        gateway=args.gateway, json_errors=args.json, context={"spec": args.spec})
     if outcome.exit_code:
         return outcome.exit_code
-    result = outcome.result
+    result = outcome.result.to_json()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

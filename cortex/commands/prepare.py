@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cortex.commands.local_prefect import run_flow
+    from cortex.artifacts import source_origin
     from flows.prepare import prepare_model
 
     outcome = run_flow(f"prepare of {args.spec}", prepare_model, args.spec, json_errors=args.json,
@@ -39,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"prepared {result['name']} for {result['engine']}: {result['format']} {result['quantization']}")
-    source = result["source"]
-    origin = source.get("repo") or source.get("folder") or ", ".join(source.get("gguf_files", []))
-    print(f"  source    {origin} -> {result['source_revision']}")
+    print(f"  source    {source_origin(result['source'])} -> {result['source_revision']}")
     print(f"  cached    {'yes (nothing downloaded or built)' if result['cached'] else 'no'}"
           f"; downloaded {result['downloaded_bytes']} bytes; built {', '.join(result['built']) or 'nothing'}")
     print(f"  load      {result['artifact_path']}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from cortex.runtime import RUNTIMES, ReplicaError, get_runtime
+from cortex.runtime import RUNTIMES, get_runtime, reachable_runtimes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,16 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
     """(rows, notes): one row per replica; notes say which runtimes could not be asked."""
-    rows, notes = [], []
-    for kind in [runtime] if runtime else list(RUNTIMES):
-        try:
-            rt = get_runtime(kind)
-        except ReplicaError:
-            if runtime:
-                raise
-            where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-            notes.append(f"{kind}: no daemon answers at {where}, so no containers are listed")
-            continue
+    runtimes, unreachable = ({runtime: get_runtime(runtime)}, {}) if runtime else reachable_runtimes()
+    where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    notes = [f"{kind}: no daemon answers at {where}, so no containers are listed" for kind in unreachable]
+    rows = []
+    for rt in runtimes.values():
         for replica in rt.list():
             health = rt.health(replica) if rt.is_running(replica) else "exited"
             rows.append({

@@ -1,6 +1,6 @@
 """The admin client the deploy flow and `cortex keys` use to talk to a running gateway.
 
-    client = GatewayClient(Settings.load())
+    client = GatewayClient(Settings.load())   # or gateway_client(mode): None where none is used
     replica = client.register("smollm2", "http://127.0.0.1:8081", engine_api_key=key, aliases=["small"])
     client.drain(old_replica_id)          # waits until its in-flight requests finished
     client.deregister(replica_id)
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 
 
 class GatewayError(Exception):
@@ -104,3 +104,26 @@ class GatewayClient:
 
     def revoke_key(self, key_id: str) -> dict:
         return self._call("DELETE", f"/admin/keys/{key_id}")
+
+
+def gateway_client(mode: bool | None) -> GatewayClient | None:
+    """The admin client of the gateway a deploy registers with, or None where none is to be used.
+
+    mode True: the gateway must answer (GatewayError otherwise); False: do not use it;
+    None: use it if one answers at CORTEX_GATEWAY_URL."""
+    if mode is False:
+        return None
+    try:
+        client = GatewayClient()
+    except SettingsError:  # no admin token: no gateway was ever started here
+        if mode:
+            raise
+        return None
+    try:
+        client.list()
+        return client
+    except GatewayError:
+        client.close()
+        if mode:
+            raise
+        return None

@@ -4,7 +4,7 @@ stop it, and list the replicas Cortex owns.
 A runtime turns a `LaunchSpec` (cortex.launch) into a running engine, a `Replica`. The
 launch spec is written as it runs inside the engine's image; the docker runtime uses it as is,
 the process runtime translates it to the local machine. Readiness, failure hints and the
-choice of timeout are the same for both, so they live here.
+choice of timeout are the same for both, so they live here, with the secrets an engine gets.
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import secrets as _secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import httpx
+
+if TYPE_CHECKING:
+    from cortex.launch import LaunchSpec
 
 # Label / state key that marks what Cortex started, on containers and in state files.
 MANAGED_LABEL = "ai.cortex.managed"
@@ -72,7 +77,7 @@ class Replica:
     stop_timeout_s: float = 10.0
     api_key: str | None = field(default=None, repr=False)
     log_path: str | None = None
-    launch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    launch: LaunchSpec | None = field(default=None, repr=False, compare=False)  # what it was started from
 
     def to_json(self, *, secrets: bool = False) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -82,41 +87,38 @@ class Replica:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Replica":
+        from cortex.launch import LaunchSpec  # here: `cortex status` need not import the planner
+
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        launch = values.get("launch")
+        values["launch"] = LaunchSpec.from_json(launch) if launch else None
+        return cls(**values)
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def launch_dict(launch: Any) -> dict[str, Any]:
-    """The launch spec as a plain dict (a LaunchSpec, or its to_json() output)."""
-    if isinstance(launch, Mapping):
-        return dict(launch)
-    return launch.to_json()
-
-
-def served_model_name(launch: Mapping[str, Any]) -> str:
-    """The name the engine serves, as the command line gives it."""
-    command = list(launch["command"])
-    for flag in ("--served-model-name", "--alias", "-a"):
-        if flag in command:
-            return command[command.index(flag) + 1]
-    labels = launch.get("labels") or {}
-    if "ai.cortex.model" in labels:
-        return labels["ai.cortex.model"]
-    raise ValueError(f"launch {launch.get('name')!r} names no served model (--served-model-name / --alias)")
-
-
-def require_mount_sources(launch: Mapping[str, Any]) -> None:
+def require_mount_sources(launch: LaunchSpec) -> None:
     """A launch built before its artifact was prepared has mounts without a source."""
-    missing = [m["target"] for m in launch.get("mounts") or [] if not m.get("source")]
+    missing = [m.target for m in launch.mounts if not m.source]
     if missing:
         raise LaunchError(
-            f"launch {launch.get('name')} mounts {', '.join(missing)} from no host path: "
+            f"launch {launch.name} mounts {', '.join(missing)} from no host path: "
             "prepare the model first (`cortex prepare SPEC`), then build the launch from its artifact"
         )
+
+
+def engine_secrets() -> dict[str, str]:
+    """The secrets a launch may reference (cortex.launch.ENGINE_API_KEY_SECRET). The engine API
+    key comes from the `engine_api_key` setting (CORTEX_ENGINE_API_KEY), else a fresh random one
+    per replica (the gateway gets it when the replica registers, and the runtime keeps it with
+    the replica's state, readable only by its owner)."""
+    from cortex.launch import ENGINE_API_KEY_SECRET
+    from cortex.settings import Settings
+
+    return {ENGINE_API_KEY_SECRET: Settings.load().engine_api_key or _secrets.token_urlsafe(24)}
 
 
 def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str, str]:
@@ -211,8 +213,18 @@ class Runtime(abc.ABC):
 
     kind: str
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Runtime":
+        # A runtime is a handle on engines outside this process (and may hold a Docker client,
+        # which cannot be copied): a copy, e.g. of a Prefect transaction value, is the same handle.
+        return self
+
+    @classmethod
+    def host(cls) -> str:
+        """The machine whose engines (and GPUs) this runtime starts: this one."""
+        return socket.gethostname()
+
     @abc.abstractmethod
-    def start(self, launch: Any, secrets: Mapping[str, str] | None = None) -> Replica:
+    def start(self, launch: LaunchSpec, secrets: Mapping[str, str] | None = None) -> Replica:
         """Start the engine; returns at once (see wait_ready). LaunchError if it cannot."""
 
     @abc.abstractmethod
@@ -232,6 +244,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[Replica]:
         """Every replica this runtime started that still exists (running or exited)."""
+
+    def replicas_of(self, model: str) -> list[Replica]:
+        """The replicas serving `model` (its served name)."""
+        return [r for r in self.list() if r.model == model]
 
     def get(self, name: str) -> Replica:
         for replica in self.list():

@@ -10,9 +10,10 @@ is what a remote Docker host (DOCKER_HOST=tcp://... or ssh://...) needs to be re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
 from cortex.runtime.base import (
@@ -23,13 +24,14 @@ from cortex.runtime.base import (
     ReplicaNotFound,
     Runtime,
     api_key_from_env,
-    launch_dict,
     require_mount_sources,
     resolve_env,
-    served_model_name,
     utc_now,
 )
 from cortex.settings import Settings
+
+if TYPE_CHECKING:
+    from cortex.launch import LaunchSpec
 
 LABEL_MODEL = "ai.cortex.model"
 LABEL_ENGINE = "ai.cortex.engine"
@@ -41,6 +43,14 @@ def _docker():
     import docker  # imported here: the process runtime must work without a Docker daemon
 
     return docker
+
+
+def remote_docker_host() -> str | None:
+    """The host name of a remote Docker daemon (DOCKER_HOST=tcp://... or ssh://...), else None."""
+    parsed = urlparse(os.environ.get("DOCKER_HOST", ""))
+    if parsed.scheme in ("tcp", "ssh", "http", "https") and parsed.hostname:
+        return parsed.hostname
+    return None
 
 
 class DockerRuntime(Runtime):
@@ -64,36 +74,38 @@ class DockerRuntime(Runtime):
 
     # -- helpers
 
+    @classmethod
+    def host(cls) -> str:
+        """The Docker host: a remote daemon's machine, else this one."""
+        return remote_docker_host() or super().host()
+
     def _endpoint_host(self) -> str:
         """Where this machine reaches a port the daemon published."""
         if self.bind_address not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
             return self.bind_address
-        docker_host = os.environ.get("DOCKER_HOST", "")
-        parsed = urlparse(docker_host)
-        if parsed.scheme in ("tcp", "ssh", "http", "https") and parsed.hostname:
-            return parsed.hostname
-        return "127.0.0.1"
+        return remote_docker_host() or "127.0.0.1"
 
     def _replica(self, container: Any) -> Replica:
+        from cortex.launch import LaunchSpec  # here: `cortex status` need not import the planner
+
         labels = container.labels
-        launch = json.loads(labels.get(LABEL_LAUNCH, "{}"))
-        port = launch.get("port")
+        launch = LaunchSpec.from_json(json.loads(labels[LABEL_LAUNCH]))
         endpoint = ""
         bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
-        published = bindings.get(f"{port}/tcp") or []
+        published = bindings.get(f"{launch.port}/tcp") or []
         if published:
             endpoint = f"http://{self._endpoint_host()}:{published[0]['HostPort']}"
         env = dict(item.split("=", 1) for item in (container.attrs.get("Config") or {}).get("Env") or [] if "=" in item)
         return Replica(
             name=container.name,
-            model=labels.get(LABEL_MODEL, ""),
-            engine=labels.get(LABEL_ENGINE, launch.get("engine", "")),
+            model=labels.get(LABEL_MODEL, launch.model),
+            engine=launch.engine,
             runtime=self.kind,
             endpoint=endpoint,
             since=labels.get(LABEL_SINCE, ""),
             ref=container.id,
-            health_path=launch.get("health_path", "/health"),
-            stop_timeout_s=float(launch.get("stop_timeout_s", 10)),
+            health_path=launch.health_path,
+            stop_timeout_s=float(launch.stop_timeout_s),
             api_key=env.get("LLAMA_API_KEY") or env.get("VLLM_API_KEY"),
             log_path=None,
             launch=launch,
@@ -117,12 +129,10 @@ class DockerRuntime(Runtime):
 
     # -- interface
 
-    def start(self, launch: Any, secrets: Mapping[str, str] | None = None) -> Replica:
+    def start(self, launch: LaunchSpec, secrets: Mapping[str, str] | None = None) -> Replica:
         docker = _docker()
-        launch = launch_dict(launch)
         secrets = secrets or {}
-        name = launch["name"]
-        model = served_model_name(launch)
+        name = launch.name
         require_mount_sources(launch)
         try:
             existing = self.client.containers.get(name)
@@ -134,42 +144,41 @@ class DockerRuntime(Runtime):
             if existing.status == "running":
                 raise LaunchError(f"{name} is already running; stop it first")
             existing.remove(force=True)  # a dead leftover of the same launch
-        labels = {str(k): str(v) for k, v in (launch.get("labels") or {}).items()}
+        labels = {str(k): str(v) for k, v in launch.labels.items()}
         labels.update({
             MANAGED_LABEL: "true",
-            LABEL_MODEL: model,
-            LABEL_ENGINE: launch["engine"],
+            LABEL_MODEL: launch.model,
+            LABEL_ENGINE: launch.engine,
             LABEL_SINCE: utc_now(),
-            LABEL_LAUNCH: json.dumps(launch, sort_keys=True),
+            LABEL_LAUNCH: json.dumps(launch.to_json(), sort_keys=True),
         })
         mounts = [
-            docker.types.Mount(target=m["target"], source=str(m["source"]), type="bind",
-                               read_only=bool(m.get("read_only", True)))
-            for m in launch.get("mounts") or []
+            docker.types.Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
+            for m in launch.mounts
         ]
-        for m in launch.get("mounts") or []:
-            if not os.path.exists(m["source"]) and not os.environ.get("DOCKER_HOST"):
-                raise LaunchError(f"mount source {m['source']} does not exist (for {m['target']} in {name})")
+        for m in launch.mounts:
+            if not os.path.exists(str(m.source)) and not os.environ.get("DOCKER_HOST"):
+                raise LaunchError(f"mount source {m.source} does not exist (for {m.target} in {name})")
         kwargs: dict[str, Any] = dict(
-            image=launch["image"],
-            command=[str(a) for a in launch["command"]],
+            image=launch.image,
+            command=[str(a) for a in launch.command],
             name=name,
             labels=labels,
-            environment=resolve_env(launch.get("env") or {}, secrets),
+            environment=resolve_env(launch.env, secrets),
             mounts=mounts,
-            ports={f"{launch['port']}/tcp": (self.bind_address, None)},
-            device_requests=self.device_requests(launch.get("gpus")),
+            ports={f"{launch.port}/tcp": (self.bind_address, None)},
+            device_requests=self.device_requests(launch.gpus),
             stop_signal="SIGTERM",
         )
-        if launch.get("shm_size"):
-            kwargs["shm_size"] = launch["shm_size"]
-        if launch.get("ipc_mode"):
-            kwargs["ipc_mode"] = launch["ipc_mode"]
+        if launch.shm_size:
+            kwargs["shm_size"] = launch.shm_size
+        if launch.ipc_mode:
+            kwargs["ipc_mode"] = launch.ipc_mode
         try:
-            self.client.images.get(launch["image"])  # never pull implicitly: say what is missing
+            self.client.images.get(launch.image)  # never pull implicitly: say what is missing
         except docker.errors.ImageNotFound:
             raise LaunchError(
-                f"image {launch['image']} is not on the Docker host: build it "
+                f"image {launch.image} is not on the Docker host: build it "
                 "(scripts/docker-setup builds the llama.cpp image) or pull it"
             ) from None
         try:
@@ -187,9 +196,8 @@ class DockerRuntime(Runtime):
         if not replica.endpoint and container.status == "running":
             # (an engine that already exited has no published port; wait_ready reports why it exited)
             self.stop(replica)
-            raise LaunchError(f"{name} started but docker published no port for {launch['port']}/tcp")
-        return Replica(**{**replica.to_json(secrets=True),
-                          "api_key": api_key_from_env(launch.get("env") or {}, secrets)})
+            raise LaunchError(f"{name} started but docker published no port for {launch.port}/tcp")
+        return dataclasses.replace(replica, api_key=api_key_from_env(launch.env, secrets))
 
     def exit_code(self, replica: Replica) -> int | None:
         container = self._container(replica)

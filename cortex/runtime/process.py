@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from cortex.fileio import atomic_write_json
 from cortex.net import free_port
@@ -28,12 +28,13 @@ from cortex.runtime.base import (
     ReplicaNotFound,
     Runtime,
     api_key_from_env,
-    launch_dict,
     require_mount_sources,
     resolve_env,
-    served_model_name,
     utc_now,
 )
+
+if TYPE_CHECKING:
+    from cortex.launch import LaunchSpec, Mount
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -63,14 +64,14 @@ def _program_prefix_len(command: list[str]) -> int:
     return 3 if command[0].startswith("python") and command[1:2] == ["-m"] else 1
 
 
-def host_path(arg: str, mounts: list[Mapping[str, Any]]) -> str:
+def host_path(arg: str, mounts: Sequence[Mount]) -> str:
     """`arg` with a container mount target replaced by the host path it is mounted from."""
-    for mount in sorted(mounts, key=lambda m: len(m["target"]), reverse=True):
-        target = mount["target"].rstrip("/")
+    for mount in sorted(mounts, key=lambda m: len(m.target), reverse=True):
+        target = mount.target.rstrip("/")
         if arg == target:
-            return str(mount["source"])
+            return str(mount.source)
         if arg.startswith(target + "/"):
-            return str(mount["source"]).rstrip("/") + arg[len(target):]
+            return str(mount.source).rstrip("/") + arg[len(target):]
         # --flag=/models/x form
         if "=" in arg:
             flag, _, value = arg.partition("=")
@@ -80,15 +81,14 @@ def host_path(arg: str, mounts: list[Mapping[str, Any]]) -> str:
 
 
 def translate_command(
-    launch: Mapping[str, Any], host_port: int, program: Callable[[list[str]], list[str]] = default_program
+    launch: LaunchSpec, host_port: int, program: Callable[[list[str]], list[str]] = default_program
 ) -> list[str]:
     """The launch's command as it runs on this machine."""
     require_mount_sources(launch)
-    command = [str(a) for a in launch["command"]]
+    command = [str(a) for a in launch.command]
     if "--port" not in command:
-        raise LaunchError(f"launch {launch['name']} has no --port in its command; cannot run it locally")
-    mounts = list(launch.get("mounts") or [])
-    args = [host_path(a, mounts) for a in command[_program_prefix_len(command):]]
+        raise LaunchError(f"launch {launch.name} has no --port in its command; cannot run it locally")
+    args = [host_path(a, launch.mounts) for a in command[_program_prefix_len(command):]]
     for flag, value in (("--host", "127.0.0.1"), ("--port", str(host_port))):
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -162,10 +162,9 @@ class ProcessRuntime(Runtime):
 
     # -- interface
 
-    def start(self, launch: Any, secrets: Mapping[str, str] | None = None) -> Replica:
-        launch = launch_dict(launch)
+    def start(self, launch: LaunchSpec, secrets: Mapping[str, str] | None = None) -> Replica:
         secrets = secrets or {}
-        name = launch["name"]
+        name = launch.name
         if self._state_path(name).exists():
             existing = self.get(name)
             if self.is_running(existing):
@@ -174,8 +173,8 @@ class ProcessRuntime(Runtime):
         port = free_port()
         argv = translate_command(launch, port, self.program)
         env = dict(os.environ)
-        env.update(gpu_env(launch.get("gpus")))
-        env.update(resolve_env(launch.get("env") or {}, secrets))
+        env.update(gpu_env(launch.gpus))
+        env.update(resolve_env(launch.env, secrets))
         log_path = self._log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -192,15 +191,15 @@ class ProcessRuntime(Runtime):
         stat = _proc_stat(proc.pid)
         replica = Replica(
             name=name,
-            model=served_model_name(launch),
-            engine=launch["engine"],
+            model=launch.model,
+            engine=launch.engine,
             runtime=self.kind,
             endpoint=f"http://127.0.0.1:{port}",
             since=utc_now(),
             ref=str(proc.pid),
-            health_path=launch.get("health_path", "/health"),
-            stop_timeout_s=float(launch.get("stop_timeout_s", 10)),
-            api_key=api_key_from_env(launch.get("env") or {}, secrets),
+            health_path=launch.health_path,
+            stop_timeout_s=float(launch.stop_timeout_s),
+            api_key=api_key_from_env(launch.env, secrets),
             log_path=str(log_path),
             launch=launch,
         )

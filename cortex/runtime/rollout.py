@@ -1,87 +1,144 @@
-"""The pieces of a rollout that are not Prefect's business: which replicas a model has, the
-engine's secrets, the per-host lock name, the gateway hand-over, and the result a deploy
-reports. flows/deploy.py puts them in order inside a transaction.
+"""A rollout as typed values: what flows/deploy.py's `roll_out` is asked to do, and what a
+deploy reports. Prefect shows both on the run's page.
+
+    RolloutRequest   the launch and the runtime kind it starts in, the smoke tests it must pass
+                     (SmokeRequest), the spec's benchmark section with its gates, the comparison
+                     with the F16 reference (QualityRequest), the gateway aliases, the ready timeout
+    DeployResult     what the deploy did: replica, endpoint, smoke tests, gateway, what it replaced,
+                     the benchmark summary; `.to_json()` is what `cortex deploy --json` prints
+
+`rollout_request` builds the request from a spec and what `prepare` made of it.
 """
 
 from __future__ import annotations
 
-import os
-import secrets as _secrets
-import socket
-from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import urlparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from cortex.runtime.base import Replica, Runtime
-from cortex.settings import Settings
+from pydantic import BaseModel, ConfigDict, Field
 
-ENGINE_API_KEY_SECRET = "engine_api_key"
+from cortex.artifacts import f16_reference
+from cortex.launch import LaunchSpec, build_launch
+from cortex.plan import Plan
+from cortex.probe import SmokeResult
+from cortex.runtime import RuntimeKind
+from cortex.runtime.base import path_size, ready_timeout_s
+from cortex.spec import BenchmarkSpec, ModelSpec, QualityCheck, SmokeTests
 
-
-def engine_secrets() -> dict[str, str]:
-    """Secrets a launch may reference. The engine API key comes from the `engine_api_key`
-    setting (CORTEX_ENGINE_API_KEY), else a fresh random one per replica (the gateway gets it
-    when the replica registers, and the runtime keeps it with the replica's state, readable
-    only by its owner)."""
-    key = Settings.load().engine_api_key or _secrets.token_urlsafe(24)
-    return {ENGINE_API_KEY_SECRET: key}
+if TYPE_CHECKING:
+    from cortex.bench import BenchmarkResult
 
 
-def host_slot_name(runtime_kind: str) -> str:
-    """Name of the global concurrency limit that serialises deploys on one host's GPUs:
-    the Docker host for the docker runtime, this machine for the process runtime."""
-    host = socket.gethostname()
-    if runtime_kind == "docker":
-        parsed = urlparse(os.environ.get("DOCKER_HOST", ""))
-        if parsed.scheme in ("tcp", "ssh", "http", "https") and parsed.hostname:
-            host = parsed.hostname
-    return f"cortex-deploy-{host}"
+class SmokeRequest(SmokeTests):
+    """The smoke tests a new replica must pass: the spec's `tests`, for the model's `task`."""
+
+    task: Literal["generate", "embed"] = "generate"
+    embedding_dim: int | None = Field(None, ge=1, description="the vector size an embed model must return")
 
 
-def replicas_of(runtime: Runtime, model: str) -> list[Replica]:
-    return [r for r in runtime.list() if r.model == model]
+class QualityRequest(BaseModel):
+    """Compare the new replica with its F16 reference started beside it (the spec's
+    `benchmark.quality`); a top-1 agreement under the check's minimum fails the rollout."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reference: LaunchSpec  # the F16 GGUF the candidate was quantized from, served the same way
+    check: QualityCheck  # prompts, tokens, min_top1_agreement
+    label: str  # the candidate's quantization, e.g. Q4_K_M
 
 
-def gateway_client(mode: bool | None) -> Any | None:
-    """The gateway admin client, or None where no gateway is meant to be used.
+class RolloutRequest(BaseModel):
+    """Everything `roll_out` needs to replace a model's replicas with `launch`."""
 
-    mode True: the gateway must answer (GatewayError otherwise); False: do not use it;
-    None: use it if one answers at CORTEX_GATEWAY_URL."""
-    if mode is False:
+    model_config = ConfigDict(frozen=True)
+
+    launch: LaunchSpec
+    runtime: RuntimeKind = "process"
+    smoke: SmokeRequest = Field(default_factory=SmokeRequest)
+    benchmark: BenchmarkSpec | None = None  # None: no benchmark, no gates
+    gpus: int = Field(0, ge=0, description="GPUs the replica uses (the benchmark's cost per token)")
+    quality: QualityRequest | None = None
+    aliases: list[str] = Field(default_factory=list)
+    ready_timeout: float | None = Field(None, gt=0, description="seconds to healthy (default: the engine's)")
+    gateway: bool | None = None  # True: must register; False: do not; None: if a gateway answers
+
+    def ready_timeout_s(self) -> float:
+        return self.ready_timeout if self.ready_timeout is not None else ready_timeout_s(self.launch.engine)
+
+
+def quality_request(spec: ModelSpec, plan: Plan, source_revision: str) -> QualityRequest | None:
+    """The spec's comparison with the F16 reference. None when it asks for none, or when the
+    plan has no F16 reference (see cortex.artifacts.f16_reference); ArtifactError when the
+    reference should be cached and is not."""
+    check = spec.benchmark.quality if spec.benchmark else None
+    if check is None:
         return None
-    from cortex.gateway.client import GatewayClient, GatewayError
-    from cortex.settings import SettingsError
-
-    try:
-        client = GatewayClient()
-    except SettingsError:  # no admin token: no gateway was ever started here
-        if mode:
-            raise
+    reference = f16_reference(plan, source_revision)
+    if reference is None:
         return None
-    try:
-        client.list()
-        return client
-    except GatewayError:
-        client.close()
-        if mode:
-            raise
-        return None
+    return QualityRequest(reference=build_launch(spec, plan, reference.model_file), check=check,
+                          label=plan.artifact.quantization.upper())
 
 
-@dataclass
-class DeployResult:
-    """What `cortex deploy --json` prints."""
+def rollout_request(
+    spec: ModelSpec,
+    plan: Plan,
+    artifact: Path | list[Path],
+    *,
+    runtime: RuntimeKind,
+    source_revision: str,
+    mount_root: Path | None = None,
+    gateway: bool | None = None,
+) -> RolloutRequest:
+    """The rollout of a prepared spec: its launch, tests, benchmark and quality comparison, and a
+    ready timeout that allows for reading the weights."""
+    launch = build_launch(spec, plan, artifact, mount_root)
+    weights = sum(path_size(p) for p in (artifact if isinstance(artifact, list) else [artifact]))
+    return RolloutRequest(
+        launch=launch, runtime=runtime, smoke=SmokeRequest(task=spec.task, **spec.tests.model_dump()),
+        benchmark=spec.benchmark, gpus=spec.resources.gpu_count,
+        quality=quality_request(spec, plan, source_revision), aliases=list(spec.aliases),
+        ready_timeout=ready_timeout_s(launch.engine, weights), gateway=gateway,
+    )
 
-    name: str
+
+class LevelSummary(BaseModel):
+    """One load level of the benchmark, as a deploy reports it."""
+
+    concurrency: int
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_ms_p50: float | None
+    errors: int
+
+
+class BenchmarkSummary(BaseModel):
+    levels: list[LevelSummary]
+
+    @classmethod
+    def of(cls, result: BenchmarkResult) -> "BenchmarkSummary":
+        return cls(levels=[
+            LevelSummary(concurrency=lv.concurrency, output_tokens_per_s=lv.output_tokens_per_s,
+                         requests_per_s=lv.requests_per_s, ttft_ms_p50=lv.ttft_ms.p50, errors=lv.errors)
+            for lv in result.levels
+        ])
+
+
+class DeployResult(BaseModel):
+    """What a deploy did. The field order is the key order of `cortex deploy --json`."""
+
+    name: str  # the served model name
     engine: str
     runtime: str
     endpoint: str
     replica: str
-    smoke: dict[str, Any]
+    smoke: SmokeResult
     gateway: Literal["registered", "not running", "disabled"] = "disabled"
-    reused: bool = False
-    stopped: list[str] = field(default_factory=list)
+    reused: bool = False  # the same launch already served: tested again, not restarted
+    stopped: list[str] = Field(default_factory=list)  # the replicas it replaced
     since: str = ""
+    benchmark: BenchmarkSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """What `cortex deploy --json` prints."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,74 @@
+"""What was applied from each spec file, kept on disk between runs.
+
+`cortex serve` applies spec files (flows/reconcile.py). A scheduled run must know whether the
+source's commit moved since the last apply, reconcile whether a file changed since then, and a
+deleted spec's retirement which model it had deployed: none of that can live in memory. So
+every apply writes one `AppliedSpec` record per spec file to `<CORTEX_HOME>/applied-specs/`,
+named by a hash of the spec's absolute path, written atomically (a reader sees the old record
+or the new one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cortex.fileio import atomic_write_json
+from cortex.hub import sha256_of
+from cortex.settings import Settings
+
+
+@dataclass
+class AppliedSpec:
+    spec_path: str  # absolute
+    spec_sha256: str
+    name: str  # the served model name
+    runtime: str
+    source_revision: str  # commit sha, or sha256 of local weights
+    replica: str
+    endpoint: str
+    applied_at: str
+
+    def spec_changed(self, spec_path: str | Path) -> bool:
+        """Whether the file at `spec_path` differs from the one this record was applied from."""
+        return self.spec_sha256 != spec_sha256(spec_path)
+
+
+def spec_sha256(spec_path: str | Path) -> str:
+    """The digest an `AppliedSpec` records of its spec file."""
+    return sha256_of(Path(spec_path))
+
+
+def applied_dir() -> Path:
+    return Path(Settings.load().home) / "applied-specs"
+
+
+def _record_path(spec_path: str | Path) -> Path:
+    key = hashlib.sha256(str(Path(spec_path).absolute()).encode()).hexdigest()[:24]
+    return applied_dir() / f"{key}.json"
+
+
+def _load(record: Path) -> AppliedSpec:
+    return AppliedSpec(**json.loads(record.read_text()))
+
+
+def read_applied(spec_path: str | Path) -> AppliedSpec | None:
+    """The record of the last apply of the spec file at `spec_path`; None if it was never applied."""
+    path = _record_path(spec_path)
+    return _load(path) if path.is_file() else None
+
+
+def write_applied(record: AppliedSpec) -> None:
+    atomic_write_json(_record_path(record.spec_path), asdict(record), newline=True)
+
+
+def forget_applied(spec_path: str | Path) -> None:
+    _record_path(spec_path).unlink(missing_ok=True)
+
+
+def all_applied() -> list[AppliedSpec]:
+    """Every record, including those of spec files deleted since."""
+    folder = applied_dir()
+    return [_load(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []

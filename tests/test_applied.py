@@ -1,0 +1,63 @@
+"""The store of what was applied from each spec file (cortex/applied.py), on a real folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cortex.applied import AppliedSpec, all_applied, applied_dir, forget_applied, read_applied, spec_sha256, write_applied
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _record(spec: Path, **changes: str) -> AppliedSpec:
+    fields = dict(spec_path=str(spec.absolute()), spec_sha256=spec_sha256(spec), name="smollm2", runtime="process",
+                  source_revision="a" * 40, replica="smollm2-1", endpoint="http://127.0.0.1:8001",
+                  applied_at="2025-01-01T00:00:00+00:00")
+    return AppliedSpec(**{**fields, **changes})
+
+
+def test_a_record_is_read_back_per_spec_file_until_forgotten(home: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("name: one\n")
+    two.write_text("name: two\n")
+    assert read_applied(one) is None and all_applied() == []
+
+    first = _record(one)
+    write_applied(first)
+    write_applied(_record(two, name="two"))
+    assert read_applied(one) == first
+    assert read_applied(str(one)) == first  # a str or a Path names the same record
+    assert sorted(r.name for r in all_applied()) == ["smollm2", "two"]
+    [written] = [p for p in applied_dir().iterdir() if json.loads(p.read_text())["name"] == "smollm2"]
+    assert applied_dir() == home / "applied-specs" and written.read_text().endswith("}\n")
+
+    write_applied(_record(one, replica="smollm2-2"))  # a new apply replaces the record
+    assert read_applied(one).replica == "smollm2-2" and len(all_applied()) == 2
+
+    forget_applied(one)
+    assert read_applied(one) is None and [r.name for r in all_applied()] == ["two"]
+    forget_applied(one)  # forgetting twice is harmless
+
+
+def test_a_record_of_a_deleted_spec_is_still_listed(home: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "gone.yaml"
+    spec.write_text("name: gone\n")
+    write_applied(_record(spec))
+    spec.unlink()
+    assert [r.spec_path for r in all_applied()] == [str(spec.absolute())]
+
+
+def test_spec_changed_compares_the_file_with_what_was_applied(home: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\n")
+    record = _record(spec)
+    assert not record.spec_changed(spec)
+    spec.write_text("name: s\nruntime: docker\n")
+    assert record.spec_changed(spec)
