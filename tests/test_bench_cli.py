@@ -10,8 +10,8 @@ import pytest
 
 from cortex.bench import BenchmarkResult, BenchmarkSettings, compute_level_metrics
 from cortex.charts import png_data_uri, render_chart, save_chart
-from cortex.commands import bench as bench_cmd
-from cortex.commands import compare as compare_cmd
+from cli.commands import bench as bench_cmd
+from cli.commands import compare as compare_cmd
 from test_bench import FakeEngine, ServerThread, rec
 
 

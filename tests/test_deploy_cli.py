@@ -21,7 +21,7 @@ SETUP = "run `scripts/docker-setup` (installs docker.io, starts dockerd, builds 
 
 def cortex(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cortex.cli", *args], env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=timeout,
     )
 
 

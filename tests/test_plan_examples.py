@@ -129,7 +129,7 @@ def test_smollm2_gguf_local_file(test_model) -> None:
 
 def test_plan_json_contract(test_model) -> None:
     for name in ("gpt-oss-120b", "llama-3-8b-instruct", "smollm2-135m-instruct-gguf"):
-        proc = subprocess.run([sys.executable, "-m", "cortex.cli", "plan", str(SPECS / f"{name}.yaml"), "--json"],
+        proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / f"{name}.yaml"), "--json"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
@@ -146,7 +146,7 @@ def test_plan_json_contract(test_model) -> None:
 
 
 def test_plan_gpu_override_on_the_command_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "plan", str(SPECS / "llama-3-8b-instruct.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / "llama-3-8b-instruct.yaml"),
                            "--gpus", "2", "--gpu-memory", "24GiB", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -155,7 +155,7 @@ def test_plan_gpu_override_on_the_command_line() -> None:
 
 
 def test_plan_text_explains_the_trace() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "plan", str(SPECS / "gpt-oss-120b.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / "gpt-oss-120b.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "=> gpt-oss" in proc.stdout and "policy:" in proc.stdout

@@ -90,7 +90,7 @@ class CommandLineWatch:
 
 
 def _prepare(spec: Path, env: dict[str, str], check: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "prepare", str(spec), "--json"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli", "prepare", str(spec), "--json"], env=env,
                           capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -351,7 +351,7 @@ def test_a_killed_prepare_resumes_its_download(prefect_api, hub_repo, tmp_path):
     size = next(f.size for f in hub_repo.commits[hub_repo.refs["main"]].values() if f.path == "model.safetensors")
     with HubServer([hub_repo], throttle_bytes_per_s=30_000_000) as server:
         env = _env(prefect_api, tmp_path, HF_ENDPOINT=server.url)
-        proc = subprocess.Popen([sys.executable, "-m", "cortex.cli", "prepare", str(spec), "--json"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "prepare", str(spec), "--json"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 300
         kept = 0

@@ -101,11 +101,11 @@ def test_convert_quantize_verify_then_reuse(test_model, toolchain, vllm_install,
     assert steps == [("Q8_0", False)] and again[0].files == q8.files
     assert lines == [] and q8.model_file.stat().st_mtime_ns == mtime  # nothing logged, nothing rewritten
 
-    listing = subprocess.run([sys.executable, "-m", "cortex.cli", "cache", "list", "--json"],
+    listing = subprocess.run([sys.executable, "-m", "cli", "cache", "list", "--json"],
                              capture_output=True, text=True, check=True)
     rows = json.loads(listing.stdout)["artifacts"]
     assert {(r["quantization"], r["bytes"]) for r in rows} == {("F16", f16.total_bytes), ("Q8_0", q8.total_bytes)}
-    subprocess.run([sys.executable, "-m", "cortex.cli", "cache", "prune", "--key", f16.key.digest[:10]],
+    subprocess.run([sys.executable, "-m", "cli", "cache", "prune", "--key", f16.key.digest[:10]],
                    capture_output=True, text=True, check=True)
     assert [a.key.quantization for a in store.list()] == ["Q8_0"]
 
@@ -185,7 +185,7 @@ def test_a_killed_build_leaves_no_artifact_and_prune_clears_it(test_model, toolc
     proc.wait()
     assert store.list() == [] and store.get(art.ArtifactKey(SOURCE_ID, "F16", toolchain.version)) is None
     assert len(store.stale_builds()) == 1
-    out = subprocess.run([sys.executable, "-m", "cortex.cli", "cache", "prune", "--stale-builds"],
+    out = subprocess.run([sys.executable, "-m", "cli", "cache", "prune", "--stale-builds"],
                          capture_output=True, text=True, check=True)
     assert "leftover build" in out.stdout
     assert not list(store.root.glob(".build-*"))

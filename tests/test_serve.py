@@ -225,7 +225,7 @@ def cortex_serve(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPat
                              CORTEX_DEPLOY_LOCK_TIMEOUT_S="600", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.cli", "serve", "--specs", str(specs), "--prefect-url", prefect_server.api_url],
+            [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--prefect-url", prefect_server.api_url],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
         )
     serve = Serve(specs, home, proc, log_path)
@@ -419,7 +419,7 @@ def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_p
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.cli", "serve", "--specs", str(specs), "--port", str(port)],
+            [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
         )
     try:

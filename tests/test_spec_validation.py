@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.commands.schema import schema_text
+from cli.commands.schema import schema_text
 from cortex.specfile import SpecError, load_spec, spec_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_validate_command_exit_code_and_format(tmp_path: Path) -> None:
     for name, text, *_ in BAD:
         (tmp_path / f"{name}.yaml").write_text(text)
     (tmp_path / "good.yaml").write_text(OK)
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "validate", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -115,13 +115,13 @@ def test_validate_command_exit_code_and_format(tmp_path: Path) -> None:
 
 
 def test_examples_are_valid() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "validate", str(SPECS)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(SPECS)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(spec_files([SPECS])) >= 7
 
 
 def test_missing_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cortex.cli", "validate", str(tmp_path / "nope.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "nope.yaml:1: (file): no such file" in proc.stderr

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cortex.commands.local_prefect import run_flow
+    from cli.commands.local_prefect import run_flow
     from cortex.artifacts import source_origin
     from flows.prepare import prepare_model
 

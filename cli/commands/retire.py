@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cortex.commands.local_prefect import run_flow
+    from cli.commands.local_prefect import run_flow
     from flows.deploy import retire_model
 
     outcome = run_flow(f"retire {args.name}", retire_model, args.name, runtime=args.runtime,

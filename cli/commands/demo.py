@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     spec_path = args.spec or _local_checkpoint_spec(args.specs / DEFAULT_SPEC, Path(settings.home) / "demo")
     if spec_path is None:
         return 1
-    from cortex.commands.local_prefect import ensure_api, run_flow
+    from cli.commands.local_prefect import ensure_api, run_flow
     from flows.deploy import deploy_model
     from flows.prepare import prepare_model
 
@@ -208,7 +208,7 @@ def _ensure_gateway(settings) -> None:
     log = Path(settings.home).expanduser() / "gateway" / "gateway.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cortex.cli", "gateway"], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway"], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -62,7 +62,7 @@ def ensure_api() -> str:
     does not answer). Sets PREFECT_API_URL for this process and the processes it starts."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    from cortex.commands.serve import healthy, start_local_server
+    from cli.commands.serve import healthy, start_local_server
     from cortex.fileio import atomic_write_json, file_lock
     from cortex.net import free_port
 
@@ -110,7 +110,7 @@ def run_flow(what: str, flow: Callable[..., Any], *args: Any, json_errors: bool 
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from cortex.commands.serve import healthy
+    from cli.commands.serve import healthy
 
     folder = _folder()
     state = _read_state(folder) or {}

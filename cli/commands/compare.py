@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex.bench import BenchmarkError, BenchmarkResult, benchmark, format_table
-from cortex.commands.bench import add_load_arguments, resolve_target, settings_from_args
+from cli.commands.bench import add_load_arguments, resolve_target, settings_from_args
 
 # (label, how to read it from a level, higher is better)
 COLUMNS: list[tuple[str, Any, bool]] = [

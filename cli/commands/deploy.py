@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cortex.commands.local_prefect import run_flow
+    from cli.commands.local_prefect import run_flow
     from flows.deploy import deploy_model
 
     outcome = run_flow(f"deploy of {args.spec}", deploy_model, args.spec, runtime=args.runtime,

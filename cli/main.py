@@ -1,6 +1,6 @@
 """The `cortex` command line.
 
-Each subcommand lives in its own module under `cortex.commands` and exposes
+Each subcommand lives in its own module under `cli.commands` and exposes
 `register(subparsers)`; this file only lists them, so adding a command is one line here.
 """
 
@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-# Module names under cortex.commands, in the order `cortex --help` shows them.
+# Module names under cli.commands, in the order `cortex --help` shows them.
 COMMANDS = [
     "demo",
     "validate",
@@ -39,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"cortex.commands.{name}")
+        module = importlib.import_module(f"cli.commands.{name}")
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # Flow commands use Cortex's local Prefect server when no PREFECT_API_URL is set
-    # (cortex/commands/local_prefect.py). The servers Cortex starts (that one, `cortex serve`'s) would phone home
+    # (cli/commands/local_prefect.py). The servers Cortex starts (that one, `cortex serve`'s) would phone home
     # every run and print "Failed to send telemetry" where there is no network. An operator's
     # own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
