@@ -1,15 +1,17 @@
-"""The `cortex` command line.
+"""The `cortex` command line (Typer, with Rich tables).
 
-Each subcommand lives in its own module under `cli.commands` and exposes
-`register(subparsers)`; this file only lists them, so adding a command is one line here.
+Each subcommand lives in its own module under `cli.commands` and exposes `register(app)`;
+this file only lists them, so adding a command is one line here. Printing goes through
+`cli.output` (the one `--json` option, JSON or a Rich table from the same rows).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
+
+import typer
 
 # Module names under cli.commands, in the order `cortex --help` shows them.
 COMMANDS = [
@@ -32,16 +34,20 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cortex",
-        description="Take an LLM from a spec to a tested, benchmarked, OpenAI-compatible endpoint.",
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="cortex",
+        help="Take an LLM from a spec to a tested, benchmarked, OpenAI-compatible endpoint.",
+        no_args_is_help=True,
+        add_completion=False,
+        # A command's own failure is a plain message on stderr; an unexpected one keeps
+        # Python's usual traceback.
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"cli.commands.{name}")
-        module.register(sub)
-    return parser
+        importlib.import_module(f"cli.commands.{name}").register(app)
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     # every run and print "Failed to send telemetry" where there is no network. An operator's
     # own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+        build_app()(args=argv, prog_name="cortex")
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        raise  # SystemExit("message"): the message goes to stderr, exit 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import matplotlib.image
@@ -10,18 +9,8 @@ import pytest
 
 from cortex.bench import BenchmarkResult, BenchmarkSettings, compute_level_metrics
 from cortex.charts import png_data_uri, render_chart, save_chart
-from cli.commands import bench as bench_cmd
-from cli.commands import compare as compare_cmd
+from cli.main import main as cli
 from test_bench import FakeEngine, ServerThread, rec
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cortex")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench_cmd.register(sub)
-    compare_cmd.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 @pytest.fixture
@@ -69,8 +58,8 @@ def test_bench_model_name_goes_through_the_gateway_url(fake, capsys, monkeypatch
 
 
 def test_rejects_a_bad_concurrency_list(capsys):
-    with pytest.raises(SystemExit):
-        cli(["bench", "http://x", "--concurrency", "1,zero"])
+    assert cli(["bench", "http://x", "--concurrency", "1,zero"]) == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
 
 
 def make_result(tok_s: float, ttft: float, target: str) -> BenchmarkResult:

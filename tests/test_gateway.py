@@ -566,9 +566,8 @@ def test_settings_precedence_env_then_file_then_default(tmp_path):
 
 
 def test_keys_command_line(gateway, engines, capsys, monkeypatch):
-    import argparse
-
-    from cli.commands import keys as keys_cmd
+    from cli.commands.keys import parse_expiry
+    from cli.main import main as cortex
 
     gw, engine = gateway(), engines()
     with gw.client() as c:
@@ -576,21 +575,21 @@ def test_keys_command_line(gateway, engines, capsys, monkeypatch):
     for name, value in gw.env.items():
         if name.startswith("CORTEX_"):
             monkeypatch.setenv(name, value)
-    parser = argparse.ArgumentParser()
-    keys_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["keys", "create", "--name", "ci", "--models", "smol", "--expires", "30d"])
-    assert args.func(args) == 0
+    assert cortex(["keys", "create", "--name", "ci", "--models", "smol", "--expires", "30d"]) == 0
     key = capsys.readouterr().out.strip()
     assert key.startswith("sk-cortex-") and chat(gw, key, "smol").status_code == 200
-    args = parser.parse_args(["keys", "list", "--json"])
-    args.func(args)
+    assert cortex(["keys", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["name"] == "ci" and listed[0]["models"] == ["smol"]
     assert 29 * 86400 < listed[0]["expires_at"] - time.time() <= 30 * 86400
-    args = parser.parse_args(["keys", "revoke", listed[0]["id"]])
-    args.func(args)
+    assert cortex(["keys", "list"]) == 0
+    table = capsys.readouterr().out
+    assert listed[0]["id"] in table and "active" in table and "smol" in table
+    assert cortex(["keys", "revoke", listed[0]["id"]]) == 0
     assert chat(gw, key, "smol").status_code == 401
-    assert keys_cmd.parse_expiry("2030-01-01") == 1893456000.0
+    assert cortex(["keys", "create", "--expires", "soon"]) == 2
+    assert "use a duration" in capsys.readouterr().err
+    assert parse_expiry("2030-01-01") == 1893456000.0
 
 
 def test_cortex_gateway_command(tmp_path, engines):

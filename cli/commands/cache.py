@@ -10,27 +10,19 @@ stay in the huggingface_hub cache; manage those with `hf cache ls` / `hf cache r
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from typing import Annotated, Optional
+
+import typer
+
+from cli.commands import add_command, group
+from cli.output import JsonFlag, output, table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("cache", help="list or prune the GGUF artifact cache",
-                                   description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    ls = sub.add_parser("list", help="list cached artifacts")
-    ls.add_argument("--json", action="store_true", help="print one JSON object")
-    ls.set_defaults(func=run_list)
-    prune = sub.add_parser("prune", help="remove cached artifacts (and leftovers of crashed builds)")
-    which = prune.add_mutually_exclusive_group(required=True)
-    which.add_argument("--unused-for", type=float, metavar="DAYS", help="not used for this many days")
-    which.add_argument("--key", action="append", default=[], metavar="DIGEST", help="this artifact (a prefix will do)")
-    which.add_argument("--all", action="store_true", help="every artifact")
-    which.add_argument("--stale-builds", action="store_true", help="only the leftovers of crashed builds")
-    prune.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
-    prune.add_argument("--json", action="store_true", help="print one JSON object")
-    prune.set_defaults(func=run_prune)
+def register(app: typer.Typer) -> None:
+    cache = group(app, "cache", help=__doc__.split("\n\n")[0], short_help="list or prune the GGUF artifact cache")
+    add_command(cache, run_list, "list", help="list cached artifacts")
+    add_command(cache, run_prune, "prune", help="remove cached artifacts (and leftovers of crashed builds)")
 
 
 def _row(store, a) -> dict:
@@ -48,44 +40,52 @@ def _row(store, a) -> dict:
     }
 
 
-def run_list(args: argparse.Namespace) -> int:
+def run_list(as_json: JsonFlag = False) -> int:
     from cortex.artifacts import ArtifactStore
 
     store = ArtifactStore()
     rows = [_row(store, a) for a in store.list()]
-    if args.json:
-        print(json.dumps({"root": str(store.root), "artifacts": rows,
-                          "stale_builds": [str(p) for p in store.stale_builds()]}, indent=2))
-        return 0
-    if not rows:
-        print(f"no artifacts in {store.root}")
-        return 0
-    print(f"{'key':<14} {'quant':<7} {'bytes':>12}  {'last used':<16}  source")
-    for r in rows:
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
-        print(f"{r['key'][:12]:<14} {r['quantization']:<7} {r['bytes']:>12}  {used:<16}  {r['source']}@{r['source_id'][:12]}")
-    print(f"{len(rows)} artifacts, {sum(r['bytes'] for r in rows)} bytes in {store.root}")
+    listing = {"root": str(store.root), "artifacts": rows, "stale_builds": [str(p) for p in store.stale_builds()]}
+    output(listing, as_json, _render_list)
     return 0
 
 
-def run_prune(args: argparse.Namespace) -> int:
+def _render_list(listing: dict) -> list:
+    rows = listing["artifacts"]
+    if not rows:
+        return [f"no artifacts in {listing['root']}"]
+    artifacts = table(("key", "quant", "bytes", "last used", "source"), (
+        (r["key"][:12], r["quantization"], r["bytes"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])),
+         f"{r['source']}@{r['source_id'][:12]}") for r in rows), right=("bytes",))
+    return [artifacts, f"{len(rows)} artifacts, {sum(r['bytes'] for r in rows)} bytes in {listing['root']}"]
+
+
+def run_prune(
+    unused_for: Annotated[Optional[float], typer.Option(metavar="DAYS", help="not used for this many days")] = None,
+    key: Annotated[Optional[list[str]], typer.Option(metavar="DIGEST", help="this artifact (a prefix will do)")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="every artifact")] = False,
+    stale_builds: Annotated[bool, typer.Option("--stale-builds", help="only the leftovers of crashed builds")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would go, remove nothing")] = False,
+    as_json: JsonFlag = False,
+) -> int:
     from cortex.artifacts import ArtifactStore
 
+    chosen = [unused_for is not None, bool(key), everything, stale_builds]
+    if sum(chosen) != 1:
+        raise typer.BadParameter("give exactly one of them", param_hint="--unused-for, --key, --all, --stale-builds")
     store = ArtifactStore()
     removed, stale = store.prune(
-        unused_for_s=args.unused_for * 86400 if args.unused_for is not None else None,
-        keys=args.key, everything=args.all, dry_run=args.dry_run,
+        unused_for_s=unused_for * 86400 if unused_for is not None else None,
+        keys=key or [], everything=everything, dry_run=dry_run,
     )
-    verb = "would remove" if args.dry_run else "removed"
-    if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "artifacts": [_row(store, a) | {"last_used": None} for a in removed]
-                          if args.dry_run else [a.key.digest for a in removed],
-                          "stale_builds": [str(p) for p in stale]}, indent=2))
-        return 0
-    for a in removed:
-        print(f"{verb} {a.key.digest[:12]} {a.key.quantization} ({a.total_bytes} bytes)")
-    for p in stale:
-        print(f"{verb} leftover build {p}")
-    if not removed and not stale:
-        print("nothing to remove")
+    verb = "would remove" if dry_run else "removed"
+    result = {"dry_run": dry_run, "artifacts": [_row(store, a) | {"last_used": None} for a in removed]
+              if dry_run else [a.key.digest for a in removed], "stale_builds": [str(p) for p in stale]}
+
+    def render(_: dict) -> list[str]:
+        lines = [f"{verb} {a.key.digest[:12]} {a.key.quantization} ({a.total_bytes} bytes)" for a in removed]
+        lines += [f"{verb} leftover build {p}" for p in stale]
+        return lines or ["nothing to remove"]
+
+    output(result, as_json, render)
     return 0

@@ -8,14 +8,17 @@ quantization types.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
-from cortex.bench import BenchmarkError, BenchmarkResult, benchmark, format_table
-from cli.commands.bench import add_load_arguments, resolve_target, settings_from_args
+import typer
+from rich.console import RenderableType
+
+from cli.commands import add_command
+from cli.commands.bench import Load, resolve_target, takes_load
+from cli.output import JsonFlag, dict_table, output
+from cortex.bench import BenchmarkError, BenchmarkResult, benchmark
 
 # (label, how to read it from a level, higher is better)
 COLUMNS: list[tuple[str, Any, bool]] = [
@@ -30,29 +33,21 @@ COLUMNS: list[tuple[str, Any, bool]] = [
 ]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="two benchmark results (files or targets) side by side, with ratios",
-        description="Compare two deployments of a model. A and B are results JSON files or "
-        "targets to benchmark now with the same load (base URL or gateway model name).",
-    )
-    parser.add_argument("a", metavar="A", help="results JSON file, base URL, or gateway model name")
-    parser.add_argument("b", metavar="B", help="results JSON file, base URL, or gateway model name")
-    add_load_arguments(parser)
-    parser.add_argument("--chart", metavar="PNG", default=None, help="write both into one chart")
-    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, takes_load(run), "compare",
+                short_help="two benchmark results (files or targets) side by side, with ratios",
+                help="Compare two deployments of a model. A and B are results JSON files or "
+                "targets to benchmark now with the same load (base URL or gateway model name).")
 
 
-def load_or_measure(ref: str, args: argparse.Namespace) -> BenchmarkResult:
+def load_or_measure(ref: str, load: Load) -> BenchmarkResult:
     path = Path(ref)
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise BenchmarkError(f"no results file at {path}")
         return BenchmarkResult.load(path)
-    base_url, model, api_key = resolve_target(ref, args.model, args.api_key)
-    return benchmark(base_url, settings_from_args(args), model=model, api_key=api_key, target=ref)
+    base_url, model, api_key = resolve_target(ref, load.model, load.api_key)
+    return benchmark(base_url, load.settings, model=model, api_key=api_key, target=ref)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -82,7 +77,7 @@ def _cell(v: float | None) -> str:
     return f"{v:.0f}" if isinstance(v, int) else f"{v:.1f}"
 
 
-def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[str, Any]]) -> str:
+def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[str, Any]]) -> list[RenderableType]:
     lines = [f"A: {a.target} ({a.model}, {a.tool})", f"B: {b.target} ({b.model}, {b.tool})"]
     if (a.settings.input_len, a.settings.output_len, a.settings.prompts) != (
         b.settings.input_len, b.settings.output_len, b.settings.prompts
@@ -101,24 +96,28 @@ def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[st
                 "B/A": "-" if ratio is None else f"{ratio:.2f}x", "": verdict,
             })
     lines.append("(B better / B worse: by 5% or more)")
-    lines.append(format_table(table) if table else "(no concurrency level in common)")
-    return "\n".join(lines)
+    return [*lines, dict_table(table, right=("conc", "A", "B", "B/A")) if table else "(no concurrency level in common)"]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    a: Annotated[str, typer.Argument(metavar="A", help="results JSON file, base URL, or gateway model name")],
+    b: Annotated[str, typer.Argument(metavar="B", help="results JSON file, base URL, or gateway model name")],
+    chart: Annotated[Optional[str], typer.Option(metavar="PNG", help="write both into one chart")] = None,
+    as_json: JsonFlag = False,
+    *,
+    load: Load,
+) -> int:
     try:
-        a = load_or_measure(args.a, args)
-        b = load_or_measure(args.b, args)
+        result_a = load_or_measure(a, load)
+        result_b = load_or_measure(b, load)
     except BenchmarkError as exc:
         print(f"cortex compare: {exc}", file=sys.stderr)
         return 1
-    rows = compare(a, b)
-    if args.chart:
+    rows = compare(result_a, result_b)
+    if chart:
         from cortex.charts import save_chart
 
-        save_chart([a, b], args.chart, title=f"A: {a.target}  vs  B: {b.target}")
-    if args.json:
-        print(json.dumps({"a": a.summary(), "b": b.summary(), "levels": rows}, indent=2))
-    else:
-        print(format_comparison(a, b, rows))
+        save_chart([result_a, result_b], chart, title=f"A: {result_a.target}  vs  B: {result_b.target}")
+    output({"a": result_a.summary(), "b": result_b.summary(), "levels": rows}, as_json,
+           lambda _: format_comparison(result_a, result_b, rows))
     return 0 if rows else 1

@@ -16,37 +16,43 @@ keep running afterwards; the last lines say how to talk to them and how to stop 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.commands import add_command
 
 REPO_SPECS = Path(__file__).resolve().parents[2] / "specs"
 DEFAULT_SPEC = "smollm2-135m-instruct.yaml"  # its source is replaced by the local checkpoint
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="plan the examples, deploy SmolLM2 locally and ask it something through the gateway")
-    p.add_argument("--specs", type=Path, default=REPO_SPECS, help="folder of example specs (default: the repo's specs/)")
-    p.add_argument("--spec", type=Path, default=None,
-                   help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC} from the test model's local HF checkpoint)")
-    p.add_argument("--prompt", default="Say hello in one short sentence.")
-    p.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "demo",
+                help="plan the examples, deploy SmolLM2 locally and ask it something through the gateway")
 
 
 def _say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    specs: Annotated[Path, typer.Option(help="folder of example specs (default: the repo's specs/)",
+                                        show_default=False)] = REPO_SPECS,
+    spec: Annotated[Optional[Path], typer.Option(
+        help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC} from the test model's local HF checkpoint)")] = None,
+    prompt: Annotated[str, typer.Option()] = "Say hello in one short sentence.",
+) -> int:
     from cortex.pipeline import plan_spec_file
     from cortex.spec import format_bytes
     from cortex.specfile import SpecError, load_spec, spec_files
 
-    _say(f"validate {args.specs}")
-    files = spec_files([args.specs])
+    _say(f"validate {specs}")
+    files = spec_files([specs])
     for f in files:
         try:
             spec = load_spec(f)
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"gateway at {settings.gateway_url}")
     _ensure_gateway(settings)
 
-    spec_path = args.spec or _local_checkpoint_spec(args.specs / DEFAULT_SPEC, Path(settings.home) / "demo")
+    spec_path = spec or _local_checkpoint_spec(specs / DEFAULT_SPEC, Path(settings.home) / "demo")
     if spec_path is None:
         return 1
     from cli.commands.local_prefect import ensure_api, run_flow
@@ -105,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     _say(f"ask {result['name']} through the gateway")
     started = time.monotonic()
-    answer, key = _ask(settings, result["name"], args.prompt)
-    print(f"  Q: {args.prompt}\n  A: {answer}\n  ({time.monotonic() - started:.1f} s)")
+    answer, key = _ask(settings, result["name"], prompt)
+    print(f"  Q: {prompt}\n  A: {answer}\n  ({time.monotonic() - started:.1f} s)")
 
     print(f"""
 The model keeps serving. Talk to it:

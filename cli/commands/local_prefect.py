@@ -16,7 +16,6 @@ flow takes under 3 s, and its runs were gone with it. Now the runs stay, and the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -26,22 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from cli.commands import add_command, group
+from cli.output import JsonFlag, output
+
 STATE_FILE = "server.json"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "prefect",
-        help="Cortex's local Prefect server (kept running across commands): status, stop",
-        description="Flow commands use PREFECT_API_URL when set; otherwise Cortex's own local "
-        "Prefect server, started on first use and kept running (database in <CORTEX_HOME>/prefect).",
-    )
-    actions = parser.add_subparsers(dest="prefect_command", required=True, metavar="ACTION")
-    status = actions.add_parser("status", help="where the local server is and whether it answers")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.set_defaults(func=run_status)
-    stop = actions.add_parser("stop", help="stop the local server")
-    stop.set_defaults(func=run_stop)
+def register(app: typer.Typer) -> None:
+    prefect = group(app, "prefect",
+                    short_help="Cortex's local Prefect server (kept running across commands): status, stop",
+                    help="Flow commands use PREFECT_API_URL when set; otherwise Cortex's own local "
+                    "Prefect server, started on first use and kept running (database in <CORTEX_HOME>/prefect).")
+    add_command(prefect, run_status, "status", help="where the local server is and whether it answers")
+    add_command(prefect, run_stop, "stop", help="stop the local server")
 
 
 def _folder() -> Path:
@@ -109,7 +107,7 @@ def run_flow(what: str, flow: Callable[..., Any], *args: Any, json_errors: bool 
         return FlowOutcome(None, 1, run_id)
 
 
-def run_status(args: argparse.Namespace) -> int:
+def run_status(as_json: JsonFlag = False) -> int:
     from cli.commands.serve import healthy
 
     folder = _folder()
@@ -117,18 +115,19 @@ def run_status(args: argparse.Namespace) -> int:
     report = {"home": str(folder), "url": state.get("url"), "pid": state.get("pid"),
               "running": bool(state) and healthy(state["url"]),
               "env_override": os.environ.get("PREFECT_API_URL")}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif report["running"]:
-        print(f"local Prefect server: {report['url']} (pid {report['pid']}), UI {report['url'][:-4]}")
-    else:
-        print(f"local Prefect server: not running (started by the next flow command; database in {folder})")
+
+    def render(report: dict) -> str:
+        if report["running"]:
+            return f"local Prefect server: {report['url']} (pid {report['pid']}), UI {report['url'][:-4]}"
+        return f"local Prefect server: not running (started by the next flow command; database in {folder})"
+
+    output(report, as_json, render)
     if report["env_override"]:
         print(f"note: PREFECT_API_URL={report['env_override']} is set, so commands use that server instead")
     return 0
 
 
-def run_stop(args: argparse.Namespace) -> int:
+def run_stop() -> int:
     folder = _folder()
     state = _read_state(folder)
     if state is None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import sys
+from typing import Annotated, Optional
 
+import typer
+from rich.console import RenderableType
+
+from cli.commands import add_command
+from cli.options import SpecArgument
+from cli.output import JsonFlag, output, table
 from cortex.decide import ENGINE_NAMES, DecisionError
 from cortex.engines import FlagError
 from cortex.facts import FactsError
@@ -16,42 +21,41 @@ from cortex.spec import format_bytes, parse_bytes
 from cortex.specfile import SpecError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="explain the engine choice, memory plan and launch for a spec",
-                       description="Decide the engine, plan memory per device and build the launch spec. "
-                       "No download, no container; no network for local sources or a warm Hub cache.")
-    p.add_argument("spec", metavar="SPEC", help="spec file")
-    p.add_argument("--gpus", type=int, help="plan for N GPUs (overrides resources.gpus)")
-    p.add_argument("--gpu-memory", type=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "plan", short_help="explain the engine choice, memory plan and launch for a spec",
+                help="Decide the engine, plan memory per device and build the launch spec. "
+                "No download, no container; no network for local sources or a warm Hub cache.")
 
 
 def _size(text: str) -> int:
     try:
         return parse_bytes(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise typer.BadParameter(str(e)) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    spec: SpecArgument,
+    gpus: Annotated[Optional[int], typer.Option(help="plan for N GPUs (overrides resources.gpus)")] = None,
+    gpu_memory: Annotated[Optional[int], typer.Option(
+        parser=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)")] = None,
+    as_json: JsonFlag = False,
+) -> int:
     try:
-        planned = plan_spec_file(args.spec, gpus=args.gpus, gpu_memory=args.gpu_memory)
+        planned = plan_spec_file(spec, gpus=gpus, gpu_memory=gpu_memory)
     except SpecError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
     except (FactsError, PlanError, DecisionError, FlagError, ValueError) as e:
-        print(f"{args.spec}: cannot plan: {e}", file=sys.stderr)
+        print(f"{spec}: cannot plan: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(planned.to_json(), indent=2, default=str))
-    else:
-        print(render(planned))
+    output(planned.to_json(), as_json, lambda _: render(planned))
     return 0
 
 
-def render(m: PlannedModel) -> str:
+def render(m: PlannedModel) -> list[RenderableType]:
+    """The plan as text sections around one Rich table (memory per device)."""
     p, f = m.plan, m.facts
     out = [f"# {m.spec.name}  ({m.spec_path})", ""]
     moe = f", MoE {f.n_experts_active}/{f.n_experts} experts" if f.is_moe else ""
@@ -89,26 +93,32 @@ def render(m: PlannedModel) -> str:
     for k, v in settings:
         if v is not None:
             out.append(f"  {k:<24} {v}")
-    out.append("")
-    out.append(f"  {'device':<8} {'weights':>12} {'KV cache':>12} {'overhead':>12} {'total':>12} {'capacity':>12}  fits")
-    for d in p.devices:
-        out.append(f"  {d.device:<8} {format_bytes(d.weights_bytes):>12} {format_bytes(d.kv_cache_bytes):>12} "
-                   f"{format_bytes(d.overhead_bytes):>12} {format_bytes(d.total_bytes):>12} "
-                   f"{format_bytes(d.capacity_bytes):>12}  {'yes' if d.fits else 'NO'}")
+    devices = table(
+        ("device", "weights", "KV cache", "overhead", "total", "capacity", "fits"),
+        ((d.device, format_bytes(d.weights_bytes), format_bytes(d.kv_cache_bytes), format_bytes(d.overhead_bytes),
+          format_bytes(d.total_bytes), format_bytes(d.capacity_bytes), "yes" if d.fits else "NO") for d in p.devices),
+        right=("weights", "KV cache", "overhead", "total", "capacity"))
+    rest: list[str] = []
     for w in p.warnings:
-        out.append(f"  warning: {w}")
+        rest.append(f"  warning: {w}")
     if not p.fits:
-        out.append(f"  DOES NOT FIT: {p.shortfall}")
+        rest.append(f"  DOES NOT FIT: {p.shortfall}")
         for s in p.suggestions:
-            out.append(f"    would fit: {s}")
+            rest.append(f"    would fit: {s}")
     L = m.launch
-    out += ["", "## launch",
+    rest += ["", "## launch",
             f"  image        {L.image}", f"  name         {L.name}",
             f"  command      {shlex.join(L.command)}",
             "  env          " + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
             ]
     for mnt in L.mounts:
-        out.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")
-    out += [f"  gpus         {L.gpus or 'none'}", f"  port         {L.port}  health {L.health_path}",
+        rest.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")
+    rest += [f"  gpus         {L.gpus or 'none'}", f"  port         {L.port}  health {L.health_path}",
             f"  stop timeout {L.stop_timeout_s} s"]
-    return "\n".join(out)
+    return ["\n".join(out), _indent(devices), "\n".join(rest)]
+
+
+def _indent(renderable: RenderableType) -> RenderableType:
+    from rich.padding import Padding
+
+    return Padding(renderable, (1, 0, 0, 2), expand=False)

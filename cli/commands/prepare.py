@@ -9,43 +9,48 @@ prints the files it produced. With --json: one object with `files` ({path, bytes
 
 from __future__ import annotations
 
-import argparse
-import json
+
+import typer
+
+from cli.commands import add_command
+from cli.options import SpecArgument
+from cli.output import JsonFlag, output, table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "prepare",
-        help="download, convert and quantize a spec's model into the cache (verified)",
-        description="Run the prepare-model flow on SPEC: resolve the source to a commit, plan, "
-        "download only the needed files (resumable, sha256-verified), convert and quantize with "
-        "the pinned llama.cpp tools when the plan needs a GGUF. A second run reuses the cache.",
-    )
-    parser.add_argument("spec", help="path to the model's YAML spec")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "prepare",
+                short_help="download, convert and quantize a spec's model into the cache (verified)",
+                help="Run the prepare-model flow on SPEC: resolve the source to a commit, plan, "
+                "download only the needed files (resumable, sha256-verified), convert and quantize with "
+                "the pinned llama.cpp tools when the plan needs a GGUF. A second run reuses the cache.")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    spec: SpecArgument,
+    as_json: JsonFlag = False,
+) -> int:
     from cli.commands.local_prefect import run_flow
-    from cortex.artifacts import source_origin
     from flows.prepare import prepare_model
 
-    outcome = run_flow(f"prepare of {args.spec}", prepare_model, args.spec, json_errors=args.json,
-                       context={"spec": args.spec})
+    outcome = run_flow(f"prepare of {spec}", prepare_model, spec, json_errors=as_json, context={"spec": spec})
     if outcome.exit_code:
         return outcome.exit_code
-    result = outcome.result.to_json()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"prepared {result['name']} for {result['engine']}: {result['format']} {result['quantization']}")
-    print(f"  source    {source_origin(result['source'])} -> {result['source_revision']}")
-    print(f"  cached    {'yes (nothing downloaded or built)' if result['cached'] else 'no'}"
-          f"; downloaded {result['downloaded_bytes']} bytes; built {', '.join(result['built']) or 'nothing'}")
-    print(f"  load      {result['artifact_path']}")
-    width = max((len(f["path"]) for f in result["files"]), default=4)
-    print(f"  {'path':<{width}}  {'bytes':>12}  sha256")
-    for f in result["files"]:
-        print(f"  {f['path']:<{width}}  {f['bytes']:>12}  {f['sha256']}")
+    output(outcome.result.to_json(), as_json, _render)
     return 0
+
+
+def _render(result: dict) -> list:
+    from rich.padding import Padding
+
+    from cortex.artifacts import source_origin
+
+    files = table(("path", "bytes", "sha256"), ((f["path"], f["bytes"], f["sha256"]) for f in result["files"]),
+                  right=("bytes",))
+    return [
+        f"prepared {result['name']} for {result['engine']}: {result['format']} {result['quantization']}",
+        f"  source    {source_origin(result['source'])} -> {result['source_revision']}",
+        f"  cached    {'yes (nothing downloaded or built)' if result['cached'] else 'no'}"
+        f"; downloaded {result['downloaded_bytes']} bytes; built {', '.join(result['built']) or 'nothing'}",
+        f"  load      {result['artifact_path']}",
+        Padding(files, (0, 0, 0, 2), expand=False),
+    ]

@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+from typing import Annotated
 
-from cortex.runtime import RUNTIMES
+import typer
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "retire",
-        help="stop and remove every replica of a model",
-        description="Run the retire-model flow: drain NAME's replicas from the gateway (if one "
-        "runs), stop them gracefully and remove them.",
-    )
-    parser.add_argument("name", help="the served model name (see `cortex status`)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
-                        help="look only in this runtime (default: process, and docker if a daemon answers)")
-    parser.add_argument("--json", action="store_true", help="print the stopped replicas as JSON")
-    parser.set_defaults(func=run)
+from cli.commands import add_command
+from cli.options import runtime_option
+from cli.output import JsonFlag, output
 
 
-def run(args: argparse.Namespace) -> int:
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "retire", short_help="stop and remove every replica of a model",
+                help="Run the retire-model flow: drain NAME's replicas from the gateway (if one "
+                "runs), stop them gracefully and remove them.")
+
+
+def run(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the served model name (see `cortex status`)")],
+    runtime: runtime_option("look only in this runtime (default: process, and docker if a daemon answers)") = None,
+    as_json: JsonFlag = False,
+) -> int:
     from cli.commands.local_prefect import run_flow
     from flows.deploy import retire_model
 
-    outcome = run_flow(f"retire {args.name}", retire_model, args.name, runtime=args.runtime,
-                       json_errors=args.json, context={"name": args.name})
+    outcome = run_flow(f"retire {name}", retire_model, name, runtime=runtime,
+                       json_errors=as_json, context={"name": name})
     if outcome.exit_code:
         return outcome.exit_code
-    stopped = outcome.result
-    if args.json:
-        print(json.dumps({"name": args.name, "stopped": stopped}))
-    else:
-        for name in stopped:
-            print(f"stopped and removed {name}")
+    output({"name": name, "stopped": outcome.result}, as_json,
+           lambda result: [f"stopped and removed {replica}" for replica in result["stopped"]])
     return 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from cli.commands import add_command
 from cortex.spec import ModelSpec
 
 DEFAULT_PATH = Path("specs/schema.json")
@@ -18,17 +21,17 @@ def schema_text() -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("schema", help="write the spec JSON Schema (default specs/schema.json)")
-    p.add_argument("--output", "-o", type=Path, default=DEFAULT_PATH, help="where to write it ('-' prints it)")
-    p.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "schema", help="write the spec JSON Schema (default specs/schema.json)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write it ('-' prints it)")] = DEFAULT_PATH,
+) -> int:
     text = schema_text()
-    if str(args.output) == "-":
+    if str(output) == "-":
         print(text, end="")
     else:
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+        output.write_text(text)
+        print(f"wrote {output}")
     return 0

@@ -9,32 +9,26 @@ the UI is, then serves until Ctrl-C. See README.md, "Operating Cortex through Pr
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
 import httpx
+import typer
+
+from cli.commands import add_command
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve Cortex's Prefect deployments; watch a specs folder; keep spec schedules",
-        description="Register the deploy, prepare, retire and reconcile deployments on a Prefect "
-        "server, turn each spec's `schedule` into a schedule, and deploy a spec when its file in "
-        "--specs is saved (retire its model when it is deleted). Runs until interrupted.",
-    )
-    parser.add_argument("--specs", default="specs", help="folder of spec files to watch (default: ./specs)")
-    parser.add_argument("--prefect-url", default=None,
-                        help="Prefect API URL, e.g. http://prefect.example:4200/api (default: $PREFECT_API_URL, "
-                        "else start a local server)")
-    parser.add_argument("--port", type=int, default=4200, help="port of the local Prefect server, if one is started")
-    parser.add_argument("--limit", type=int, default=None, help="most flow runs at once in this process")
-    parser.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "serve",
+                short_help="serve Cortex's Prefect deployments; watch a specs folder; keep spec schedules",
+                help="Register the deploy, prepare, retire and reconcile deployments on a Prefect "
+                "server, turn each spec's `schedule` into a schedule, and deploy a spec when its file in "
+                "--specs is saved (retire its model when it is deleted). Runs until interrupted.")
 
 
 def api_url(url: str) -> str:
@@ -78,15 +72,22 @@ def start_local_server(
     raise RuntimeError(f"prefect server did not answer at {url} within {timeout_s:.0f} s; see {log_path}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    specs: Annotated[str, typer.Option(help="folder of spec files to watch")] = "specs",
+    prefect_url: Annotated[Optional[str], typer.Option(
+        help="Prefect API URL, e.g. http://prefect.example:4200/api (default: $PREFECT_API_URL, "
+        "else start a local server)")] = None,
+    port: Annotated[int, typer.Option(help="port of the local Prefect server, if one is started")] = 4200,
+    limit: Annotated[Optional[int], typer.Option(help="most flow runs at once in this process")] = None,
+) -> int:
     from cortex.settings import Settings
 
-    specs = Path(args.specs).expanduser().absolute()
-    if not specs.is_dir():
-        print(f"cortex serve: {specs} is not a folder; name your specs folder with --specs DIR", file=sys.stderr)
+    folder = Path(specs).expanduser().absolute()
+    if not folder.is_dir():
+        print(f"cortex serve: {folder} is not a folder; name your specs folder with --specs DIR", file=sys.stderr)
         return 2
     server = None
-    url = args.prefect_url or os.environ.get("PREFECT_API_URL")
+    url = prefect_url or os.environ.get("PREFECT_API_URL")
     if url:
         url = api_url(url)
         if not healthy(url, timeout=10):
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
     else:
         log_path = Path(Settings.load().home) / "prefect-server.log"
-        print(f"starting a local Prefect server on 127.0.0.1:{args.port} (log: {log_path}) ...", flush=True)
-        server, url = start_local_server(args.port, log_path)
+        print(f"starting a local Prefect server on 127.0.0.1:{port} (log: {log_path}) ...", flush=True)
+        server, url = start_local_server(port, log_path)
     os.environ["PREFECT_API_URL"] = url  # flow-run processes inherit it
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     ui = url[: -len("/api")]
     print(f"Prefect UI: {ui}", flush=True)
     print(f"  deployments: {ui}/deployments   (Run > Custom run on 'apply-spec/deploy' starts a deploy)", flush=True)
-    print(f"watching {specs} for spec changes; Ctrl-C stops", flush=True)
+    print(f"watching {folder} for spec changes; Ctrl-C stops", flush=True)
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM stops like Ctrl-C: the server it started too
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             from flows.serve import serve_specs
 
-            serve_specs(specs, limit=args.limit)
+            serve_specs(folder, limit=limit)
     except KeyboardInterrupt:
         pass
     finally:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
-from cortex.runtime import RUNTIMES, get_runtime, reachable_runtimes
+import typer
+
+from cli.commands import add_command
+from cli.options import runtime_option
+from cli.output import JsonFlag, output, table
+from cortex.runtime import get_runtime, reachable_runtimes
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "status",
-        help="list the engines Cortex runs, with their health",
-        description="Every replica Cortex started, in the process runtime and (if a Docker "
-        "daemon answers) the docker runtime, with a live health check.",
-    )
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None, help="only this runtime")
-    parser.add_argument("--json", action="store_true", help="print a JSON list")
-    parser.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "status", short_help="list the engines Cortex runs, with their health",
+                help="Every replica Cortex started, in the process runtime and (if a Docker "
+                "daemon answers) the docker runtime, with a live health check.")
 
 
 def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
@@ -38,21 +35,16 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def run(args: argparse.Namespace) -> int:
-    rows, notes = collect(args.runtime)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("Cortex runs no engine.")
-    else:
-        header = ("NAME", "ENGINE", "RUNTIME", "ENDPOINT", "HEALTH", "SINCE", "REPLICA")
-        table = [header] + [
-            (r["name"], r["engine"], r["runtime"], r["endpoint"], r["health"], r["since"], r["replica"]) for r in rows
-        ]
-        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-        for row in table:
-            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    for note in notes:
-        print(f"({note})")
+COLUMNS = ("name", "engine", "runtime", "endpoint", "health", "since", "replica")
+
+
+def run(runtime: runtime_option("only this runtime") = None, as_json: JsonFlag = False) -> int:
+    rows, notes = collect(runtime)
+
+    def render(rows: list[dict]) -> list:
+        listing = (table([c.upper() for c in COLUMNS], ([r[c] for c in COLUMNS] for r in rows)) if rows
+                   else "Cortex runs no engine.")
+        return [listing, *(f"({note})" for note in notes)]
+
+    output(rows, as_json, render)
     return 0

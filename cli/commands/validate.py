@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import Annotated
 
+import typer
+
+from cli.commands import add_command
 from cortex.specfile import SpecError, load_spec, spec_files
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check spec files (exit 2 if any is invalid)",
-                       description="Check spec files or folders of specs. Exit 0 when all are valid, 2 otherwise.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="spec files or folders holding *.yaml specs")
-    p.set_defaults(func=run)
+def register(app: typer.Typer) -> None:
+    add_command(app, run, "validate", short_help="check spec files (exit 2 if any is invalid)",
+                help="Check spec files or folders of specs. Exit 0 when all are valid, 2 otherwise.")
 
 
-def run(args: argparse.Namespace) -> int:
-    files = spec_files(args.paths)
+def run(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="spec files or folders holding *.yaml specs")],
+) -> int:
+    files = spec_files(paths)
     if not files:
-        print(f"{' '.join(args.paths)}: no spec files (*.yaml, *.yml) found", file=sys.stderr)
+        print(f"{' '.join(paths)}: no spec files (*.yaml, *.yml) found", file=sys.stderr)
         return 2
     bad = 0
     for f in files:
