@@ -22,6 +22,7 @@ an unknown architecture is refused before any download.
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import json
 import os
@@ -84,7 +85,9 @@ def read_converter_architectures(toolchain_root: Path) -> dict[str, str]:
             bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
             arch = None
             for stmt in node.body:
-                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+                if not isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+                    continue
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
                 if any(isinstance(t, ast.Name) and t.id == "model_arch" for t in targets):
                     value = stmt.value
                     if isinstance(value, ast.Attribute):
@@ -124,10 +127,12 @@ def read_converter_architectures(toolchain_root: Path) -> dict[str, str]:
 def _model_arch_names(constants: Path) -> dict[str, str]:
     tree = ast.parse(constants.read_text())
     for node in ast.walk(tree):
-        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
+        if not isinstance(node, (ast.AnnAssign, ast.Assign)):
+            continue
+        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
         if isinstance(target, ast.Name) and target.id == "MODEL_ARCH_NAMES" and isinstance(node.value, ast.Dict):
             return {k.attr: v.value for k, v in zip(node.value.keys, node.value.values)
-                    if isinstance(k, ast.Attribute) and isinstance(v, ast.Constant)}
+                    if isinstance(k, ast.Attribute) and isinstance(v, ast.Constant) and isinstance(v.value, str)}
     return {}
 
 
@@ -475,7 +480,7 @@ class ArtifactStore:
         return build.artifact
 
     def list(self) -> list[Artifact]:
-        found = []
+        found: builtins.list[Artifact] = []
         if not self.root.is_dir():
             return found
         for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
@@ -488,7 +493,7 @@ class ArtifactStore:
     def last_used(self, artifact: Artifact) -> float:
         return (artifact.folder / MANIFEST).stat().st_mtime
 
-    def stale_builds(self) -> list[Path]:
+    def stale_builds(self) -> builtins.list[Path]:
         """Build folders whose process is gone (a crash or a kill)."""
         stale = []
         for work in self.root.glob(".build-*") if self.root.is_dir() else []:
@@ -503,7 +508,7 @@ class ArtifactStore:
         shutil.rmtree(trash)
 
     def prune(self, *, unused_for_s: float | None = None, keys: Iterable[str] = (), everything: bool = False,
-              dry_run: bool = False) -> tuple[list[Artifact], list[Path]]:
+              dry_run: bool = False) -> tuple[builtins.list[Artifact], builtins.list[Path]]:
         """Remove artifacts unused for `unused_for_s` seconds, those whose digest starts with one
         of `keys`, or all of them; and always the leftovers of dead builds."""
         keys = [k for k in keys if k]

@@ -77,7 +77,7 @@ class ModelFacts:
 
     def kv_bytes_per_token_layer(self, element_bytes: float) -> float:
         """K+V bytes one token costs in one full-attention layer."""
-        if self.is_mla:
+        if self.mla_kv_lora_rank is not None:  # is_mla
             return (self.mla_kv_lora_rank + self.mla_rope_dim) * element_bytes
         return 2 * self.n_kv_heads * self.head_dim * element_bytes
 

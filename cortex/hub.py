@@ -405,7 +405,7 @@ def _storage_folder(repo: str) -> Path:
     return hub_cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
 
 
-def _translate(error: Exception, repo: str, revision: str) -> HubError:
+def _translate(error: BaseException, repo: str, revision: str) -> HubError:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,

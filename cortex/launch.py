@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Mapping
 
 from cortex.engines import FlagError, build_args, flag_names
@@ -19,7 +20,7 @@ from cortex.engines import llamacpp as llamacpp_engine
 from cortex.engines import vllm as vllm_engine
 from cortex.engines.introspect import load_flag_table
 from cortex.plan import Plan
-from cortex.spec import ModelSpec
+from cortex.spec import LlamaCppSettings, ModelSpec, VllmSettings
 
 MODELS_DIR = "/models"  # where model files appear inside the engine's container
 VLLM_MODULE_ARGV = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
@@ -77,13 +78,19 @@ def _model_mounts(
         if files is None and spec.source.kind == "gguf_file":
             from cortex.facts import gguf_split_set
 
+            assert spec.source.gguf is not None  # Source.kind "gguf_file" means `gguf` is set
             files = gguf_split_set(Path(spec.source.gguf))
         if files:
             mounts = [Mount(str(f), f"{MODELS_DIR}/{Path(f).name}") for f in files]
             return mounts, mounts[0].target
         name = f"{spec.name}.{plan.artifact.quantization}.gguf"
         return [Mount(None, f"{MODELS_DIR}/{name}")], f"{MODELS_DIR}/{name}"
-    folder = artifact if isinstance(artifact, Path) else Path(spec.source.path) if spec.source.kind == "hf_dir" else None
+    folder: Path | None = None
+    if isinstance(artifact, Path):
+        folder = artifact
+    elif spec.source.kind == "hf_dir":
+        assert spec.source.path is not None  # Source.kind "hf_dir" means `path` is set
+        folder = Path(spec.source.path)
     target = f"{MODELS_DIR}/{spec.name}"
     if folder is not None and mount_root is not None and Path(folder).is_relative_to(mount_root):
         inside = Path(folder).relative_to(mount_root).as_posix()
@@ -112,8 +119,8 @@ def build_launch(
     mounts, model_path = _model_mounts(spec, plan, artifact, mount_root)
     gpus = [int(d.device.split(":")[1]) for d in plan.devices if d.device.startswith("cuda:")]
     if plan.engine == "llamacpp":
-        eng = llamacpp_engine
-        settings = spec.llamacpp
+        eng: ModuleType = llamacpp_engine
+        settings: LlamaCppSettings | VllmSettings = spec.llamacpp
         base = eng.server_args(model_path=model_path, served_name=spec.name, port=eng.PORT, embed=embed)
         args = base + build_args(eng.FLAGS, settings, plan) + list(settings.extra_args)
         command = ["llama-server", *args]

@@ -60,25 +60,35 @@ class ResolvedSource:
     def provenance(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, [])}
 
+    def hf_folder(self) -> Path:
+        """The HF checkpoint folder; only HF sources (a Hub repo once fetched, a local folder) have one."""
+        if self.folder is None:
+            raise ValueError(f"this {self.kind} source has no HF checkpoint folder")
+        return Path(self.folder)
+
 
 def pin_source(source: Source, *, token: hub.HubToken | None = None, log: Log = lambda line: None) -> ResolvedSource:
     """Pin `source`: a Hub revision to its commit sha (and, for an HF repo, fetch the few small
     files the facts come from), a local folder or GGUF to the sha256 of its files."""
     kind = source.kind
     if kind in ("hf_repo", "gguf_repo"):
-        commit = hub.resolve_revision(source.repo, source.revision, token=token)
-        log(f"{source.repo}@{source.revision} is commit {commit}")
+        repo = source.repo
+        assert repo is not None  # Source.kind says so
+        commit = hub.resolve_revision(repo, source.revision, token=token)
+        log(f"{repo}@{source.revision} is commit {commit}")
         folder = None
         if kind == "hf_repo":
-            small = hub.small_hf_files(source.repo, commit, hub.list_files(source.repo, commit, token=token))
-            folder = str(hub.fetch(source.repo, commit, only=small, token=token).folder)
-        return ResolvedSource(kind, source.repo, source.revision, commit, commit, folder)
+            small = hub.small_hf_files(repo, commit, hub.list_files(repo, commit, token=token))
+            folder = str(hub.fetch(repo, commit, only=small, token=token).folder)
+        return ResolvedSource(kind, repo, source.revision, commit, commit, folder)
     if kind == "hf_dir":
-        folder = Path(source.path)
-        needed = local_hf_files(folder)
+        assert source.path is not None  # Source.kind says so
+        local = Path(source.path)
+        needed = local_hf_files(local)
         source_id = local_source_id(needed)
-        log(f"{folder}: {len(needed)} files, id {source_id[:16]}")
-        return ResolvedSource(kind, None, None, None, source_id, str(folder))
+        log(f"{local}: {len(needed)} files, id {source_id[:16]}")
+        return ResolvedSource(kind, None, None, None, source_id, str(local))
+    assert source.gguf is not None  # Source.kind "gguf_file": its validator requires one source
     first = Path(source.gguf)
     parts = hub.local_gguf_parts(first)
     source_id = local_source_id(parts)
@@ -90,12 +100,14 @@ def source_facts(resolved: ResolvedSource) -> ModelFacts:
     """ModelFacts from what is on disk: config (+ weights once downloaded) or the GGUF header."""
     if resolved.gguf_files:
         return gguf_facts(Path(resolved.gguf_files[0]))
-    return hf_dir_facts(Path(resolved.folder))
+    return hf_dir_facts(resolved.hf_folder())
 
 
 def hub_files_needed(source: Source, commit: str, *, token: hub.HubToken | None = None) -> list[hub.RemoteFile]:
     """The files of a Hub source the engine needs: its GGUF file (or split set), the files
     matching `include`, or the checkpoint's weights, config and tokenizer (hub.needed_files)."""
+    if source.repo is None:
+        raise ValueError("not a Hub source: it names no `repo`")
     return hub.needed_files(hub.list_files(source.repo, commit, token=token), gguf=source.gguf, include=source.include)
 
 
@@ -106,6 +118,8 @@ def space_needed(source: Source, resolved: ResolvedSource, facts: ModelFacts, pl
 
     needs = []
     if resolved.on_hub:
+        if source.repo is None or resolved.commit is None:
+            raise ValueError("a Hub source needs its repo and pinned commit")
         wanted = hub_files_needed(source, resolved.commit)
         needs.append((hub.hub_cache_dir(), hub.bytes_to_fetch(source.repo, resolved.commit, wanted), "the download"))
     if plan.artifact.convert_from == "hf":
@@ -142,7 +156,7 @@ def build_source_gguf(resolved: ResolvedSource, facts: ModelFacts, quantization:
                       on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
                       ) -> list[Artifact]:
     """cortex.artifacts.build_gguf on the HF checkpoint of `resolved` (its folder on disk)."""
-    folder = Path(resolved.folder)
+    folder = resolved.hf_folder()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(
         p.stat().st_size for p in folder.glob("*.bin"))
     return build_gguf(
@@ -173,7 +187,7 @@ def source_gguf_files(resolved: ResolvedSource, snapshot: hub.RepoSnapshot | Non
 
 def hf_checkpoint_files(resolved: ResolvedSource, snapshot: hub.RepoSnapshot | None) -> EngineFiles:
     """The HF checkpoint folder vLLM loads itself: the snapshot's files, or a local folder's."""
-    folder = Path(resolved.folder)
+    folder = resolved.hf_folder()
     if snapshot is None:
         paths = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         return EngineFiles(folder, file_records(paths))

@@ -59,7 +59,10 @@ class _Live:
         self.task = self.progress.add_task(label, total=total)
 
     def update(self, done: float, total: float | None = None) -> None:
-        self.progress.update(self.task, completed=done, **({"total": total} if total else {}))
+        if total:
+            self.progress.update(self.task, completed=done, total=total)
+        else:
+            self.progress.update(self.task, completed=done)
 
     def finish(self, ok: bool) -> None:
         self.progress.stop()

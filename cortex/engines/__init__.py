@@ -10,6 +10,7 @@ installed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Literal
 
 Kind = Literal["value", "switch", "bool_pair", "list_comma", "list_space", "removed"]
@@ -56,7 +57,12 @@ def build_args(table: list[FlagMap], settings: Any, plan: Any) -> list[str]:
             if value:
                 args.append(m.flag)
         elif m.kind == "bool_pair":
-            args.append(m.flag if value else m.negative)
+            if value:
+                args.append(m.flag)
+            elif m.negative is not None:
+                args.append(m.negative)
+            else:  # a table error: every bool_pair names its negative flag
+                raise FlagError(f"{m.flag} has no negative flag to turn {m.setting} off")
         elif m.kind == "list_comma":
             args += [m.flag, ",".join(render(v) for v in value)]
         elif m.kind == "list_space":
@@ -130,11 +136,13 @@ def _spelling(name: str, known: dict) -> str:
     return head if "." in dashed and head in known else name
 
 
-def _module(engine: str):
+def _module(engine: str) -> ModuleType:
     if engine == "vllm":
-        from cortex.engines import vllm as m
-    elif engine == "llamacpp":
-        from cortex.engines import llamacpp as m
-    else:
-        raise FlagError(f"unknown engine {engine!r}")
-    return m
+        from cortex.engines import vllm
+
+        return vllm
+    if engine == "llamacpp":
+        from cortex.engines import llamacpp
+
+        return llamacpp
+    raise FlagError(f"unknown engine {engine!r}")

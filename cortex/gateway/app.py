@@ -132,6 +132,7 @@ class RequestState:
 
     def stop_watching(self) -> None:
         self.done = True
+        assert self.timer is not None  # set right after the state is made
         self.timer.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
@@ -240,6 +241,7 @@ class Gateway:
 
     async def check_health(self, replica: Replica) -> bool:
         headers = {"Authorization": f"Bearer {replica.engine_api_key}"} if replica.engine_api_key else {}
+        assert self._health_client is not None  # made in start(), before the health loop runs
         try:
             response = await self._health_client.get(replica.url + "/health", headers=headers)
             ok = response.status_code == 200
@@ -405,6 +407,7 @@ class Gateway:
             try:
                 conn = state.conn = await replica.pool.acquire()
                 t_sent = time.perf_counter()
+                assert conn.transport is not None  # the pool hands out connected connections
                 conn.transport.write(b"".join((b"POST ", target, b" HTTP/1.1\r\n", replica.request_head, tail, body)))
                 await conn.response_headers()
                 break

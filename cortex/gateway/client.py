@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import builtins
 import time
 from typing import Any
 
@@ -90,16 +91,16 @@ class GatewayClient:
         """{"replicas": [{id, model, url, state, healthy, in_flight, labels}], "aliases": {...}}"""
         return self._call("GET", "/admin/replicas")
 
-    def replicas_of(self, model: str) -> list[dict]:
+    def replicas_of(self, model: str) -> builtins.list[dict]:
         return [r for r in self.list()["replicas"] if r["model"] == model]
 
     # --- client API keys ----------------------------------------------------------------------
 
-    def create_key(self, name: str = "", models: list[str] | None = None, expires_at: float | None = None) -> dict:
+    def create_key(self, name: str = "", models: builtins.list[str] | None = None, expires_at: float | None = None) -> dict:
         """A new client key; the returned "key" is the only time the secret is shown."""
         return self._call("POST", "/admin/keys", {"name": name, "models": models, "expires_at": expires_at})
 
-    def list_keys(self) -> list[dict]:
+    def list_keys(self) -> builtins.list[dict]:
         return self._call("GET", "/admin/keys")["keys"]
 
     def revoke_key(self, key_id: str) -> dict:

@@ -88,7 +88,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, engine: "FakeEngine") -> None:
         self.engine = engine
         self.parser = httptools.HttpRequestParser(self)
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.body: list[bytes] = []
         self.headers: dict[str, str] = {}
         self.url = b""
@@ -110,6 +110,7 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            assert self.transport is not None  # connection_made comes before any data
             self.transport.close()
 
     def on_url(self, url: bytes) -> None:
@@ -174,17 +175,20 @@ class _Conn(asyncio.Protocol):
             self._send(404, b'{"error":{"message":"not found"}}')
 
     def _late(self, chat: bool, model: str) -> None:
+        assert self.transport is not None  # a request came in on it
         if not self.transport.is_closing():
             self.streaming = False
             self._send(200, _chat_json(model) if chat else _completion_json(model))
 
     def _send(self, status: int, body: bytes, extra_headers: bytes = b"") -> None:
+        assert self.transport is not None  # a request came in on it
         self.transport.write(
             b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
             % (status, len(body), extra_headers) + body)
 
     async def _stream(self, model: str, n: int, delay: float, chat: bool, usage: bool, gate: _Gate | None) -> None:
         t = self.transport
+        assert t is not None  # a request came in on it
         t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for i in range(n):
             if gate is not None:
@@ -221,8 +225,13 @@ class FakeEngine:
         self.connections: set[_Conn] = set()
         self.gates: dict[str, _Gate] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = None
+        self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the fake engine was not started")
+        return self._loop
 
     @property
     def base_url(self) -> str:
@@ -234,7 +243,7 @@ class FakeEngine:
     def release(self, name: str, events: int | None = None) -> None:
         """Let `events` more token events of the streams held on `name` go (None: all of them,
         now and later). Callable from any thread, before or after the streams arrive."""
-        self._loop.call_soon_threadsafe(lambda: self.gate(name).release(events))
+        self._running_loop().call_soon_threadsafe(lambda: self.gate(name).release(events))
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -259,17 +268,21 @@ class FakeEngine:
 
     def kill(self) -> None:
         """Close the listener and reset every open connection (like kill -9)."""
+        done = threading.Event()
+
         def do() -> None:
+            assert self._server is not None  # serve() made it before the loop ran
             self._server.close()
             for conn in list(self.connections):
+                assert conn.transport is not None  # connection_made added it to the set
                 conn.transport.abort()
-        done = threading.Event()
-        self._loop.call_soon_threadsafe(lambda: (do(), done.set()))
+            done.set()
+        self._running_loop().call_soon_threadsafe(do)
         if not done.wait(120):
             raise RuntimeError("fake engine did not close its connections")
 
     def restart(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.serve(), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self.serve(), self._running_loop())
         fut.result(120)
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def _responses(ok: str, *codes: int) -> dict:
-    out = {"200": {"description": ok}}
+    out: dict[str, dict] = {"200": {"description": ok}}
     for code in codes:
         out[str(code)] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
     return out
@@ -38,7 +38,7 @@ def _proxy(summary: str) -> dict:
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-_ADMIN = [{"adminToken": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 
 
 @lru_cache(maxsize=1)

@@ -78,6 +78,8 @@ class GatewayProcess:
                 self.proc.wait()
 
     def rss_bytes(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the gateway was not started")
         with open(f"/proc/{self.proc.pid}/status") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):

@@ -87,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.error = UpstreamError(f"replica sent invalid HTTP: {exc}", sent_nothing=not self.headers_done)
+            assert self.transport is not None  # connection_made comes before any data
             self.transport.close()
             self._wake()
 
@@ -123,6 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True
+            assert self.transport is not None  # connection_made comes before any data
             self.transport.pause_reading()
         self._wake()
 
@@ -138,7 +140,9 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the gateway ---------------------------------------------------------------
 
     async def _wait(self) -> None:
-        self.waiter = self.pool.loop.create_future()
+        loop = self.pool.loop
+        assert loop is not None  # the pool sets it before it opens a connection
+        self.waiter = loop.create_future()
         try:
             await self.waiter
         finally:
@@ -161,6 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.buffered = 0
                 if self.paused:
                     self.paused = False
+                    assert self.transport is not None  # paused in on_body, after connection_made
                     self.transport.resume_reading()
                 return data
             if self.complete:

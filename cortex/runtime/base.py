@@ -10,6 +10,7 @@ choice of timeout are the same for both, so they live here, with the secrets an 
 from __future__ import annotations
 
 import abc
+import builtins
 import dataclasses
 import re
 import secrets as _secrets
@@ -127,7 +128,7 @@ def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str,
     for key, value in env.items():
         if isinstance(value, Mapping):
             name = value.get("secret")
-            if name not in secrets:
+            if name is None or name not in secrets:
                 raise LaunchError(
                     f"environment variable {key} refers to secret {name!r}, which was not given; "
                     f"known secrets: {sorted(secrets) or 'none'}"
@@ -245,7 +246,7 @@ class Runtime(abc.ABC):
     def list(self) -> list[Replica]:
         """Every replica this runtime started that still exists (running or exited)."""
 
-    def replicas_of(self, model: str) -> list[Replica]:
+    def replicas_of(self, model: str) -> builtins.list[Replica]:
         """The replicas serving `model` (its served name)."""
         return [r for r in self.list() if r.model == model]
 
@@ -261,7 +262,7 @@ class Runtime(abc.ABC):
         except ReplicaNotFound:
             return False
 
-    def cleanup_orphans(self) -> list[Replica]:
+    def cleanup_orphans(self) -> builtins.list[Replica]:
         """Remove replicas whose engine is no longer running (crashed, killed, host restart).
         Returns what was removed."""
         removed = []
