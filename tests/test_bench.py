@@ -407,8 +407,6 @@ def test_results_round_trip_and_reports():
 def test_a_connection_closed_before_any_response_is_sent_again():
     """The server drops the first connection without answering (as llama-server does with a
     stale keep-alive connection); the request goes out once more and is measured."""
-    from cortex.bench import send_streaming_request
-    import httpx
 
     seen = {"connections": 0}
 
@@ -427,6 +425,16 @@ def test_a_connection_closed_before_any_response_is_sent_again():
         await writer.drain()
         writer.close()
 
+    rec = _stream_from(handle)
+    assert seen["connections"] == 2
+    assert rec.success and rec.output_tokens == 1 and rec.text == "hi"
+
+
+def _stream_from(handle):
+    """One benchmark streaming request against a raw asyncio server whose connections `handle` answers."""
+    from cortex.bench import send_streaming_request
+    import httpx
+
     async def scenario():
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -434,16 +442,12 @@ def test_a_connection_closed_before_any_response_is_sent_again():
             return await send_streaming_request(
                 client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {})
 
-    rec = asyncio.run(scenario())
-    assert seen["connections"] == 2
-    assert rec.success and rec.output_tokens == 1 and rec.text == "hi"
+    return asyncio.run(scenario())
 
 
 def test_sse_comments_and_event_lines_are_not_token_events():
     """Pings (`: ping`), `event:` lines and blank separators carry no data: only the two
     `data:` messages are token events, and the stream is read past `[DONE]`."""
-    from cortex.bench import send_streaming_request
-    import httpx
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -458,13 +462,6 @@ def test_sse_comments_and_event_lines_are_not_token_events():
         await writer.drain()
         writer.close()
 
-    async def scenario():
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server, httpx.AsyncClient() as client:
-            return await send_streaming_request(
-                client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {})
-
-    rec = asyncio.run(scenario())
+    rec = _stream_from(handle)
     assert rec.success and rec.text == "ab" and rec.output_tokens == 2
     assert len(rec.itl) == 1 and rec.latency >= rec.ttft
