@@ -55,11 +55,11 @@ def run(
     files = spec_files([specs])
     for f in files:
         try:
-            spec = load_spec(f)
+            loaded = load_spec(f)
         except SpecError as e:
             print("\n".join(map(str, e.problems)), file=sys.stderr)
             return 2
-        print(f"  {f.name}: ok ({spec.source.kind})")
+        print(f"  {f.name}: ok ({loaded.source.kind})")
 
     _say("plan every example (no download, no GPU needed)")
     for f in files:
