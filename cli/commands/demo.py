@@ -84,7 +84,8 @@ def run(
     from flows.deploy import deploy_model
     from flows.prepare import prepare_model
 
-    _say(f"Prefect at {ensure_api()} (the UI shows every run below: {ensure_api()[:-len('/api')]}/runs)")
+    api = ensure_api()
+    _say(f"Prefect at {api} (the UI shows every run below: {api.removesuffix('/api')}/runs)")
     _say(f"prepare {spec_path} (Prefect flow prepare-model)")
     outcome = run_flow("prepare", prepare_model, str(spec_path))
     if outcome.exit_code:

@@ -7,10 +7,15 @@ import importlib.metadata as m
 import json
 import sys
 
-out = {}
-for name in sys.argv[1:]:
+
+
+def installed(name: str) -> str | None:
+    """The installed version of `name`, or None when it is not installed (the caller checks
+    which it needs: a missing one is left out of the answer, not guessed)."""
     try:
-        out[name] = m.version(name)
+        return m.version(name)
     except m.PackageNotFoundError:
-        pass
-print(json.dumps(out))
+        return None
+
+
+print(json.dumps({name: v for name in sys.argv[1:] if (v := installed(name)) is not None}))
