@@ -452,35 +452,21 @@ def _cached_file(repo: str, filename: str, revision: str, cache_dirs: list[Path 
     return None
 
 
-def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = None, offline: bool | None = None) -> ModelFacts:
+def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = None) -> ModelFacts:
     """Facts for an HF repo without downloading weights: config.json (+ safetensors index) from
     the cache, or from the Hub (config.json and safetensors header metadata only)."""
     cache_dirs = hub_cache_dirs(spec_dir)
     cfg = _cached_file(repo, "config.json", revision, cache_dirs)
     if cfg is not None:
-        folder = cfg.parent
-        facts = hf_dir_facts(folder)
-        return facts
-    import os
-
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    if offline:
-        raise FactsError(
-            f"{repo}@{revision}: config.json is not in the Hub cache and HF_HUB_OFFLINE is set; "
-            "download it once with network access (cortex prepare) or unset HF_HUB_OFFLINE"
-        )
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+        return hf_dir_facts(cfg.parent)
+    from cortex import hub
 
     try:
-        path = Path(hf_hub_download(repo, "config.json", revision=revision))
-        config = json.loads(path.read_text())
-        meta = HfApi().get_safetensors_metadata(repo, revision=revision)
-        params = sum(meta.parameter_count.values()) if meta.parameter_count else None
-        files = sorted(meta.files_metadata)
-    except (HfHubHTTPError, OSError) as e:
-        raise FactsError(f"{repo}@{revision}: could not read config.json or safetensors metadata from the Hub ({e})") from None
+        config, params, files = hub.remote_config(repo, revision, token=hub.token_from_env())
+    except hub.HubError as e:
+        raise FactsError(str(e)) from None
+    if not isinstance(config, dict):
+        raise FactsError(f"{repo}@{revision}: config.json is not a JSON object")
     return facts_from_config(config, params_exact=params, files=files)
 
 
@@ -488,8 +474,6 @@ def gguf_repo_facts(repo: str, filename: str, revision: str = "main", *, spec_di
     """Facts for a GGUF file inside an HF repo: the file itself from the Hub cache, else its
     header (metadata + tensor table: the first megabytes, no weights) from the cache, else the
     header fetched from the Hub with HTTP range requests and kept as `<file>.header`."""
-    import os
-
     cache_dirs = hub_cache_dirs(spec_dir)
     full = _cached_file(repo, filename, revision, cache_dirs)
     if full is not None:
@@ -498,7 +482,9 @@ def gguf_repo_facts(repo: str, filename: str, revision: str = "main", *, spec_di
     if header is None:
         header = _header_cache_path(repo, filename, revision)
         if not header.is_file():
-            if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+            from cortex.hub import is_offline
+
+            if is_offline():
                 raise FactsError(
                     f"{repo}/{filename}@{revision}: neither the file nor its header is in the Hub cache and "
                     "HF_HUB_OFFLINE is set; run once with network access (cortex plan or cortex prepare)"
@@ -515,32 +501,27 @@ def _header_cache_path(repo: str, filename: str, revision: str) -> Path:
 
 def _fetch_gguf_header(repo: str, filename: str, revision: str, dest: Path) -> None:
     """Download just enough of a GGUF from the Hub to read its header (4 MiB, doubling)."""
-    import httpx
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
-
-    import os
-
+    from cortex import hub
     from cortex.gguf_header import HeaderTooShort, read_gguf_header
 
-    url = hf_hub_url(repo, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    token = hub.token_from_env()
     size = 4 * 2**20
-    with httpx.Client(follow_redirects=True, timeout=60, headers=build_hf_headers()) as client:
-        while size <= 256 * 2**20:
-            try:
-                r = client.get(url, headers={"Range": f"bytes=0-{size - 1}"})
-                r.raise_for_status()
-            except httpx.HTTPError as e:
-                raise FactsError(f"{repo}/{filename}@{revision}: could not read the GGUF header from the Hub ({e})") from None
-            try:
-                header = read_gguf_header(r.content)
-            except HeaderTooShort:
-                size *= 2
-                continue
-            except ValueError as e:
-                raise FactsError(f"{repo}/{filename}@{revision}: {e}") from None
-            atomic_write_bytes(dest, r.content[: header.header_bytes])
-            return
+    while size <= 256 * 2**20:
+        try:
+            data = hub.read_range(repo, filename, revision, size, token=token)
+        except hub.HubError as e:
+            raise FactsError(f"could not read the GGUF header from the Hub: {e}") from None
+        try:
+            header = read_gguf_header(data)
+        except HeaderTooShort:
+            if len(data) < size:  # the whole file came back and it still ends inside the header
+                raise FactsError(f"{repo}/{filename}@{revision}: the file ends inside its GGUF header") from None
+            size *= 2
+            continue
+        except ValueError as e:
+            raise FactsError(f"{repo}/{filename}@{revision}: {e}") from None
+        atomic_write_bytes(dest, data[: header.header_bytes])
+        return
     raise FactsError(f"{repo}/{filename}@{revision}: GGUF header larger than 256 MiB; is this a GGUF file?")
 
 

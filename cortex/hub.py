@@ -465,6 +465,54 @@ def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | Non
     return str(resolved.resolved)
 
 
+def remote_config(repo: str, revision: str, *, token: HubToken | None = None) -> tuple[dict, int | None, list[str]]:
+    """What planning needs of an HF repo without its weights: config.json (through the cache),
+    and the parameter count and weight files from the safetensors headers (ranged reads)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline():
+        raise OfflineCacheMiss(
+            f"{repo}@{revision}: config.json is not in the Hub cache and offline mode is on "
+            "(HF_HUB_OFFLINE); download it once with network access (cortex prepare) or turn offline mode off"
+        )
+    api = _api()
+    try:
+        path = Path(api.hf_hub_download(repo, "config.json", revision=revision, cache_dir=hub_cache_dir(),
+                                        token=_client_token(token)))
+        meta = api.get_safetensors_metadata(repo, revision=revision, token=_client_token(token))
+    except (HfHubHTTPError, OSError, _transport_errors()) as error:
+        raise _translate(error, repo, revision) from error
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HubError(f"{repo}@{revision}: config.json is not valid JSON ({error})") from None
+    params = sum(meta.parameter_count.values()) if meta.parameter_count else None
+    return config, params, sorted(meta.files_metadata)
+
+
+def read_range(repo: str, filename: str, revision: str, size: int, *, token: HubToken | None = None) -> bytes:
+    """The first `size` bytes of a file in a Hub repo (one HTTP range request), e.g. a GGUF's header."""
+    import httpx
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    if is_offline():
+        raise OfflineCacheMiss(f"{repo}/{filename}@{revision}: not cached and offline mode is on (HF_HUB_OFFLINE)")
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=hub_endpoint())
+    headers = build_hf_headers(token=_client_token(token), library_name="cortex")
+    headers["Range"] = f"bytes=0-{size - 1}"
+    try:
+        with httpx.Client(follow_redirects=True, timeout=60) as client:
+            r = client.get(url, headers=headers)
+    except httpx.HTTPError as error:
+        raise HubUnreachable(f"could not reach {hub_endpoint() or 'https://huggingface.co'} for "
+                             f"{repo}/{filename}@{revision}: {type(error).__name__}: {error}") from None
+    if r.status_code >= 400:
+        kind = HubUnreachable if r.status_code == 429 or r.status_code >= 500 else HubError
+        raise kind(f"the Hub answered {r.status_code} for {repo}/{filename}@{revision}")
+    return r.content
+
+
 def _manifest_path(repo: str, commit: str) -> Path:
     return cache_root() / "hub" / repo.replace("/", "--") / f"{commit}.json"
 

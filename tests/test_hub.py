@@ -301,3 +301,28 @@ def _run_fetch(extra: dict[str, str], check: bool = True):
         return proc
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_planning_facts_of_a_private_repo_use_the_one_hub_client(repo_folder, hub_env, monkeypatch):
+    """`cortex plan` on an uncached HF repo reads config.json and the safetensors headers through
+    hub.py (the same client, endpoint, offline rule and explicit token as downloads), never the
+    weights; without the token the Hub's 401 becomes a planning error that says what to set."""
+    from cortex.facts import FactsError, hf_dir_facts, hf_repo_facts
+
+    server, _ = _serve(repo_folder, token=TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        with pytest.raises(FactsError, match="HF_TOKEN"):
+            hf_repo_facts(REPO, "main")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        facts = hf_repo_facts(REPO, "main")
+        weights = _weights(repo_folder).name
+        assert sum(r.bytes_sent for r in server.gets_of(weights)) < 1 << 20  # the header, not the tensors
+        local = hf_dir_facts(repo_folder)
+        assert facts.params_total == local.params_total and facts.n_layers == local.n_layers
+        assert all(r.authorized for r in server.requests if REPO in r.path and r.status < 400 and r.status != 0)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(FactsError, match="offline"):
+            hf_repo_facts("acme/never-seen", "main")
+    finally:
+        server.stop()
