@@ -56,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     # every run and print "Failed to send telemetry" where there is no network. An operator's
     # own setting wins.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from cortex.gateway.client import GatewayError
+    from cortex.settings import SettingsError
+
     try:
         build_app()(args=argv, prog_name="cortex")
+    except (SettingsError, GatewayError) as error:
+        # Expected operator errors (no gateway here, a wrong token, a refused admin call): one
+        # line that says what to do, never a traceback.
+        print(f"cortex: {error}", file=sys.stderr)
+        return 1
     except SystemExit as done:
         if done.code is None or isinstance(done.code, int):
             return done.code or 0
