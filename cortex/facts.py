@@ -14,10 +14,12 @@ predicted per tensor. Sources:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,9 @@ class ModelFacts:
 
 
 def _cfg(config: dict[str, Any], *names: str, default: Any = None) -> Any:
+    """The first of `names` config.json sets (top level, then `text_config`); for a name it leaves
+    out, the model family's default as transformers defines it (data/family_defaults.json); else
+    `default`. A name set to null counts as set: null is the config's own word (derive it)."""
     for n in names:
         if config.get(n) is not None:
             return config[n]
@@ -110,12 +115,50 @@ def _cfg(config: dict[str, Any], *names: str, default: Any = None) -> Any:
         for n in names:
             if text.get(n) is not None:
                 return text[n]
+    family = _family(config).get("config", {})
+    for n in names:
+        if family.get(n) is not None and not _names_field(config, n):
+            return family[n]
     return default
+
+
+def _names_field(config: dict[str, Any], name: str) -> bool:
+    text = config.get("text_config")
+    return name in config or (isinstance(text, dict) and name in text)
+
+
+@functools.cache
+def family_defaults() -> dict[str, dict[str, Any]]:
+    """model_type -> {"config": transformers' defaults, "layout": weights the modeling code adds}."""
+    families: dict[str, dict[str, Any]] = json.loads(
+        resources.files("cortex.data").joinpath("family_defaults.json").read_text()
+    )["families"]
+    return families
+
+
+def _family(config: dict[str, Any]) -> dict[str, Any]:
+    """The family entry for a config: its text model's (`text_config.model_type`) over its own."""
+    table = family_defaults()
+    merged: dict[str, Any] = {"config": {}, "layout": {}}
+    text = config.get("text_config")
+    types = [config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None]
+    for t in types:
+        entry = table.get(t) if isinstance(t, str) else None
+        if entry:
+            merged["config"].update(entry.get("config", {}))
+            merged["layout"].update(entry.get("layout", {}))
+    return merged
+
+
+def _layout(config: dict[str, Any], flag: str) -> bool:
+    return bool(_family(config)["layout"].get(flag, False))
 
 
 def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
     """The GGUF tensor list convert_hf_to_gguf writes for a decoder-only transformer, derived
-    from config.json (llama-like dense and MoE layouts). Shapes in ggml order (ne0 first)."""
+    from config.json (llama-like dense and MoE layouts, with the extra weights a family's modeling
+    code adds: Qwen2's q/k/v bias, Gemma 2/3's post-norms, Phi-3's fused projections, gpt-oss's
+    biases and sinks, DeepSeek's MLA). Shapes in ggml order (ne0 first)."""
     h = int(_cfg(c, "hidden_size", "n_embd", "d_model"))
     n_layers = int(_cfg(c, "num_hidden_layers", "n_layer", "num_layers"))
     n_heads = int(_cfg(c, "num_attention_heads", "n_head"))
@@ -127,6 +170,9 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
     moe_ff = int(_cfg(c, "moe_intermediate_size", default=ff))
     tied = bool(_cfg(c, "tie_word_embeddings", default=False))
     bias = bool(_cfg(c, "attention_bias", default=False))
+    qkv_bias = bias or _layout(c, "qkv_bias")  # Qwen2: q/k/v always carry a bias, the output never
+    mlp_bias = bool(_cfg(c, "mlp_bias", default=False))
+    post_norms, qk_norm = _layout(c, "post_norms"), _layout(c, "qk_norm")
     kv_lora = _cfg(c, "kv_lora_rank")
 
     t: list[TensorInfo] = [TensorInfo("token_embd.weight", (h, vocab))]
@@ -143,18 +189,31 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
                       TensorInfo(p + "attn_q_b.weight", (int(q_lora), n_heads * (nope + rope)))]
             else:
                 t.append(TensorInfo(p + "attn_q.weight", (h, n_heads * (nope + rope))))
+            # the converter splits kv_b into k_b (transposed) and v_b for the absorbed MLA kernels
             t += [TensorInfo(p + "attn_kv_a_mqa.weight", (h, int(kv_lora) + rope)),
                   TensorInfo(p + "attn_kv_a_norm.weight", (int(kv_lora),)),
-                  TensorInfo(p + "attn_kv_b.weight", (int(kv_lora), n_heads * (nope + vdim))),
+                  TensorInfo(p + "attn_k_b.weight", (nope, int(kv_lora), n_heads)),
+                  TensorInfo(p + "attn_v_b.weight", (int(kv_lora), vdim, n_heads)),
                   TensorInfo(p + "attn_output.weight", (n_heads * vdim, h))]
         else:
-            t += [TensorInfo(p + "attn_q.weight", (h, n_heads * hd)),
-                  TensorInfo(p + "attn_k.weight", (h, n_kv * hd)),
-                  TensorInfo(p + "attn_v.weight", (h, n_kv * hd)),
-                  TensorInfo(p + "attn_output.weight", (n_heads * hd, h))]
-            if bias:
+            if _layout(c, "fused_qkv"):  # Phi-3: one qkv_proj, kept fused in the GGUF
+                t.append(TensorInfo(p + "attn_qkv.weight", (h, (n_heads + 2 * n_kv) * hd)))
+            else:
+                t += [TensorInfo(p + "attn_q.weight", (h, n_heads * hd)),
+                      TensorInfo(p + "attn_k.weight", (h, n_kv * hd)),
+                      TensorInfo(p + "attn_v.weight", (h, n_kv * hd))]
+            t.append(TensorInfo(p + "attn_output.weight", (n_heads * hd, h)))
+            if qkv_bias:
                 t += [TensorInfo(p + "attn_q.bias", (n_heads * hd,)), TensorInfo(p + "attn_k.bias", (n_kv * hd,)),
-                      TensorInfo(p + "attn_v.bias", (n_kv * hd,)), TensorInfo(p + "attn_output.bias", (h,))]
+                      TensorInfo(p + "attn_v.bias", (n_kv * hd,))]
+            if bias:
+                t.append(TensorInfo(p + "attn_output.bias", (h,)))
+            if qk_norm:  # Gemma 3: RMSNorm over each head's q and k
+                t += [TensorInfo(p + "attn_q_norm.weight", (hd,)), TensorInfo(p + "attn_k_norm.weight", (hd,))]
+        if _layout(c, "attn_sinks"):  # gpt-oss: one learned sink logit per head
+            t.append(TensorInfo(p + "attn_sinks.weight", (n_heads,)))
+        if post_norms:  # Gemma 2/3: norms after attention and after the FFN too
+            t.append(TensorInfo(p + "post_attention_norm.weight", (h,)))
         t.append(TensorInfo(p + "ffn_norm.weight", (h,)))
         first_dense = int(_cfg(c, "first_k_dense_replace", default=0) or 0)
         if n_exp > 1 and i >= first_dense:
@@ -162,20 +221,26 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
             t += [TensorInfo(p + "ffn_gate_exps.weight", (h, moe_ff, n_exp)),
                   TensorInfo(p + "ffn_up_exps.weight", (h, moe_ff, n_exp)),
                   TensorInfo(p + "ffn_down_exps.weight", (moe_ff, h, n_exp))]
-            if c.get("model_type") == "gpt_oss":  # gpt-oss: biases on router and experts, attention sinks
+            if _layout(c, "moe_bias"):  # gpt-oss: biases on the router and the experts
                 t += [TensorInfo(p + "ffn_gate_inp.bias", (n_exp,)),
                       TensorInfo(p + "ffn_gate_exps.bias", (moe_ff, n_exp)),
                       TensorInfo(p + "ffn_up_exps.bias", (moe_ff, n_exp)),
-                      TensorInfo(p + "ffn_down_exps.bias", (h, n_exp)),
-                      TensorInfo(p + "attn_sinks.weight", (n_heads,))]
+                      TensorInfo(p + "ffn_down_exps.bias", (h, n_exp))]
             shared = int(_cfg(c, "n_shared_experts", default=0) or 0)
             if shared:
                 sff = moe_ff * shared
                 t += [TensorInfo(p + "ffn_gate_shexp.weight", (h, sff)), TensorInfo(p + "ffn_up_shexp.weight", (h, sff)),
                       TensorInfo(p + "ffn_down_shexp.weight", (sff, h))]
+        elif _layout(c, "fused_gate_up"):  # Phi-3: gate_up_proj stays one ffn_up of twice the width
+            t += [TensorInfo(p + "ffn_up.weight", (h, 2 * ff)), TensorInfo(p + "ffn_down.weight", (ff, h))]
         else:
             t += [TensorInfo(p + "ffn_gate.weight", (h, ff)), TensorInfo(p + "ffn_up.weight", (h, ff)),
                   TensorInfo(p + "ffn_down.weight", (ff, h))]
+            if mlp_bias:
+                t += [TensorInfo(p + "ffn_gate.bias", (ff,)), TensorInfo(p + "ffn_up.bias", (ff,)),
+                      TensorInfo(p + "ffn_down.bias", (h,))]
+        if post_norms:
+            t.append(TensorInfo(p + "post_ffw_norm.weight", (h,)))
     t.append(TensorInfo("output_norm.weight", (h,)))
     if not tied:
         t.append(TensorInfo("output.weight", (h, vocab)))
@@ -189,9 +254,12 @@ def _sliding(c: dict[str, Any], n_layers: int) -> tuple[int | None, int]:
     layer_types = _cfg(c, "layer_types")
     if isinstance(layer_types, list):
         return int(window), sum(1 for x in layer_types if "sliding" in str(x))
-    pattern = _cfg(c, "sliding_window_pattern")
-    if isinstance(pattern, int) and pattern > 1:  # gemma: every pattern-th layer is global
+    pattern = _cfg(c, "sliding_window_pattern", "_sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 1:  # gemma, gpt-oss: every pattern-th layer is global
         return int(window), n_layers - n_layers // pattern
+    first = _cfg(c, "max_window_layers")
+    if isinstance(first, int):  # qwen2: the layers from max_window_layers on slide
+        return int(window), max(0, n_layers - first)
     return int(window), n_layers  # mistral v0.1 style: every layer slides
 
 
