@@ -17,8 +17,8 @@ Parameter counts are the safetensors totals the publishers report, exact:
 Predicted GGUF sizes against published files (GB as the model cards print them, 2 decimals):
 - bartowski/Llama-3.2-1B-Instruct-GGUF (llama.cpp b3821): f16 2.48, Q8_0 1.32, Q6_K 1.02,
   Q5_K_M 0.91, Q4_K_M 0.81.
-- Phi-3-mini-4k-instruct: Microsoft's fp16 GGUF 7.64; Q4_K_M 2.39 and Q5_K_M 2.82 (the
-  SandLogic Phi-3.1-mini-4k table, same shapes).
+- Phi-3-mini-4k-instruct: Q4_K_M 2.39 and Q5_K_M 2.82 (the SandLogic Phi-3.1-mini-4k table,
+  same shapes).
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ GB = 1e9
         ("Llama-3.2-1B-Instruct", "Q6_K", 1.02),
         ("Llama-3.2-1B-Instruct", "Q5_K_M", 0.91),
         ("Llama-3.2-1B-Instruct", "Q4_K_M", 0.81),
-        ("Phi-3-mini-4k-instruct", "F16", 7.64),
         ("Phi-3-mini-4k-instruct", "Q5_K_M", 2.82),
         ("Phi-3-mini-4k-instruct", "Q4_K_M", 2.39),
     ],
