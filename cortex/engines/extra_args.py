@@ -173,6 +173,21 @@ def draft_policy(table: FlagTable) -> ExtraArgsPolicy:
     return ExtraArgsPolicy(table.engine, table.version, flags)
 
 
+def policy_problems(table: FlagTable) -> list[str]:
+    """What keeps the committed allow-list of `table`'s version from covering it exactly: a
+    missing file, a flag without a reviewed class, a classified flag the engine does not have."""
+    try:
+        policy = load_policy(table.engine, table.version)
+    except FlagTableMissing as e:
+        return [str(e)]
+    names = {f.canonical for f in table.flags}
+    problems = [f"{n}: not classified" for n in sorted(names - policy.flags.keys())]
+    problems += [f"{n}: unreviewed" for n in sorted(names & policy.flags.keys()) if policy.flags[n].klass == "unreviewed"]
+    problems += [f"{n}: classified, but {table.engine} {table.version} has no such flag"
+                 for n in sorted(policy.flags.keys() - names)]
+    return problems
+
+
 # --------------------------------------------------------------------------- the check
 
 
