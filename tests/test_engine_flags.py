@@ -6,6 +6,8 @@ that sets every setting, against the built `llama-server --help` and vLLM's own 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,10 +143,7 @@ def test_swap_space_is_a_clear_error_for_vllm_0_32(tmp_path: Path) -> None:
 # --- `cortex validate` / `cortex plan` on the issue's dangerous extra_args (issue 15 §3) -----
 
 
-def _cortex(*args: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
+def _cortex(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
 
 
