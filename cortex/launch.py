@@ -98,8 +98,15 @@ def _model_mounts(
     return [Mount(str(folder) if folder else None, target)], target
 
 
-def launch_id(spec: ModelSpec, command: list[str], image: str, mounts: list[Mount]) -> str:
-    digest = hashlib.sha256(json.dumps([command, image, [asdict(m) for m in mounts]]).encode()).hexdigest()
+def launch_id(
+    spec: ModelSpec, command: list[str], image: str, mounts: list[Mount], env: Mapping[str, str] | None = None
+) -> str:
+    """A short name part that changes with what the engine runs: command, image, mounts and the
+    spec's own engine env (left out when empty, so launches without one keep their ids)."""
+    parts: list[Any] = [command, image, [asdict(m) for m in mounts]]
+    if env:
+        parts.append(sorted(env.items()))
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     return f"{spec.name}-{digest[:8]}"
 
 
@@ -128,7 +135,8 @@ def build_launch(
         from cortex.toolchain import LLAMA_CPP_PYTHON_VERSION
 
         image = spec.image.llamacpp or f"{eng.DEFAULT_IMAGE}:{LLAMA_CPP_PYTHON_VERSION}-{variant}"
-        env: dict[str, Any] = {eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}}
+        # the spec's engine env first: what Cortex sets wins (validation refuses those names anyway)
+        env: dict[str, Any] = {**settings.env, eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}}
         shm, ipc = None, None
     else:
         eng = vllm_engine
@@ -139,13 +147,13 @@ def build_launch(
         args = base + build_args(table, settings, plan) + list(settings.extra_args)
         command = [*VLLM_MODULE_ARGV, *args]
         image = spec.image.vllm or f"{eng.DEFAULT_IMAGE}:v{plan.engine_version}"
-        env = {eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}, "HF_HUB_OFFLINE": "1"}
+        env = {**settings.env, eng.API_KEY_ENV: {"secret": ENGINE_API_KEY_SECRET}, "HF_HUB_OFFLINE": "1"}
         if plan.cpu_kv_cache_gib:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
         # tensor-parallel workers share memory through /dev/shm (vLLM's docs: --ipc=host)
         shm, ipc = None, "host"
     check_flags(plan.engine, args)
-    ident = launch_id(spec, command, image, mounts)
+    ident = launch_id(spec, command, image, mounts, settings.env)
     prefix = "vllm" if plan.engine == "vllm" else "llamacpp"
     labels = {
         f"{LABEL_PREFIX}.managed": "true",

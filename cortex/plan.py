@@ -105,6 +105,8 @@ class Plan:
     kv_cache_type: str = "f16"
     cpu_kv_cache_gib: int | None = None  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
     warnings: list[str] = field(default_factory=list)
+    # extra_args the allow-list refuses, passed because the spec set unsafe_extra_args: shown loudly
+    unsafe_extra_args: list[str] = field(default_factory=list)
     shortfall: str | None = None  # why it does not fit, by how much
     suggestions: list[str] = field(default_factory=list)
 
@@ -133,6 +135,7 @@ class Plan:
             "shortfall": self.shortfall,
             "suggestions": self.suggestions,
             "warnings": self.warnings,
+            "unsafe_extra_args": self.unsafe_extra_args,
         }
 
 
@@ -485,5 +488,12 @@ def make_plan(spec: ModelSpec, facts: ModelFacts, inventory: Inventory) -> Plan:
                 f"engine vllm: {facts.architecture} is not in vLLM {VLLM_VERSION}'s model registry; "
                 "use engine: auto or llamacpp"
             )
-        return _plan_vllm(spec, facts, inventory, decision, ctx)
-    return _plan_llamacpp(spec, facts, inventory, decision, ctx)
+        plan = _plan_vllm(spec, facts, inventory, decision, ctx)
+    else:
+        plan = _plan_llamacpp(spec, facts, inventory, decision, ctx)
+    settings = spec.vllm if plan.engine == "vllm" else spec.llamacpp
+    if settings.unsafe_extra_args:
+        from cortex.engines.extra_args import unsafe_extra_args
+
+        plan.unsafe_extra_args = unsafe_extra_args(settings.extra_args, plan.engine)
+    return plan

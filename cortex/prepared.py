@@ -257,6 +257,16 @@ def render_report(prepared: Prepared) -> str:
     """Markdown: the source, the files (with predicted sizes), the facts, the decision trace, the plan."""
     pj = plan_json(prepared.plan)
     lines = [f"# Prepared `{prepared.name}`", ""]
+    if prepared.plan.unsafe_extra_args:
+        lines += [
+            "## ⚠️ UNSAFE extra_args",
+            "",
+            "**The spec sets `unsafe_extra_args: true`, so these flags reach the engine although the "
+            "allow-list refuses them:**",
+            "",
+            *[f"- **`{flag.partition(' ')[0]}`** {flag.partition(' ')[2]}" for flag in prepared.plan.unsafe_extra_args],
+            "",
+        ]
     src = prepared.source
     origin = f"{src['repo']}@{src.get('revision')}" if src.get("repo") else source_origin(src)
     lines += [

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -150,15 +151,44 @@ class Source(Section):
 def _extra_args_field(label: str) -> Any:
     return Field(
         default_factory=list,
-        description=f"more {label} flags, checked against {label}'s own flag list; host, port, API key and "
-        "flags with a setting above are refused",
+        description=f"more {label} flags, each with its value. Only flags reviewed as safe for the targeted "
+        f"{label} version pass (cortex/data/flags/*.extra-args.yaml); flags that write or read files, run "
+        "tools, reach other machines, read a config file or bind the network are refused unless "
+        "unsafe_extra_args is true. Host, port, API key, model, flags with a setting above, unknown flags "
+        "and bare positional arguments are always refused",
     )
 
 
-def _checked_extra_args(args: list[str], engine: str) -> list[str]:
-    from cortex.engines import check_extra_args  # late: the engine tables import this module
+def _unsafe_extra_args_field() -> Any:
+    return Field(
+        False,
+        description="let extra_args carry flags the allow-list refuses (file writes, tool execution, remote "
+        "backends, config files, network binding, file reads); `cortex plan` and the prepare report name "
+        "each one as UNSAFE",
+    )
 
-    return check_extra_args(args, engine)
+
+def _env_field() -> Any:
+    return Field(
+        default_factory=dict,
+        description="environment variables for the engine, NAME: value. The engine otherwise gets a minimal "
+        "environment (PATH, HOME, locale, TMPDIR, its API key, GPU visibility), never the deploying shell's. "
+        "Allowed: TZ and tuning variables (OMP_*, KMP_*, MKL_*, OPENBLAS_*, GOMP_*, NCCL_*, CUDA_*, GGML_*, "
+        "VLLM_*, TORCH_*, PYTORCH_*) except those Cortex sets or that load code or name files; no secrets",
+    )
+
+
+def _checked_extra_args(args: list[str], engine: str, info: ValidationInfo) -> list[str]:
+    from cortex.engines.extra_args import check_extra_args  # late: the engine tables import this module
+
+    check_extra_args(args, engine, unsafe=bool(info.data.get("unsafe_extra_args")))
+    return args
+
+
+def _checked_env(env: dict[str, str]) -> dict[str, str]:
+    from cortex.engines.extra_args import check_engine_env
+
+    return check_engine_env(env)
 
 
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
@@ -186,12 +216,20 @@ class VllmSettings(Section):
     )
     max_num_seqs: int | None = Field(None, ge=1, description="--max-num-seqs (requests batched at once)")
     trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
+    # before extra_args: its validator reads this field
+    unsafe_extra_args: bool = _unsafe_extra_args_field()
     extra_args: list[str] = _extra_args_field("vLLM")
+    env: dict[str, str] = _env_field()
 
     @field_validator("extra_args")
     @classmethod
-    def _extra(cls, v: list[str]) -> list[str]:
-        return _checked_extra_args(v, "vllm")
+    def _extra(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return _checked_extra_args(v, "vllm", info)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return _checked_env(v)
 
 
 
@@ -222,12 +260,20 @@ class LlamaCppSettings(Section):
     pooling: Literal["none", "mean", "cls", "last", "rank"] | None = Field(
         None, description="--pooling for embed models (default: the model's own; chat models need mean)"
     )
+    # before extra_args: its validator reads this field
+    unsafe_extra_args: bool = _unsafe_extra_args_field()
     extra_args: list[str] = _extra_args_field("llama-server")
+    env: dict[str, str] = _env_field()
 
     @field_validator("extra_args")
     @classmethod
-    def _extra(cls, v: list[str]) -> list[str]:
-        return _checked_extra_args(v, "llamacpp")
+    def _extra(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return _checked_extra_args(v, "llamacpp", info)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return _checked_env(v)
 
 
     @field_validator("tensor_split")

@@ -6,6 +6,8 @@ that sets every setting, against the built `llama-server --help` and vLLM's own 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,71 @@ def test_swap_space_is_a_clear_error_for_vllm_0_32(tmp_path: Path) -> None:
     plan = make_plan(spec, facts_from_config(SMOL_CONFIG), Inventory([Gpu(0, 8 * 2**30)], 2, 2**34))
     with pytest.raises(FlagError, match="removed --swap-space"):
         build_launch(spec, plan)
+
+
+# --- `cortex validate` / `cortex plan` on the issue's dangerous extra_args (issue 15 §3) -----
+
+
+def _cortex(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("section,args,klass", [
+    ("llamacpp", "['--log-file', '/etc/cron.d/x']", "file-write"),
+    ("llamacpp", "['--tools', 'all']", "tool-execution"),
+    ("llamacpp", "['--rpc', '10.0.0.9:50052']", "remote-backend"),
+    ("llamacpp", "['other.gguf']", "bare positional"),
+])
+def test_validate_and_plan_refuse_the_issues_examples(test_model, tmp_path: Path, section: str, args: str,
+                                                      klass: str) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"name: bad\nsource:\n  gguf: {test_model.gguf}\n{section}:\n  extra_args: {args}\n")
+    for command in ("validate", "plan"):
+        proc = _cortex(command, str(spec))
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert f"{spec}:5: {section}.extra_args: " in proc.stderr and klass in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_vllm_config_file_indirection_is_refused_by_validate(tmp_path: Path) -> None:
+    spec = tmp_path / "cfg.yaml"
+    spec.write_text("name: cfg\nsource:\n  repo: org/model\nvllm:\n  extra_args: ['--config', '/tmp/opts.yaml']\n")
+    proc = _cortex("validate", str(spec))
+    assert proc.returncode == 2
+    assert f"{spec}:5: vllm.extra_args: --config is refused: config-file" in proc.stderr
+    assert "vllm.unsafe_extra_args: true" in proc.stderr
+
+
+def test_unsafe_extra_args_passes_with_a_loud_plan_and_the_flags_reach_argv(test_model, tmp_path: Path) -> None:
+    spec = tmp_path / "risky.yaml"
+    spec.write_text(f"name: risky\nsource:\n  gguf: {test_model.gguf}\nllamacpp:\n  unsafe_extra_args: true\n"
+                    "  extra_args: ['--log-file', '/tmp/risky.log', '--temp', '0.5']\n")
+    proc = _cortex("plan", str(spec))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("!! UNSAFE: llamacpp.unsafe_extra_args is true") == 2  # first and last
+    assert "!!   --log-file (file-write:" in proc.stdout
+    assert "--temp (" not in proc.stdout  # a safe flag is not called unsafe
+    planned = _cortex("plan", "--json", str(spec))
+    import json
+
+    data = json.loads(planned.stdout)
+    assert [u.split(" ")[0] for u in data["plan"]["unsafe_extra_args"]] == ["--log-file"]
+    command = data["launch"]["command"]
+    assert command[command.index("--temp") + 1] == "0.5"
+    assert command[command.index("--log-file") + 1] == "/tmp/risky.log"
+
+
+def test_the_prepare_report_shows_unsafe_extra_args_first(test_model, tmp_path: Path) -> None:
+    """The Prefect markdown artifact of a prepare run (render_report) puts the warning on top."""
+    from cortex.facts import gguf_facts
+    from cortex.prepared import Prepared, render_report
+
+    spec = parse_spec_text(f"name: risky\nsource: {{gguf: {test_model.gguf}}}\nllamacpp:\n"
+                           "  unsafe_extra_args: true\n  extra_args: ['--tools', 'all']\n", "risky.yaml")
+    plan = make_plan(spec, gguf_facts(test_model.gguf), Inventory([], 2, 2**34))
+    prepared = Prepared(name="risky", engine="llamacpp", format="gguf", quantization="Q4_1", source={"kind": "gguf_file"},
+                        source_revision="x", artifact_path=test_model.gguf, files=[], cached=True,
+                        downloaded_bytes=0, resumed_bytes=0, built=[], predicted_bytes={}, plan=plan)
+    report = render_report(prepared).splitlines()
+    assert report[2] == "## ⚠️ UNSAFE extra_args"
+    assert any(line.startswith("- **`--tools`** (tool-execution:") for line in report[3:8])

@@ -111,3 +111,70 @@ def test_vllm_table_matches_vllms_own_parser(vllm_install: tc.VllmInstall) -> No
     live = introspect.vllm_table(vllm_install)
     differences = introspect.table_differences(committed, live)
     assert not differences, f"stale vLLM flag table; {REFRESH}:\n" + "\n".join(differences)
+
+
+# --- the extra_args allow-list (issue 15 section 3) ------------------------------------------
+
+
+def test_allow_lists_cover_the_committed_tables_exactly() -> None:
+    """Every flag of each pinned engine version has a reviewed class, and no class names a flag
+    that version lacks (a new engine version comes out `unreviewed` and fails here)."""
+    from cortex.engines.extra_args import policy_problems
+
+    for engine in (LLAMA_SERVER, VLLM):
+        table = introspect.load_flag_table(engine)
+        assert policy_problems(table) == [], engine
+
+
+def _allowed_flags_missing_from(live: introspect.FlagTable) -> list[str]:
+    from cortex.engines.extra_args import load_policy
+
+    policy = load_policy(live.engine, live.version)
+    live_names = {f.canonical for f in live.flags}
+    return sorted(n for n, p in policy.flags.items() if p.klass == "safe" and n not in live_names)
+
+
+def test_every_allowed_llama_server_flag_exists_in_the_built_server(toolchain: tc.Toolchain) -> None:
+    from cortex.engines.extra_args import policy_problems
+
+    live = introspect.llama_server_table(toolchain)
+    assert _allowed_flags_missing_from(live) == []
+    assert policy_problems(live) == [], f"allow-list out of step with the built llama-server; {REFRESH}"
+
+
+def test_every_allowed_vllm_flag_exists_in_vllms_own_parser(vllm_install: tc.VllmInstall) -> None:
+    from cortex.engines.extra_args import policy_problems
+
+    live = introspect.vllm_table(vllm_install)
+    assert _allowed_flags_missing_from(live) == []
+    assert policy_problems(live) == [], f"allow-list out of step with vLLM's parser; {REFRESH}"
+
+
+@pytest.mark.parametrize("engine,args,klass", [
+    ("llamacpp", ["--log-file", "/tmp/x"], "file-write"),
+    ("llamacpp", ["--slot-save-path", "/tmp"], "file-write"),
+    ("llamacpp", ["--tools", "all"], "tool-execution"),
+    ("llamacpp", ["--rpc", "10.0.0.9:50052"], "remote-backend"),
+    ("llamacpp", ["--lora", "/x.gguf"], "file-read"),
+    ("vllm", ["--config", "/x.yaml"], "config-file"),
+    ("vllm", ["--chat-template", "/x.jinja"], "file-read"),
+    ("vllm", ["--middleware", "evil.Mw"], "tool-execution"),
+    ("vllm", ["--compilation-config", '{"mode": 3, "cache_dir": "/x"}'], "unreviewed"),
+])
+def test_each_dangerous_class_needs_the_escape(engine: str, args: list[str], klass: str) -> None:
+    from cortex.engines import FlagError
+    from cortex.engines.extra_args import check_extra_args
+
+    with pytest.raises(FlagError, match=f"{klass}.*unsafe_extra_args: true"):
+        check_extra_args(args, engine)
+    passed = check_extra_args(args, engine, unsafe=True)
+    assert [r.klass for r in passed.unsafe] == [klass]
+
+
+def test_safe_flags_values_and_json_keys_pass() -> None:
+    from cortex.engines.extra_args import check_extra_args
+
+    assert not check_extra_args(["--temp", "0.5", "--seed", "-1", "--jinja", "--chat-template", "chatml"],
+                                "llamacpp").unsafe
+    assert not check_extra_args(["--compilation-config", '{"mode": 3}', "--generation-config", "vllm",
+                                 "--load-format=safetensors", "--ignore-patterns", "a", "b"], "vllm").unsafe

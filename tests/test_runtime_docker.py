@@ -123,3 +123,20 @@ def test_a_missing_image_says_how_to_get_it(runtime: DockerRuntime, test_model) 
     with pytest.raises(LaunchError, match="cortex/no-such-image:0 is not on the Docker host"):
         runtime.start(launch, SECRETS)
     assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
+
+
+def test_the_container_env_is_only_what_the_launch_names(runtime: DockerRuntime, test_model,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deploying shell's HF_TOKEN and a canary never reach the container (docker inspect's
+    Config.Env): only the image's own variables, the API key and the launch's env."""
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_token_must_not_leak")
+    monkeypatch.setenv("CORTEX_TEST_CANARY", "leaked")
+    launch = _launch(test_model.gguf, model="smollm2-env")
+    launch = dataclasses.replace(launch, env={**launch.env, "OMP_WAIT_POLICY": "PASSIVE"})
+    replica = runtime.start(launch, SECRETS)
+    env = dict(item.split("=", 1) for item in runtime.client.api.inspect_container(replica.ref)["Config"]["Env"])
+    image_env = dict(item.split("=", 1) for item in runtime.client.images.get(IMAGE).attrs["Config"].get("Env") or [])
+    assert "HF_TOKEN" not in env and "CORTEX_TEST_CANARY" not in env
+    assert env["LLAMA_API_KEY"] == SECRETS["engine_api_key"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert set(env) - set(image_env) == {"LLAMA_API_KEY", "OMP_WAIT_POLICY"}
+    runtime.stop(replica)

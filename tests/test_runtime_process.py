@@ -224,3 +224,45 @@ def test_cleanup_orphans_removes_replicas_whose_engine_died(runtime: ProcessRunt
         time.sleep(0.1)
     assert [r.name for r in runtime.cleanup_orphans()] == [replica.name]
     assert runtime.list() == []
+
+
+# --- the engine's environment (issue 15 section 5) ------------------------------------------
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_a_real_llama_server_gets_a_minimal_environment_and_the_safe_extra_flag(
+    runtime: ProcessRuntime, test_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deploying shell's HF_TOKEN, a canary variable and a LLAMA_ARG_* setting never reach the
+    engine; its API key, PATH and what the spec's engine env names do; a safe extra flag is in
+    its command line. Read from the running llama-server's /proc/PID/environ and cmdline."""
+    from cortex.pipeline import plan_spec_file
+
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_token_must_not_leak")
+    monkeypatch.setenv("CORTEX_TEST_CANARY", "leaked")
+    monkeypatch.setenv("LLAMA_ARG_LOG_FILE", str(tmp_path / "written-by-an-inherited-flag.log"))
+    spec = tmp_path / "envtest.yaml"
+    spec.write_text(
+        f"name: envtest\nsource:\n  gguf: {test_model.gguf}\nengine: llamacpp\nresources:\n  context_length: 512\n"
+        "llamacpp:\n  threads: 2\n  extra_args: ['--temp', '0.25']\n  env: {OMP_WAIT_POLICY: PASSIVE}\n"
+    )
+    launch = plan_spec_file(spec).launch
+    replica = runtime.wait_ready(runtime.start(launch, secrets=SECRETS), timeout_s=180)
+    pid = int(replica.ref)
+    env = _environ_of(pid)
+    assert "HF_TOKEN" not in env and "CORTEX_TEST_CANARY" not in env and "LLAMA_ARG_LOG_FILE" not in env
+    assert not (tmp_path / "written-by-an-inherited-flag.log").exists()
+    assert env["LLAMA_API_KEY"] == SECRETS["engine_api_key"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "PATH" in env
+    assert set(env) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+                        "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                        "LLAMA_API_KEY", "OMP_WAIT_POLICY"} | {k for k in env if k.startswith("LC_")}, sorted(env)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--temp") + 1] == "0.25"
+    result = smoke_test(replica.endpoint, "envtest", api_key=replica.api_key, max_tokens=4)
+    assert result.passed, result.summary()

@@ -19,7 +19,7 @@ from cli.commands import add_command, group
 from cli.output import JsonFlag, output
 from cli.output import table as rich_table
 from cortex import toolchain as tc
-from cortex.engines import introspect
+from cortex.engines import extra_args, introspect
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
     add_command(engines, run_dump_flags, "dump-flags",
                 short_help="write each installed engine's flags to cortex/data/flags/",
                 help="Ask the installed llama-server (--help) and vLLM (its argument parser) "
-                "for every flag, and write them as the committed tables spec validation uses.")
+                "for every flag, and write them as the committed tables spec validation uses, with "
+                "the extra_args allow-list drafted beside each (new flags come out `unreviewed`: "
+                "classify them by hand). Exit 1 while a flag is unreviewed.")
 
 
 def run_install(
@@ -165,8 +167,19 @@ def run_dump_flags(
                   f"{'up to date' if not differences else 'STALE'} ({path})")
             for line in differences:
                 print(f"  {line}")
+            problems = extra_args.policy_problems(table)
+            stale = stale or bool(problems)
+            for line in problems:
+                print(f"  extra_args allow-list: {line}")
         else:
             introspect.write_flag_table(table)
             print(f"{table.engine} {table.version}: {len(table.flags)} flags "
                   f"({len(table.by_name)} spellings) -> {path}")
+            policy = extra_args.draft_policy(table)
+            policy_file = extra_args.write_policy(policy, table)
+            unreviewed = [name for name, p in policy.flags.items() if p.klass == "unreviewed"]
+            print(f"  extra_args allow-list -> {policy_file}"
+                  + (f": {len(unreviewed)} flags to review (class unreviewed): {', '.join(unreviewed)}"
+                     if unreviewed else ""))
+            stale = stale or bool(unreviewed)
     return 1 if stale else 0

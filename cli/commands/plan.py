@@ -115,7 +115,22 @@ def render(m: PlannedModel) -> list[RenderableType]:
         rest.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")
     rest += [f"  gpus         {L.gpus or 'none'}", f"  port         {L.port}  health {L.health_path}",
             f"  stop timeout {L.stop_timeout_s} s"]
-    return ["\n".join(out), _indent(devices), "\n".join(rest)]
+    parts: list[RenderableType] = ["\n".join(out), _indent(devices), "\n".join(rest)]
+    if p.unsafe_extra_args:  # loud, first and last: someone chose to pass flags the allow-list refuses
+        banner = unsafe_banner(m)
+        parts = [banner, *parts, banner]
+    return parts
+
+
+def unsafe_banner(m: PlannedModel) -> RenderableType:
+    from rich.text import Text
+
+    section = "vllm" if m.plan.engine == "vllm" else "llamacpp"
+    lines = [f"!! UNSAFE: {section}.unsafe_extra_args is true, so these extra_args pass although the "
+             "allow-list refuses them:"]
+    lines += [f"!!   {flag}" for flag in m.plan.unsafe_extra_args]
+    lines.append("!! Review them before deploying; remove them, or unsafe_extra_args, to go back to the allow-list.")
+    return Text("\n".join(lines), style="bold red")
 
 
 def _indent(renderable: RenderableType) -> RenderableType:

@@ -4,13 +4,12 @@
 values to engine flags; `build_args` turns a table into a command-line list. Every flag an
 engine version accepts is committed data (cortex/data/flags, made from the engines
 themselves), so the emitted command and a spec's `extra_args` are checked with no engine
-installed.
+installed; `cortex.engines.extra_args` holds the reviewed allow-list those extra_args must pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Callable, Literal
 
 Kind = Literal["value", "switch", "bool_pair", "list_comma", "list_space", "removed"]
@@ -81,68 +80,3 @@ def _is_number(s: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def check_extra_args(args: list[str], engine: str) -> list[str]:
-    """Validate a spec's extra_args for `engine` ("vllm" | "llamacpp"): every flag must exist in
-    the engine version Cortex targets, and none may take over what Cortex sets itself."""
-    from cortex.engines.introspect import FlagTableMissing, load_flag_table
-
-    module = _module(engine)
-    try:
-        table = load_flag_table(module.FLAG_TABLE_ENGINE)
-    except FlagTableMissing as e:
-        raise FlagError(str(e)) from None
-    reserved = {}
-    for name in module.RESERVED:
-        info = table.by_name.get(name)
-        for spelling in info.names if info else (name,):
-            reserved[spelling] = name
-    mapped = {}
-    for m in module.FLAGS:
-        if m.kind == "removed":
-            continue
-        info = table.by_name.get(m.flag)
-        for spelling in info.names if info else (m.flag,):
-            mapped[spelling] = m.setting
-        if m.negative:
-            mapped[m.negative] = m.setting
-    for a in args:
-        if not a.startswith("-") or _is_number(a):
-            continue
-        name = _spelling(a.split("=", 1)[0], table.by_name)
-        if name in reserved:
-            raise FlagError(f"{name} is set by Cortex (host, port, API key, model and name come from the spec and plan); remove it")
-        if name in mapped:
-            raise FlagError(f"{name} has a spec setting: use {module.SECTION}.{mapped[name]} instead of extra_args")
-        if name not in table.by_name:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(table.by_name), n=1, cutoff=0.75)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise FlagError(f"{name} is not a flag of {module.ENGINE_LABEL} {table.version}{hint}")
-    return args
-
-
-def _spelling(name: str, known: dict) -> str:
-    """The table's spelling of a flag: argparse (vLLM) also accepts `--max_num_seqs` and dotted
-    keys of a JSON option (`--compilation-config.level`)."""
-    if name in known:
-        return name
-    dashed = name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name
-    if dashed in known:
-        return dashed
-    head = dashed.split(".", 1)[0]
-    return head if "." in dashed and head in known else name
-
-
-def _module(engine: str) -> ModuleType:
-    if engine == "vllm":
-        from cortex.engines import vllm
-
-        return vllm
-    if engine == "llamacpp":
-        from cortex.engines import llamacpp
-
-        return llamacpp
-    raise FlagError(f"unknown engine {engine!r}")

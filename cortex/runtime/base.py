@@ -139,6 +139,38 @@ def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str,
     return resolved
 
 
+# What an engine started on this machine keeps of the environment of the process that starts
+# it: where programs and libraries are, whose home, the locale, the temp folder and the GPUs the
+# operator made visible. Nothing else: not the Hub token, not cloud or Cortex credentials, not
+# llama.cpp's LLAMA_ARG_* (flags that would bypass the extra_args allow-list).
+INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+                 "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "XDG_CACHE_HOME")
+INHERITED_ENV_PREFIXES = ("LC_",)
+
+
+def engine_environment(
+    launch: LaunchSpec, secrets: Mapping[str, str], parent: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The whole environment an engine starts with: from `parent` (the starting process's
+    environment; None for a container, whose image supplies PATH and HOME) only INHERITED_ENV,
+    then the GPUs the launch asks for, then the launch's own env: its API key (LLAMA_API_KEY /
+    VLLM_API_KEY, resolved from `secrets`), what the plan sets, and the spec's engine `env`."""
+    env = {k: v for k, v in (parent or {}).items() if k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)}
+    if parent is not None:
+        env.update(gpu_env(launch.gpus))
+    env.update(resolve_env(launch.env, secrets))
+    return env
+
+
+def gpu_env(gpus: Any) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the launch's GPUs (a list of ids or a count); none for a CPU launch."""
+    if isinstance(gpus, list) and gpus:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    if isinstance(gpus, int) and gpus > 0:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(gpus))}
+    return {}
+
+
 def api_key_from_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> str | None:
     """The engine's API key, if the launch sets one (LLAMA_API_KEY / VLLM_API_KEY)."""
     resolved = resolve_env(env, secrets)

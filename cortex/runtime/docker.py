@@ -24,8 +24,8 @@ from cortex.runtime.base import (
     ReplicaNotFound,
     Runtime,
     api_key_from_env,
+    engine_environment,
     require_mount_sources,
-    resolve_env,
     utc_now,
 )
 from cortex.settings import Settings
@@ -164,7 +164,7 @@ class DockerRuntime(Runtime):
             command=[str(a) for a in launch.command],
             name=name,
             labels=labels,
-            environment=resolve_env(launch.env, secrets),
+            environment=engine_environment(launch, secrets),  # the image supplies PATH and HOME
             mounts=mounts,
             ports={f"{launch.port}/tcp": (self.bind_address, None)},
             device_requests=self.device_requests(launch.gpus),

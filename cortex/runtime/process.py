@@ -28,8 +28,8 @@ from cortex.runtime.base import (
     ReplicaNotFound,
     Runtime,
     api_key_from_env,
+    engine_environment,
     require_mount_sources,
-    resolve_env,
     utc_now,
 )
 
@@ -95,14 +95,6 @@ def translate_command(
         else:
             args += [flag, value]
     return program(command) + args
-
-
-def gpu_env(gpus: Any) -> dict[str, str]:
-    if isinstance(gpus, list) and gpus:
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
-    if isinstance(gpus, int) and gpus > 0:
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(gpus))}
-    return {}
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -172,9 +164,7 @@ class ProcessRuntime(Runtime):
             self.stop(existing)  # a dead leftover of the same launch
         port = free_port()
         argv = translate_command(launch, port, self.program)
-        env = dict(os.environ)
-        env.update(gpu_env(launch.gpus))
-        env.update(resolve_env(launch.env, secrets))
+        env = engine_environment(launch, secrets, parent=os.environ)
         log_path = self._log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
