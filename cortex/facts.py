@@ -14,8 +14,11 @@ predicted per tensor. Sources:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +82,7 @@ def _read(path: Path, what: str, limit: int, *, whole: bool = True) -> bytes:
     try:
         return read_regular_file(path, limit=limit, whole=whole)
     except UnreadableFile as e:
-        raise ModelFileError(f"{path}: {what} {e}") from None
+        raise ModelFileError(f"{path}: cannot read {what}: {e}") from None
 
 
 def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
@@ -339,13 +342,13 @@ def facts_from_config(
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
-    head = _read(path, "(a safetensors file)", 8, whole=False)
+    head = _read(path, "the safetensors file", 8, whole=False)
     if len(head) < 8:
         raise ModelFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", head)
     if not 2 <= n <= MAX_SAFETENSORS_HEADER:
         raise ModelFileError(f"{path}: not a safetensors file (header length {n:,})")
-    raw = _read(path, "(a safetensors file)", 8 + n, whole=False)[8:]
+    raw = _read(path, "the safetensors file", 8 + n, whole=False)[8:]
     if len(raw) < n:
         raise ModelFileError(f"{path}: safetensors header claims {n:,} bytes but the file ends first; is it truncated?")
     try:
@@ -382,7 +385,7 @@ def _tokenizer_metadata_bytes(folder: Path) -> int | None:
     tok = folder / "tokenizer.json"
     if not tok.exists() and not tok.is_symlink():
         return None
-    data = read_json(tok, "(tokenizer.json)", MAX_TOKENIZER_BYTES)
+    data = read_json(tok, "tokenizer.json", MAX_TOKENIZER_BYTES)
 
     def part(parent: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any, where: str) -> Any:
         value = parent.get(key)
@@ -417,11 +420,15 @@ def _tokenizer_metadata_bytes(folder: Path) -> int | None:
 def hf_dir_facts(folder: Path) -> ModelFacts:
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: not a folder; source.path names an HF checkpoint folder (config.json, *.safetensors)")
+    try:
+        if not stat.S_ISDIR(os.stat(folder).st_mode):
+            raise ModelFileError(f"{folder}: not a folder; source.path names an HF checkpoint folder (config.json, *.safetensors)")
+    except OSError as e:
+        why = "is a symlink loop" if e.errno == errno.ELOOP else "no such folder" if e.errno == errno.ENOENT else e.strerror
+        raise ModelFileError(f"{folder}: cannot read the HF checkpoint folder: {why}") from None
     if not cfg_path.exists() and not cfg_path.is_symlink():
         raise ModelFileError(f"{folder}: no config.json; an HF checkpoint folder needs one (is this the right folder?)")
-    config = read_json(cfg_path, "(config.json)")
+    config = read_json(cfg_path, "config.json")
     shards = sorted(folder.glob("*.safetensors"))
     params = None
     weights = None
@@ -431,7 +438,7 @@ def hf_dir_facts(folder: Path) -> ModelFacts:
     else:
         index = folder / "model.safetensors.index.json"
         if index.exists() or index.is_symlink():
-            meta = read_json(index, "(safetensors index)").get("metadata") or {}
+            meta = read_json(index, "the safetensors index").get("metadata") or {}
             if not isinstance(meta, dict):
                 raise ModelFileError(f"{index}: metadata is a {type(meta).__name__}, not an object")
             if meta.get("total_size"):
@@ -459,12 +466,18 @@ def gguf_split_set(path: Path) -> list[Path]:
     n = int(m.group("n"))
     if not 1 <= int(m.group("i")) <= n:
         raise ModelFileError(f"{path}: part {int(m.group('i'))} of {n} is no part of a split set")
-    parts = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [p.name for p in parts if not p.exists()]
+    parts = (path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1))
+    found, missing = [], []
+    for part in parts:
+        found.append(part)
+        if not part.exists():
+            missing.append(part.name)
+            if len(missing) == 3:  # enough to act on; a hostile `-of-99999` costs no 99,999 lookups
+                break
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelFileError(f"{path}: split GGUF is missing {shown} (all {n} parts must sit together)")
-    return parts
+        raise ModelFileError(f"{path}: split GGUF is missing {', '.join(missing)}"
+                             f"{' and maybe more' if len(missing) == 3 else ''} (all {n} parts must sit together)")
+    return found
 
 
 def read_local_gguf_header(path: Path) -> GgufHeader:
@@ -474,7 +487,7 @@ def read_local_gguf_header(path: Path) -> GgufHeader:
 
     size = 4 << 20
     while True:
-        buf = _read(path, "(a GGUF file)", size, whole=False)
+        buf = _read(path, "the GGUF file", size, whole=False)
         try:
             return read_gguf_header(buf)
         except GgufHeaderError as e:
@@ -489,8 +502,6 @@ def read_local_gguf_header(path: Path) -> GgufHeader:
 
 def gguf_facts(path: Path) -> ModelFacts:
     path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        raise ModelFileError(f"{path}: GGUF file not found")
     parts = gguf_split_set(path)
     headers = [read_local_gguf_header(p) for p in parts]
     tensors = [t for h in headers for t in h.tensors]
@@ -628,7 +639,7 @@ def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = 
 
     try:
         path = Path(hf_hub_download(repo, "config.json", revision=revision))
-        config = read_json(path, "(config.json)")
+        config = read_json(path, "config.json")
         meta = HfApi().get_safetensors_metadata(repo, revision=revision)
         params = sum(meta.parameter_count.values()) if meta.parameter_count else None
         files = sorted(meta.files_metadata)
@@ -702,7 +713,7 @@ def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:
     from cortex.gguf_header import GgufHeaderError, HeaderTooShort, read_gguf_header
 
     try:
-        header = read_gguf_header(_read(header_path, "(a GGUF header)", MAX_GGUF_HEADER))
+        header = read_gguf_header(_read(header_path, "the cached GGUF header", MAX_GGUF_HEADER))
     except (GgufHeaderError, HeaderTooShort) as e:
         raise ModelFileError(f"{header_path}: not a readable GGUF header ({e}); delete it to fetch it again") from None
     if not header.metadata.get("general.architecture"):

@@ -30,6 +30,7 @@ from cortex.quant import GGUF_TYPES
 # Patterns end in \Z, never $: `$` also matches before a trailing newline, so "m\n" would pass.
 DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z", re.ASCII)
 ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z", re.ASCII)
+REVISION = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]+\Z")  # git's rules for a ref name, in short
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}\Z", re.ASCII)
 
 # Bounds on what a spec may declare. Each is far above any real deployment and low enough that
@@ -52,7 +53,7 @@ _UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE = re.compile(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([a-zA-Z]{0,3})\s*\Z", re.ASCII)
+_SIZE = re.compile(r" *([0-9]{1,30}(?:\.[0-9]{1,30})?) *([a-zA-Z]{0,3}) *\Z", re.ASCII)
 
 
 def parse_bytes(value: Any) -> int:
@@ -139,6 +140,13 @@ class Source(Section):
     def _repo_id(cls, v: str | None) -> str | None:
         if v is not None and not REPO_ID.match(v):
             raise ValueError(f"{short_repr(v)} is not a Hugging Face repo id; write it as owner/name")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if not REVISION.match(v):
+            raise ValueError(f"{short_repr(v)} is not a branch, tag or commit sha (no spaces, newlines or ~^:?*[\\)")
         return v
 
     @field_validator("path", "gguf")
@@ -412,8 +420,9 @@ class Schedule(Section):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        fields = v.split()
-        if len(fields) != 5 or not croniter.is_valid(v):
+        fields = v.split(" ")
+        fields = [f for f in fields if f]
+        if len(fields) != 5 or re.search(r"[^\S ]", v) or not croniter.is_valid(v):
             raise ValueError(
                 f"{short_repr(v)} is not a valid cron expression; write exactly five fields: minute hour day month "
                 "weekday (e.g. '0 3 * * *'; no seconds or year field)"

@@ -91,7 +91,11 @@ def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
     return line
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# libyaml when it is there: the pure-Python parser takes seconds for a spec of a megabyte.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]
     """SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one), keys
     that are not names, and integers too long to be a setting."""
 
@@ -147,7 +151,7 @@ def _check_shape(text: str, filename: str) -> None:
             open_[-1][0] += values
             open_[-1][1] = max(open_[-1][1], 1 + inner)
 
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_SafeLoader):
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
@@ -285,11 +289,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[tuple[str, st
         if isinstance(value, str) and value and "\x00" not in value:
             try:
                 p = Path(expand_path(value))
-                src[key] = str(p if p.is_absolute() else (base / p).resolve())
             except SecretVariable as e:
                 problems.append((("source", key), str(e)))
-            except (RuntimeError, OSError) as e:  # resolve(): a symlink loop (RuntimeError up to Python 3.12)
-                problems.append((("source", key), f"cannot be resolved ({e}); fix the symlinks or name the file directly"))
+                continue
+            # normpath, not resolve(): the path stays the one written (a symlink into the HF cache
+            # keeps its .gguf name), and loading reads no file system (a symlink loop is the
+            # reader's to report, naming the file).
+            src[key] = os.path.normpath(p if p.is_absolute() else base / p)
     return problems
 
 
@@ -297,8 +303,12 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
     problems: list[Problem] = []
     try:
         _check_shape(text, filename)
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
