@@ -1,4 +1,5 @@
-"""Files other processes read while Cortex writes them, and locks between Cortex processes.
+"""Files other processes read while Cortex writes them, locks between Cortex processes, and
+bounded reads of files that may be hostile (`read_regular_file`).
 
 A reader (another command, a restart after a crash) must see the old file or the new one,
 never half of one: `atomic_write_bytes` writes a sibling temporary file and renames it over
