@@ -14,16 +14,20 @@ predicted per tensor. Sources:
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cortex.fileio import atomic_write_bytes
+from cortex.fileio import UnreadableFile, atomic_write_bytes, read_regular_file
+from cortex.gguf_header import GgufHeader
 from cortex.quant import FILE_TYPE_NAMES, TensorInfo
 
 
@@ -31,8 +35,69 @@ class FactsError(Exception):
     """The model could not be inspected; the message says what is missing and what to do."""
 
 
+class ModelFileError(FactsError):
+    """A model file is missing, not a regular file, too large, or malformed (config.json,
+    tokenizer.json, a safetensors or GGUF header): bad input, as an invalid spec is."""
+
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
-SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+SPLIT_RE = re.compile(r"(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf\Z", re.ASCII)
+
+# What the readers accept. A file past these is corrupt or hostile, and says so; the bounds are
+# far above real models (Llama 3.1 405B: 126 layers, 16384 hidden, 128 heads, 128k vocab).
+MAX_CONFIG_BYTES = 16 << 20  # config.json, model.safetensors.index.json
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json (large vocabularies are tens of MiB)
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
+MAX_GGUF_HEADER = 256 << 20  # metadata + tensor table (tokenizer included); the Hub fetch stops there too
+LIMITS = {  # field: (lowest, highest)
+    "layers": (1, 4096),
+    "hidden": (1, 1 << 20),
+    "heads": (1, 1 << 14),
+    "head_dim": (1, 1 << 16),
+    "ffn": (1, 1 << 24),
+    "vocab": (1, 1 << 24),
+    "context": (1, 1 << 31),
+    "experts": (0, 1 << 12),
+    "rank": (0, 1 << 16),
+    "window": (0, 1 << 31),
+    "bytes": (1, 1 << 50),
+}
+
+
+def _whole(value: Any, what: str, limit: str) -> int:
+    """`value` as an int within LIMITS[limit], or a FactsError naming `what`."""
+    lo, hi = LIMITS[limit]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise ModelFileError(f"{what} is {_short(value)}, not a whole number")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ModelFileError(f"{what} is {v:,}; a model has {lo:,} to {hi:,}, so the file is corrupt")
+    return v
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:55] + "...'"
+
+
+def _read(path: Path, what: str, limit: int, *, whole: bool = True) -> bytes:
+    try:
+        return read_regular_file(path, limit=limit, whole=whole)
+    except UnreadableFile as e:
+        raise ModelFileError(f"{path}: cannot read {what}: {e}") from None
+
+
+def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """A JSON object from a regular file of at most `limit` bytes, or a FactsError naming the file."""
+    try:
+        data = json.loads(_read(path, what, limit))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:  # json nests by recursion: '[[[[...' thousands deep
+        raise ModelFileError(f"{path}: {what} is nested too deeply to be JSON Cortex reads") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: {what} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 @dataclass
@@ -154,36 +219,47 @@ def _layout(config: dict[str, Any], flag: str) -> bool:
     return bool(_family(config)["layout"].get(flag, False))
 
 
-def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
+def _cint(c: dict[str, Any], *names: str, limit: str, default: Any = None, where: str = "config.json") -> int:
+    """A whole-number field of config.json (or its text_config), within LIMITS[limit]."""
+    value = _cfg(c, *names, default=default)
+    if value is None:
+        raise ModelFileError(f"{where}: has no {names[0]}; Cortex needs it to size the model")
+    return _whole(value, f"{where}: {names[0]}", limit)
+
+
+def tensors_from_config(c: dict[str, Any], where: str = "config.json") -> list[TensorInfo]:
     """The GGUF tensor list convert_hf_to_gguf writes for a decoder-only transformer, derived
     from config.json (llama-like dense and MoE layouts, with the extra weights a family's modeling
     code adds: Qwen2's q/k/v bias, Gemma 2/3's post-norms, Phi-3's fused projections, gpt-oss's
-    biases and sinks, DeepSeek's MLA). Shapes in ggml order (ne0 first)."""
-    h = int(_cfg(c, "hidden_size", "n_embd", "d_model"))
-    n_layers = int(_cfg(c, "num_hidden_layers", "n_layer", "num_layers"))
-    n_heads = int(_cfg(c, "num_attention_heads", "n_head"))
-    n_kv = int(_cfg(c, "num_key_value_heads", default=n_heads))
-    hd = int(_cfg(c, "head_dim", default=h // n_heads))
-    ff = int(_cfg(c, "intermediate_size", "ffn_dim", default=4 * h))
-    vocab = int(_cfg(c, "vocab_size"))
-    n_exp = int(_cfg(c, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
-    moe_ff = int(_cfg(c, "moe_intermediate_size", default=ff))
+    biases and sinks, DeepSeek's MLA). Shapes in ggml order (ne0 first).
+    Every number is checked against LIMITS first (FactsError naming `where` and the field)."""
+    h = _cint(c, "hidden_size", "n_embd", "d_model", limit="hidden", where=where)
+    n_layers = _cint(c, "num_hidden_layers", "n_layer", "num_layers", limit="layers", where=where)
+    n_heads = _cint(c, "num_attention_heads", "n_head", limit="heads", where=where)
+    n_kv = _cint(c, "num_key_value_heads", default=n_heads, limit="heads", where=where)
+    hd = _cint(c, "head_dim", default=max(1, h // n_heads), limit="head_dim", where=where)
+    ff = _cint(c, "intermediate_size", "ffn_dim", default=4 * h, limit="ffn", where=where)
+    vocab = _cint(c, "vocab_size", limit="vocab", where=where)
+    n_exp = _cint(c, "num_local_experts", "num_experts", "n_routed_experts", default=0, limit="experts", where=where)
+    moe_ff = _cint(c, "moe_intermediate_size", default=ff, limit="ffn", where=where)
     tied = bool(_cfg(c, "tie_word_embeddings", default=False))
     bias = bool(_cfg(c, "attention_bias", default=False))
     qkv_bias = bias or _layout(c, "qkv_bias")  # Qwen2: q/k/v always carry a bias, the output never
     mlp_bias = bool(_cfg(c, "mlp_bias", default=False))
     post_norms, qk_norm = _layout(c, "post_norms"), _layout(c, "qk_norm")
-    kv_lora = _cfg(c, "kv_lora_rank")
+    kv_lora = _cint(c, "kv_lora_rank", default=0, limit="rank", where=where) or None
+    first_dense = _cint(c, "first_k_dense_replace", default=0, limit="rank", where=where)
+    shared = _cint(c, "n_shared_experts", default=0, limit="experts", where=where)
 
     t: list[TensorInfo] = [TensorInfo("token_embd.weight", (h, vocab))]
     for i in range(n_layers):
         p = f"blk.{i}."
         t.append(TensorInfo(p + "attn_norm.weight", (h,)))
         if kv_lora:  # MLA (DeepSeek V2/V3 style)
-            q_lora = _cfg(c, "q_lora_rank")
-            rope = int(_cfg(c, "qk_rope_head_dim", default=64))
-            nope = int(_cfg(c, "qk_nope_head_dim", default=128))
-            vdim = int(_cfg(c, "v_head_dim", default=128))
+            q_lora = _cint(c, "q_lora_rank", default=0, limit="rank", where=where)
+            rope = _cint(c, "qk_rope_head_dim", default=64, limit="rank", where=where)
+            nope = _cint(c, "qk_nope_head_dim", default=128, limit="rank", where=where)
+            vdim = _cint(c, "v_head_dim", default=128, limit="rank", where=where)
             if q_lora:
                 t += [TensorInfo(p + "attn_q_a.weight", (h, int(q_lora))), TensorInfo(p + "attn_q_a_norm.weight", (int(q_lora),)),
                       TensorInfo(p + "attn_q_b.weight", (int(q_lora), n_heads * (nope + rope)))]
@@ -215,7 +291,6 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
         if post_norms:  # Gemma 2/3: norms after attention and after the FFN too
             t.append(TensorInfo(p + "post_attention_norm.weight", (h,)))
         t.append(TensorInfo(p + "ffn_norm.weight", (h,)))
-        first_dense = int(_cfg(c, "first_k_dense_replace", default=0) or 0)
         if n_exp > 1 and i >= first_dense:
             t.append(TensorInfo(p + "ffn_gate_inp.weight", (h, n_exp)))
             t += [TensorInfo(p + "ffn_gate_exps.weight", (h, moe_ff, n_exp)),
@@ -226,7 +301,6 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
                       TensorInfo(p + "ffn_gate_exps.bias", (moe_ff, n_exp)),
                       TensorInfo(p + "ffn_up_exps.bias", (moe_ff, n_exp)),
                       TensorInfo(p + "ffn_down_exps.bias", (h, n_exp))]
-            shared = int(_cfg(c, "n_shared_experts", default=0) or 0)
             if shared:
                 sff = moe_ff * shared
                 t += [TensorInfo(p + "ffn_gate_shexp.weight", (h, sff)), TensorInfo(p + "ffn_up_shexp.weight", (h, sff)),
@@ -247,20 +321,21 @@ def tensors_from_config(c: dict[str, Any]) -> list[TensorInfo]:
     return t
 
 
-def _sliding(c: dict[str, Any], n_layers: int) -> tuple[int | None, int]:
+def _sliding(c: dict[str, Any], n_layers: int, where: str = "config.json") -> tuple[int | None, int]:
     window = _cfg(c, "sliding_window")
     if not window or _cfg(c, "use_sliding_window") is False:
         return None, 0
+    window = _whole(window, f"{where}: sliding_window", "window")
     layer_types = _cfg(c, "layer_types")
     if isinstance(layer_types, list):
-        return int(window), sum(1 for x in layer_types if "sliding" in str(x))
+        return window, min(n_layers, sum(1 for x in layer_types if "sliding" in str(x)))
     pattern = _cfg(c, "sliding_window_pattern", "_sliding_window_pattern")
     if isinstance(pattern, int) and pattern > 1:  # gemma, gpt-oss: every pattern-th layer is global
-        return int(window), n_layers - n_layers // pattern
+        return window, n_layers - n_layers // pattern
     first = _cfg(c, "max_window_layers")
-    if isinstance(first, int):  # qwen2: the layers from max_window_layers on slide
-        return int(window), max(0, n_layers - first)
-    return int(window), n_layers  # mistral v0.1 style: every layer slides
+    if isinstance(first, int) and not isinstance(first, bool):  # qwen2: the layers from max_window_layers on slide
+        return window, max(0, n_layers - min(first, n_layers))
+    return window, n_layers  # mistral v0.1 style: every layer slides
 
 
 def facts_from_config(
@@ -270,29 +345,32 @@ def facts_from_config(
     weights_bytes: int | None = None,
     metadata_bytes: int | None = None,
     files: list[str] | None = None,
+    where: str = "config.json",
 ) -> ModelFacts:
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{where}: holds a JSON {type(config).__name__}, not an object")
     archs = config.get("architectures") or []
-    if not archs:
-        raise FactsError("config.json has no `architectures` list; it does not describe a model Cortex can serve")
-    try:
-        tensors = tensors_from_config(config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise FactsError(f"config.json lacks a field Cortex needs to size the model ({e})") from None
-    n_layers = int(_cfg(config, "num_hidden_layers", "n_layer", "num_layers"))
-    h = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
-    n_heads = int(_cfg(config, "num_attention_heads", "n_head"))
-    n_kv = int(_cfg(config, "num_key_value_heads", default=n_heads))
-    n_exp = int(_cfg(config, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
-    n_act = int(_cfg(config, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0) or 0)
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
+        raise ModelFileError(f"{where}: has no `architectures` list of class names; it does not describe a model Cortex can serve")
+    for key in ("text_config", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelFileError(f"{where}: {key} is a {type(config[key]).__name__}, not an object")
+    tensors = tensors_from_config(config, where)
+    n_layers = _cint(config, "num_hidden_layers", "n_layer", "num_layers", limit="layers", where=where)
+    h = _cint(config, "hidden_size", "n_embd", "d_model", limit="hidden", where=where)
+    n_heads = _cint(config, "num_attention_heads", "n_head", limit="heads", where=where)
+    n_kv = _cint(config, "num_key_value_heads", default=n_heads, limit="heads", where=where)
+    n_exp = _cint(config, "num_local_experts", "num_experts", "n_routed_experts", default=0, limit="experts", where=where)
+    n_act = _cint(config, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0, limit="experts", where=where)
     computed = sum(t.elements for t in tensors)
     expert_params = sum(t.elements for t in tensors if "_exps." in t.name)
     active = computed - expert_params + (expert_params * n_act // n_exp if n_exp > 1 else 0)
     total = params_exact or computed
-    window, sliding_layers = _sliding(config, n_layers)
+    window, sliding_layers = _sliding(config, n_layers, where)
     dtype = str(_cfg(config, "torch_dtype", "dtype", default="bfloat16"))
     qc = config.get("quantization_config") or {}
-    kv_lora = _cfg(config, "kv_lora_rank")
-    vocab = int(_cfg(config, "vocab_size"))
+    kv_lora = _cint(config, "kv_lora_rank", default=0, limit="rank", where=where) or None
+    vocab = _cint(config, "vocab_size", limit="vocab", where=where)
     notes = []
     if params_exact and abs(params_exact - computed) / params_exact > 0.02:
         notes.append(f"parameter count from weights ({params_exact:,}) differs from the config-derived layout ({computed:,})")
@@ -309,9 +387,10 @@ def facts_from_config(
         hidden_size=h,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=int(_cfg(config, "head_dim", default=h // n_heads)),
+        head_dim=_cint(config, "head_dim", default=max(1, h // n_heads), limit="head_dim", where=where),
         vocab_size=vocab,
-        max_context=int(_cfg(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=2048)),
+        max_context=_cint(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=2048,
+                          limit="context", where=where),
         dtype=dtype,
         tie_embeddings=bool(_cfg(config, "tie_word_embeddings", default=False)),
         intermediate_size=_cfg(config, "intermediate_size"),
@@ -331,11 +410,31 @@ def facts_from_config(
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise FactsError(f"{path}: not a safetensors file (header length {n})")
-        return json.loads(f.read(n))
+    head = _read(path, "the safetensors file", 8, whole=False)
+    if len(head) < 8:
+        raise ModelFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if not 2 <= n <= MAX_SAFETENSORS_HEADER:
+        raise ModelFileError(f"{path}: not a safetensors file (header length {n:,})")
+    raw = _read(path, "the safetensors file", 8 + n, whole=False)[8:]
+    if len(raw) < n:
+        raise ModelFileError(f"{path}: safetensors header claims {n:,} bytes but the file ends first; is it truncated?")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: safetensors header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+            raise ModelFileError(f"{path}: safetensors tensor {_short(name)} has no valid shape (a list of sizes)")
+    return header
 
 
 def _count_params(header: dict[str, Any]) -> int:
@@ -352,28 +451,52 @@ def _count_params(header: dict[str, Any]) -> int:
 
 def _tokenizer_metadata_bytes(folder: Path) -> int | None:
     tok = folder / "tokenizer.json"
-    if not tok.is_file():
+    if not tok.exists() and not tok.is_symlink():
         return None
-    data = json.loads(tok.read_text())
-    model = data.get("model", {})
-    vocab = model.get("vocab") or {}
-    merges = model.get("merges") or []
-    added = data.get("added_tokens") or []
-    size = sum(8 + len(k.encode()) + 4 + 4 for k in vocab)  # token string, type, score
-    size += sum(8 + len((m if isinstance(m, str) else " ".join(m)).encode()) for m in merges)
-    size += sum(8 + len(a.get("content", "").encode()) for a in added)
+    data = read_json(tok, "tokenizer.json", MAX_TOKENIZER_BYTES)
+
+    def part(parent: dict[str, Any], key: str, kinds: tuple[type, ...], default: Any, where: str) -> Any:
+        value = parent.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kinds):
+            raise ModelFileError(f"{tok}: {where}{key} is a {type(value).__name__}; a tokenizer.json has "
+                             f"{' or '.join(k.__name__ for k in kinds)} there")
+        return value
+
+    model = part(data, "model", (dict,), {}, "")
+    vocab = part(model, "vocab", (dict, list), {}, "model.")
+    merges = part(model, "merges", (list,), [], "model.")
+    added = part(data, "added_tokens", (list,), [], "")
+
+    def text(x: Any) -> str:  # a token: a string, or (Unigram) [token, score]
+        if isinstance(x, list) and x:
+            x = x[0]
+        if isinstance(x, dict):
+            x = x.get("content", "")
+        if not isinstance(x, str):
+            raise ModelFileError(f"{tok}: a token is {_short(x)}, not a string")
+        return x
+
+    size = sum(8 + len(text(k).encode()) + 4 + 4 for k in vocab)  # token string, type, score
+    size += sum(8 + len((m if isinstance(m, str) else " ".join(text([x]) for x in m)).encode()) for m in merges
+                if isinstance(m, (str, list)))
+    size += sum(8 + len(text(a).encode()) for a in added)
     return size + 32 * 1024  # chat template, general.* and hparams
 
 
 def hf_dir_facts(folder: Path) -> ModelFacts:
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FactsError(f"{folder}: no config.json; an HF checkpoint folder needs one (is this the right folder?)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FactsError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not stat.S_ISDIR(os.stat(folder).st_mode):
+            raise ModelFileError(f"{folder}: not a folder; source.path names an HF checkpoint folder (config.json, *.safetensors)")
+    except OSError as e:
+        why = "is a symlink loop" if e.errno == errno.ELOOP else "no such folder" if e.errno == errno.ENOENT else e.strerror
+        raise ModelFileError(f"{folder}: cannot read the HF checkpoint folder: {why}") from None
+    if not cfg_path.exists() and not cfg_path.is_symlink():
+        raise ModelFileError(f"{folder}: no config.json; an HF checkpoint folder needs one (is this the right folder?)")
+    config = read_json(cfg_path, "config.json")
     shards = sorted(folder.glob("*.safetensors"))
     params = None
     weights = None
@@ -382,10 +505,12 @@ def hf_dir_facts(folder: Path) -> ModelFacts:
         weights = sum(p.stat().st_size for p in shards)
     else:
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            meta = json.loads(index.read_text()).get("metadata", {})
+        if index.exists() or index.is_symlink():
+            meta = read_json(index, "the safetensors index").get("metadata") or {}
+            if not isinstance(meta, dict):
+                raise ModelFileError(f"{index}: metadata is a {type(meta).__name__}, not an object")
             if meta.get("total_size"):
-                weights = int(meta["total_size"])
+                weights = _whole(meta["total_size"], f"{index}: metadata.total_size", "bytes")
                 per = DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2)
                 params = weights // per
     return facts_from_config(
@@ -394,6 +519,7 @@ def hf_dir_facts(folder: Path) -> ModelFacts:
         weights_bytes=weights,
         metadata_bytes=_tokenizer_metadata_bytes(folder),
         files=[p.name for p in shards],
+        where=str(cfg_path),
     )
 
 
@@ -406,72 +532,110 @@ def gguf_split_set(path: Path) -> list[Path]:
     if not m:
         return [path]
     n = int(m.group("n"))
-    parts = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [p.name for p in parts if not p.exists()]
+    if not 1 <= int(m.group("i")) <= n:
+        raise ModelFileError(f"{path}: part {int(m.group('i'))} of {n} is no part of a split set")
+    parts = (path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1))
+    found, missing = [], []
+    for part in parts:
+        found.append(part)
+        if not part.exists():
+            missing.append(part.name)
+            if len(missing) == 3:  # enough to act on; a hostile `-of-99999` costs no 99,999 lookups
+                break
     if missing:
-        raise FactsError(f"{path}: split GGUF is missing {', '.join(missing)} (all {n} parts must sit together)")
-    return parts
+        raise ModelFileError(f"{path}: split GGUF is missing {', '.join(missing)}"
+                             f"{' and maybe more' if len(missing) == 3 else ''} (all {n} parts must sit together)")
+    return found
+
+
+def read_local_gguf_header(path: Path) -> GgufHeader:
+    """The header of a local GGUF file, read from its first bytes (4 MiB, doubling up to
+    MAX_GGUF_HEADER); a FactsError naming the file for anything that is not a readable GGUF."""
+    from cortex.gguf_header import GgufHeaderError, HeaderTooShort, read_gguf_header
+
+    size = 4 << 20
+    while True:
+        buf = _read(path, "the GGUF file", size, whole=False)
+        try:
+            return read_gguf_header(buf)
+        except GgufHeaderError as e:
+            raise ModelFileError(f"{path}: not a readable GGUF file ({e})") from None
+        except HeaderTooShort:
+            if len(buf) < size:
+                raise ModelFileError(f"{path}: not a readable GGUF file (it ends inside its header: truncated or corrupt)") from None
+            if size >= MAX_GGUF_HEADER:
+                raise ModelFileError(f"{path}: GGUF header larger than {MAX_GGUF_HEADER >> 20} MiB; the file is corrupt") from None
+            size *= 2
 
 
 def gguf_facts(path: Path) -> ModelFacts:
-    from gguf import GGUFReader
-
     path = Path(path)
-    if not path.is_file():
-        raise FactsError(f"{path}: GGUF file not found")
     parts = gguf_split_set(path)
-    try:
-        readers = [GGUFReader(p) for p in parts]
-    except (ValueError, OSError, struct.error) as e:
-        raise FactsError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = {k: f.contents() for k, f in readers[0].fields.items() if not k.startswith("GGUF.")}
-    if not meta.get("general.architecture"):
-        raise FactsError(f"{path}: GGUF has no general.architecture")
-    tensors = [TensorInfo(t.name, tuple(int(x) for x in t.shape)) for rd in readers for t in rd.tensors]
-    data_bytes = sum(int(t.n_bytes) for rd in readers for t in rd.tensors)
+    headers = [read_local_gguf_header(p) for p in parts]
+    tensors = [t for h in headers for t in h.tensors]
+    data_bytes = sum(h.data_bytes for h in headers)
     file_bytes = sum(p.stat().st_size for p in parts)
-    facts = facts_from_gguf_metadata(meta, tensors, data_bytes, file_bytes - data_bytes)
+    meta = headers[0].metadata
+    if not meta.get("general.architecture"):
+        raise ModelFileError(f"{path}: GGUF has no general.architecture")
+    facts = facts_from_gguf_metadata(meta, tensors, data_bytes, max(0, file_bytes - data_bytes), where=str(path))
     facts.files = [str(p) for p in parts]
     return facts
 
 
 def facts_from_gguf_metadata(
-    meta: dict[str, Any], tensors: list[TensorInfo], data_bytes: int, metadata_bytes: int
+    meta: dict[str, Any], tensors: list[TensorInfo], data_bytes: int, metadata_bytes: int, where: str = "GGUF"
 ) -> ModelFacts:
-    """Facts from GGUF key/values and the tensor table (from the gguf reader or a header)."""
-    arch = meta["general.architecture"]
+    """Facts from GGUF key/values and the tensor table (from the gguf reader or a header).
+    Every number is checked against LIMITS (FactsError naming `where` and the key)."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch or len(arch) > 64:
+        raise ModelFileError(f"{where}: general.architecture is {_short(arch)}, not an architecture name")
 
     def kv(name: str, default: Any = None) -> Any:
         v = meta.get(f"{arch}.{name}")
         return default if v is None else v
 
-    def most(v: Any) -> int:  # per-layer arrays (e.g. head counts) -> the largest
-        return int(max(v) if isinstance(v, list) else v)
+    def num(name: str, limit: str, default: Any = None) -> int:
+        v = kv(name, default)
+        if v is None:
+            raise ModelFileError(f"{where}: has no {arch}.{name}; llama.cpp cannot load an architecture ({arch!r}) "
+                             "without it")
+        if isinstance(v, list):  # per-layer arrays (e.g. head counts) -> the largest
+            if not v or len(v) > LIMITS["layers"][1]:
+                raise ModelFileError(f"{where}: {arch}.{name} is a list of {len(v)} values, not one per layer")
+            return max(_whole(x, f"{where}: {arch}.{name}", limit) for x in v)
+        return _whole(v, f"{where}: {arch}.{name}", limit)
 
-    n_layers = int(kv("block_count"))
-    n_heads = most(kv("attention.head_count"))
-    n_kv = most(kv("attention.head_count_kv", n_heads))
-    h = int(kv("embedding_length"))
-    n_exp = int(kv("expert_count", 0) or 0)
-    n_act = int(kv("expert_used_count", 0) or 0)
+    n_layers = num("block_count", "layers")
+    n_heads = num("attention.head_count", "heads")
+    n_kv = num("attention.head_count_kv", "heads", n_heads)
+    h = num("embedding_length", "hidden")
+    n_exp = num("expert_count", "experts", 0)
+    n_act = num("expert_used_count", "experts", 0)
     params = sum(t.elements for t in tensors)
     expert_params = sum(t.elements for t in tensors if "_exps." in t.name)
-    window = kv("attention.sliding_window")
+    window = num("attention.sliding_window", "window", 0) or None
     pattern = kv("attention.sliding_window_pattern")
     sliding_layers = 0
     if window:
         if isinstance(pattern, list):
-            sliding_layers = sum(1 for x in pattern if x)
+            sliding_layers = min(n_layers, sum(1 for x in pattern if x))
         elif arch == "gpt-oss":  # alternates sliding and full attention
             sliding_layers = n_layers // 2
         else:
             sliding_layers = n_layers
     ftype = meta.get("general.file_type")
-    kv_lora = kv("attention.kv_lora_rank")
+    if ftype is not None and (isinstance(ftype, bool) or not isinstance(ftype, int)):
+        raise ModelFileError(f"{where}: general.file_type is {_short(ftype)}, not a number")
+    kv_lora = num("attention.kv_lora_rank", "rank", 0) or None
     tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise ModelFileError(f"{where}: tokenizer.ggml.tokens is a {type(tokens).__name__}, not a list of tokens")
+    ffn = kv("feed_forward_length")
     return ModelFacts(
-        architecture=str(arch),
-        model_type=str(arch),
+        architecture=arch,
+        model_type=arch,
         source_format="gguf",
         params_total=params,
         params_active=params - expert_params + (expert_params * n_act // n_exp if n_exp > 1 else 0),
@@ -479,18 +643,18 @@ def facts_from_gguf_metadata(
         hidden_size=h,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=int(kv("attention.key_length", h // n_heads)),
-        vocab_size=len(tokens) if tokens else int(kv("vocab_size", 0)),
-        max_context=int(kv("context_length", 2048)),
-        dtype=FILE_TYPE_NAMES.get(int(ftype), f"type {ftype}") if ftype is not None else "unknown",
+        head_dim=num("attention.key_length", "head_dim", max(1, h // n_heads)),
+        vocab_size=len(tokens) if tokens else num("vocab_size", "vocab", 1),
+        max_context=num("context_length", "context", 2048),
+        dtype=FILE_TYPE_NAMES.get(ftype, f"type {ftype}") if ftype is not None else "unknown",
         tie_embeddings=not any(t.name == "output.weight" for t in tensors),
-        intermediate_size=kv("feed_forward_length"),
+        intermediate_size=num("feed_forward_length", "ffn") if ffn is not None and not isinstance(ffn, list) else None,
         n_experts=n_exp if n_exp > 1 else 0,
         n_experts_active=n_act if n_exp > 1 else 0,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         sliding_layers=sliding_layers,
-        mla_kv_lora_rank=int(kv_lora) if kv_lora else None,
-        mla_rope_dim=int(kv("rope.dimension_count", 0) or 0) if kv_lora else 0,
+        mla_kv_lora_rank=kv_lora,
+        mla_rope_dim=num("rope.dimension_count", "rank", 0) if kv_lora else 0,
         weights_bytes_on_disk=data_bytes,
         metadata_bytes=metadata_bytes,
         tensors=tensors,
@@ -530,11 +694,10 @@ def hf_repo_facts(repo: str, revision: str = "main", *, spec_dir: Path | None = 
     from cortex import hub
 
     try:
-        config, params, files = hub.remote_config(repo, revision, token=hub.token_from_env())
+        path, params, files = hub.remote_config(repo, revision, token=hub.token_from_env())
     except hub.HubError as e:
         raise FactsError(str(e)) from None
-    if not isinstance(config, dict):
-        raise FactsError(f"{repo}@{revision}: config.json is not a JSON object")
+    config = read_json(path, "config.json")
     return facts_from_config(config, params_exact=params, files=files)
 
 
@@ -583,24 +746,28 @@ def _fetch_gguf_header(repo: str, filename: str, revision: str, dest: Path) -> N
             header = read_gguf_header(data)
         except HeaderTooShort:
             if len(data) < size:  # the whole file came back and it still ends inside the header
-                raise FactsError(f"{repo}/{filename}@{revision}: the file ends inside its GGUF header") from None
+                raise ModelFileError(f"{repo}/{filename}@{revision}: the file ends inside its GGUF header") from None
             size *= 2
             continue
         except ValueError as e:
-            raise FactsError(f"{repo}/{filename}@{revision}: {e}") from None
+            raise ModelFileError(f"{repo}/{filename}@{revision}: {e}") from None
         atomic_write_bytes(dest, data[: header.header_bytes])
         return
-    raise FactsError(f"{repo}/{filename}@{revision}: GGUF header larger than 256 MiB; is this a GGUF file?")
+    raise ModelFileError(f"{repo}/{filename}@{revision}: GGUF header larger than 256 MiB; is this a GGUF file?")
 
 
 def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:
     """Facts from the first bytes of a GGUF (metadata and tensor table, no tensor data)."""
-    from cortex.gguf_header import read_gguf_header
+    from cortex.gguf_header import GgufHeaderError, HeaderTooShort, read_gguf_header
 
-    header = read_gguf_header(header_path.read_bytes())
+    try:
+        header = read_gguf_header(_read(header_path, "the cached GGUF header", MAX_GGUF_HEADER))
+    except (GgufHeaderError, HeaderTooShort) as e:
+        raise ModelFileError(f"{header_path}: not a readable GGUF header ({e}); delete it to fetch it again") from None
     if not header.metadata.get("general.architecture"):
-        raise FactsError(f"{header_path}: GGUF header has no general.architecture")
-    facts = facts_from_gguf_metadata(header.metadata, header.tensors, header.data_bytes, header.header_bytes)
+        raise ModelFileError(f"{header_path}: GGUF header has no general.architecture")
+    facts = facts_from_gguf_metadata(header.metadata, header.tensors, header.data_bytes, header.header_bytes,
+                                     where=str(header_path))
     facts.files = [filename]
     return facts
 

@@ -12,6 +12,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from cortex.spec import MAX_GPUS
+
+
+class HardwareError(ValueError):
+    """The declared hardware cannot be used as written; the message says what to change."""
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -73,6 +79,9 @@ def resolve(
     """The inventory a plan uses: declared GPUs and memory override what was detected."""
     if gpus is None and gpu_memory is None:
         return detected
+    count = len(gpus) if isinstance(gpus, list) else gpus or 0
+    if count > MAX_GPUS:
+        raise HardwareError(f"{count} GPUs is more than {MAX_GPUS} on one host; declare one host's GPUs")
     if isinstance(gpus, list):
         ids = gpus
     elif gpus is not None:
@@ -87,7 +96,7 @@ def resolve(
         elif i in by_index:
             chosen.append(by_index[i])
         else:
-            raise ValueError(
+            raise HardwareError(
                 f"GPU {i} is not on this machine; declare its memory (resources.gpu_memory or --gpu-memory) "
                 "to plan for hardware you do not have here"
             )

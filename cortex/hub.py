@@ -465,9 +465,10 @@ def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | Non
     return str(resolved.resolved)
 
 
-def remote_config(repo: str, revision: str, *, token: HubToken | None = None) -> tuple[dict, int | None, list[str]]:
-    """What planning needs of an HF repo without its weights: config.json (through the cache),
-    and the parameter count and weight files from the safetensors headers (ranged reads)."""
+def remote_config(repo: str, revision: str, *, token: HubToken | None = None) -> tuple[Path, int | None, list[str]]:
+    """What planning needs of an HF repo without its weights: config.json (downloaded into the
+    cache; the caller reads and checks it), and the parameter count and weight files from the
+    safetensors headers (ranged reads)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     if is_offline():
@@ -482,12 +483,8 @@ def remote_config(repo: str, revision: str, *, token: HubToken | None = None) ->
         meta = api.get_safetensors_metadata(repo, revision=revision, token=_client_token(token))
     except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, revision) from error
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HubError(f"{repo}@{revision}: config.json is not valid JSON ({error})") from None
     params = sum(meta.parameter_count.values()) if meta.parameter_count else None
-    return config, params, sorted(meta.files_metadata)
+    return path, params, sorted(meta.files_metadata)
 
 
 def read_range(repo: str, filename: str, revision: str, size: int, *, token: HubToken | None = None) -> bytes:

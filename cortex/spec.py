@@ -8,10 +8,12 @@ Unknown keys are errors everywhere (`extra="forbid"`): a typo must never be igno
 from __future__ import annotations
 
 import re
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from croniter import croniter
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -26,15 +28,33 @@ from pydantic import (
 
 from cortex.quant import GGUF_TYPES
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+# Patterns end in \Z, never $: `$` also matches before a trailing newline, so "m\n" would pass.
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z", re.ASCII)
+ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z", re.ASCII)
+REVISION = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]+\Z")  # git's rules for a ref name, in short
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}\Z", re.ASCII)
+
+# Bounds on what a spec may declare. Each is far above any real deployment and low enough that
+# planning stays instant: a plan walks every GPU, and llama.cpp's context is slots x tokens.
+MAX_GPUS = 256  # GPUs on one host (a DGX has 8, an NVL72 rack 72)
+MAX_CONTEXT = 2**24  # tokens per request (16M; the longest-context models have 10M)
+MAX_CONTEXT_TOTAL = 2**30  # llama.cpp -c: all slots together
+MAX_CONCURRENCY = 2**16  # simultaneous requests, slots, sequences
+MAX_COUNT = 10**6  # other counts: batch sizes, threads, layers, benchmark requests
+MAX_BYTES = 2**50  # 1 PiB: any size written in a spec
+MAX_GPU_BYTES = 2**44  # 16 TiB of memory on one GPU
+MAX_PROMPTS = 100  # smoke-test prompts (each is one request before a model goes live)
+MAX_PROMPT_CHARS = 100_000
+MAX_LIST = 64  # aliases, benchmark levels, gates
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_TEXT = 512  # other short strings: revisions, image names, quantization names
 
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r" *([0-9]{1,30}(?:\.[0-9]{1,30})?) *([a-zA-Z]{0,3}) *\Z", re.ASCII)
 
 
 def parse_bytes(value: Any) -> int:
@@ -44,6 +64,8 @@ def parse_bytes(value: Any) -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("a size must be positive")
+        if value > MAX_BYTES:
+            raise ValueError(f"{value} bytes is more than {format_bytes(MAX_BYTES)}; write a real size such as 46GiB")
         return value
     if isinstance(value, float):
         raise ValueError("write a size with a unit, such as 46GiB or 48GB")
@@ -51,11 +73,19 @@ def parse_bytes(value: Any) -> int:
         raise ValueError("expected a size such as 46GiB or 48GB")
     m = _SIZE.match(value)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{value!r} is not a size; write it like 46GiB, 48GB or 512MiB")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise ValueError(f"{short_repr(value)} is not a size; write it like 46GiB, 48GB or 512MiB")
+    size = int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])  # exact: no float overflow
     if size <= 0:
         raise ValueError("a size must be positive")
+    if size > MAX_BYTES:
+        raise ValueError(f"{short_repr(value)} is more than {format_bytes(MAX_BYTES)}; write a real size such as 46GiB")
     return size
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: an error message never echoes a megabyte."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 5] + "...'" + f" ({len(r)} chars)"
 
 
 def format_bytes(n: int | float) -> str:
@@ -82,7 +112,9 @@ Bytes = Annotated[
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: .inf and .nan are refused in every float field (a gate of `max: .nan`
+    # would never fail, a rope base of .inf is no number llama.cpp can use).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- source
@@ -91,12 +123,15 @@ class Section(BaseModel):
 class Source(Section):
     """Where the weights come from: exactly one of an HF repo, a local HF folder, or a GGUF file."""
 
-    repo: str | None = Field(None, description="Hugging Face repo id, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
-    revision: str = Field("main", description="branch, tag or commit sha of `repo`; resolved to a commit sha and recorded")
-    include: list[str] | None = Field(None, description="file patterns to fetch from `repo` (default: what the plan needs)")
+    repo: str | None = Field(None, max_length=200, description="Hugging Face repo id, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    revision: str = Field("main", min_length=1, max_length=MAX_TEXT,
+                          description="branch, tag or commit sha of `repo`; resolved to a commit sha and recorded")
+    include: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] | None = Field(
+        None, max_length=1000, description="file patterns to fetch from `repo` (default: what the plan needs)")
     path: Path | None = Field(None, description="local folder holding an HF checkpoint (config.json, *.safetensors)")
     gguf: str | None = Field(
         None,
+        max_length=MAX_PATH_CHARS,
         description="a GGUF file: a local path, or with `repo` a file name inside that repo; "
         "for split models name the first part (x-00001-of-00003.gguf)",
     )
@@ -104,15 +139,31 @@ class Source(Section):
     @field_validator("repo")
     @classmethod
     def _repo_id(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v):
-            raise ValueError(f"{v!r} is not a Hugging Face repo id; write it as owner/name")
+        if v is not None and not REPO_ID.match(v):
+            raise ValueError(f"{short_repr(v)} is not a Hugging Face repo id; write it as owner/name")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if not REVISION.match(v):
+            raise ValueError(f"{short_repr(v)} is not a branch, tag or commit sha (no spaces, newlines or ~^:?*[\\)")
+        return v
+
+    @field_validator("path", "gguf")
+    @classmethod
+    def _local_path(cls, v: Any) -> Any:
+        if v is not None and "\x00" in str(v):
+            raise ValueError("a path cannot contain a NUL byte")
+        if v is not None and len(str(v)) > MAX_PATH_CHARS:
+            raise ValueError(f"a path is at most {MAX_PATH_CHARS} characters")
         return v
 
     @field_validator("gguf")
     @classmethod
     def _gguf_name(cls, v: str | None) -> str | None:
         if v is not None and not v.lower().endswith(".gguf"):
-            raise ValueError(f"{v!r} does not end in .gguf; name the GGUF file (the first part of a split set)")
+            raise ValueError(f"{short_repr(v)} does not end in .gguf; name the GGUF file (the first part of a split set)")
         return v
 
     @model_validator(mode="after")
@@ -197,24 +248,24 @@ VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 class VllmSettings(Section):
     """vLLM settings; each maps to one flag in cortex/engines/vllm.py. Unset = the plan decides."""
 
-    tensor_parallel_size: int | None = Field(None, ge=1, description="--tensor-parallel-size (default: planned)")
-    pipeline_parallel_size: int | None = Field(None, ge=1, description="--pipeline-parallel-size")
+    tensor_parallel_size: int | None = Field(None, ge=1, le=MAX_GPUS, description="--tensor-parallel-size (default: planned)")
+    pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_GPUS, description="--pipeline-parallel-size")
     dtype: VllmDtype | None = Field(None, description="--dtype")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization (0..1]")
-    max_model_len: int | None = Field(None, ge=16, description="--max-model-len (default: resources.context_length)")
+    max_model_len: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="--max-model-len (default: resources.context_length)")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"] | None = Field(None, description="--kv-cache-dtype")
-    quantization: str | None = Field(None, description="--quantization (awq, gptq, fp8, ...)")
+    quantization: str | None = Field(None, min_length=1, max_length=64, description="--quantization (awq, gptq, fp8, ...)")
     block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = Field(None, description="--block-size (tokens per KV block)")
     swap_space_gb: float | None = Field(
-        None, ge=0, description="--swap-space (GiB); vLLM 0.32 removed this flag, so setting it there is an error"
+        None, ge=0, le=2**20, description="--swap-space (GiB); vLLM 0.32 removed this flag, so setting it there is an error"
     )
     enforce_eager: bool | None = Field(None, description="--enforce-eager (no CUDA graphs)")
     enable_prefix_caching: bool | None = Field(None, description="--enable-prefix-caching / --no-enable-prefix-caching")
     enable_chunked_prefill: bool | None = Field(None, description="--enable-chunked-prefill / --no-enable-chunked-prefill")
-    cuda_graph_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="CUDA graph capture sizes (vLLM 0.32: --cudagraph-capture-sizes)"
+    cuda_graph_sizes: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] | None = Field(
+        None, max_length=1024, description="CUDA graph capture sizes (vLLM 0.32: --cudagraph-capture-sizes)"
     )
-    max_num_seqs: int | None = Field(None, ge=1, description="--max-num-seqs (requests batched at once)")
+    max_num_seqs: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="--max-num-seqs (requests batched at once)")
     trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
     # before extra_args: its validator reads this field
     unsafe_extra_args: bool = _unsafe_extra_args_field()
@@ -239,17 +290,17 @@ CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_
 class LlamaCppSettings(Section):
     """llama.cpp (llama-server) settings; each maps to one flag in cortex/engines/llamacpp.py."""
 
-    ngl: int | None = Field(None, ge=0, description="-ngl, layers on the GPU (999 = all; default: planned)")
-    tensor_split: list[Annotated[float, Field(ge=0)]] | None = Field(
-        None, description="--tensor-split, share of the model per GPU (default: proportional to free memory)"
+    ngl: int | None = Field(None, ge=0, le=MAX_COUNT, description="-ngl, layers on the GPU (999 = all; default: planned)")
+    tensor_split: list[Annotated[float, Field(ge=0, le=MAX_COUNT)]] | None = Field(
+        None, max_length=MAX_GPUS, description="--tensor-split, share of the model per GPU (default: proportional to free memory)"
     )
-    batch_size: int | None = Field(None, ge=1, description="-b, logical batch size")
-    ubatch_size: int | None = Field(None, ge=1, description="-ub, physical batch size")
-    threads: int | None = Field(None, ge=1, description="-t, CPU threads for generation")
-    context_size: int | None = Field(None, ge=16, description="-c, total context shared by all slots")
-    parallel: int | None = Field(None, ge=1, description="-np, parallel slots (default: planned from resources.concurrency)")
-    rope_freq_base: float | None = Field(None, gt=0, description="--rope-freq-base")
-    rope_freq_scale: float | None = Field(None, gt=0, description="--rope-freq-scale")
+    batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="-b, logical batch size")
+    ubatch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="-ub, physical batch size")
+    threads: int | None = Field(None, ge=1, le=MAX_COUNT, description="-t, CPU threads for generation")
+    context_size: int | None = Field(None, ge=16, le=MAX_CONTEXT_TOTAL, description="-c, total context shared by all slots")
+    parallel: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="-np, parallel slots (default: planned from resources.concurrency)")
+    rope_freq_base: float | None = Field(None, gt=0, le=1e15, description="--rope-freq-base")
+    rope_freq_scale: float | None = Field(None, gt=0, le=1e6, description="--rope-freq-scale")
     flash_attention: Literal["on", "off", "auto"] | bool | None = Field(None, description="-fa on|off|auto")
     mlock: bool | None = Field(None, description="keep the model in RAM (llama-server --load-mode mlock or mmap+mlock)")
     no_mmap: bool | None = Field(None, description="do not memory-map the model (llama-server --load-mode none, or mlock with mlock)")
@@ -288,16 +339,16 @@ class LlamaCppSettings(Section):
 
 
 class Resources(Section):
-    gpus: int | list[Annotated[int, Field(ge=0)]] | None = Field(
+    gpus: int | list[Annotated[int, Field(ge=0, lt=MAX_GPUS)]] | None = Field(
         None,
         description="GPUs to use: a count, or a list of device ids. Default: all GPUs found (none on a CPU host)",
     )
     gpu_memory: Bytes | None = Field(
         None, description="memory per GPU (e.g. 46GiB); lets a plan be made on a machine without those GPUs"
     )
-    concurrency: int = Field(4, ge=1, description="expected simultaneous requests")
+    concurrency: int = Field(4, ge=1, le=MAX_CONCURRENCY, description="expected simultaneous requests")
     context_length: int | None = Field(
-        None, ge=16, description="context length per request (default: the model's, capped at 8192)"
+        None, ge=16, le=MAX_CONTEXT, description="context length per request (default: the model's, capped at 8192)"
     )
 
     @field_validator("gpus")
@@ -305,8 +356,19 @@ class Resources(Section):
     def _gpus(cls, v: int | list[int] | None) -> int | list[int] | None:
         if isinstance(v, int) and not isinstance(v, bool) and v < 0:
             raise ValueError("gpus must be a count >= 0 or a list of device ids")
+        if isinstance(v, int) and v > MAX_GPUS:
+            raise ValueError(f"gpus {v} is more than {MAX_GPUS} GPUs on one host; give the count of one host's GPUs")
+        if isinstance(v, list) and len(v) > MAX_GPUS:
+            raise ValueError(f"gpus lists {len(v)} devices, more than {MAX_GPUS} on one host")
         if isinstance(v, list) and len(set(v)) != len(v):
             raise ValueError("gpus lists a device id twice")
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _gpu_memory(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_GPU_BYTES:
+            raise ValueError(f"{format_bytes(v)} on one GPU is more than {format_bytes(MAX_GPU_BYTES)}; give one GPU's memory")
         return v
 
     @property
@@ -317,16 +379,17 @@ class Resources(Section):
 
 
 class Images(Section):
-    vllm: str | None = Field(None, description="vLLM image (default: vllm/vllm-openai at the pinned version)")
-    llamacpp: str | None = Field(None, description="llama.cpp server image (default: cortex/llamacpp-server, built from images/)")
+    vllm: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="vLLM image (default: vllm/vllm-openai at the pinned version)")
+    llamacpp: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="llama.cpp server image (default: cortex/llamacpp-server, built from images/)")
 
 
 # --------------------------------------------------------------------------- tests, benchmark, schedule
 
 
 class SmokeTests(Section):
-    prompts: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: ["Say hello in one short sentence."], description="prompts sent as smoke tests"
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
+        default_factory=lambda: ["Say hello in one short sentence."], max_length=MAX_PROMPTS,
+        description="prompts sent as smoke tests",
     )
     max_tokens: int = Field(16, ge=1, le=4096)
 
@@ -340,9 +403,9 @@ PromptSet = Literal["random", "bundled"]
 class GoodputSlo(Section):
     """Per-request service level objectives; a request that meets all set ones is 'good'."""
 
-    ttft_ms: float | None = Field(None, gt=0)
-    tpot_ms: float | None = Field(None, gt=0)
-    e2el_ms: float | None = Field(None, gt=0)
+    ttft_ms: float | None = Field(None, gt=0, le=1e9)
+    tpot_ms: float | None = Field(None, gt=0, le=1e9)
+    e2el_ms: float | None = Field(None, gt=0, le=1e9)
 
     def is_set(self) -> bool:
         return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.e2el_ms))
@@ -353,7 +416,7 @@ class Gate(Section):
 
     metric: Literal[LatencyMetric, RateMetric]
     stat: GateStat = "p99"
-    concurrency: int | None = Field(None, ge=1, description="the level it applies to (default: every level)")
+    concurrency: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="the level it applies to (default: every level)")
     max: float | None = None
     min: float | None = None
 
@@ -366,45 +429,55 @@ class Gate(Section):
 
 class QualityCheck(Section):
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="gate: minimum top-1 agreement with F16")
-    prompts: int = Field(16, ge=1)
-    tokens: int = Field(32, ge=1)
+    prompts: int = Field(16, ge=1, le=10_000)
+    tokens: int = Field(32, ge=1, le=MAX_CONTEXT)
 
 
 class BenchmarkLoad(Section):
     """The load a benchmark sends. The one place of these fields and their defaults: the
     spec's `benchmark` section and `cortex.bench.BenchmarkSettings` both build on it."""
 
-    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [1, 4, 16], min_length=1, description="concurrency levels, measured one after another"
+    concurrency: list[Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]] = Field(
+        default_factory=lambda: [1, 4, 16], min_length=1, max_length=MAX_LIST, description="concurrency levels, measured one after another"
     )
-    requests: int = Field(32, ge=1, description="requests per concurrency level")
-    input_len: int = Field(128, ge=1, description="prompt tokens per request (random prompts)")
-    output_len: int = Field(64, ge=1, description="tokens to generate per request")
-    request_rate: float | None = Field(None, gt=0, description="requests/s (default: closed loop at the concurrency)")
-    burstiness: float = Field(1.0, gt=0, description="1.0 = Poisson arrivals, otherwise a gamma shape")
+    requests: int = Field(32, ge=1, le=MAX_COUNT, description="requests per concurrency level")
+    input_len: int = Field(128, ge=1, le=MAX_CONTEXT, description="prompt tokens per request (random prompts)")
+    output_len: int = Field(64, ge=1, le=MAX_CONTEXT, description="tokens to generate per request")
+    request_rate: float | None = Field(None, gt=0, le=1e6, description="requests/s (default: closed loop at the concurrency)")
+    burstiness: float = Field(1.0, gt=0, le=1e6, description="1.0 = Poisson arrivals, otherwise a gamma shape")
     # validate_default: the schema shows 300, a benchmark's settings hold 300.0 (a float).
-    max_duration_s: float = Field(300, gt=0, validate_default=True, description="time bound per level")
+    max_duration_s: float = Field(300, gt=0, le=7 * 86400, validate_default=True, description="time bound per level")
     prompts: PromptSet = Field(
         "random", description="random token ids (exactly input_len tokens) or the bundled English prompts"
     )
-    gpu_hour_price_usd: float | None = Field(None, ge=0, description="USD per GPU-hour, for the cost per 1M output tokens")
+    gpu_hour_price_usd: float | None = Field(None, ge=0, le=1e6, description="USD per GPU-hour, for the cost per 1M output tokens")
 
 
 class BenchmarkSpec(BenchmarkLoad):
     goodput_slo: GoodputSlo | None = None
-    gates: list[Gate] = Field(default_factory=list)
+    gates: list[Gate] = Field(default_factory=list, max_length=MAX_LIST)
     quality: QualityCheck | None = None
 
 
 class Schedule(Section):
-    cron: str = Field(description="cron expression for scheduled redeploys, e.g. '0 3 * * *'")
-    timezone: str = Field("UTC", description="IANA timezone, e.g. Europe/Berlin")
+    cron: str = Field(max_length=MAX_TEXT, description="cron expression for scheduled redeploys, e.g. '0 3 * * *'")
+    timezone: str = Field("UTC", max_length=64, description="IANA timezone, e.g. Europe/Berlin")
 
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        if not croniter.is_valid(v):
-            raise ValueError(f"{v!r} is not a valid cron expression; five fields: minute hour day month weekday")
+        fields = v.split(" ")
+        fields = [f for f in fields if f]
+        if len(fields) != 5 or re.search(r"[^\S ]", v) or not croniter.is_valid(v):
+            raise ValueError(
+                f"{short_repr(v)} is not a valid cron expression; write exactly five fields: minute hour day month "
+                "weekday (e.g. '0 3 * * *'; no seconds or year field)"
+            )
+        # croniter looks at most 50 years ahead: '0 0 31 2 *' (February 31st) is valid syntax that never fires.
+        try:
+            croniter(v, datetime(2000, 1, 1)).get_next(datetime)
+        except (CroniterBadDateError, CroniterBadCronError):
+            raise ValueError(f"{short_repr(v)} never fires (no such date); check the day and month fields") from None
         return v
 
     @field_validator("timezone")
@@ -414,8 +487,8 @@ class Schedule(Section):
 
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{v!r} is not a known timezone; use an IANA name such as UTC or Europe/Berlin") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a folder of zones
+            raise ValueError(f"{short_repr(v)} is not a known timezone; use an IANA name such as UTC or Europe/Berlin") from None
         return v
 
 
@@ -426,11 +499,12 @@ class ModelSpec(Section):
     """A model to prepare, serve, test, benchmark and register."""
 
     name: str = Field(description="served model name (DNS-safe: lowercase letters, digits, dashes)")
-    aliases: list[str] = Field(default_factory=list, description="other names the gateway routes to this model")
+    aliases: list[str] = Field(
+        default_factory=list, max_length=MAX_LIST, description="other names the gateway routes to this model")
     task: Literal["generate", "embed"] = "generate"
     source: Source
     engine: Literal["auto", "vllm", "llamacpp"] = Field("auto", description="auto = the decision rules pick")
-    quantization: str = Field("auto", description="GGUF type for llama.cpp (auto = best that fits), e.g. Q8_0, Q4_K_M")
+    quantization: str = Field("auto", max_length=64, description="GGUF type for llama.cpp (auto = best that fits), e.g. Q8_0, Q4_K_M")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     resources: Resources = Field(default_factory=Resources)
@@ -445,7 +519,7 @@ class ModelSpec(Section):
     def _dns(cls, v: str) -> str:
         if not DNS_LABEL.match(v):
             raise ValueError(
-                f"{v!r} is not DNS-safe: use 1-63 lowercase letters, digits and dashes, "
+                f"{short_repr(v)} is not DNS-safe: use 1-63 lowercase letters, digits and dashes, "
                 "starting and ending with a letter or digit"
             )
         return v
@@ -455,7 +529,7 @@ class ModelSpec(Section):
     def _aliases(cls, v: list[str]) -> list[str]:
         for a in v:
             if not ALIAS.match(a):
-                raise ValueError(f"alias {a!r} has characters a model name cannot have")
+                raise ValueError(f"alias {short_repr(a)} has characters a model name cannot have")
         if len(set(v)) != len(v):
             raise ValueError("an alias is listed twice")
         return v
@@ -467,7 +541,7 @@ class ModelSpec(Section):
             return v
         canon = {t.upper(): t for t in GGUF_TYPES}
         if v.upper() not in canon:
-            raise ValueError(f"{v!r} is not a GGUF type; use auto or one of {', '.join(GGUF_TYPES)}")
+            raise ValueError(f"{short_repr(v)} is not a GGUF type; use auto or one of {', '.join(GGUF_TYPES)}")
         return canon[v.upper()]
 
     @model_validator(mode="after")

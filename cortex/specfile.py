@@ -3,6 +3,11 @@
 Each problem reads `FILE:LINE: field.path: message`, and the message says what to do:
 unknown keys get a did-you-mean, YAML syntax errors point at the line, an empty file says
 what a spec needs.
+
+A spec may come from anyone, so loading it is bounded: a regular file of at most
+MAX_SPEC_BYTES, YAML at most MAX_DEPTH deep, with at most MAX_ALIASES aliases and
+MAX_NODES values once aliases are expanded (a "billion laughs" file is refused before it is
+built), numbers of at most MAX_NUMBER_DIGITS digits, and every field bounded in cortex/spec.py.
 """
 
 from __future__ import annotations
@@ -17,9 +22,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cortex.spec import ModelSpec
+from cortex.fileio import UnreadableFile, read_regular_file
+from cortex.spec import ModelSpec, short_repr
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+
+MAX_SPEC_BYTES = 1 << 20  # 1 MiB; the example specs are under 2 KiB
+MAX_DEPTH = 32  # nesting of mappings and lists; a spec needs 4
+MAX_ALIASES = 100  # YAML `*alias` uses
+MAX_NODES = 10_000  # values after alias expansion; a spec has a few dozen
+MAX_NUMBER_DIGITS = 40  # an integer literal; Python refuses to parse more than 4300 digits, slowly
+MAX_PROBLEMS = 50  # problems listed per file; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -78,14 +91,28 @@ def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
     return line
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one)."""
+# libyaml when it is there: the pure-Python parser takes seconds for a spec of a megabyte.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]
+    """SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one), keys
+    that are not names, and integers too long to be a setting."""
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for k, _ in node.value:
+        if not isinstance(k, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key is a list or mapping; spec keys are plain names such as `name`", k.start_mark
+            )
         key = loader.construct_object(k, deep=deep)
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {short_repr(key)} is not a name; spec keys are words such as `name` "
+                "(quote it if it is meant as text)", k.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} appears twice (first on line {seen[key]}); keep one", k.start_mark
@@ -94,7 +121,65 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    if len(str(node.value)) > MAX_NUMBER_DIGITS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a number of {len(str(node.value))} digits; no setting needs more than {MAX_NUMBER_DIGITS}",
+            node.start_mark,
+        )
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _check_shape(text: str, filename: str) -> None:
+    """Refuse YAML too deep or too large once aliases are expanded, from the event stream (the
+    parser is iterative; PyYAML's composer recurses and would overflow the stack first)."""
+    depth = 0
+    expanded = 0
+    aliases = 0
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values inside, depth inside)
+    open_: list[list[Any]] = []  # per open collection: [values so far, deepest inside, anchor]
+
+    def fail(event: yaml.Event, message: str) -> SpecError:
+        return SpecError([Problem(filename, event.start_mark.line + 1 if event.start_mark else 1, "(yaml)", message)])
+
+    def add(values: int, inner: int) -> None:  # a finished child of the innermost open collection
+        if open_:
+            open_[-1][0] += values
+            open_[-1][1] = max(open_[-1][1], 1 + inner)
+
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise fail(event, f"nested more than {MAX_DEPTH} levels deep; a spec needs a few")
+            open_.append([1, 1, event.anchor])
+            expanded += 1
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+            values, inner, anchor = open_.pop()
+            if anchor:
+                anchored[anchor] = (values, inner)
+            add(values, inner)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor:
+                anchored[event.anchor] = (1, 0)
+            expanded += 1
+            add(1, 0)
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise fail(event, f"more than {MAX_ALIASES} aliases (*name); write the values out")
+            values, inner = anchored.get(event.anchor or "", (1, 0))
+            if depth + inner > MAX_DEPTH:
+                raise fail(event, f"alias *{event.anchor} nests more than {MAX_DEPTH} levels deep")
+            expanded += values
+            add(values, inner)
+        if expanded > MAX_NODES:
+            raise fail(event, f"more than {MAX_NODES:,} values (aliases expanded); a spec has a few dozen")
 
 
 # --------------------------------------------------------------------------- messages
@@ -140,10 +225,10 @@ def _message(err: dict[str, Any]) -> str:
         msg = msg[len("Value error, "):]
     if msg.startswith("Assertion failed, "):
         msg = msg[len("Assertion failed, "):]
-    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error" or kind == "finite_number":
         got = err.get("input")
         if not isinstance(got, (dict, list)):
-            msg += f" (got {got!r})"
+            msg += f" (got {short_repr(got)})"
     return msg
 
 
@@ -167,33 +252,63 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 _DEFAULTED_VAR = re.compile(r"\$\{(\w+):-([^}]*)\}")
+_ANY_VAR = re.compile(r"\$\{?([A-Za-z_]\w*)")
+# Variables a path never expands: their value would be printed in every "not found" message.
+SECRET_VAR = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
+
+
+class SecretVariable(ValueError):
+    """A path refers to an environment variable whose name says it holds a secret."""
 
 
 def expand_path(value: str) -> str:
     """`${VAR:-default}` (the default when VAR is unset or empty, as in a shell), then `~`, then
-    `$VAR`/`${VAR}`: a spec can name a file under the cache wherever `CORTEX_CACHE` puts it."""
+    `$VAR`/`${VAR}`: a spec can name a file under the cache wherever `CORTEX_CACHE` puts it.
+    A variable named like a secret (HF_TOKEN, *_KEY, *SECRET*, *PASSWORD*, ...) is refused,
+    never expanded: a path ends up in messages and logs."""
+    secret = sorted({m[1] for m in _ANY_VAR.finditer(value) if SECRET_VAR.search(m[1])})
+    if secret:
+        raise SecretVariable(
+            f"refers to ${secret[0]}, whose name says it holds a secret; Cortex does not expand secrets into "
+            "paths (they would show in messages and logs): write the path out or use another variable"
+        )
     value = _DEFAULTED_VAR.sub(lambda m: os.environ.get(m[1]) or m[2], value)
     return os.path.expandvars(os.path.expanduser(value))
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Local paths in a spec are relative to the spec file; ~, $VARS and ${VAR:-default} expand."""
+def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[tuple[str, str], str]]:
+    """Local paths in a spec are relative to the spec file; ~, $VARS and ${VAR:-default} expand.
+    Returns the problems as (location, message)."""
     src = data.get("source")
     if not isinstance(src, dict):
-        return
+        return []
+    problems: list[tuple[tuple[str, str], str]] = []
     keys = ["path"] + (["gguf"] if not src.get("repo") else [])
     for key in keys:
         value = src.get(key)
-        if isinstance(value, str) and value:
-            p = Path(expand_path(value))
-            src[key] = str(p if p.is_absolute() else (base / p).resolve())
+        if isinstance(value, str) and value and "\x00" not in value:
+            try:
+                p = Path(expand_path(value))
+            except SecretVariable as e:
+                problems.append((("source", key), str(e)))
+                continue
+            # normpath, not resolve(): the path stays the one written (a symlink into the HF cache
+            # keeps its .gguf name), and loading reads no file system (a symlink loop is the
+            # reader's to report, naming the file).
+            src[key] = os.path.normpath(p if p.is_absolute() else base / p)
+    return problems
 
 
 def parse_spec_text(text: str, filename: str, base: Path | None = None) -> ModelSpec:
     problems: list[Problem] = []
     try:
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        _check_shape(text, filename)
+        loader = _UniqueKeyLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
@@ -206,27 +321,42 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
     if not isinstance(data, dict):
         raise SpecError([Problem(filename, 1, "(spec)", f"a spec is a mapping of keys (name, source, ...), not a {type(data).__name__}")])
     if base is not None:
-        _resolve_paths(data, base)
+        path_problems = _resolve_paths(data, base)
+        if path_problems:
+            raise SpecError([Problem(filename, _line_of(root, loc), _field_path(loc), msg) for loc, msg in path_problems])
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as e:
         for err in e.errors():
             loc = _clean_loc(tuple(err["loc"]))
             problems.append(Problem(filename, _line_of(root, loc), _field_path(loc), _message({**err, "loc": loc})))
-    raise SpecError(sorted(problems, key=lambda p: p.line))
+    problems.sort(key=lambda p: p.line)
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = problems[:MAX_PROBLEMS] + [Problem(filename, problems[MAX_PROBLEMS].line, "(spec)",
+                                                       f"{more} more problems not shown; fix these first")]
+    raise SpecError(problems)
 
 
 def load_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
+
+    def problem(message: str) -> SpecError:
+        return SpecError([Problem(str(path), 1, "(file)", message)])
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError([Problem(str(path), 1, "(file)", "no such file; check the path")]) from None
-    except IsADirectoryError:
-        raise SpecError([Problem(str(path), 1, "(file)", "is a folder; name a spec file (or use `cortex validate FOLDER`)")]) from None
+        data = read_regular_file(path, limit=MAX_SPEC_BYTES)
+    except UnreadableFile as e:
+        if str(e) == "no such file":
+            raise problem("no such file; check the path") from None
+        if str(e).startswith("is a folder"):
+            raise problem("is a folder; name a spec file (or use `cortex validate FOLDER`)") from None
+        raise problem(f"{e}; a spec is a YAML file of at most {MAX_SPEC_BYTES // 1024} KiB") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SpecError([Problem(str(path), 1, "(file)", "is not UTF-8 text; a spec is a YAML file")]) from None
-    return parse_spec_text(text, str(path), base=path.resolve().parent)
+        raise problem("is not UTF-8 text; a spec is a YAML file") from None
+    return parse_spec_text(text, str(path), base=Path(os.path.realpath(path)).parent)
 
 
 def spec_files(paths: list[str | Path]) -> list[Path]:

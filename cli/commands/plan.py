@@ -14,10 +14,11 @@ from cli.options import SpecArgument
 from cli.output import JsonFlag, output, table
 from cortex.decide import ENGINE_NAMES, DecisionError
 from cortex.engines import FlagError
-from cortex.facts import FactsError
+from cortex.facts import FactsError, ModelFileError
+from cortex.hardware import HardwareError
 from cortex.pipeline import PlannedModel, plan_spec_file
 from cortex.plan import PlanError
-from cortex.spec import format_bytes, parse_bytes
+from cortex.spec import MAX_GPU_BYTES, MAX_GPUS, format_bytes, parse_bytes
 from cortex.specfile import SpecError
 
 
@@ -29,14 +30,17 @@ def register(app: typer.Typer) -> None:
 
 def _size(text: str) -> int:
     try:
-        return parse_bytes(text)
+        size = parse_bytes(text)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if size > MAX_GPU_BYTES:
+        raise typer.BadParameter(f"{format_bytes(size)} on one GPU is more than {format_bytes(MAX_GPU_BYTES)}")
+    return size
 
 
 def run(
     spec: SpecArgument,
-    gpus: Annotated[Optional[int], typer.Option(help="plan for N GPUs (overrides resources.gpus)")] = None,
+    gpus: Annotated[Optional[int], typer.Option(min=0, max=MAX_GPUS, help="plan for N GPUs (overrides resources.gpus)")] = None,
     gpu_memory: Annotated[Optional[int], typer.Option(
         parser=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)")] = None,
     as_json: JsonFlag = False,
@@ -47,7 +51,10 @@ def run(
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
-    except (FactsError, PlanError, DecisionError, FlagError, ValueError) as e:
+    except ModelFileError as e:  # the model's files are bad input, as an invalid spec is: exit 2
+        print(f"{spec}: cannot plan: {e}", file=sys.stderr)
+        return 2
+    except (FactsError, PlanError, DecisionError, FlagError, HardwareError) as e:
         print(f"{spec}: cannot plan: {e}", file=sys.stderr)
         return 1
     output(planned.to_json(), as_json, lambda _: render(planned))
