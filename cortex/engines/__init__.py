@@ -9,6 +9,7 @@ installed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Literal
@@ -134,6 +135,17 @@ def _spelling(name: str, known: dict) -> str:
         return dashed
     head = dashed.split(".", 1)[0]
     return head if "." in dashed and head in known else name
+
+
+def startup_phase(engine: str, logs: str) -> str | None:
+    """The phase an engine's start has reached, from the last line of `logs` (its recent
+    output) that its STARTUP_PHASES table knows; None before the first such line."""
+    table = [(re.compile(pattern), phase) for pattern, phase in _module(engine).STARTUP_PHASES]
+    for line in reversed(logs.splitlines()):
+        for pattern, phase in table:
+            if pattern.search(line):
+                return phase
+    return None
 
 
 def _module(engine: str) -> ModuleType:
