@@ -78,6 +78,32 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _count(n: float) -> str:
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:g}"
+
+
+def describe(event: ProgressEvent, *, rate: str = "", done_word: str = "done") -> str:
+    """`label: 52.4 MB/98.0 MB (53%), <rate>, <note>, <state>` (the parts there are)."""
+    parts = []
+    if event.unit == "bytes":
+        if event.total:
+            parts.append(f"{format_bytes(event.done)}/{format_bytes(event.total)} ({100 * event.done / event.total:.0f}%)")
+        elif event.done:
+            parts.append(format_bytes(event.done))
+    elif event.total:
+        parts.append(f"{_count(event.done)}/{_count(event.total)} {event.unit}".rstrip())
+    elif event.done:
+        parts.append(f"{_count(event.done)} {event.unit}".rstrip())
+    if rate:
+        parts.append(rate)
+    if event.note and event.state != "done":
+        parts.append(event.note)
+    said = {"started": "started", "running": "", "done": done_word, "failed": "failed"}[event.state]
+    if said:
+        parts.append(said)
+    return f"{event.label}: {', '.join(parts)}"
+
+
 class Bar:
     """One piece of work: what is done of how much, its phase; see `Reporter.task`."""
 
@@ -195,6 +221,8 @@ class _PlainDisplay(_Display):
         self.last_tenth = 0
 
     def show(self, bar: Bar, event: ProgressEvent, phase: bool) -> None:
+        if event.state == "started" and event.total:  # a resumed download starts past 0%
+            self.last_tenth = int(10 * event.done / event.total)
         if event.state == "running" and not phase:
             now = time.monotonic()
             tenth = int(10 * event.done / event.total) if event.total else 0
@@ -206,27 +234,14 @@ class _PlainDisplay(_Display):
 
     @staticmethod
     def line(bar: Bar, event: ProgressEvent) -> str:
-        parts = []
-        if event.unit == "bytes":
-            if event.total:
-                parts.append(f"{format_bytes(event.done)}/{format_bytes(event.total)} "
-                             f"({100 * event.done / event.total:.0f}%)")
-            elif event.done:
-                parts.append(format_bytes(event.done))
-        elif event.total:
-            parts.append(f"{event.done:g}/{event.total:g} {event.unit}".rstrip())
-        elif event.done:
-            parts.append(f"{event.done:g} {event.unit}".rstrip())
-        if event.state == "running" and (rate := bar.rate()):
-            per_s = f"{format_bytes(rate)}/s" if event.unit == "bytes" else \
-                f"{rate:.0f} {event.unit or 'units'}/s" if rate >= 100 else f"{rate:.3g} {event.unit or 'units'}/s"
-            parts.append(per_s + (f", ETA {eta:.0f} s" if (eta := bar.eta_s()) is not None else ""))
-        if event.note and event.state != "done":
-            parts.append(event.note)
-        said = {"started": "started", "running": "", "done": bar.done_word, "failed": "failed"}[event.state]
-        if said:
-            parts.append(said)
-        return f"cortex: {event.label}: {', '.join(parts)} ({event.elapsed_s:.0f} s)"
+        rate = ""
+        if event.state == "running" and (per_s := bar.rate()):
+            unit = event.unit or "units"
+            rate = f"{format_bytes(per_s)}/s" if event.unit == "bytes" else \
+                f"{per_s:.0f} {unit}/s" if per_s >= 100 else f"{per_s:.3g} {unit}/s"
+            if (eta := bar.eta_s()) is not None:
+                rate += f", ETA {eta:.0f} s"
+        return f"cortex: {describe(event, rate=rate, done_word=bar.done_word)} ({event.elapsed_s:.0f} s)"
 
 
 class _LiveDisplay(_Display):
@@ -366,9 +381,9 @@ def _amount_column() -> Any:
                 if task.speed:
                     text += f" {format_bytes(task.speed)}/s"
             elif task.total:
-                text = f"{task.completed:g}/{task.total:g} {unit}".rstrip()
+                text = f"{_count(task.completed)}/{_count(task.total)} {unit}".rstrip()
             elif task.completed:
-                text = f"{task.completed:g} {unit}".rstrip()
+                text = f"{_count(task.completed)} {unit}".rstrip()
             else:
                 return Text("")
             remaining = task.time_remaining
