@@ -26,6 +26,7 @@ import builtins
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cortex.hub import NotEnoughSpace, check_disk_space, record_digest, sha256_of, verified_digest
+from cortex.progress import SILENT, Bar, Reporter, step_of
 from cortex.settings import cache_root
 
 if TYPE_CHECKING:
@@ -347,9 +349,11 @@ def verify_gguf(path: Path, *, architecture: str | None = None, file_type: str |
 # --- running the tools -----------------------------------------------------------------------
 
 
-def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = None, what: str) -> dict:
-    """Run `cmd`, handing each output line to `log` as it comes; ToolFailed on a non-zero exit.
-    Returns a record of the step (command, exit code, seconds) for the manifest."""
+def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = None, what: str,
+                 on_line: Log = lambda line: None) -> dict:
+    """Run `cmd`, handing each output line to `log` and `on_line` (progress) as it comes;
+    ToolFailed on a non-zero exit. Returns a record of the step (command, exit code, seconds)
+    for the manifest."""
     started = time.monotonic()
     tail: list[str] = []
     log(f"$ {' '.join(cmd)}")
@@ -361,6 +365,7 @@ def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = N
             line = line.rstrip("\n")
             tail = (tail + [line])[-20:]
             log(line)
+            on_line(line)
         code = proc.wait()
     except BaseException:
         # Interrupted (Ctrl-C, a cancelled flow run): take the tool down with us.
@@ -371,6 +376,43 @@ def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = N
     if code != 0:
         raise ToolFailed(f"{what} failed (exit {code}) after {seconds:.1f} s; its last lines:\n" + "\n".join(tail))
     return {"what": what, "command": list(cmd), "exit_code": code, "seconds": round(seconds, 3)}
+
+
+# convert_hf_to_gguf.py's output: a line per tensor as it is read, then the gguf writer's
+# "<file>: n_tensors = 272, total_size = 269.1M" per output file and its tqdm bar
+# "Writing:  21%|██   | 56.6M/269M [...]" (a carriage return apart: text mode splits there).
+_CONVERTED_TENSOR = re.compile(r"^INFO:hf-to-gguf:\S+,\s+\S+ --> \S+, shape = ")
+_OUTPUT_SIZE = re.compile(r"n_tensors = \d+, total_size = ([\d.]+)([KMGT]?)\b")
+_WRITING = re.compile(r"^Writing:\s+\d+%.*?\|\s*([\d.]+)([kKMGT]?)/([\d.]+)([kKMGT]?)\s")
+_SCALE = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def converter_progress(bar: Bar) -> Log:
+    """An `on_line` for convert_hf_to_gguf.py that moves `bar` (bytes): tensors read, then bytes
+    written of the total the writer announces."""
+    tensors = [0]
+
+    def on_line(line: str) -> None:
+        if _CONVERTED_TENSOR.match(line):
+            tensors[0] += 1
+            bar.update(bar.done, note=f"{tensors[0]} tensors read")
+        elif size := _OUTPUT_SIZE.search(line):
+            bar.update(0, total=(bar.total or 0) + float(size[1]) * _SCALE[size[2]])
+            bar.phase("writing")
+        elif written := _WRITING.match(line):
+            bar.update(float(written[1]) * _SCALE[written[2]])
+
+    return on_line
+
+
+def quantize_progress(bar: Bar) -> Log:
+    """An `on_line` for llama-quantize that moves `bar` (tensors) by its "[  17/ 272]" lines."""
+
+    def on_line(line: str) -> None:
+        if step := step_of(line):
+            bar.update(*step)
+
+    return on_line
 
 
 def tool_env() -> dict[str, str]:
@@ -596,6 +638,7 @@ def convert(
     needed_bytes: int,
     store: ArtifactStore | None = None,
     log: Log = lambda line: None,
+    progress: Reporter | None = None,
 ) -> Artifact:
     """`convert_hf_to_gguf.py hf_dir --outtype f16|bf16|f32` into the cache (or the cached
     artifact), checked to be `architecture` of the asked file type."""
@@ -614,8 +657,10 @@ def convert(
         out = work / f"{model_name}-{outtype}.gguf"
         # The converter writes the file itself; it lives in the private build folder, which
         # is only renamed into the cache once the file is complete and verified.
-        step = run_streamed(converter_command(hf_dir, out, outtype.lower(), toolchain=toolchain), log,
-                            env=tool_env(), what=f"convert_hf_to_gguf.py ({outtype})")
+        with (progress or SILENT).task(f"convert {model_name} to {outtype}", unit="bytes") as bar:
+            step = run_streamed(converter_command(hf_dir, out, outtype.lower(), toolchain=toolchain), log,
+                                env=tool_env(), what=f"convert_hf_to_gguf.py ({outtype})",
+                                on_line=converter_progress(bar))
         summary = verify_gguf(out, architecture=architecture, file_type=outtype)
         log(f"verified {out.name}: {summary.architecture}, {summary.tensor_count} tensors, {summary.file_type}")
         return [out], summary, [step]
@@ -633,6 +678,7 @@ def quantize(
     threads: int | None = None,
     store: ArtifactStore | None = None,
     log: Log = lambda line: None,
+    progress: Reporter | None = None,
 ) -> Artifact:
     """`llama-quantize base.gguf out.gguf TYPE` into the cache (or the cached artifact), checked
     to have the base's architecture and tensor count and the asked file type."""
@@ -646,8 +692,11 @@ def quantize(
 
     def produce(work: Path):
         out = work / f"{model_name}-{quant}.gguf"
-        step = run_streamed(quantize_command(base.model_file, out, quant, toolchain=toolchain, threads=threads),
-                            log, env=tool_env(), what=f"llama-quantize ({base.key.quantization} -> {quant})")
+        with (progress or SILENT).task(f"quantize {model_name} {base.key.quantization} -> {quant}",
+                                       unit="tensors") as bar:
+            step = run_streamed(quantize_command(base.model_file, out, quant, toolchain=toolchain, threads=threads),
+                                log, env=tool_env(), what=f"llama-quantize ({base.key.quantization} -> {quant})",
+                                on_line=quantize_progress(bar))
         summary = verify_gguf(out, architecture=base.gguf.architecture, file_type=quant,
                               tensor_count=base.gguf.tensor_count)
         log(f"verified {out.name}: {summary.architecture}, {summary.tensor_count} tensors, {summary.file_type}")
@@ -672,10 +721,12 @@ def build_gguf(
     store: ArtifactStore | None = None,
     log: Log = lambda line: None,
     on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
+    progress: Reporter | None = None,
 ) -> list[Artifact]:
     """The GGUF artifacts a plan of `quantization` needs, from the HF checkpoint in `hf_dir`:
     [F16/BF16/F32] when that is the type asked for, else [F16, the quantized type]. Each comes
-    from the cache when it is there; `on_step(name, artifact, built_now)` reports each one."""
+    from the cache when it is there; `on_step(name, artifact, built_now)` reports each one, and
+    `progress` shows the converter's and llama-quantize's way through the tensors."""
     store = store or ArtifactStore()
     quant = quantization.upper()
     base_type = gguf_build_types(quant)[0]
@@ -695,13 +746,13 @@ def build_gguf(
         need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
         base, quantized = _convert_then_quantize(
             hf_dir, base_key, final_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
-            source=source, base_need=base_need, need=need, store=store, log=log)
+            source=source, base_need=base_need, need=need, store=store, log=log, progress=progress)
         on_step(base_type, base, True)
         on_step(quant, quantized, True)
         return [base, quantized]
     built = store.get(base_key) is None
     base = convert(hf_dir, base_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
-                   source=source, needed_bytes=base_need, store=store, log=log)
+                   source=source, needed_bytes=base_need, store=store, log=log, progress=progress)
     on_step(base_type, base, built)
     done.append(base)
     if quant == base_type:
@@ -709,7 +760,7 @@ def build_gguf(
     need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
     built = store.get(final_key) is None
     quantized = quantize(base, final_key, toolchain=toolchain, model_name=model_name, needed_bytes=need,
-                         store=store, log=log)
+                         store=store, log=log, progress=progress)
     on_step(quant, quantized, built)
     done.append(quantized)
     return done
@@ -734,25 +785,29 @@ def local_source_id(paths: Iterable[Path]) -> str:
 
 def _convert_then_quantize(hf_dir: Path, base_key: ArtifactKey, final_key: ArtifactKey, *, toolchain, model_name: str,
                            architecture: str, source: dict, base_need: int, need: int, store: ArtifactStore,
-                           log: Log) -> tuple[Artifact, Artifact]:
+                           log: Log, progress: Reporter | None = None) -> tuple[Artifact, Artifact]:
     """Convert, then quantize while the converted file is being checked (gguf reader, sha256) on
     another thread: llama-quantize only reads it, and nothing is published unless both files
     pass. On a large model this hides minutes of hashing behind the quantization."""
     from cortex.toolchain import converter_command, quantize_command
 
     base_type, quant = base_key.quantization.upper(), final_key.quantization.upper()
+    progress = progress or SILENT
     with store.building(base_key, source=source, needed_bytes=base_need) as base:
         converted = base.work / f"{model_name}-{base_type}.gguf"
-        base.steps.append(run_streamed(converter_command(hf_dir, converted, base_type.lower(), toolchain=toolchain),
-                                       log, env=tool_env(), what=f"convert_hf_to_gguf.py ({base_type})"))
+        with progress.task(f"convert {model_name} to {base_type}", unit="bytes") as bar:
+            base.steps.append(run_streamed(
+                converter_command(hf_dir, converted, base_type.lower(), toolchain=toolchain), log, env=tool_env(),
+                what=f"convert_hf_to_gguf.py ({base_type})", on_line=converter_progress(bar)))
         with ThreadPoolExecutor(1) as pool:
             checked = pool.submit(lambda: (verify_gguf(converted, architecture=architecture, file_type=base_type),
                                            sha256_of(converted)))
             with store.building(final_key, source=dict(source), needed_bytes=need) as final:
                 out = final.work / f"{model_name}-{quant}.gguf"
-                final.steps.append(run_streamed(
-                    quantize_command(converted, out, quant, toolchain=toolchain), log, env=tool_env(),
-                    what=f"llama-quantize ({base_type} -> {quant})"))
+                with progress.task(f"quantize {model_name} {base_type} -> {quant}", unit="tensors") as bar:
+                    final.steps.append(run_streamed(
+                        quantize_command(converted, out, quant, toolchain=toolchain), log, env=tool_env(),
+                        what=f"llama-quantize ({base_type} -> {quant})", on_line=quantize_progress(bar)))
                 base.summary, base_sha = checked.result()
                 log(f"verified {converted.name}: {base.summary.architecture}, {base.summary.tensor_count} tensors, "
                     f"{base.summary.file_type}")

@@ -34,12 +34,13 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cortex.fileio import atomic_write_json
+from cortex.progress import SILENT, Bar, Reporter
 from cortex.settings import cache_root
 from cortex.toolchain import install_lock
 
@@ -69,9 +70,6 @@ SMALL_HF_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json
                   "generation_config.json", "special_tokens_map.json")
 
 SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total)
-
 
 # --- errors ------------------------------------------------------------------------------
 
@@ -545,30 +543,30 @@ def list_files(repo: str, commit: str, *, token: HubToken | None = None) -> list
     return files
 
 
-def _progress_bar(report: Progress | None, name: str, total: int):
-    """A tqdm class for the client's `http_get` that also reports to `report`."""
+def _tqdm_into(bar: Bar | None, *, only: str | None = None):
+    """A tqdm class for the client that shows nothing itself and moves `bar` instead (the
+    client's own bars are off: progress goes through Cortex's reporter). With `only`, just the
+    client's bar of that name counts (snapshot_download also makes bars of files and of bytes
+    received; its bar "huggingface_hub.snapshot_download" counts bytes written)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class Bar(hf_tqdm):
+    class Into(hf_tqdm):
         def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True  # no terminal bar: progress goes to Cortex's own reporting
+            # (`initial`, bytes already on disk, is the bar's own `initial`)
+            self._counts = bar is not None and (only is None or kwargs.get("name") == only)
+            kwargs["disable"] = True
             super().__init__(*args, **kwargs)
-            self._done = int(kwargs.get("initial") or 0)
-            self._last = 0.0
 
         def update(self, n=1):
-            self._done += int(n or 0)
-            now = time.monotonic()
-            if report is not None and (now - self._last > 0.5 or self._done >= total):
-                self._last = now
-                report(name, self._done, total)
+            if self._counts and n:
+                bar.advance(int(n))  # type: ignore[union-attr]
             return super().update(n)
 
-    return Bar
+    return Into
 
 
 def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: HubToken | None,
-                    progress: Progress | None) -> tuple[int, int]:
+                    progress: Reporter) -> tuple[int, int]:
     """Fetch one LFS file into `blob` (= blobs/<sha256>), continuing a partial transfer left by
     an interrupted run. Returns (bytes downloaded now, bytes resumed from disk)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -595,9 +593,10 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
         partial.unlink()
         have = 0
     try:
-        with open(partial, "ab") as out:
+        with open(partial, "ab") as out, \
+                progress.task(f"download {f.path}", total=f.size, unit="bytes", initial=have) as bar:
             http_get(location, out, resume_size=have, headers=headers, expected_size=f.size,
-                     displayed_filename=f.path, tqdm_class=_progress_bar(progress, f.path, f.size))
+                     displayed_filename=f.path, tqdm_class=_tqdm_into(bar))
     except (HfHubHTTPError, _transport_errors()) as error:
         # The partial file stays: the next attempt continues from where this one stopped.
         raise _translate(error, repo, commit) from error
@@ -611,17 +610,25 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
     return f.size - have, have
 
 
-def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken | None) -> Path:
+def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken | None, *,
+                       small: Sequence[RemoteFile] = (), progress: Reporter = SILENT) -> Path:
+    """The client's snapshot_download of `names` (the LFS blobs are already in place, so what
+    moves is the `small` files)."""
+    from contextlib import nullcontext
+
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    label = small[0].path if len(small) == 1 else f"{len(small)} small files of {repo}"
     try:
-        folder = snapshot_download(
-            repo, revision=commit, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(),
-            allow_patterns=[glob.escape(n) for n in names], token=_client_token(token),
-            local_files_only=is_offline(), max_workers=4, library_name="cortex",
-            tqdm_class=_progress_bar(None, repo, len(names)),
-        )
+        with (progress.task(f"download {label}", total=sum(f.size for f in small), unit="bytes")
+              if small else nullcontext()) as bar:
+            folder = snapshot_download(
+                repo, revision=commit, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(),
+                allow_patterns=[glob.escape(n) for n in names], token=_client_token(token),
+                local_files_only=is_offline(), max_workers=4, library_name="cortex",
+                tqdm_class=_tqdm_into(bar, only="huggingface_hub.snapshot_download"),
+            )
     except LocalEntryNotFoundError as error:
         raise OfflineCacheMiss(
             f"offline mode is on (HF_HUB_OFFLINE) and the cache ({hub_cache_dir()}) lacks files of "
@@ -649,15 +656,17 @@ def fetch(
     include: Iterable[str] | None = None,
     only: Iterable[str] | None = None,
     token: HubToken | None = None,
-    progress: Progress | None = None,
+    progress: Reporter | None = None,
 ) -> RepoSnapshot:
     """Fetch what is needed of `repo@revision` into the HF cache and verify it.
 
     What is needed: `only` (exact file names, e.g. ["config.json"]); else the GGUF file or split
     set `gguf`; else the files matching `include`; else the HF checkpoint files (weights,
     config, tokenizer). Files already in the cache and unchanged since they were verified are
-    neither fetched nor hashed again.
+    neither fetched nor hashed again. `progress` gets one bar per large file (bytes, rate, ETA)
+    and one for the small files together.
     """
+    progress = progress or SILENT
     commit = resolve_revision(repo, revision, token=token)
     remote = list_files(repo, commit, token=token)
     if only is not None:
@@ -718,11 +727,8 @@ def fetch(
                     downloaded += got
                     resumed += had
             small = [f for f in missing if f.sha256 is None]
-            _snapshot_download(repo, commit, [f.path for f in missing], token)
+            _snapshot_download(repo, commit, [f.path for f in missing], token, small=small, progress=progress)
             downloaded += sum(f.size for f in small)
-            if progress is not None:
-                for f in missing:
-                    progress(f.path, f.size, f.size)
     return RepoSnapshot(repo=repo, revision=revision, commit=commit, folder=folder, files=tuple(wanted),
                         downloaded_bytes=downloaded, resumed_bytes=resumed, refetched=tuple(refetched))
 

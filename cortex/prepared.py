@@ -34,6 +34,7 @@ from cortex.artifacts import (
 )
 from cortex.facts import ModelFacts, gguf_facts, hf_dir_facts
 from cortex.plan import Plan
+from cortex.progress import Reporter
 from cortex.spec import Source
 
 SourceKind = Literal["hf_repo", "hf_dir", "gguf_file", "gguf_repo"]
@@ -154,7 +155,7 @@ def file_records(paths: Iterable[Path], snapshot: hub.RepoSnapshot | None = None
 def build_source_gguf(resolved: ResolvedSource, facts: ModelFacts, quantization: str, *, toolchain,
                       predicted_bytes: dict[str, int], log: Log = lambda line: None,
                       on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
-                      ) -> list[Artifact]:
+                      progress: Reporter | None = None) -> list[Artifact]:
     """cortex.artifacts.build_gguf on the HF checkpoint of `resolved` (its folder on disk)."""
     folder = resolved.hf_folder()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(
@@ -163,7 +164,7 @@ def build_source_gguf(resolved: ResolvedSource, facts: ModelFacts, quantization:
         folder, source_id=resolved.source_id, quantization=quantization, toolchain=toolchain,
         model_name=(resolved.repo or folder.name).rsplit("/", 1)[-1],
         architecture=gguf_architecture_for([facts.architecture], toolchain.version), source=resolved.provenance(),
-        weights_bytes=weights, predicted_bytes=predicted_bytes, log=log, on_step=on_step,
+        weights_bytes=weights, predicted_bytes=predicted_bytes, log=log, on_step=on_step, progress=progress,
     )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from cortex.engine_scripts import script_path
 from cortex.fileio import atomic_write_json, file_lock
-from cortex.progress import progress
+from cortex.progress import progress, step_of
 from cortex.settings import cache_root
 
 # --- pinned versions -------------------------------------------------------------------
@@ -128,9 +128,6 @@ def install_lock(name: str) -> contextlib.AbstractContextManager[None]:
 def _say(message: str) -> None:
     # Installs take minutes; say what is happening on stderr (stdout is for results).
     print(f"cortex: {message}", file=sys.stderr, flush=True)
-
-
-_BUILD_STEP = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's and make's "[n/N]" (make: "[ 42%]" is not)
 
 
 def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str,
@@ -312,8 +309,8 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         )
         with progress(f"building llama.cpp {TOOLCHAIN_VERSION}", unit="steps") as bar:
             def on_line(line: str) -> None:
-                if step := _BUILD_STEP.match(line):
-                    bar.update(int(step[1]), total=int(step[2]))
+                if step := step_of(line):
+                    bar.update(*step)
 
             _run_logged(
                 ["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMA_CPP_TARGETS],

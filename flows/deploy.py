@@ -140,11 +140,12 @@ def _benchmark(replica: Replica, request: RolloutRequest) -> BenchmarkSummary | 
 def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runtime, timeout: float) -> None:
     """Start the F16 reference next to the new replica, compare them, stop the reference;
     a score under the spec's threshold raises QualityGateFailed (the transaction rolls back)."""
+    from cortex.progress import Reporter
     from tasks.benchmark import quality_check
 
     reference = rt.start(quality.reference, engine_secrets())
     try:
-        reference = rt.wait_ready(reference, timeout)
+        reference = rt.wait_ready(reference, timeout, progress=Reporter())
         quality_check(
             reference.endpoint, replica.endpoint, prompts=quality.check.prompts, tokens=quality.check.tokens,
             min_top1_agreement=quality.check.min_top1_agreement, candidate_label=quality.label,

@@ -39,7 +39,7 @@ from cortex.quality import (
     check_quant_quality,
     enforce_quality,
 )
-from tasks.common import TASK_OPTIONS, artifact_key
+from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
 
 
 def default_results_dir(model: str) -> Path:
@@ -118,7 +118,12 @@ def run_benchmark(
             "-" if level.ttft_ms.p50 is None else f"{level.ttft_ms.p50:.0f}", level.errors,
         )
 
-    result = benchmark(base_url, settings, model=model, api_key=api_key, target=target, on_level=on_level)
+    progress = ProgressArtifact(artifact_key(f"benchmark-{model or target or base_url}", "progress"),
+                                f"Benchmark of {model or base_url}: concurrency {settings.concurrency}, "
+                                f"{settings.requests} requests per level", parts=len(settings.concurrency))
+    result = benchmark(base_url, settings, model=model, api_key=api_key, target=target, on_level=on_level,
+                       progress=progress.reporter())
+    progress.finish(f"{len(result.levels)} levels measured")
     checked = evaluate_gates(result, gates) if gates else []
     folder = Path(results_dir) if results_dir is not None else default_results_dir(result.model)
     files = publish_benchmark(result, checked, results_dir=folder)

@@ -20,7 +20,7 @@ from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
 from cortex.runtime import Replica, Runtime
 from cortex.runtime.base import engine_secrets
 from cortex.runtime.rollout import SmokeRequest
-from tasks.common import TASK_OPTIONS, artifact_key
+from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
 
 
 @task(name="start-replica", **TASK_OPTIONS)
@@ -54,7 +54,10 @@ def wait_until_ready(replica: Replica, runtime: Runtime, timeout_s: float) -> Re
             last_report[0] = elapsed
             logger.info("%s not ready yet (%.0f s)", replica.name, elapsed)
 
-    runtime.wait_ready(replica, timeout_s, on_wait=report)
+    progress = ProgressArtifact(artifact_key("start", replica.name),
+                                f"Start of {replica.engine} replica {replica.name} at {replica.endpoint}")
+    runtime.wait_ready(replica, timeout_s, on_wait=report, progress=progress.reporter())
+    progress.finish(f"{replica.name} ready")
     logger.info("%s is healthy", replica.name)
     return replica
 

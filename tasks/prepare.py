@@ -11,11 +11,10 @@ parameter, so Prefect records it nowhere, and nothing here logs it.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cortex import hub
 from cortex.artifacts import Artifact, gguf_architecture_for, gguf_build_types
@@ -33,7 +32,7 @@ from cortex.prepared import (
 )
 from cortex.settings import Settings
 from cortex.spec import ModelSpec
-from tasks.common import TASK_OPTIONS, artifact_key
+from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
 
 
 def _retry_if_unreachable(task, task_run, state) -> bool:
@@ -101,20 +100,6 @@ def plan_model(spec: ModelSpec, facts: ModelFacts, *, check_converter: bool = Tr
     return plan
 
 
-class _Progress:
-    """A Prefect progress artifact updated at most once a second."""
-
-    def __init__(self, key: str, description: str) -> None:
-        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
-        self.last = 0.0
-
-    def set(self, percent: float, description: str | None = None, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= 1.0:
-            self.last = now
-            update_progress_artifact(self.id, progress=max(0.0, min(100.0, percent)), description=description)
-
-
 @task(name="check-space", **TASK_OPTIONS)
 def check_space(spec: ModelSpec, resolved: ResolvedSource, facts: ModelFacts, plan: Plan) -> None:
     """Before any download: room for the files still to fetch and for the GGUF files the plan
@@ -131,18 +116,16 @@ def download_weights(spec: ModelSpec, resolved: ResolvedSource) -> hub.RepoSnaps
     src = spec.source
     token = hub_token()
     wanted = hub_files_needed(src, resolved.commit, token=token)
-    total = sum(f.size for f in wanted) or 1
-    progress = _Progress(artifact_key("prepare", spec.name, "download"),
-                         f"Download of {src.repo}@{resolved.commit[:12]} ({total} bytes, {len(wanted)} files)")
-    done: dict[str, int] = {}
-
-    def report(name: str, got: int, size: int) -> None:
-        done[name] = got
-        progress.set(100.0 * sum(done.values()) / total, f"{name}: {got}/{size} bytes")
-
-    snap = hub.fetch(src.repo, resolved.commit, gguf=src.gguf, include=src.include, token=token, progress=report)
-    progress.set(100.0, f"{len(snap.files)} files verified; {snap.downloaded_bytes} bytes downloaded, "
-                        f"{snap.resumed_bytes} resumed", force=True)
+    # the files still to fetch, whole: a resumed file's bar starts at the bytes already on disk
+    todo = [f for f in wanted if hub.bytes_to_fetch(src.repo, resolved.commit, [f])]
+    total = sum(f.size for f in todo)
+    progress = ProgressArtifact(artifact_key("prepare", spec.name, "download"),
+                                f"Download of {src.repo}@{resolved.commit[:12]}: {len(todo)} of {len(wanted)} "
+                                f"files to fetch ({total} bytes)", total=total, unit="bytes")
+    snap = hub.fetch(src.repo, resolved.commit, gguf=src.gguf, include=src.include, token=token,
+                     progress=progress.reporter())
+    progress.finish(f"{len(snap.files)} files verified; {snap.downloaded_bytes} bytes downloaded, "
+                    f"{snap.resumed_bytes} resumed")
     if snap.refetched:
         logger.warning("re-fetched after failing verification: %s", ", ".join(snap.refetched))
     logger.info("%s@%s: %d files verified (%d bytes downloaded, %d resumed)", src.repo, resolved.commit[:12],
@@ -159,23 +142,23 @@ def build_gguf_artifacts(spec: ModelSpec, resolved: ResolvedSource, facts: Model
     logger = get_run_logger()
     toolchain = find_toolchain()
     quant = plan.artifact.quantization.upper()
-    steps = len(gguf_build_types(quant))
-    progress = _Progress(artifact_key("prepare", spec.name, "build"),
-                         f"GGUF {quant} for {spec.name} with llama.cpp {toolchain.version}")
+    progress = ProgressArtifact(artifact_key("prepare", spec.name, "build"),
+                                f"GGUF {quant} for {spec.name} with llama.cpp {toolchain.version}",
+                                parts=len(gguf_build_types(quant)))
     built: list[str] = []
-    seen: list[str] = []
 
     def on_step(name: str, artifact: Artifact, now: bool) -> None:
-        seen.append(name)
         if now:
             built.append(name)
         logger.info("%s %s: %s (%d bytes)", "built" if now else "cached", name, artifact.model_file,
                     artifact.total_bytes)
-        progress.set(100.0 * len(seen) / steps, f"{name} {'built' if now else 'from the cache'}", force=True)
+        if not now:
+            progress.part_done(name, "from the cache")
 
     artifacts = build_source_gguf(resolved, facts, quant, toolchain=toolchain, predicted_bytes=predicted,
-                                  log=lambda line: logger.info("%s", line), on_step=on_step)
-    progress.set(100.0, f"{quant} ready", force=True)
+                                  log=lambda line: logger.info("%s", line), on_step=on_step,
+                                  progress=progress.reporter())
+    progress.finish(f"{quant} ready")
     return artifacts, built
 
 

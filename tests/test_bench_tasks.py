@@ -77,3 +77,27 @@ def test_a_failed_gate_fails_the_task_after_publishing_the_numbers(prefect_api, 
         bench_flow()
     assert (tmp_path / "results.json").is_file()
     assert "Gates: FAILED" in latest("benchmark-fake-model-summary").data
+
+
+def test_the_benchmark_task_keeps_a_progress_artifact_and_prints_plain_lines(prefect_api, fake, tmp_path: Path,
+                                                                               capfd):
+    """The same progress events feed the Prefect progress artifact (one part per level) and, off
+    a terminal, plain lines on stderr."""
+    from prefect.client.schemas.filters import ArtifactFilterFlowRunId
+    from prefect.context import get_run_context
+
+    @flow
+    def bench_flow() -> str:
+        run_benchmark(fake.base_url, SETTINGS, model="fake-model", results_dir=tmp_path)
+        return str(get_run_context().flow_run.id)
+
+    run_id = bench_flow()
+    with get_client(sync_client=True) as client:
+        of_run = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    progress = [a for a in of_run if a.key == "benchmark-fake-model-progress"]
+    assert len(progress) == 1 and progress[0].type == "progress"
+    assert float(progress[0].data) == 100.0 and progress[0].description == "2 levels measured"
+    err = capfd.readouterr().err
+    for conc in (1, 2):
+        lines = [line for line in err.splitlines() if line.startswith(f"cortex: benchmark concurrency {conc}: ")]
+        assert lines and "4/4 requests, done" in lines[-1] and len(lines) <= 6, lines

@@ -157,6 +157,13 @@ def test_prepare_hf_repo_to_verified_f16_and_q8_0_then_cached_then_offline(
             predicted = first["predicted_bytes"][quant]
             assert abs(f["bytes"] - predicted) / predicted < 0.02, (quant, f["bytes"], predicted)
         assert first["artifact_path"] == ggufs["Q8_0.gguf"]["path"]
+        # Off a terminal (the command's stderr is a pipe) each long step is a few plain lines.
+        said = [line for line in proc1.stderr.splitlines() if line.startswith("cortex: ")]
+        for label, end in ((f"download {weights.path}", "(100%), done ("), ("convert ", ", done ("),
+                           ("quantize ", "tensors, done (")):
+            lines = [line for line in said if line.startswith(f"cortex: {label}")]
+            assert lines and lines[0].endswith("started (0 s)") and end in lines[-1], (label, said)
+            assert len(lines) <= 13, lines  # start, tenths, a phase, end: not a line per tensor or chunk
         # Only the checkpoint's files crossed the wire, each GET carrying the token.
         got = {r.path.rsplit("/", 1)[-1] for r in server.requests if r.method == "GET" and "/resolve/" in r.path}
         assert weights.path in got and all(r.authorized for r in server.requests if REPO in r.path)

@@ -24,6 +24,7 @@ import typer
 from cli.commands import add_command
 from cli.output import JsonFlag, dict_table, output
 from cortex.bench import BenchmarkError, BenchmarkSettings, benchmark, results_table
+from cortex.progress import Reporter
 from cortex.spec import PromptSet
 
 
@@ -119,13 +120,14 @@ def run(
 ) -> int:
     base_url, model, api_key = resolve_target(target, load.model, load.api_key)
 
-    def progress(level) -> None:
+    def say_level(level) -> None:
         if not as_json:
             print(f"  concurrency {level.concurrency}: {level.output_tokens_per_s:.1f} out tok/s, "
                   f"{level.completed} ok, {level.errors} errors", file=sys.stderr)
 
     try:
-        result = benchmark(base_url, load.settings, model=model, api_key=api_key, target=target, on_level=progress)
+        result = benchmark(base_url, load.settings, model=model, api_key=api_key, target=target, on_level=say_level,
+                           progress=Reporter())
     except BenchmarkError as exc:
         print(f"cortex bench: {exc}", file=sys.stderr)
         return 1

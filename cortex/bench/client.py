@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from cortex.bench.metrics import BenchmarkResult, LevelResult, RequestRecord, compute_level_metrics
 from cortex.bench.settings import BenchmarkSettings
 from cortex.bench.workload import Prompt, arrival_offsets, make_prompts
+from cortex.progress import SILENT, Reporter
 from cortex.sse import DONE, sse_data
 
 
@@ -172,8 +173,10 @@ async def run_level(
     headers: Mapping[str, str],
     *,
     arrivals: Sequence[float] | None = None,
+    on_request: Callable[[RequestRecord], None] | None = None,
 ) -> LevelResult:
-    """Send one level's requests with its load shape and measure it."""
+    """Send one level's requests with its load shape and measure it; `on_request` sees each
+    request as it ends."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     offsets = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
@@ -181,7 +184,10 @@ async def run_level(
 
     async def limited(p: Prompt) -> RequestRecord:
         async with sem:
-            return await send_streaming_request(client, url, _payload(model, p, settings), headers)
+            record = await send_streaming_request(client, url, _payload(model, p, settings), headers)
+        if on_request is not None:
+            on_request(record)
+        return record
 
     tasks: list[asyncio.Task[RequestRecord]] = []
     start = time.perf_counter()
@@ -228,11 +234,13 @@ async def run_benchmark(
     api_key: str | None = None,
     target: str | None = None,
     on_level: Any = None,
+    progress: Reporter | None = None,
 ) -> BenchmarkResult:
     """Benchmark an OpenAI-compatible endpoint at each concurrency level of `settings`.
 
     `base_url` is the server root (with or without `/v1`); `model` defaults to the first
-    one the endpoint lists. `on_level(level_result)` is called after each level.
+    one the endpoint lists. `on_level(level_result)` is called after each level; `progress`
+    gets one bar per level (requests done of the level's total).
     """
     settings = settings or BenchmarkSettings()
     url = _completions_url(base_url)
@@ -260,7 +268,16 @@ async def run_benchmark(
                 settings.requests, settings.request_rate, settings.burstiness,
                 rng=np.random.default_rng(seed),
             )
-            level = await run_level(client, url, model, prompts, conc, settings, headers, arrivals=arrivals)
+            with (progress or SILENT).task(f"benchmark concurrency {conc}", total=len(prompts),
+                                           unit="requests") as bar:
+                errors = [0]
+
+                def ended(record: RequestRecord) -> None:
+                    errors[0] += not record.success
+                    bar.update(bar.done + 1, note=f"{errors[0]} failed" if errors[0] else None)
+
+                level = await run_level(client, url, model, prompts, conc, settings, headers, arrivals=arrivals,
+                                        on_request=ended)
             levels.append(level)
             if on_level is not None:
                 on_level(level)

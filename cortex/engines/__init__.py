@@ -9,7 +9,9 @@ installed; `cortex.engines.extra_args` holds the reviewed allow-list those extra
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Literal
 
 Kind = Literal["value", "switch", "bool_pair", "list_comma", "list_space", "removed"]
@@ -71,12 +73,35 @@ def build_args(table: list[FlagMap], settings: Any, plan: Any) -> list[str]:
 
 def flag_names(args: list[str]) -> list[str]:
     """The flags in an argument list (`--x=1` counts as `--x`); values are skipped."""
-    return [a.split("=", 1)[0] for a in args if a.startswith("-") and not _is_number(a)]
+    return [a.split("=", 1)[0] for a in args if a.startswith("-") and not is_number(a)]
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
         return True
     except ValueError:
         return False
+
+
+def startup_phase(engine: str, logs: str) -> str | None:
+    """The phase an engine's start has reached, from the last line of `logs` (its recent
+    output) that its STARTUP_PHASES table knows; None before the first such line."""
+    table = [(re.compile(pattern), phase) for pattern, phase in engine_module(engine).STARTUP_PHASES]
+    for line in reversed(logs.splitlines()):
+        for pattern, phase in table:
+            if pattern.search(line):
+                return phase
+    return None
+
+
+def engine_module(engine: str) -> ModuleType:
+    if engine == "vllm":
+        from cortex.engines import vllm
+
+        return vllm
+    if engine == "llamacpp":
+        from cortex.engines import llamacpp
+
+        return llamacpp
+    raise FlagError(f"unknown engine {engine!r}")

@@ -26,7 +26,7 @@ from types import ModuleType
 
 import yaml
 
-from cortex.engines import FlagError
+from cortex.engines import FlagError, engine_module, is_number
 from cortex.engines.introspect import FLAGS_DATA_DIR, FlagInfo, FlagTable, FlagTableMissing, load_flag_table
 
 # The vocabulary of classes and why each is refused. "safe" passes; the rest need the escape.
@@ -197,7 +197,7 @@ def check_extra_args(args: list[str], engine: str, *, unsafe: bool = False) -> C
     refused whatever the spec says, or a refused class without `unsafe`. Returns what passed
     only because of `unsafe` (the plan shows it)."""
     checked = classify_extra_args(args, engine)
-    module = _module(engine)
+    module = engine_module(engine)
     problems = list(checked.errors)
     if checked.unsafe and not unsafe:
         problems += [
@@ -217,7 +217,7 @@ def check_extra_args(args: list[str], engine: str, *, unsafe: bool = False) -> C
 def classify_extra_args(args: list[str], engine: str) -> CheckedArgs:
     """Walk the arguments as the engine's parser would (each flag with its values) and sort what
     is refused into errors (never allowed) and unsafe (allowed only by the escape)."""
-    module = _module(engine)
+    module = engine_module(engine)
     try:
         table = load_flag_table(module.FLAG_TABLE_ENGINE)
         policy = load_policy(table.engine, table.version)
@@ -231,7 +231,7 @@ def classify_extra_args(args: list[str], engine: str) -> CheckedArgs:
     while i < len(args):
         arg = args[i]
         i += 1
-        if not arg.startswith("-") or arg == "-" or _is_number(arg):
+        if not arg.startswith("-") or arg == "-" or is_number(arg):
             out.errors.append(
                 f"{arg!r} is a bare positional argument; {label} takes none (Cortex names the model "
                 "itself): write flags, each followed by its value"
@@ -289,13 +289,13 @@ def _values(info: FlagInfo, args: list[str], i: int, inline: str | None) -> tupl
     nargs = info.nargs
     if nargs in ("+", "*"):
         start = i
-        while i < len(args) and (not args[i].startswith("-") or _is_number(args[i])):
+        while i < len(args) and (not args[i].startswith("-") or is_number(args[i])):
             i += 1
         if nargs == "+" and i == start:
             return None, i
         return args[start:i], i
     if nargs == "?" or info.value_optional:
-        if i < len(args) and (not args[i].startswith("-") or _is_number(args[i])):
+        if i < len(args) and (not args[i].startswith("-") or is_number(args[i])):
             return [args[i]], i + 1
         return [], i
     count = int(nargs) if nargs and nargs.isdigit() else 1
@@ -353,26 +353,6 @@ def _mapped_settings(module: ModuleType, table: FlagTable) -> dict[str, str]:
             for spelling in _spellings(m.negative, table):
                 mapped[spelling] = m.setting
     return mapped
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _module(engine: str) -> ModuleType:
-    if engine == "vllm":
-        from cortex.engines import vllm
-
-        return vllm
-    if engine == "llamacpp":
-        from cortex.engines import llamacpp
-
-        return llamacpp
-    raise FlagError(f"unknown engine {engine!r}")
 
 
 # --------------------------------------------------------------------------- the spec's env

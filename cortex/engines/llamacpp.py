@@ -12,6 +12,15 @@ STOP_TIMEOUT_S = 10  # the seed's graceful stop for llama.cpp (CPU offload clean
 API_KEY_ENV = "LLAMA_API_KEY"  # llama-server reads --api-key from this variable; keeps it off the command line
 DEFAULT_IMAGE = "cortex/llamacpp-server"  # built from images/llamacpp, tagged with the toolchain version
 
+# What llama-server says as it starts (its log), and the phase each line begins; in order.
+# Checked against this toolchain's llama-server; older builds say "warming up the model".
+STARTUP_PHASES: list[tuple[str, str]] = [
+    (r"load_model: loading model", "loading model"),
+    (r"load_model: initializing|warming up the model", "initializing slots"),
+    (r"model loaded", "model loaded"),
+    (r"listening on|server is listening", "listening"),
+]
+
 # spec setting (llamacpp.*) or plan value -> llama-server flag. Adding a flag is one line.
 FLAGS: list[FlagMap] = [
     FlagMap("ngl", "-ngl", plan="ngl"),

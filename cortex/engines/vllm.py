@@ -12,6 +12,16 @@ STOP_TIMEOUT_S = 5  # the seed's graceful stop for vLLM
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's server reads its API key from this variable
 DEFAULT_IMAGE = "vllm/vllm-openai"  # tagged v<version>
 
+# What vLLM logs as it starts, and the phase each line begins; in order (vLLM 0.32's messages).
+STARTUP_PHASES: list[tuple[str, str]] = [
+    (r"Starting to load model", "loading weights"),
+    (r"Loading weights took|Model loading took", "weights loaded"),
+    (r"Available KV cache memory|KV cache size: ", "allocating KV cache"),
+    (r"Capturing CUDA graphs", "capturing CUDA graphs"),
+    (r"init engine \(profile, create kv cache, warmup model\) took", "engine initialized"),
+    (r"Starting vLLM server on|Application startup complete", "starting the API server"),
+]
+
 # spec setting (vllm.*) or plan value -> vLLM 0.32 flag. Adding a flag is one line.
 FLAGS: list[FlagMap] = [
     FlagMap("tensor_parallel_size", "--tensor-parallel-size", plan="tensor_parallel_size"),

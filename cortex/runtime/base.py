@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import dataclasses
 import re
 import secrets as _secrets
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import httpx
+
+from cortex.engines import startup_phase
+from cortex.progress import SILENT, Bar, Reporter
 
 if TYPE_CHECKING:
     from cortex.launch import LaunchSpec
@@ -315,12 +319,20 @@ class Runtime(abc.ABC):
         *,
         poll_s: float = 0.5,
         on_wait: Callable[[float], None] | None = None,
+        progress: Reporter | None = None,
     ) -> Replica:
         """Wait until the engine's health endpoint answers 200.
 
         If the engine exits or the time runs out, the replica is stopped and removed, and
-        EngineNotReady carries its last log lines and a hint. Returns the replica when ready."""
+        EngineNotReady carries its last log lines and a hint. Returns the replica when ready.
+        `progress` shows the phases of the start (from the engine's log) and the time taken."""
+        with (progress or SILENT).task(f"engine {replica.name}", done_word="ready") as bar:
+            return self._wait_healthy(replica, timeout_s, poll_s, on_wait, bar if progress else None)
+
+    def _wait_healthy(self, replica: Replica, timeout_s: float, poll_s: float,
+                      on_wait: Callable[[float], None] | None, bar: Bar | None) -> Replica:
         deadline = time.monotonic() + timeout_s
+        next_look = time.monotonic()
         started = time.monotonic()
         while True:
             try:
@@ -351,6 +363,10 @@ class Runtime(abc.ABC):
                 )
             if on_wait:
                 on_wait(time.monotonic() - started)
+            if bar is not None and time.monotonic() >= next_look:  # the engine's log, every 2 s
+                next_look = time.monotonic() + 2.0
+                with contextlib.suppress(ReplicaNotFound):  # gone: the next turn says so
+                    bar.phase(startup_phase(replica.engine, self.logs(replica, lines=30)) or "starting")
             time.sleep(poll_s)
 
 
