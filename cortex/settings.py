@@ -74,6 +74,9 @@ FIELDS: list[Field] = [
     Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
     Field("docker_bind", str, "127.0.0.1", "Host address the docker runtime publishes engine ports on (a remote DOCKER_HOST needs a reachable one)."),
     Field("deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."),
+    Field("restart_check_s", float, 10.0, "Seconds between `cortex serve`'s checks for applied specs whose engine died."),
+    Field("restart_backoff_s", float, 30.0, "Wait after a failed restart of a dead replica; doubles after each further failure."),
+    Field("restart_backoff_max_s", float, 600.0, "Longest wait between restarts of a replica that keeps failing."),
     Field("hf_token_block", str, "hf-token", "Prefect Secret block holding the Hugging Face token, used when HF_TOKEN is not set."),
 ]
 
@@ -99,6 +102,9 @@ class Settings:
     engine_api_key: str | None
     docker_bind: str
     deploy_lock_timeout_s: float
+    restart_check_s: float
+    restart_backoff_s: float
+    restart_backoff_max_s: float
     hf_token_block: str
 
     @classmethod

@@ -26,12 +26,17 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.transactions import transaction
 
+from cortex.applied import all_applied, forget_applied
 from cortex.gateway.client import gateway_client
 from cortex.runtime import Replica, Runtime, get_runtime, reachable_runtimes, runtime_class
 from cortex.runtime.base import engine_secrets
-from cortex.runtime.rollout import BenchmarkSummary, DeployResult, QualityRequest, RolloutRequest, rollout_request
+from cortex.runtime.rollout import (
+    BenchmarkSummary, DeployResult, QualityRequest, RolloutRequest, dead_routes, rollout_request,
+)
 from cortex.settings import Settings
-from tasks.deploy import register_in_gateway, retire_replica, smoke_test_replica, start_replica, wait_until_ready
+from tasks.deploy import (
+    register_in_gateway, remove_dead_routes, retire_replica, smoke_test_replica, start_replica, wait_until_ready,
+)
 
 
 class DeployBusy(RuntimeError):
@@ -78,14 +83,17 @@ def roll_out(request: RolloutRequest) -> DeployResult:
     # (a spec that moves from process to docker replaces the process replica too)
     runtimes, _ = reachable_runtimes(request.runtime)
     rt = runtimes[request.runtime]
-    for orphan in rt.cleanup_orphans():
-        logger.warning("removed %s: its engine was no longer running", orphan.name)
-    existing = [r for other in runtimes.values() for r in other.replicas_of(launch.model)]
-    same = next((r for r in existing if r.name == launch.name and r.runtime == rt.kind), None)
-    previous = [r for r in existing if r is not same]
     gw = gateway_client(request.gateway)
     if gw is not None:
         gw.close()  # it answers; each gateway task opens its own client
+    orphans = rt.cleanup_orphans()
+    for orphan in orphans:
+        logger.warning("removed %s: its engine was no longer running", orphan.name)
+    if orphans and gw:  # the route goes with the state: another process may take the port
+        remove_dead_routes([orphan.name for orphan in orphans])
+    existing = [r for other in runtimes.values() for r in other.replicas_of(launch.model)]
+    same = next((r for r in existing if r.name == launch.name and r.runtime == rt.kind), None)
+    previous = [r for r in existing if r is not same]
     gateway_state = "registered" if gw else ("disabled" if request.gateway is False else "not running")
     if gw is None and request.gateway is None:
         logger.info("no gateway answers at CORTEX_GATEWAY_URL; the engine's own endpoint is the result")
@@ -183,12 +191,24 @@ def available_runtimes(runtime: str | None = None) -> list[Runtime]:
 
 @flow(name="retire-model")
 def retire_model(name: str, runtime: str | None = None) -> list[str]:
-    """Drain every replica of model `name` from the gateway, then stop and remove it."""
+    """Drain every replica of model `name` from the gateway, then stop and remove it; remove the
+    routes of its replicas whose engine is already gone. Returns the replica names stopped or
+    unrouted. Specs applied under that name are forgotten, so `cortex serve` does not restart it."""
     gw = gateway_client(None)
     if gw is not None:
         gw.close()  # it answers: drain there first
+    runtimes = available_runtimes(runtime)
     stopped = [retire_replica(replica, rt, drain_gateway=gw is not None)
-               for rt in available_runtimes(runtime) for replica in rt.replicas_of(name)]
-    if not stopped:
+               for rt in runtimes for replica in rt.replicas_of(name)]
+    unrouted: list[str] = []
+    if gw is not None:
+        with gateway_client(True) as client:
+            routes = client.replicas_of(name)
+        dead = [rid for rt in runtimes for rid in dead_routes(routes, live=set(), runtimes={rt.kind}, host=rt.host())]
+        unrouted = remove_dead_routes(dead) if dead else []
+    for record in all_applied():
+        if record.name == name:
+            forget_applied(record.spec_path)
+    if not stopped and not unrouted:
         raise LookupError(f"no replica of model {name!r} is running (see `cortex status`)")
-    return stopped
+    return stopped + unrouted

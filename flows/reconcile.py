@@ -78,17 +78,24 @@ def _running_replica(name: str, runtime: str, replica_name: str | None = None):
 
 @flow(name="apply-spec")
 def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = None,
-               gateway: bool | None = None) -> dict[str, Any]:
+               gateway: bool | None = None, restart: str | None = None) -> dict[str, Any]:
     """Deploy the model the spec file at `spec_path` describes (see the module docstring).
 
     scheduled: a scheduled run; redeploy only if the source's commit changed, else benchmark
     the running replica again. runtime: process | docker (default: the spec's). gateway: True
-    requires the gateway, False skips it, unset uses it when one answers."""
+    requires the gateway, False skips it, unset uses it when one answers. restart: set by
+    `cortex serve` when the model's engine died (why, and which attempt); said in the run's log
+    and a `replica-restart` artifact."""
     from tasks.benchmark import benchmark_replica
     from tasks.prepare import resolve_source
 
     logger = get_run_logger()
     path = str(Path(spec_path).expanduser().absolute())
+    if restart:
+        logger.warning("replacing a crashed replica: %s", restart)
+        _tag_run("restart")
+        create_markdown_artifact(key="replica-restart", markdown=f"## Replacing a crashed replica\n\n{restart}\n\n"
+                                 f"spec `{path}`; this run deploys it again.", description=restart[:200])
     spec = validate_spec(path)
     digest = spec_sha256(path)
     kind = runtime or spec.runtime

@@ -11,8 +11,9 @@
     reconcile       reconcile-specs    the UI form (defaults to the watched folder)
 
 `serve_specs(folder)` registers them, makes the deploy deployment's schedules match the specs,
-starts the folder watcher (cortex/watch.py) that emits the events, and runs the deployments
-until stopped. Schedules are kept in step on every settled change of the folder: a spec that
+starts the folder watcher (cortex/watch.py) that emits the events and the restart watch
+(cortex/restarts.py: a spec's model whose engine died is deployed again by an apply-spec run
+whose `restart` parameter says why, with backoff), and runs the deployments until stopped. Schedules are kept in step on every settled change of the folder: a spec that
 gains a `schedule` gets one, a spec that drops it (or is deleted) loses it, and an invalid
 spec keeps what it had, so a typo never removes a schedule.
 """
@@ -31,6 +32,8 @@ from prefect.events import emit_event
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron
 
+from cortex.restarts import RestartBackoff, dead_specs
+from cortex.settings import Settings
 from cortex.specfile import SpecError, load_spec, spec_files
 from cortex.watch import SpecChange, SpecWatcher
 from flows.deploy import retire_model
@@ -151,6 +154,28 @@ def cortex_deployments(folder: str | Path) -> list[Any]:
     ]
 
 
+def watch_replicas(folder: Path, stop: threading.Event, settings: Settings | None = None) -> None:
+    """Until `stop`: every `restart_check_s`, start an apply-spec run (parameter `restart`: why)
+    for each applied spec of `folder` whose model runs no more, paced by cortex.restarts."""
+    from prefect.deployments import run_deployment
+
+    settings = settings or Settings.load()
+    backoff = RestartBackoff(settings.restart_backoff_s, settings.restart_backoff_max_s)
+    runs: dict[str, Any] = {}  # spec path -> id of its last restart run
+    while not stop.wait(settings.restart_check_s):
+        try:
+            with get_client(sync_client=True) as client:
+                states = {path: client.read_flow_run(run_id).state for path, run_id in runs.items()}
+            busy = {path for path, state in states.items() if state is None or not state.is_final()}
+            for restart in backoff.due(dead_specs(folder), busy):
+                log.warning("%s: %s; starting a deploy run", restart.spec_path, restart.describe())
+                run = run_deployment(DEPLOY, parameters={"spec_path": restart.spec_path, "restart": restart.describe()},
+                                     timeout=0, as_subflow=False)
+                runs[restart.spec_path] = run.id
+        except Exception:  # noqa: BLE001 - logged with its traceback; the next check must still run
+            log.exception("checking for replicas whose engine died failed")
+
+
 def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading.Event | None = None) -> None:
     """Register the deployments, sync schedules, watch `folder`, and run until interrupted."""
     folder = Path(folder).absolute()
@@ -172,6 +197,9 @@ def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading
 
     stop = stop or threading.Event()
     SpecWatcher(folder, on_change).start(stop)
+    # its own copy: one context cannot be entered by two threads at once
+    threading.Thread(target=contextvars.copy_context().run, args=(watch_replicas, folder, stop),
+                     name="replica-restarts", daemon=True).start()
     try:
         serve(*deployments, limit=limit, pause_on_shutdown=False, print_starting_message=False)
     finally:

@@ -17,7 +17,7 @@ from prefect.transactions import Transaction, get_transaction
 
 from cortex.launch import LaunchSpec
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
-from cortex.runtime import Replica, Runtime
+from cortex.runtime import Replica, Runtime, runtime_class
 from cortex.runtime.base import engine_secrets
 from cortex.runtime.rollout import SmokeRequest
 from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
@@ -87,7 +87,8 @@ def register_in_gateway(replica: Replica, aliases: list[str]) -> dict[str, Any]:
     with GatewayClient() as client:
         registered = client.register(
             replica.model, replica.endpoint, engine_api_key=replica.api_key, aliases=aliases,
-            replica_id=replica.name, labels={"engine": replica.engine, "runtime": replica.runtime},
+            replica_id=replica.name,
+            labels={"engine": replica.engine, "runtime": replica.runtime, "host": runtime_class(replica.runtime).host()},
         )
     transaction = get_transaction()
     if transaction is not None:
@@ -104,6 +105,19 @@ def _deregister(transaction: Transaction) -> None:
     if replica_id is not None:
         with GatewayClient() as client:
             client.deregister(replica_id)
+
+
+@task(name="remove-dead-routes", **TASK_OPTIONS)
+def remove_dead_routes(replica_ids: list[str]) -> list[str]:
+    """Deregister the gateway routes of replicas whose engine is gone (nothing to drain: nothing
+    answers there, or something else does). Returns the ids the gateway had."""
+    from cortex.gateway.client import GatewayClient
+
+    with GatewayClient() as client:
+        removed = [rid for rid in replica_ids if client.remove_route(rid)]
+    for rid in removed:
+        get_run_logger().warning("removed the gateway route of %s: its engine is no longer running", rid)
+    return removed
 
 
 @task(name="retire-replica", **TASK_OPTIONS)

@@ -181,9 +181,9 @@ def _wait_healthy(server, ready_timeout: float, what: str) -> None:
 def llama_server(
     toolchain: tc.Toolchain, test_model: tc.TestModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LlamaServer]:
-    """llama-server on the SmolLM2 Q4_1 GGUF, for the whole session."""
+    """llama-server on the SmolLM2 Q4_1 GGUF, served as `smollm2`, for the whole session."""
     server = launch_llama_server(
-        toolchain, test_model.gguf, log_dir=tmp_path_factory.mktemp("llama-server")
+        toolchain, test_model.gguf, "--alias", "smollm2", log_dir=tmp_path_factory.mktemp("llama-server")
     )
     yield server
     server.stop()

@@ -34,6 +34,7 @@ def engines():
     started: list[FakeEngine] = []
 
     def start(**kwargs) -> FakeEngine:
+        kwargs.setdefault("models", ("smol", "alpha", "beta"))
         engine = FakeEngine(api_key=kwargs.pop("api_key", "engine-secret"), **kwargs).start()
         started.append(engine)
         return engine

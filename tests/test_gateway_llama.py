@@ -109,7 +109,7 @@ def test_models_list_and_error_types(gateway, routed):
 
 
 def test_embeddings_match_the_engine(gateway, start_llama_server, test_model):
-    embedder = start_llama_server(test_model.gguf, "--embeddings", "--pooling", "mean")
+    embedder = start_llama_server(test_model.gguf, "--embeddings", "--pooling", "mean", "--alias", "smollm2-embed")
     with gateway.client() as c:
         c.register("smollm2-embed", embedder.base_url, engine_api_key=embedder.api_key)
         key = c.create_key()["key"]
@@ -124,7 +124,7 @@ def test_engine_killed_mid_stream_gives_clean_error_then_503(tmp_path, start_lla
     # No health check to race the stream: the failed request is what takes the replica out.
     gw = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "3600"}).start()
     try:
-        victim = start_llama_server(test_model.gguf)
+        victim = start_llama_server(test_model.gguf, "--alias", "smollm2")
         with gw.client() as c:
             c.register("smollm2", victim.base_url, engine_api_key=victim.api_key)
             key = c.create_key()["key"]
@@ -154,7 +154,7 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
     gw = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "3600",
                                                 "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}).start()
     try:
-        old = start_llama_server(test_model.gguf)
+        old = start_llama_server(test_model.gguf, "--alias", "smollm2")
         with gw.client() as c:
             r_old = c.register("smollm2", old.base_url, engine_api_key=old.api_key)
             key = c.create_key()["key"]
@@ -178,7 +178,7 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
             t.start()
         # Traffic on the old replica first (counted, not slept for: a slow machine serves less in 3 s).
         wait_until(lambda: len(served) >= 20 or errors, "20 requests served by the old replica")
-        new = start_llama_server(test_model.gguf)  # the new replica comes up while the old one serves
+        new = start_llama_server(test_model.gguf, "--alias", "smollm2")  # the new replica comes up while the old one serves
         with gw.client() as c:
             r_new = c.register("smollm2", new.base_url, engine_api_key=new.api_key)
             c.drain(r_old["id"], wait=True, timeout=600)

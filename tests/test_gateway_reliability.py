@@ -27,7 +27,7 @@ if _soft != resource.RLIM_INFINITY and _soft < 8192:
 
 @pytest.fixture
 def engine():
-    e = FakeEngine(api_key="engine-secret").start()
+    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
     yield e
     e.stop()
 

@@ -9,6 +9,7 @@ the SmolLM2 GGUF on the process runtime (llama-server), with a tiny benchmark.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -222,7 +223,8 @@ def cortex_serve(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPat
     specs.mkdir()
     log_path = root / "serve.log"
     env = prefect_server.env(CORTEX_HOME=str(home), CORTEX_GATEWAY_URL="http://127.0.0.1:9",
-                             CORTEX_DEPLOY_LOCK_TIMEOUT_S="600", PYTHONUNBUFFERED="1")
+                             CORTEX_DEPLOY_LOCK_TIMEOUT_S="600", PYTHONUNBUFFERED="1",
+                             CORTEX_RESTART_CHECK_S="1", CORTEX_RESTART_BACKOFF_S="5")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--prefect-url", prefect_server.api_url],
@@ -351,6 +353,38 @@ def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Ser
     assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
     assert run.parameters == {"spec_path": str(spec_path)}
     assert replicas(cortex_serve) == []
+
+
+def test_a_replica_whose_engine_is_killed_is_replaced_by_a_run_that_says_so(cortex_serve: Serve, test_model) -> None:
+    spec_path = cortex_serve.specs / "crashy.yaml"
+    deploy = "apply-spec/deploy"
+    known = {r.id for r in flow_runs(deploy)}
+    write_spec(spec_path, smollm2_spec(test_model.gguf, name="smollm2-crashy"))
+    run = wait_for_new_run(deploy, known, 600, cortex_serve.log)
+    assert run.state.type.value == "COMPLETED", run_logs(run.id)[-4000:]
+    known.add(run.id)
+    [first] = [r for r in replicas(cortex_serve) if r.model == "smollm2-crashy"]
+
+    os.kill(int(first.ref), signal.SIGKILL)
+    restart = wait_for_new_run(deploy, known, 600, cortex_serve.log)
+    assert restart.state.type.value == "COMPLETED", run_logs(restart.id)[-4000:]
+    assert restart.parameters["spec_path"] == str(spec_path)
+    assert restart.parameters["restart"].startswith(f"restart 1: smollm2-crashy is not running: the engine of {first.name}")
+    assert "restart" in restart.tags
+    assert "replica-restart" in {a.key for a in run_artifacts(restart.id)}
+    wait_for(lambda: "replacing a crashed replica" in run_logs(restart.id), 30, "the run's log does not say why")
+    [second] = [r for r in replicas(cortex_serve) if r.model == "smollm2-crashy"]
+    assert second.ref != first.ref
+    assert httpx.get(second.endpoint + "/health", timeout=5).status_code == 200
+    known.add(restart.id)
+
+    retire = "retire-spec/retire-deleted"
+    known_retire = {r.id for r in flow_runs(retire)}
+    spec_path.unlink()
+    assert wait_for_new_run(retire, known_retire, 300, cortex_serve.log).state.type.value == "COMPLETED"
+    assert [r for r in replicas(cortex_serve) if r.model == "smollm2-crashy"] == []
+    time.sleep(5)  # a few restart checks: a retired model is not restarted
+    assert [r for r in flow_runs(deploy) if r.id not in known] == []
 
 
 def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str], timeout: float = 300) -> str:

@@ -14,7 +14,8 @@ from cli.output import JsonFlag, output
 def register(app: typer.Typer) -> None:
     add_command(app, run, "retire", short_help="stop and remove every replica of a model",
                 help="Run the retire-model flow: drain NAME's replicas from the gateway (if one "
-                "runs), stop them gracefully and remove them.")
+                "runs), stop them gracefully and remove them; remove the gateway routes of NAME's replicas "
+                "whose engine already died.")
 
 
 def run(
@@ -30,5 +31,5 @@ def run(
     if outcome.exit_code:
         return outcome.exit_code
     output({"name": name, "stopped": outcome.result}, as_json,
-           lambda result: [f"stopped and removed {replica}" for replica in result["stopped"]])
+           lambda result: [f"retired {replica}" for replica in result["stopped"]])
     return 0

@@ -22,9 +22,10 @@ import orjson
 from ..settings import Settings
 from . import openapi
 from .accesslog import AccessLog
+from .identity import verify_replica
 from .metrics import Metrics
 from .registry import Registry, RegistryError
-from .routing import Replica, RoutingTable
+from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("cortex.gateway")
@@ -155,6 +156,7 @@ class Gateway:
         self._data_version = -1
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
+        self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
         self.reload()
 
     # --- state ------------------------------------------------------------------------------
@@ -162,10 +164,12 @@ class Gateway:
     def reload(self) -> None:
         """Rebuild the routing table from the registry."""
         self._data_version = self.registry.data_version()
+        before = set(self.table.replicas.values())
         gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), self.registry.keys())
         for replica in gone:
             if replica.in_flight == 0:
                 replica.pool.close()
+        self._check_new([r for r in self.table.replicas.values() if r not in before])
 
     def _maybe_reload(self) -> None:
         if self.registry.data_version() != self._data_version:
@@ -197,9 +201,9 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._health_loop()))
 
     async def shutdown(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._checks):
             task.cancel()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._checks):
             try:
                 await task
             except asyncio.CancelledError:
@@ -240,21 +244,34 @@ class Gateway:
             await asyncio.sleep(self.settings.gateway_health_interval)
 
     async def check_health(self, replica: Replica) -> bool:
-        headers = {"Authorization": f"Bearer {replica.engine_api_key}"} if replica.engine_api_key else {}
+        """/health without the engine's key, then whether the registered engine is the one that
+        answers (cortex.gateway.identity); only then is the replica routable."""
         assert self._health_client is not None  # made in start(), before the health loop runs
-        try:
-            response = await self._health_client.get(replica.url + "/health", headers=headers)
-            ok = response.status_code == 200
-            reason = f"/health answered {response.status_code}"
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            ok, reason = False, f"/health failed: {type(exc).__name__}: {exc}"
-        if ok != replica.healthy:
+        verdict = await verify_replica(self._health_client, replica.url, replica.model, replica.engine_api_key)
+        ok = verdict.healthy
+        if ok != replica.healthy or (not ok and verdict.reason != replica.reason and verdict.impostor):
             if ok:
-                log.info("replica %s (%s) is healthy again", replica.id, replica.model)
+                log.info("replica %s (%s) is healthy", replica.id, replica.model)
+            elif verdict.impostor:
+                log.error("replica %s (%s) at %s taken out: %s", replica.id, replica.model, replica.url, verdict.reason)
             else:
-                log.warning("replica %s (%s) taken out: %s", replica.id, replica.model, reason)
-            replica.healthy = ok
+                log.warning("replica %s (%s) taken out: %s", replica.id, replica.model, verdict.reason)
+        replica.healthy, replica.reason = ok, verdict.reason
         return ok
+
+    def _check_new(self, replicas: list[Replica]) -> None:
+        """Verify replicas the registry just added (another process's registration, a restart)
+        now rather than at the next health pass: until then they are not routable."""
+        if self._health_client is None or not replicas:
+            return  # not serving yet: the health loop's first pass checks them
+        for replica in replicas:
+            task = self.loop.create_task(self._check_unchecked(replica))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _check_unchecked(self, replica: Replica) -> None:
+        if replica.reason == UNCHECKED:  # not since marked healthy by its registration
+            await self.check_health(replica)
 
     def _mark_failed(self, replica: Replica, error: UpstreamError) -> None:
         if replica.healthy:
@@ -615,7 +632,7 @@ class Gateway:
         record = self.registry.register(body["model"], body["url"], engine_key, aliases, replica_id, labels)
         self.reload()
         replica = self.table.replicas[record.id]
-        replica.healthy = True
+        replica.healthy, replica.reason = True, ""  # the registrant tested it; the next pass verifies it
         return 201, replica.public()
 
     def admin_drain(self, body: dict, id: str) -> tuple[int, Any]:

@@ -4,6 +4,7 @@
     replica = client.register("smollm2", "http://127.0.0.1:8081", engine_api_key=key, aliases=["small"])
     client.drain(old_replica_id)          # waits until its in-flight requests finished
     client.deregister(replica_id)
+    client.remove_route(dead_replica_id)  # False if it had none
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ class GatewayClient:
     def deregister(self, replica_id: str) -> dict:
         """Remove a replica at once (requests in flight finish on their open connections)."""
         return self._call("DELETE", f"/admin/replicas/{replica_id}")
+
+    def remove_route(self, replica_id: str) -> bool:
+        """Deregister a replica whose engine is gone; False if the gateway did not know it."""
+        try:
+            self.deregister(replica_id)
+        except GatewayError as exc:
+            if exc.status != 404:
+                raise
+            return False
+        return True
 
     def list(self) -> dict:
         """{"replicas": [{id, model, url, state, healthy, in_flight, labels}], "aliases": {...}}"""

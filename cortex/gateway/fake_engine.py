@@ -1,14 +1,15 @@
 """A minimal OpenAI-style engine that answers instantly: the upstream for gateway tests and for
 benchmarks/gateway_bench.py (so only proxy cost is measured). Not a model: answers are canned.
 
-    python -m cortex.gateway.fake_engine --port 9001 [--api-key KEY] [--chunks 20]
+    python -m cortex.gateway.fake_engine --port 9001 [--api-key KEY] [--chunks 20] [--model NAME]...
 
 Request fields it understands besides the OpenAI ones: `fake_chunks` (SSE events to send),
 `fake_delay` (seconds between events), `fake_status` (answer with this status),
 `fake_headers` (extra response headers of a plain answer, e.g. hop-by-hop ones), `fake_hold`
 (a name: each token event waits for a permit of that name, given by `FakeEngine.release`, so a
 test decides when a stream moves on instead of guessing how long it takes).
-GET /_last returns the last request's body and headers (to check pass-through).
+GET /_last returns the last request's body and headers (to check pass-through). GET /v1/models
+lists `models` (the names the gateway's health pass looks for).
 """
 
 from __future__ import annotations
@@ -136,6 +137,13 @@ class _Conn(asyncio.Protocol):
         if url == b"/_last":
             self._send(200, orjson.dumps(self.engine.last))
             return
+        if url == b"/v1/models" and method == b"GET":  # before `last`: the gateway's health passes ask it
+            if self.engine.api_key and headers.get("authorization") != f"Bearer {self.engine.api_key}":
+                self._send(401, b'{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}')
+                return
+            self._send(200, orjson.dumps({"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "fake"} for m in self.engine.models]}))
+            return
         self.engine.last = {"body": body.decode(errors="replace"), "headers": headers, "path": url.decode()}
         if self.engine.api_key and headers.get("authorization") != f"Bearer {self.engine.api_key}":
             self._send(401, b'{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}')
@@ -214,9 +222,11 @@ class FakeEngine:
     """Serve on 127.0.0.1:`port` (0 picks one) in a background thread; `kill()` drops every
     connection at once, as a crashed engine does."""
 
-    def __init__(self, port: int = 0, api_key: str | None = None, chunks: int = 20) -> None:
+    def __init__(self, port: int = 0, api_key: str | None = None, chunks: int = 20,
+                 models: tuple[str, ...] = ("fake",)) -> None:
         self.port = port
         self.api_key = api_key
+        self.models = models  # what GET /v1/models lists (it answers any model name in requests)
         self.chunks = chunks
         self.healthy = True
         self.requests = 0
@@ -296,8 +306,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--api-key")
     parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--model", action="append", help="a model name GET /v1/models lists (repeatable; default: fake)")
     args = parser.parse_args()
-    engine = FakeEngine(args.port, args.api_key, args.chunks)
+    engine = FakeEngine(args.port, args.api_key, args.chunks, tuple(args.model or ["fake"]))
 
     async def run() -> None:
         await engine.serve()

@@ -12,12 +12,15 @@ from .registry import ApiKeyRecord, ReplicaRecord
 from .upstream import ConnectionPool
 
 
+UNCHECKED = "not checked yet"
+
+
 class Replica:
     """One engine endpoint serving one model, as the router sees it."""
 
     __slots__ = (
         "id", "model", "url", "host", "port", "state", "healthy", "in_flight", "pool",
-        "request_head", "labels", "engine_api_key", "removed",
+        "request_head", "labels", "engine_api_key", "removed", "reason",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float) -> None:
@@ -27,7 +30,11 @@ class Replica:
         self.url = record.url
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
-        self.healthy = True  # the deploy flow registers only replicas that passed smoke tests
+        # Not routable until a health pass has verified that the engine registered here answers
+        # (cortex.gateway.identity); a registration through the admin API marks it healthy at once,
+        # because the deploy flow registers only replicas that passed smoke tests.
+        self.healthy = False
+        self.reason = UNCHECKED  # why it is not healthy ("" when it is)
         self.in_flight = 0
         self.removed = False
         self.pool = ConnectionPool(self.host, self.port, connect_timeout)
@@ -55,6 +62,7 @@ class Replica:
             "url": self.url,
             "state": self.state,
             "healthy": self.healthy,
+            "reason": self.reason,
             "in_flight": self.in_flight,
             "labels": self.labels,
         }

@@ -371,9 +371,10 @@ class Runtime(abc.ABC):
 
 
 def probe_health(replica: Replica, timeout: float = 2.0) -> str:
-    headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
+    # Never with the engine's key: /health is public on both engines, and whatever listens on
+    # the port (the engine, or another process once it died) must not be handed the key.
     try:
-        response = httpx.get(replica.endpoint + replica.health_path, timeout=timeout, headers=headers)
+        response = httpx.get(replica.endpoint + replica.health_path, timeout=timeout)
     except httpx.HTTPError:
         return "down"
     if response.status_code == 200:

@@ -142,3 +142,18 @@ class DeployResult(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """What `cortex deploy --json` prints."""
         return self.model_dump(mode="json")
+
+
+def dead_routes(routes: list[dict[str, Any]], live: set[str], runtimes: set[str], host: str) -> list[str]:
+    """Ids of gateway routes (the admin API's replica views) whose replica is gone: started by one
+    of `runtimes` on `host` (labels from the deploy flow; routes from before the host label count
+    as this host's), and not among the `live` replica names. Routes registered by hand carry no
+    runtime label and are never taken for dead."""
+    dead = []
+    for route in routes:
+        labels = route.get("labels") or {}
+        if route["id"] in live or labels.get("runtime") not in runtimes:
+            continue
+        if labels.get("host", host) == host:
+            dead.append(route["id"])
+    return dead
