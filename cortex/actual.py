@@ -139,7 +139,7 @@ def read_vllm_report(log: str) -> EngineReport:
     CPU backend holds them as stored). CUDA graph memory is part of the overhead; it is kept in
     `lines`, not as a term."""
     per_worker: dict[tuple[str, int, int], dict[str, float]] = {}
-    used: list[str] = []
+    used: list[tuple[tuple[str, int, int], str]] = []
     for line in log.splitlines():
         for figure, pattern in _VLLM_FIGURES:
             m = pattern.search(line)
@@ -149,9 +149,11 @@ def read_vllm_report(log: str) -> EngineReport:
             pp, tp = (int(w.group(1) or 0), int(w.group(2))) if w else (0, 0)
             kind = "cpu" if figure.startswith("cpu_") else "cuda"
             per_worker.setdefault((kind, pp, tp), {})[figure.removeprefix("cpu_")] = float(m.group(1))
-            used.append(line.strip())
+            used.append(((kind, pp, tp), line.strip()))
             break
-    figures = {k: v for k, v in sorted(per_worker.items()) if set(v) & {"weights", "kv_cache"}}
+    # a CPU worker is one that set its KV cache (on a GPU the checkpoint-size line alone is no device)
+    figures = {k: v for k, v in sorted(per_worker.items())
+               if ("kv_cache" in v if k[0] == "cpu" else bool(set(v) & {"weights", "kv_cache"}))}
     if not figures:
         return EngineReport("vllm", problem=(
             "vLLM's log has none of `Model loading took`, `Available KV cache memory` or "
@@ -162,7 +164,7 @@ def read_vllm_report(log: str) -> EngineReport:
         name = "cpu" if kind == "cpu" else f"cuda:{gpus}"
         gpus += kind == "cuda"
         devices.append(DeviceActual(name, _gib(values.get("weights")), _gib(values.get("kv_cache"))))
-    return EngineReport("vllm", tuple(devices), lines=tuple(used))
+    return EngineReport("vllm", tuple(devices), lines=tuple(line for key, line in used if key in figures))
 
 
 def _gib(value: float | None) -> int | None:
