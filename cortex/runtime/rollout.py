@@ -3,10 +3,10 @@ deploy reports. Prefect shows both on the run's page.
 
     RolloutRequest   the launch and the runtime kind it starts in, the smoke tests it must pass
                      (SmokeRequest), the spec's benchmark section with its gates, the comparison
-                     with the F16 reference (QualityRequest), the gateway aliases, the ready timeout
+                     with the F16 reference (QualityRequest), the gateway aliases, the ready timeout,
+                     the plan's bytes per device (held against the engine's own report: cortex.actual)
     DeployResult     what the deploy did: replica, endpoint, smoke tests, gateway, what it replaced,
                      the benchmark summary; `.to_json()` is what `cortex deploy --json` prints
-    memory_plan      the plan's bytes per device, which the engine's own report is held against
 
 `rollout_request` builds the request from a spec and what `prepare` made of it.
 """
