@@ -1,6 +1,7 @@
 """Deploy a spec end to end, and retire a model.
 
-    deploy_model(spec)    = prepare -> launch -> ready -> smoke -> gateway -> stop the previous
+    deploy_model(spec)    = prepare -> launch -> ready -> memory against the plan -> smoke -> gateway
+                            -> stop the previous
     roll_out(request)     = the part after prepare: a new replica replaces the old ones only
                             once it is healthy, tested and routed; otherwise it is removed and
                             the old ones keep serving
@@ -35,7 +36,8 @@ from cortex.runtime.rollout import (
 )
 from cortex.settings import Settings
 from tasks.deploy import (
-    register_in_gateway, remove_dead_routes, retire_replica, smoke_test_replica, start_replica, wait_until_ready,
+    compare_memory_with_plan, register_in_gateway, remove_dead_routes, retire_replica, smoke_test_replica,
+    start_replica, wait_until_ready,
 )
 
 
@@ -115,6 +117,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
         with transaction():
             replica = start_replica(launch, rt)
             replica = wait_until_ready(replica, rt, timeout)
+            compare_memory_with_plan(replica, rt, request.memory_plan)  # warns, never fails
             smoke = smoke_test_replica(replica, request.smoke)
             # a failed gate raises here, inside the transaction: the new replica is rolled back
             bench = _benchmark(replica, request)

@@ -15,7 +15,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.transactions import Transaction, get_transaction
 
+from cortex.actual import MemoryComparison, compare_memory, forget_memory_record, read_engine_report, write_memory_record
 from cortex.launch import LaunchSpec
+from cortex.plan import DevicePlan
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
 from cortex.runtime import Replica, Runtime, runtime_class
 from cortex.runtime.base import engine_secrets
@@ -60,6 +62,46 @@ def wait_until_ready(replica: Replica, runtime: Runtime, timeout_s: float) -> Re
     progress.finish(f"{replica.name} ready")
     logger.info("%s is healthy", replica.name)
     return replica
+
+
+# llama-server's load report is its first ~200 lines; read well past it
+MEMORY_REPORT_LINES = 5000
+
+
+@task(name="compare-memory", **TASK_OPTIONS)
+def compare_memory_with_plan(replica: Replica, runtime: Runtime, planned: list[DevicePlan]) -> MemoryComparison:
+    """Read the ready engine's own account of its memory, hold it against the plan, warn for
+    every term more than 10% off (or a report that could not be read), keep the comparison with
+    the replica (`cortex status --json`) and show it as a table artifact. Never fails the deploy."""
+    logger = get_run_logger()
+    try:
+        log = runtime.logs(replica, lines=MEMORY_REPORT_LINES)
+    except OSError as exc:  # the log itself is unreadable: the comparison says so
+        log = ""
+        logger.warning("could not read the log of %s: %s", replica.name, exc)
+    comparison = compare_memory(planned, read_engine_report(replica.engine, log))
+    for warning in comparison.warnings:
+        logger.warning("%s: %s", replica.name, warning)
+    write_memory_record(replica.name, comparison)
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.set("memory_record", replica.name)
+    create_table_artifact(
+        key=artifact_key(f"memory-{replica.model}"),
+        table=comparison.table() or [{"problem": comparison.problem or "no device was planned"}],
+        description=f"Memory of {replica.name} ({replica.engine}, {replica.runtime}): planned against what "
+                    f"the engine reports. " + ("; ".join(comparison.warnings) or "every term within 10% of the plan"),
+    )
+    if not comparison.warnings:
+        logger.info("%s: memory as planned (every term within 10%%)", replica.name)
+    return comparison
+
+
+@compare_memory_with_plan.on_rollback
+def _forget_memory_record(transaction: Transaction) -> None:
+    replica = transaction.get("memory_record", None)
+    if replica is not None:
+        forget_memory_record(replica)
 
 
 @task(name="smoke-test", **TASK_OPTIONS)
@@ -134,5 +176,6 @@ def retire_replica(replica: Replica, runtime: Runtime, drain_gateway: bool) -> s
                 if exc.status != 404:  # 404: the gateway never knew it; nothing to drain
                     raise
     runtime.stop(replica)
+    forget_memory_record(replica.name)
     logger.info("stopped and removed %s", replica.name)
     return replica.name

@@ -3,7 +3,8 @@
 - Predicted GGUF sizes for SmolLM2 (F16, Q8_0, Q4_K_M) are within 2% of the files the pinned
   convert_hf_to_gguf.py and llama-quantize write (per-tensor types, k-quant fallbacks).
 - The planned KV cache for a context and slot count equals what llama-server reports when it
-  loads with those settings.
+  loads with those settings; cortex.actual reads the same figures (and the weights) from that
+  real log, and says "could not be read" when the log's wording is changed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 
 import pytest
 
+from cortex.actual import compare_memory, read_engine_report, read_llamacpp_report
 from cortex.facts import gguf_facts, hf_dir_facts
 from cortex.hardware import Inventory
 from cortex.plan import make_plan
@@ -71,5 +73,26 @@ def test_planned_kv_cache_equals_llama_server(ctx: int, slots: int, ctk: str | N
     if ctk:
         args += ["-ctk", ctk, "-ctv", ctk]
     server = start_llama_server(test_model.gguf, *args)
-    reported = _reported_kv_mib(server.log())
+    log = server.log()
+    reported = _reported_kv_mib(log)
     assert planned_mib == pytest.approx(reported, abs=0.01), f"planned {planned_mib} MiB, llama-server {reported} MiB"
+
+    # cortex.actual reads the same real log: one CPU device, its KV cache as above, its weights
+    # (the mmapped model buffer) as planned; the compute and output buffers are the overhead.
+    report = read_engine_report("llamacpp", log)
+    [cpu] = report.devices
+    assert cpu.device == "cpu" and cpu.kv_cache_bytes / MiB == pytest.approx(reported, abs=0.01)
+    assert cpu.weights_bytes / MiB == pytest.approx(plan.devices[0].weights_bytes / MiB, abs=0.01)
+    assert cpu.overhead_bytes and any("compute buffer size" in line for line in report.lines)
+    rows = {r.term: r for r in compare_memory(plan.devices, report).rows}
+    assert not rows["weights"].off and not rows["kv_cache"].off and rows["kv_cache"].deviation == pytest.approx(0, abs=1e-3)
+
+    # The same log in a wording this reader does not know: a typed "could not read", no exception.
+    garbled = read_llamacpp_report(log.replace("model buffer size", "model buffer bytes"))
+    assert not garbled.readable and garbled.devices == () and "no `model buffer size` line" in garbled.problem
+    [warning] = compare_memory(plan.devices, garbled).warnings
+    assert warning.startswith("llama-server's memory report could not be read")
+    # One figure's wording changed: the others are still compared, the missing one is named.
+    no_kv = compare_memory(plan.devices, read_llamacpp_report(log.replace("KV buffer size", "KV buf")))
+    assert any("gave no KV cache figure" in w for w in no_kv.warnings)
+    assert {r.term: r.actual_bytes for r in no_kv.rows}["weights"] == cpu.weights_bytes

@@ -164,3 +164,21 @@ def test_vllm_serves_the_hf_checkpoint(start_vllm_server, test_model) -> None:
     body = response.json()
     assert body["choices"][0]["message"]["content"].strip()
     assert body["usage"]["completion_tokens"] == 8
+
+    # Planned against actual on this real vLLM CPU log (cortex.actual): the KV cache it set
+    # (VLLM_CPU_KVCACHE_SPACE=1, as the plan for one 2048-token sequence says) and its checkpoint.
+    from cortex.actual import compare_memory, read_engine_report
+    from cortex.facts import hf_dir_facts
+    from cortex.hardware import Inventory
+    from cortex.plan import GiB, make_plan
+    from cortex.specfile import parse_spec_text
+
+    spec = parse_spec_text(f"name: smollm2\nsource:\n  path: {test_model.hf_dir}\nengine: vllm\n"
+                           "resources:\n  concurrency: 1\nvllm:\n  max_model_len: 2048\n", "smollm2.yaml")
+    plan = make_plan(spec, hf_dir_facts(test_model.hf_dir), Inventory([], 2, 16 * 2**30))
+    report = read_engine_report("vllm", server.log())
+    [cpu] = report.devices
+    assert (cpu.device, cpu.kv_cache_bytes) == ("cpu", GiB) and cpu.weights_bytes is not None
+    comparison = compare_memory(plan.devices, report)
+    assert comparison.warnings == (), comparison.warnings  # weights and KV cache within 10%
+    assert {r.term: r.actual_bytes for r in comparison.rows}["overhead"] is None  # vLLM on CPU does not say

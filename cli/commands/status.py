@@ -1,21 +1,26 @@
-"""`cortex status`: what Cortex runs — name, engine, runtime, endpoint, health, since."""
+"""`cortex status [NAME]`: what Cortex runs — name, engine, runtime, endpoint, health, since;
+with --json also each replica's memory, planned against what its engine reported at start."""
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import Annotated
 
 import typer
 
 from cli.commands import add_command
 from cli.options import runtime_option
 from cli.output import JsonFlag, output, table
+from cortex.actual import read_memory_record
 from cortex.runtime import get_runtime, reachable_runtimes
 
 
 def register(app: typer.Typer) -> None:
     add_command(app, run, "status", short_help="list the engines Cortex runs, with their health",
                 help="Every replica Cortex started, in the process runtime and (if a Docker "
-                "daemon answers) the docker runtime, with a live health check.")
+                "daemon answers) the docker runtime, with a live health check; NAME shows one model's. "
+                "--json adds each replica's memory: the plan's bytes per device against the engine's report.")
 
 
 def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
@@ -30,7 +35,7 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
             rows.append({
                 "name": replica.model, "replica": replica.name, "engine": replica.engine,
                 "runtime": replica.runtime, "endpoint": replica.endpoint, "health": health,
-                "since": replica.since,
+                "since": replica.since, "memory": read_memory_record(replica.name),
             })
     return rows, notes
 
@@ -38,8 +43,17 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
 COLUMNS = ("name", "engine", "runtime", "endpoint", "health", "since", "replica")
 
 
-def run(runtime: runtime_option("only this runtime") = None, as_json: JsonFlag = False) -> int:
+def run(
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="only this model (its served name)")] = None,
+    runtime: runtime_option("only this runtime") = None,
+    as_json: JsonFlag = False,
+) -> int:
     rows, notes = collect(runtime)
+    if name is not None:
+        rows = [r for r in rows if r["name"] == name]
+        if not rows:
+            print(f"cortex status: no replica of model {name!r} is running (see `cortex status`)", file=sys.stderr)
+            return 1
 
     def render(rows: list[dict]) -> list:
         listing = (table([c.upper() for c in COLUMNS], ([r[c] for c in COLUMNS] for r in rows)) if rows

@@ -57,7 +57,11 @@ RESERVED = ["--host", "--port", "--api-key", "--api-key-file", "-m", "--alias", 
 
 
 def server_args(*, model_path: str, served_name: str, port: int, embed: bool) -> list[str]:
-    args = ["-m", model_path, "--host", "0.0.0.0", "--port", str(port), "--alias", served_name, "--metrics"]
+    # --verbosity 4: this llama-server writes its buffer sizes (model, KV, compute), which
+    # cortex.actual compares with the plan, only from level 4 ("trace"); it adds about 25 lines
+    # per request to the log, none with the prompt or the answer.
+    args = ["-m", model_path, "--host", "0.0.0.0", "--port", str(port), "--alias", served_name, "--metrics",
+            "--verbosity", "4"]
     if embed:
         args.append("--embeddings")
     return args

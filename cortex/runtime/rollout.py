@@ -3,7 +3,8 @@ deploy reports. Prefect shows both on the run's page.
 
     RolloutRequest   the launch and the runtime kind it starts in, the smoke tests it must pass
                      (SmokeRequest), the spec's benchmark section with its gates, the comparison
-                     with the F16 reference (QualityRequest), the gateway aliases, the ready timeout
+                     with the F16 reference (QualityRequest), the gateway aliases, the ready timeout,
+                     the plan's bytes per device (held against the engine's own report: cortex.actual)
     DeployResult     what the deploy did: replica, endpoint, smoke tests, gateway, what it replaced,
                      the benchmark summary; `.to_json()` is what `cortex deploy --json` prints
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.artifacts import f16_reference
 from cortex.launch import LaunchSpec, build_launch
-from cortex.plan import Plan
+from cortex.plan import DevicePlan, Plan
 from cortex.probe import SmokeResult
 from cortex.runtime import RuntimeKind
 from cortex.runtime.base import path_size, ready_timeout_s
@@ -61,6 +62,8 @@ class RolloutRequest(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     ready_timeout: float | None = Field(None, gt=0, description="seconds to healthy (default: the engine's)")
     gateway: bool | None = None  # True: must register; False: do not; None: if a gateway answers
+    # the plan's bytes per device, compared with what the engine reports once ready (cortex.actual)
+    memory_plan: list[DevicePlan] = Field(default_factory=list)
 
     def ready_timeout_s(self) -> float:
         return self.ready_timeout if self.ready_timeout is not None else ready_timeout_s(self.launch.engine)
@@ -98,7 +101,7 @@ def rollout_request(
         launch=launch, runtime=runtime, smoke=SmokeRequest(task=spec.task, **spec.tests.model_dump()),
         benchmark=spec.benchmark, gpus=spec.resources.gpu_count,
         quality=quality_request(spec, plan, source_revision), aliases=list(spec.aliases),
-        ready_timeout=ready_timeout_s(launch.engine, weights), gateway=gateway,
+        ready_timeout=ready_timeout_s(launch.engine, weights), gateway=gateway, memory_plan=list(plan.devices),
     )
 
 
