@@ -133,6 +133,7 @@ class KldReport(BaseModel):
         """The report of one `--kl-divergence` run's output (`facts`: labels, digests, ...)."""
         n = parse_kld_output(text)
         start = text.find("====== Perplexity statistics")
+        end = text.find("\n", text.find("Same top p:", max(start, 0)))  # then timings, which vary by run
         return cls(
             mean_kld=n["mean_kld"], mean_kld_uncertainty=n["mean_kld_uncertainty"], kld_p99=n["kld_p99"],
             ppl_ratio=n["ppl_ratio"], ppl_ratio_uncertainty=n["ppl_ratio_uncertainty"],
@@ -142,7 +143,7 @@ class KldReport(BaseModel):
             ppl=n["ppl"], ppl_uncertainty=n["ppl_uncertainty"], reference_ppl=n["reference_ppl"],
             reference_ppl_uncertainty=n["reference_ppl_uncertainty"],
             chunks=int(n["chunks"]) if "chunks" in n else None,
-            printed=text[start:].strip() if start >= 0 else "", **facts,
+            printed=text[start:end if end >= 0 else None].strip() if start >= 0 else "", **facts,
         )
 
     def with_gates(self, max_kld: float | None, min_same_top_p: float | None) -> KldReport:

@@ -57,7 +57,8 @@ def _require(find: Callable):
 
 @pytest.fixture(scope="session")
 def toolchain() -> tc.Toolchain:
-    """The pinned llama.cpp toolchain (llama-server, llama-quantize, convert_hf_to_gguf.py)."""
+    """The pinned llama.cpp toolchain (llama-server, llama-quantize, llama-perplexity,
+    convert_hf_to_gguf.py)."""
     return _require(tc.find_toolchain)
 
 
