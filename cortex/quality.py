@@ -21,7 +21,8 @@ With `n_probs` the server also reports log-probabilities (before sampling), so t
 gives the mean log-probability the candidate loses on the reference's tokens.
 
 Reported: top-1 agreement over all positions, the share of continuations that are identical,
-and the mean position of the first disagreement.
+and the mean position of the first disagreement. When the spec sets a KL-divergence gate, the
+report also carries llama.cpp's own measure of the same quant (`cortex.kld`), and its gates.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from cortex.bench import bundled_prompts
+from cortex.kld import KldReport
 from cortex.spec import QualityCheck
 from cortex.sse import DONE, iter_sse_data
 
@@ -45,16 +47,14 @@ class QualityCheckError(RuntimeError):
 
 
 class QualityGateFailed(RuntimeError):
-    """Top-1 agreement is below the spec's `min_top1_agreement`."""
+    """A quality gate of the spec is not met: top-1 agreement under `min_top1_agreement`, mean
+    KL-divergence over `max_kld`, or same top p under `min_same_top_p`."""
 
-    def __init__(self, report: "QualityReport", minimum: float):
+    def __init__(self, report: "QualityReport", failures: list[str]):
         self.report = report
-        self.minimum = minimum
-        super().__init__(
-            f"quantization quality gate failed: {report.candidate_label} agrees with "
-            f"{report.reference_label} on {report.top1_agreement:.1%} of next tokens "
-            f"({report.agreements}/{report.positions}), below the minimum {minimum:.1%}"
-        )
+        self.failures = failures
+        self.minimum = report.min_top1_agreement
+        super().__init__(f"quantization quality gate failed: {'; '.join(failures)}")
 
 
 class PromptAgreement(BaseModel):
@@ -85,6 +85,23 @@ class QualityReport(BaseModel):
     min_top1_agreement: float | None = None
     passed: bool | None = None
     per_prompt: list[PromptAgreement] = Field(default_factory=list)
+    kld: KldReport | None = Field(None, description="llama-perplexity's KL-divergence, when a gate asks for it")
+
+    def gate_failures(self) -> list[str]:
+        """Each gate not met, with the measured number and the bound."""
+        out = []
+        if self.min_top1_agreement is not None and self.top1_agreement < self.min_top1_agreement:
+            out.append(
+                f"{self.candidate_label} agrees with {self.reference_label} on {self.top1_agreement:.1%} of next "
+                f"tokens ({self.agreements}/{self.positions}), below the minimum {self.min_top1_agreement:.1%}"
+            )
+        return out + (self.kld.failures() if self.kld else [])
+
+    def with_kld(self, kld: KldReport) -> "QualityReport":
+        """This report with llama-perplexity's numbers and their gates; `passed` covers every gate."""
+        report = self.model_copy(update={"kld": kld})
+        gated = self.min_top1_agreement is not None or kld.passed is not None
+        return report.model_copy(update={"passed": not report.gate_failures() if gated else None})
 
     def to_json(self, indent: int | None = 2) -> str:
         return self.model_dump_json(indent=indent)
@@ -92,7 +109,9 @@ class QualityReport(BaseModel):
     def markdown(self) -> str:
         gate = ""
         if self.min_top1_agreement is not None:
-            gate = f"\n\nGate: top-1 agreement >= {self.min_top1_agreement:.1%}: {'passed' if self.passed else 'FAILED'}"
+            met = self.top1_agreement >= self.min_top1_agreement
+            gate = f"\n\nGate: top-1 agreement >= {self.min_top1_agreement:.1%}: {'passed' if met else 'FAILED'}"
+        kld = f"\n\n## {self.kld.markdown()}" if self.kld else ""
         drop = "-" if self.mean_logprob_drop is None else f"{self.mean_logprob_drop:.4f}"
         return (
             f"# Quantization quality: {self.candidate_label} vs {self.reference_label}\n\n"
@@ -103,7 +122,7 @@ class QualityReport(BaseModel):
             f"| mean first divergence (tokens) | {self.mean_first_divergence:.1f} |\n"
             f"| mean log-prob drop on reference tokens | {drop} |\n"
             f"| positions outside candidate top-{TOP_K_PROBS} | {self.positions_outside_top_k} |"
-            f"{gate}\n"
+            f"{gate}\n{kld}"
         )
 
 
@@ -348,7 +367,8 @@ def check_quant_quality(
 
 
 def enforce_quality(report: QualityReport) -> QualityReport:
-    """Raise `QualityGateFailed` when the report's gate is set and not met."""
-    if report.min_top1_agreement is not None and not report.passed:
-        raise QualityGateFailed(report, report.min_top1_agreement)
+    """Raise `QualityGateFailed` when a gate of the report is set and not met."""
+    failures = report.gate_failures()
+    if failures:
+        raise QualityGateFailed(report, failures)
     return report

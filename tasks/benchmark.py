@@ -9,7 +9,8 @@ The deploy flow calls, after the smoke test and inside its transaction (so a fai
 the new replica back and the previous one keeps serving):
 
     result = benchmark_replica(replica, spec)                  # raises GatesFailed
-    quality_check(f16_url, replica.endpoint, ...)              # llama.cpp quants only
+    kld = kl_divergence(f16_gguf, candidate_gguf, ...)         # when a KLD gate is set
+    quality_check(f16_url, replica.endpoint, ..., kld=kld)     # llama.cpp quants only
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cortex.bench import (
     results_table,
 )
 from cortex.charts import png_data_uri, render_chart
+from cortex.kld import KldReport, measure_kld
 from cortex.quality import (
     QUALITY_DEFAULTS,
     QualityReport,
@@ -144,6 +146,27 @@ def benchmark_replica(replica: Any, spec: Any, *, results_dir: str | Path | None
     )
 
 
+@task(name="kl-divergence", **TASK_OPTIONS)
+def kl_divergence(
+    reference_gguf: Path,
+    candidate_gguf: Path,
+    *,
+    candidate_label: str,
+    reference_sha256: str | None = None,
+    max_kld: float | None = None,
+    min_same_top_p: float | None = None,
+) -> KldReport:
+    """llama-perplexity's KL-divergence of the candidate from its F16 reference (cached by
+    `cortex.kld`), judged by the gates; enforced with the agreement by `quality_check`."""
+    report = measure_kld(reference_gguf, candidate_gguf, candidate_label=candidate_label,
+                         reference_sha256=reference_sha256, max_kld=max_kld, min_same_top_p=min_same_top_p)
+    get_run_logger().info(
+        "%s vs F16 by llama-perplexity: mean KLD %.6f, KLD p99 %.6f, PPL ratio %.6f, same top p %.3f%%",
+        candidate_label, report.mean_kld, report.kld_p99, report.ppl_ratio, 100 * report.same_top_p,
+    )
+    return report
+
+
 @task(name="quantization-quality", **TASK_OPTIONS)
 def quality_check(
     reference: str | list[ReferenceContinuation],
@@ -157,14 +180,18 @@ def quality_check(
     api_key: str | None = None,
     reference_api_key: str | None = None,
     results_dir: str | Path | None = None,
+    kld: KldReport | None = None,
 ) -> QualityReport:
     """Compare a quantized llama-server with its F16 reference (its URL, or continuations from
-    `cortex.quality.greedy_reference`); publish; fail below the gate."""
+    `cortex.quality.greedy_reference`); publish, with `kld` (from `kl_divergence`) when given;
+    fail when any gate is not met."""
     report = check_quant_quality(
         reference, candidate_url, prompts=prompts, tokens=tokens,
         min_top1_agreement=min_top1_agreement, candidate_label=candidate_label,
         reference_label=reference_label, api_key=api_key, reference_api_key=reference_api_key,
     )
+    if kld is not None:
+        report = report.with_kld(kld)
     if results_dir is not None:
         folder = Path(results_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -172,7 +199,8 @@ def quality_check(
     create_markdown_artifact(
         key=artifact_key(f"quality-{candidate_label}"),
         markdown=report.markdown(),
-        description=f"Top-1 agreement of {candidate_label} with {reference_label}: {report.top1_agreement:.1%}",
+        description=f"Top-1 agreement of {candidate_label} with {reference_label}: {report.top1_agreement:.1%}"
+        + (f"; mean KLD {kld.mean_kld:.6f}, same top p {100 * kld.same_top_p:.3f}%" if kld else ""),
     )
     get_run_logger().info(
         "%s agrees with %s on %.1f%% of next tokens (%d/%d)",

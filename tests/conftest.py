@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from cortex import toolchain as tc
+from cache_helpers import smollm2_gguf_files
 from cortex.net import free_port
 
 # The tests' Prefect servers (prefect_test_harness, `prefect server start`) send no telemetry:
@@ -56,7 +57,8 @@ def _require(find: Callable):
 
 @pytest.fixture(scope="session")
 def toolchain() -> tc.Toolchain:
-    """The pinned llama.cpp toolchain (llama-server, llama-quantize, convert_hf_to_gguf.py)."""
+    """The pinned llama.cpp toolchain (llama-server, llama-quantize, llama-perplexity,
+    convert_hf_to_gguf.py)."""
     return _require(tc.find_toolchain)
 
 
@@ -278,15 +280,7 @@ def smollm2_ggufs(
     """SmolLM2 from its HF checkpoint as GGUF: {"F16": path, "Q8_0": path, "Q4_K_M": path}.
 
     F16 by convert_hf_to_gguf.py, the others by llama-quantize from it. Built once per
-    toolchain version in ``$CORTEX_CACHE/test-artifacts/`` and reused across sessions.
+    toolchain version in ``$CORTEX_CACHE/test-artifacts/`` and reused across sessions
+    (cache_helpers.smollm2_gguf_files, which makes other types on request too).
     """
-    folder = tc.cache_root() / "test-artifacts" / f"smollm2-135m-{toolchain.version}"
-    paths = {t: folder / f"SmolLM2-135M-Instruct-{t}.gguf" for t in SMOLLM2_GGUF_TYPES}
-    with tc.install_lock(f"test-artifacts-{toolchain.version}"):
-        if not paths["F16"].is_file():
-            tc.convert_to_gguf(test_model.hf_dir, paths["F16"], "f16",
-                               toolchain=toolchain, vllm=vllm_install)
-        for quant in SMOLLM2_GGUF_TYPES[1:]:
-            if not paths[quant].is_file():
-                tc.quantize_gguf(paths["F16"], paths[quant], quant, toolchain=toolchain)
-    return paths
+    return smollm2_gguf_files(SMOLLM2_GGUF_TYPES, toolchain, vllm_install, test_model)

@@ -106,3 +106,52 @@ benchmark:
     assert [r.name for r in get_runtime("process").list()] == [result.replica]
     assert any("quality" in k for k in asyncio.run(_artifact_keys()))
     retire_model("smol-gated")
+
+
+def test_kl_divergence_gates_the_deploy(cortex_home: Path, test_model, tmp_path: Path) -> None:
+    """The spec's KLD gates, measured by llama-perplexity on the quant and its cached F16, fail
+    or pass the deploy next to the agreement check, and a failure rolls back like it.
+
+    The outcomes do not rest on luck: over cortex/data/kld-corpus.txt Q2_K measured a mean KLD
+    of 0.363 and same top p 65.6% here, so a 0.1 maximum fails it with tens
+    of percent to spare; Q8_0 measured 0.0035 and 96.6%, so a 0.05 maximum and an
+    80% minimum pass it. The failure carries the measured number, the quality artifact all of them."""
+    from cortex.quality import QualityGateFailed
+    from flows.deploy import deploy_model
+
+    def spec(quant: str, gates: str) -> Path:
+        path = tmp_path / f"{quant}-kld.yaml"
+        path.write_text(f"""
+name: smol-kld
+source: {{path: {test_model.hf_dir}}}
+engine: llamacpp
+quantization: {quant}
+resources: {{concurrency: 1, context_length: 512}}
+tests: {{max_tokens: 4}}
+benchmark:
+  concurrency: [1]
+  requests: 2
+  input_len: 8
+  output_len: 4
+  quality: {{prompts: 1, tokens: 4, {gates}}}
+""")
+        return path
+
+    with pytest.raises(QualityGateFailed) as failure:
+        deploy_model(str(spec("Q2_K", "max_kld: 0.1")), runtime="process", gateway=False)
+    kld = failure.value.report.kld
+    assert kld is not None and kld.candidate_label == "Q2_K" and kld.mean_kld > 0.1, kld
+    assert f"mean KL-divergence of {kld.mean_kld:.6f}" in str(failure.value) and "maximum 0.1" in str(failure.value)
+    assert get_runtime("process").list() == []  # neither the candidate nor the reference is left
+
+    result = deploy_model(str(spec("Q8_0", "max_kld: 0.05, min_same_top_p: 0.8")), runtime="process", gateway=False)
+    assert result.smoke.passed
+    assert [r.name for r in get_runtime("process").list()] == [result.replica]
+    artifacts = asyncio.run(_quality_artifacts())
+    assert any("Q8_0" in md and "| mean KLD |" in md and "same top p" in md for md in artifacts), artifacts
+    retire_model("smol-kld")
+
+
+async def _quality_artifacts() -> list[str]:
+    async with get_client() as client:
+        return [a.data for a in await client.read_artifacts() if a.key and "quality" in a.key and a.data]

@@ -37,6 +37,30 @@ def test_llama_quantize_runs_and_knows_the_k_quants(toolchain: tc.Toolchain) -> 
         assert quant in usage
 
 
+def test_llama_perplexity_has_the_kl_divergence_flags(toolchain: tc.Toolchain) -> None:
+    result = subprocess.run(
+        [str(toolchain.llama_perplexity), "--help"], capture_output=True, text=True, timeout=60
+    )
+    usage = result.stdout + result.stderr
+    for flag in ("--kl-divergence-base", "--kl-divergence", "--file", "--ctx-size", "--threads"):
+        assert flag in usage, flag
+
+
+def test_a_cached_toolchain_without_a_target_is_incomplete(tmp_path, monkeypatch) -> None:
+    """A toolchain built before llama-perplexity was a target is rebuilt, not used half."""
+    monkeypatch.setenv("CORTEX_CACHE", str(tmp_path))
+    old = tc.toolchain_dir()
+    (old / "bin").mkdir(parents=True)
+    (old / "gguf-py").mkdir()
+    for part in ("bin/llama-server", "bin/llama-quantize", "convert_hf_to_gguf.py"):
+        (old / part).write_text("")
+    with pytest.raises(tc.ToolchainMissing, match=r"incomplete \(missing .*llama-perplexity.*"
+                                                  r"`cortex engines install --llamacpp` to rebuild it"):
+        tc.find_toolchain()
+    (old / "bin" / "llama-perplexity").write_text("")
+    assert tc.find_toolchain().llama_perplexity == old / "bin" / "llama-perplexity"
+
+
 def test_find_toolchain_names_the_install_command(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CORTEX_CACHE", str(tmp_path))
     with pytest.raises(tc.ToolchainMissing, match="cortex engines install"):

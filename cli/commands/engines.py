@@ -102,6 +102,7 @@ def engines_status() -> dict:
             "installed": True, "version": toolchain.version, "root": str(toolchain.root),
             "llama_server": str(toolchain.llama_server),
             "llama_quantize": str(toolchain.llama_quantize),
+            "llama_perplexity": str(toolchain.llama_perplexity),
             "convert_script": str(toolchain.convert_script),
             "build_info": tc.toolchain_build_info(toolchain),
         }

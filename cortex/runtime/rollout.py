@@ -39,13 +39,17 @@ class SmokeRequest(SmokeTests):
 
 class QualityRequest(BaseModel):
     """Compare the new replica with its F16 reference started beside it (the spec's
-    `benchmark.quality`); a top-1 agreement under the check's minimum fails the rollout."""
+    `benchmark.quality`); a top-1 agreement under the check's minimum fails the rollout, and so
+    does llama-perplexity's KL-divergence of the two files outside the check's KLD gates."""
 
     model_config = ConfigDict(frozen=True)
 
     reference: LaunchSpec  # the F16 GGUF the candidate was quantized from, served the same way
-    check: QualityCheck  # prompts, tokens, min_top1_agreement
+    check: QualityCheck  # prompts, tokens, min_top1_agreement, max_kld, min_same_top_p
     label: str  # the candidate's quantization, e.g. Q4_K_M
+    reference_gguf: Path  # the F16 file in the artifact cache (llama-perplexity reads it here)
+    reference_sha256: str
+    candidate_gguf: Path  # the candidate's file in the artifact cache
 
 
 class RolloutRequest(BaseModel):
@@ -69,7 +73,7 @@ class RolloutRequest(BaseModel):
         return self.ready_timeout if self.ready_timeout is not None else ready_timeout_s(self.launch.engine)
 
 
-def quality_request(spec: ModelSpec, plan: Plan, source_revision: str) -> QualityRequest | None:
+def quality_request(spec: ModelSpec, plan: Plan, source_revision: str, candidate: Path | list[Path]) -> QualityRequest | None:
     """The spec's comparison with the F16 reference. None when it asks for none, or when the
     plan has no F16 reference (see cortex.artifacts.f16_reference); ArtifactError when the
     reference should be cached and is not."""
@@ -80,7 +84,9 @@ def quality_request(spec: ModelSpec, plan: Plan, source_revision: str) -> Qualit
     if reference is None:
         return None
     return QualityRequest(reference=build_launch(spec, plan, reference.model_file), check=check,
-                          label=plan.artifact.quantization.upper())
+                          label=plan.artifact.quantization.upper(), reference_gguf=reference.model_file,
+                          reference_sha256=reference.files[0].sha256,
+                          candidate_gguf=candidate[0] if isinstance(candidate, list) else candidate)
 
 
 def rollout_request(
@@ -100,7 +106,7 @@ def rollout_request(
     return RolloutRequest(
         launch=launch, runtime=runtime, smoke=SmokeRequest(task=spec.task, **spec.tests.model_dump()),
         benchmark=spec.benchmark, gpus=spec.resources.gpu_count,
-        quality=quality_request(spec, plan, source_revision), aliases=list(spec.aliases),
+        quality=quality_request(spec, plan, source_revision, artifact), aliases=list(spec.aliases),
         ready_timeout=ready_timeout_s(launch.engine, weights), gateway=gateway, memory_plan=list(plan.devices),
     )
 
