@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the gateway costs per request, side by side with nginx and LiteLLM's proxy.
 
-Targets, all in front of the same instant upstream (cortex.gateway.fake_engine, so only proxy
+Targets, all in front of the same instant upstream (cortex.testing.fake_engine, so only proxy
 cost is measured):
 
   direct   the upstream itself
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 from cortex.net import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -114,7 +114,7 @@ class Upstream(Target):
     def __init__(self, workdir: Path) -> None:
         port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.gateway.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY,
+            [sys.executable, "-m", "cortex.testing.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY,
              "--chunks", str(CHUNKS)], stdout=open(workdir / "upstream.log", "w"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
         self.auth = f"Bearer {ENGINE_KEY}"
