@@ -100,7 +100,8 @@ async def _hold_streams(gw: GatewayProcess, engine: FakeEngine, key: str, token:
 def test_thousand_concurrent_streams_with_bounded_memory(gateway, engine):
     # No health check while the machine is busy with 1,000 streams: a slow /health must not take
     # the only replica out. The test is about streams, not health.
-    gw = gateway(CORTEX_GATEWAY_HEALTH_INTERVAL="3600")
+    # All 1,000 come from one address, above the default cap of connections per client.
+    gw = gateway(CORTEX_GATEWAY_HEALTH_INTERVAL="3600", CORTEX_GATEWAY_MAX_CONNECTIONS_PER_CLIENT="2000")
     with gw.client() as c:
         c.register("smol", engine.base_url, engine_api_key="engine-secret")
         key = c.create_key()["key"]

@@ -246,7 +246,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self.reads != self.reads_seen or not self.stalled_since:
                 self.reads_seen, self.stalled_since = self.reads, now
             elif now - self.stalled_since > limits.body_timeout:
-                self.reject(408, f"request body stalled for {limits.body_timeout:g} s", "body_timeout")
+                if self.cycle is not None and self.cycle.response_complete:
+                    # Answered without its body (a 401, say): nothing more to say, only to close.
+                    self.guard.rejected["body_timeout"] += 1
+                    self.transport.close()
+                else:
+                    self.reject(408, f"request body stalled for {limits.body_timeout:g} s", "body_timeout")
         elif self.write_paused_since is not None and now - self.write_paused_since > limits.send_timeout:
             self.guard.rejected["send_timeout"] += 1
             self.transport.abort()  # the client reads nothing: no answer can reach it
@@ -258,14 +263,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
+        busy = cycle is not None and not cycle.response_complete  # a request here is still being answered
+        if busy and cycle.response_started:
             transport.abort()  # mid-response: there is no room for another answer
             return
         body = error_body(message, ERROR_TYPES[status], code)
         transport.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                         % (STATUS_LINE[status], len(body), body))
-        if cycle is not None and not cycle.response_complete:
-            transport.close()  # the app waits on this request: connection_lost tells it the client is gone
+        if busy:
+            transport.close()  # its body stalled; connection_lost tells the app the client is gone
             return
         # No request in progress: hand the socket to a discarding protocol (lingering close).
         self.guard.forget(self)
