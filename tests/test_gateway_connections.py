@@ -150,6 +150,34 @@ def test_a_stalled_body_is_closed_after_the_body_timeout(gateway, engine):
     assert 'reason="body_timeout"' in httpx.get(gw.url + "/metrics").text
 
 
+def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {GUARD} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(gateway, engine):
+    gw = gateway(CORTEX_GATEWAY_SEND_TIMEOUT="1")
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+        key = c.create_key()["key"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    try:
+        # About 30 MB of events, far more than the socket buffers between the two hold.
+        body = json.dumps({"model": "smol", "stream": True, "fake_chunks": 200_000}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+        wait_for(lambda: 'reason="send_timeout"' in httpx.get(gw.url + "/metrics").text, "the send timeout")
+        # The engine's stream is cancelled with the connection: the replica has nothing in flight.
+        with gw.client() as c:
+            wait_for(lambda: c.list()["replicas"][0]["in_flight"] == 0, "the request to end")
+    finally:
+        sock.close()
+
+
 def test_connections_per_client_address_are_capped(gateway):
     gw = gateway(CORTEX_GATEWAY_MAX_CONNECTIONS_PER_CLIENT="3", CORTEX_GATEWAY_HEADER_TIMEOUT="600")
     held = [connect(gw) for _ in range(3)]

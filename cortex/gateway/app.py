@@ -445,32 +445,37 @@ class Gateway:
         headers.append((b"x-cortex-replica", replica.id.encode()))
         headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
         await send({"type": "http.response.start", "status": call.status, "headers": headers})
-        while True:
-            try:
-                data = await conn.read()
-            except UpstreamError as exc:
-                if call.client_gone:
-                    call.error_kind = "client_disconnect"
+        ttfb = None
+        prev = last = b""
+        try:  # locals in the loop (one per chunk), stored on the call once at the end
+            while True:
+                try:
+                    data = await conn.read()
+                except UpstreamError as exc:
+                    if call.client_gone:
+                        call.error_kind = "client_disconnect"
+                        return
+                    call.error_kind = exc.kind
+                    self._mark_failed(replica, exc)
+                    if sse:
+                        event = b"data: " + error_body(
+                            f"the replica serving '{call.served}' failed mid-response: {exc}", "server_error",
+                            "upstream_error") + b"\n\n"
+                        await send({"type": "http.response.body", "body": event, "more_body": False})
+                        return
+                    raise AbortResponse(str(exc)) from exc
+                if data is None:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
-                call.error_kind = exc.kind
-                self._mark_failed(replica, exc)
-                if sse:
-                    event = b"data: " + error_body(
-                        f"the replica serving '{call.served}' failed mid-response: {exc}", "server_error", "upstream_error"
-                    ) + b"\n\n"
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                if ttfb is None:
+                    ttfb = time.perf_counter() - call.t0
+                prev, last = last, data
+                if conn.complete and not conn.chunks:
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
                     return
-                raise AbortResponse(str(exc)) from exc
-            if data is None:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            if call.ttfb is None:
-                call.ttfb = time.perf_counter() - call.t0
-            call.prev, call.last = call.last, data
-            if conn.complete and not conn.chunks:
-                await send({"type": "http.response.body", "body": data, "more_body": False})
-                return
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            call.ttfb, call.prev, call.last = ttfb, prev, last
 
     def _account(self, call: ProxyCall, scope: Scope) -> None:
         """Free the connection and the replica's slot; record metrics and the access-log line."""
