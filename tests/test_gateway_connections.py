@@ -105,6 +105,18 @@ def test_a_head_over_the_limit_gets_431_and_the_connection_is_closed(gateway, en
                      % (key.encode(), len(body), body))
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    # The limit holds for the next head on a kept-alive connection too, also after a request
+    # the gateway answered (401) before its body was in.
+    with connect(gw) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 20\r\n\r\n{\"mod")
+        first = b""
+        while b"invalid_api_key" not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        sock.sendall(b'el": "smol"}   ' + b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+        status, error = status_and_error(read_until_closed(sock))
+    assert first.startswith(b"HTTP/1.1 401") and status == 431, (first[:100], error)
     assert b"request_header_too_large" in httpx.get(gw.url + "/metrics").content
 
 

@@ -164,14 +164,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     Use `protocol_class(guard)`, which makes the subclass uvicorn instantiates per connection."""
 
     guard: ConnectionGuard
+    max_head: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.address = ""
-        self.head_left: int | None = self.guard.limits.max_header_bytes  # None outside a request head
-        self.head_since: float | None = None  # loop time the current head began
-        self.in_body = False
-        self.reads = 0  # data events outside a head: the body stall check compares them
+        # Where a request stands, from uvicorn's own state and one callback: a head is pending
+        # while `self.cycle` is still the cycle that was current when the head began
+        # (`head_cycle`); on_headers_complete makes a new cycle, whose body is arriving until
+        # on_message_complete records it as `done_cycle` (uvicorn's own `more_body` is not
+        # cleared when the app answered before the body was in).
+        self.head_cycle: Any = None
+        self.done_cycle: Any = None
+        self.stall_cycle: Any = None
+        self.head_left = self.max_head
+        self.head_since: float | None = None  # loop time the pending head began
+        self.reads = 0  # data events during a body: the stall check compares them
         self.reads_seen = 0
         self.stalled_since = 0.0
         self.write_paused_since: float | None = None
@@ -191,28 +199,45 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        left = self.head_left
-        if left is None:
+        cycle = self.cycle
+        if cycle is not self.done_cycle and cycle is not self.head_cycle:  # a body
             self.reads += 1
             super().data_received(data)
+            if cycle is not None and self.scope is not cycle.scope:
+                self._count_head_after_body(cycle)
             return
-        if self.head_since is None:
+        if cycle is not self.head_cycle or self.head_since is None:  # the first byte of a new head
+            self.head_cycle = cycle
+            self.head_left = self.max_head
             self.head_since = self.loop.time()
+        left = self.head_left
         if len(data) <= left:
             self.head_left = left - len(data)
             super().data_received(data)
             return
         # More than the head may still hold: let the parser see only what is allowed, and go
         # on only if the head ended within it (the rest is body or the next request).
-        if left:
+        if left > 0:
             super().data_received(data[:left])
         if self.transport.is_closing():
             return
-        if self.head_since is None:  # on_headers_complete ran
+        if self.cycle is not self.head_cycle:  # on_headers_complete ran: a new cycle
             self.data_received(data[left:])
             return
-        self.reject(431, f"request head larger than {self.guard.limits.max_header_bytes} bytes",
-                    "request_header_too_large")
+        self.reject(431, f"request head larger than {self.max_head} bytes", "request_header_too_large")
+
+    def _count_head_after_body(self, body_cycle: Any) -> None:
+        """A read ended a body and a next head began in it (uvicorn made that head a new scope):
+        count what the parser took of the head, which it parsed unchecked."""
+        taken = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
+        if self.cycle is body_cycle:  # the head is not complete yet: the rest counts against it
+            self.head_cycle, self.head_left, self.head_since = body_cycle, self.max_head - taken, self.loop.time()
+        if taken > self.max_head:
+            self.reject(431, f"request head larger than {self.max_head} bytes", "request_header_too_large")
+
+    def on_message_complete(self) -> None:
+        self.done_cycle = self.cycle
+        super().on_message_complete()
 
     def pause_writing(self) -> None:
         self.write_paused_since = self.loop.time()
@@ -222,31 +247,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.write_paused_since = None
         super().resume_writing()
 
-    # --- httptools callbacks -----------------------------------------------------------------
-
-    def on_headers_complete(self) -> None:
-        self.head_left = None
-        self.head_since = None
-        self.in_body = True
-        self.stalled_since = 0.0  # the sweep starts the stall clock
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self.in_body = False
-        self.head_left = self.guard.limits.max_header_bytes
-        super().on_message_complete()
-
     # --- limits ------------------------------------------------------------------------------
 
     def check_deadlines(self, now: float) -> None:
         limits = self.guard.limits
-        if self.head_since is not None and now - self.head_since > limits.header_timeout:
-            self.reject(408, f"request head not complete within {limits.header_timeout:g} s", "header_timeout")
-        elif self.in_body and not self.flow.read_paused:
-            if self.reads != self.reads_seen or not self.stalled_since:
-                self.reads_seen, self.stalled_since = self.reads, now
+        cycle = self.cycle
+        if cycle is self.head_cycle:  # a head is pending (or, before any byte, the first one)
+            if self.head_since is not None and now - self.head_since > limits.header_timeout:
+                self.reject(408, f"request head not complete within {limits.header_timeout:g} s", "header_timeout")
+        elif cycle is not self.done_cycle:  # a body is arriving
+            if self.flow.read_paused or cycle is not self.stall_cycle or self.reads != self.reads_seen:
+                # Progress, a new body, or uvicorn holding the body back: the stall clock restarts.
+                self.stall_cycle, self.reads_seen, self.stalled_since = cycle, self.reads, now
             elif now - self.stalled_since > limits.body_timeout:
-                if self.cycle is not None and self.cycle.response_complete:
+                if cycle.response_complete:
                     # Answered without its body (a 401, say): nothing more to say, only to close.
                     self.guard.rejected["body_timeout"] += 1
                     self.transport.close()
@@ -277,11 +291,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.forget(self)
         self.connections.discard(self)
         self._unset_keepalive_if_required()
-        self.head_since = None
         self.guard.linger(transport, self.loop)
 
 
 def protocol_class(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to pass as uvicorn's `http=`: one per guard (uvicorn makes one
     instance per connection and gives it no other way to reach shared state)."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"guard": guard})
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
+                {"guard": guard, "max_head": guard.limits.max_header_bytes})
