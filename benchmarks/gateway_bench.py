@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the gateway costs per request, side by side with nginx and LiteLLM's proxy.
 
-Targets, all in front of the same instant upstream (cortex.gateway.fake_engine, so only proxy
+Targets, all in front of the same instant upstream (cortex.testing.fake_engine, so only proxy
 cost is measured):
 
   direct   the upstream itself
@@ -20,6 +20,7 @@ proxy's process tree's utime+stime from /proc, divided by the requests wrk compl
     python3 -m venv ~/.cache/cortex/bench/litellm-venv && \\
         ~/.cache/cortex/bench/litellm-venv/bin/pip install 'litellm[proxy]'
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
+        [--baseline DIR]    # also the gateway of another checkout (git worktree/archive), as target cortex-base
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 from cortex.net import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -114,7 +115,7 @@ class Upstream(Target):
     def __init__(self, workdir: Path) -> None:
         port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.gateway.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY,
+            [sys.executable, "-m", "cortex.testing.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY,
              "--chunks", str(CHUNKS)], stdout=open(workdir / "upstream.log", "w"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{port}"
         self.auth = f"Bearer {ENGINE_KEY}"
@@ -129,8 +130,13 @@ class Upstream(Target):
 class Cortex(Target):
     name = "cortex"
 
-    def __init__(self, workdir: Path, upstream: Upstream) -> None:
-        self.gw = GatewayProcess(workdir / "cortex-home", log_path=workdir / "cortex.log").start()
+    def __init__(self, workdir: Path, upstream: Upstream, source: Path | None = None) -> None:
+        env, command = {}, None
+        if source is not None:  # another checkout (-P: its cortex, not the one in the current directory)
+            self.name = "cortex-base"
+            env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
+        self.gw = GatewayProcess(workdir / f"{self.name}-home", log_path=workdir / f"{self.name}.log",
+                                 env=env, command=command).start()
         with self.gw.client() as c:
             c.register("fake", upstream.url, engine_api_key=ENGINE_KEY)
             self.auth = "Bearer " + c.create_key(name="bench")["key"]
@@ -292,6 +298,8 @@ def main() -> int:
     parser.add_argument("--litellm-venv", type=Path,
                         default=Path(os.environ.get("CORTEX_CACHE", "~/.cache/cortex")).expanduser() / "bench" / "litellm-venv")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--baseline", type=Path,
+                        help="also measure the gateway of this checkout (target cortex-base), interleaved with the rest")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -303,7 +311,10 @@ def main() -> int:
     targets: list[Target] = [upstream] if "direct" in wanted else []
     unavailable: dict[str, str] = {}
     factories = {"cortex": lambda: Cortex(workdir, upstream), "nginx": lambda: Nginx(workdir, upstream),
-                 "litellm": lambda: LiteLLM(workdir, upstream, args.litellm_venv)}
+                 "litellm": lambda: LiteLLM(workdir, upstream, args.litellm_venv),
+                 "cortex-base": lambda: Cortex(workdir, upstream, args.baseline)}
+    if args.baseline and "cortex-base" not in wanted:
+        wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")
     try:
         for name in wanted:
             if name in factories:

@@ -69,6 +69,12 @@ FIELDS: list[Field] = [
     Field("gateway_health_timeout", float, 2.0, "Seconds a replica's /health may take before it counts as down."),
     Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
     Field("gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."),
+    Field("gateway_max_header_bytes", int, 32 * 1024, "Largest request head (request line and headers) accepted; larger gets 431 and the connection is closed."),
+    Field("gateway_header_timeout", float, 10.0, "Seconds a client has to send a complete request head, from connecting or from its first byte on a kept-alive connection; then 408 and close."),
+    Field("gateway_body_timeout", float, 60.0, "Seconds a request body may stall (no byte arriving) before 408 and close."),
+    Field("gateway_send_timeout", float, 60.0, "Seconds a client may leave the response unread (the gateway cannot write) before its connection is closed."),
+    Field("gateway_keep_alive_timeout", int, 75, "Seconds an idle kept-alive client connection stays open."),
+    Field("gateway_max_connections_per_client", int, 512, "Open connections allowed from one client address; more get 429 and are closed. 0: no limit (behind a reverse proxy every client has its address)."),
     Field("gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."),
     Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
     Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
@@ -97,6 +103,12 @@ class Settings:
     gateway_health_timeout: float
     gateway_connect_timeout: float
     gateway_read_timeout: float
+    gateway_max_header_bytes: int
+    gateway_header_timeout: float
+    gateway_body_timeout: float
+    gateway_send_timeout: float
+    gateway_keep_alive_timeout: int
+    gateway_max_connections_per_client: int
     gateway_access_log: bool
     api_key: str | None
     engine_api_key: str | None

@@ -12,7 +12,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from cortex.gateway.client import GatewayClient
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 from cortex.probe import SmokeTestFailed, smoke_test
 from cortex.runtime import get_runtime
 from cortex.runtime.rollout import RolloutRequest, SmokeRequest

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from cortex.gateway.client import GatewayError
-from cortex.gateway.fake_engine import FakeEngine
+from cortex.testing.fake_engine import FakeEngine
 from cortex.gateway.registry import Registry, hash_key
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 from cortex.settings import Settings, SettingsError
 
 # Frequent health checks, but generous timeouts: a dead fake engine refuses at once or answers
@@ -428,6 +428,42 @@ def test_deregister_and_unknown_replica(gateway, engines):
                 c.register("smol", bad)
             assert err.value.status == 400
     assert chat(gw, new_key(gw), "tiny").status_code == 404
+
+
+def test_admin_bodies_are_checked_and_errors_name_the_field(gateway):
+    """Admin bodies are typed models: a wrong type, a bad value or a misspelt field is a 400 in
+    OpenAI's error shape whose `param` names the field, and nothing is written."""
+    gw = gateway()
+    auth = {"Authorization": f"Bearer {gw.admin_token()}"}
+    ok = {"model": "smol", "url": "http://127.0.0.1:1"}
+    cases = [
+        ("/admin/replicas", {**ok, "engine_apikey": "k"}, "engine_apikey", "Extra inputs"),
+        ("/admin/replicas", {**ok, "model": 5}, "model", "valid string"),
+        ("/admin/replicas", {"url": ok["url"]}, "model", "Field required"),
+        ("/admin/replicas", {**ok, "aliases": ["tiny", ""]}, "aliases.1", "at least 1 character"),
+        ("/admin/replicas", {**ok, "id": "has space"}, "id", "pattern"),
+        ("/admin/replicas", {**ok, "engine_api_key": "a\r\nX-Evil: 1"}, "engine_api_key", "pattern"),
+        ("/admin/replicas", {**ok, "labels": []}, "labels", "object"),
+        ("/admin/keys", {"expires_at": True}, "expires_at", "number"),
+        ("/admin/keys", {"expires_at": "1700000000"}, "expires_at", "number"),
+        ("/admin/keys", {"models": "smol"}, "models", "array"),
+    ]
+    for path, body, param, words in cases:
+        r = httpx.post(gw.url + path, json=body, headers=auth)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request", error
+        assert error["param"] == param and words in error["message"] and param in error["message"], error
+    for raw, code in ((b"{not json", "invalid_json"), (b"[]", "invalid_request"), (b"null", "invalid_request")):
+        r = httpx.post(gw.url + "/admin/replicas", content=raw, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    with gw.client() as c:
+        assert c.list()["replicas"] == [] and c.list_keys() == []
+        assert c.register("smol", ok["url"], aliases=["tiny"])["model"] == "smol"
+    # The document clients and the fuzz test read comes from the same models.
+    schemas = httpx.get(gw.url + "/openapi.json").json()["components"]["schemas"]
+    assert schemas["Registration"]["additionalProperties"] is False
+    assert set(schemas["Registration"]["properties"]) == {"model", "url", "engine_api_key", "aliases", "id", "labels"}
 
 
 # --- registry durability -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 
 GREEDY = {"temperature": 0, "seed": 7, "max_tokens": 24}
 # Where answers must be equal byte for byte: llama-server evaluates the whole prompt each time

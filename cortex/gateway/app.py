@@ -2,31 +2,33 @@
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings (proxied by `model`),
 GET /v1/models, GET /health, GET /metrics, GET /openapi.json, and the admin API under /admin
-(see ADMIN_ROUTES). Run it with `cortex gateway` (uvicorn, uvloop, httptools).
+(see admin.ADMIN_ROUTES). Run it with `cortex gateway` (uvicorn, uvloop, httptools).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import math
 import re
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 import orjson
 
 from ..settings import Settings
-from . import openapi
+from . import admin, openapi
 from .accesslog import AccessLog
+from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, error_body, read_body, send_error, send_json
+from .connections import ConnectionGuard
 from .identity import verify_replica
+from .looplag import LoopLag
 from .metrics import Metrics
 from .registry import Registry, RegistryError
 from .routing import UNCHECKED, Replica, RoutingTable
-from .upstream import ClosedError, UpstreamConnection, UpstreamError
+from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("cortex.gateway")
 
@@ -39,18 +41,9 @@ HOP_BY_HOP = frozenset(
 )
 USAGE_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 USAGE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
-
-
-class ClientGone(Exception):
-    """The client disconnected; nothing more can be sent to it."""
-
-
-class BodyTooLarge(Exception):
-    pass
+# A timeout is not held against a replica when the event loop lagged by more than this share of
+# the time the gateway waited (see looplag.py).
+LAG_EXCUSES = 0.1
 
 
 class AbortResponse(Exception):
@@ -58,82 +51,40 @@ class AbortResponse(Exception):
     server closes the client's connection so a truncated body is never taken as complete."""
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+class ProxyCall:
+    """One proxied request as it moves through the steps of `Gateway.proxy`; the disconnect
+    watcher shares its flags (`done`, `client_gone`, `conn`)."""
 
+    __slots__ = (
+        "t0", "key", "served", "replicas", "streaming", "done", "client_gone", "conn", "timer", "watcher",
+        "replica", "attempts", "t_sent", "status", "sse", "overhead", "ttfb", "prev", "last", "error_kind",
+    )
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    502: "server_error",
-    503: "server_error",
-    504: "server_error",
-}
+    replica: Replica  # set by _connect
 
-
-async def send_error(send: Send, status: int, message: str, code: str, extra_headers: list | None = None) -> None:
-    body = error_body(message, ERROR_TYPES.get(status, "server_error"), code)
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    if extra_headers:
-        headers.extend(extra_headers)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_json(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-    })
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGone()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise BodyTooLarge()
-        return body
-    parts = [body]
-    size = len(body)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-class RequestState:
-    """Per-request flags shared with the disconnect watcher."""
-
-    __slots__ = ("done", "client_gone", "conn", "timer", "watcher")
-
-    def __init__(self) -> None:
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.key: Any = True  # the caller's ApiKeyRecord, or True in no-auth mode
+        self.served = ""
+        self.replicas: list[Replica] = []
+        self.streaming = False
         self.done = False
         self.client_gone = False
         self.conn: UpstreamConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task | None = None
+        self.attempts = 0
+        self.t_sent = t0
+        self.status = 0
+        self.sse = False
+        self.overhead = 0.0
+        self.ttfb: float | None = None
+        self.prev = self.last = b""  # the last two body chunks, where `usage` is
+        self.error_kind: str | None = None
 
     def stop_watching(self) -> None:
         self.done = True
-        assert self.timer is not None  # set right after the state is made
+        assert self.timer is not None  # set when the call starts looking for a replica
         self.timer.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
@@ -143,8 +94,9 @@ class Gateway:
     """The ASGI application. `settings` decides auth mode, limits and the registry file."""
 
     def __init__(self, settings: Settings, registry: Registry | None = None,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, connections: ConnectionGuard | None = None) -> None:
         self.settings = settings
+        self.connections = connections  # the server's client-connection limits, for /metrics
         self.registry = registry or Registry(settings.gateway_db)
         self.admin_token = settings.resolve_admin_token(create=True).encode()
         self.no_auth = settings.gateway_no_auth
@@ -153,6 +105,7 @@ class Gateway:
         self.retry_after = str(max(1, math.ceil(settings.gateway_health_interval))).encode()
         self.table = RoutingTable(settings.gateway_connect_timeout)
         self.metrics = Metrics()
+        self.lag = LoopLag()
         self._data_version = -1
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
@@ -179,11 +132,18 @@ class Gateway:
         replica.in_flight -= 1
         if replica.in_flight == 0:
             if replica.state == "draining" and not replica.removed:
-                self._finish_drain(replica)
+                self.finish_drain(replica)
             elif replica.removed:
                 replica.pool.close()
 
-    def _finish_drain(self, replica: Replica) -> None:
+    def replica_view(self, replica_id: str) -> dict:
+        """A replica as the admin API shows it: live state if this process routes to it."""
+        live = self.table.replicas.get(replica_id)
+        if live is not None:
+            return live.public()
+        return {**self.registry.replica(replica_id).public(), "healthy": None, "in_flight": 0}
+
+    def finish_drain(self, replica: Replica) -> None:
         log.info("replica %s drained; removing it", replica.id)
         try:
             self.registry.deregister(replica.id)
@@ -196,11 +156,13 @@ class Gateway:
         return asyncio.get_running_loop()
 
     async def startup(self) -> None:
+        self.lag.start()
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
         self._tasks.append(asyncio.create_task(self._maintain()))
         self._tasks.append(asyncio.create_task(self._health_loop()))
 
     async def shutdown(self) -> None:
+        self.lag.stop()
         for task in (*self._tasks, *self._checks):
             task.cancel()
         for task in (*self._tasks, *self._checks):
@@ -229,7 +191,7 @@ class Gateway:
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
                 # Drained by another process, or before a restart: remove once idle here.
                 if replica.state == "draining" and replica.in_flight == 0 and not replica.removed:
-                    self._finish_drain(replica)
+                    self.finish_drain(replica)
             if self.access_log is not None:
                 self.access_log.flush()
 
@@ -247,7 +209,10 @@ class Gateway:
         """/health without the engine's key, then whether the registered engine is the one that
         answers (cortex.gateway.identity); only then is the replica routable."""
         assert self._health_client is not None  # made in start(), before the health loop runs
+        started = self.loop.time()
         verdict = await verify_replica(self._health_client, replica.url, replica.model, replica.engine_api_key)
+        if verdict.timed_out and self._gateway_was_busy(replica, started, verdict.reason):
+            return replica.healthy
         ok = verdict.healthy
         if ok != replica.healthy or (not ok and verdict.reason != replica.reason and verdict.impostor):
             if ok:
@@ -273,7 +238,22 @@ class Gateway:
         if replica.reason == UNCHECKED:  # not since marked healthy by its registration
             await self.check_health(replica)
 
+    def _gateway_was_busy(self, replica: Replica, since: float, failure: str) -> bool:
+        """True when this gateway's own event loop was held up long enough since loop time
+        `since` to explain a timeout: the replica's answer may be sitting unread in the socket,
+        so the failure says nothing about the replica and is not counted."""
+        lag = self.lag.worst_since(since)
+        if lag <= LAG_EXCUSES * (self.loop.time() - since):
+            return False
+        log.warning("not counting a timeout of replica %s (%s): this gateway's event loop was %.2f s behind "
+                    "while it waited (%s)", replica.id, replica.model, lag, failure)
+        self.metrics.error(self.table.canonical.get(replica.model, replica.model), replica.id, "timeout_while_busy")
+        return True
+
     def _mark_failed(self, replica: Replica, error: UpstreamError) -> None:
+        if isinstance(error, ConnectTimeout) and self._gateway_was_busy(
+                replica, self.loop.time() - self.settings.gateway_connect_timeout, str(error)):
+            return
         if replica.healthy:
             log.warning("replica %s (%s) taken out after a failed request: %s", replica.id, replica.model, error)
             replica.healthy = False
@@ -290,13 +270,13 @@ class Gateway:
                     return
                 await self.proxy(scope, receive, send)
             elif path.startswith("/admin"):
-                await self.admin(scope, receive, send)
+                await admin.handle(self, scope, receive, send)
             elif path == "/v1/models" and scope["method"] == "GET":
                 await self.list_models(scope, send)
             elif path == "/health" and scope["method"] == "GET":
                 await send_json(send, 200, {"status": "ok", "models": len(self.table.available_models())})
             elif path == "/metrics" and scope["method"] == "GET":
-                body = self.metrics.render(self.table.replicas.values())
+                body = self.metrics.render(self.table.replicas.values(), self.connections)
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
                 await send({"type": "http.response.body", "body": body})
@@ -358,96 +338,118 @@ class Gateway:
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t0 = time.perf_counter()
+        """Admit the request, connect it to a replica, relay the answer, account for it. Each
+        step answers the client itself when it ends the request early."""
+        call = ProxyCall(time.perf_counter())
+        body = await self._admit(call, scope, receive, send)
+        if body is None or not await self._connect(call, scope, body, receive, send):
+            return
+        try:
+            await self._relay(call, send)
+        finally:
+            self._account(call, scope)
+
+    async def _admit(self, call: ProxyCall, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """Authenticate the key, read and parse the body, resolve the model and check the key
+        may use it. The body (unchanged, for the replica), or None once answered."""
         key = self.authenticate(scope)
         if isinstance(key, str):
             self.metrics.error("", "", "unauthorized")
             await send_error(send, 401, key, "invalid_api_key")
-            return
+            return None
         try:
             body = await read_body(receive, self.max_body)
         except BodyTooLarge:
             self.metrics.error("", "", "too_large")
             await send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
-            return
+            return None
         except ClientGone:
-            return
+            return None
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             self.metrics.error("", "", "bad_request")
             await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
-            return
+            return None
         model = payload.get("model") if type(payload) is dict else None
         if type(model) is not str:
             self.metrics.error("", "", "bad_request")
-            await send_error(send, 400, "request body must be a JSON object with a string 'model'", "invalid_request")
-            return
+            await send_error(send, 400, "request body must be a JSON object with a string 'model'", "invalid_request",
+                             param="model")
+            return None
         replicas = self.table.models.get(model)
         if replicas is None:
             self.metrics.error("", "", "unknown_model")  # not the name: clients must not mint series
             await send_error(send, 404, f"The model '{model[:200]}' does not exist; GET /v1/models lists the served models",
-                             "model_not_found")
-            return
+                             "model_not_found", param="model")
+            return None
         served = self.table.canonical[model]
         if key is not True and key.models is not None and served not in key.models and model not in key.models:
             self.metrics.error(served, "", "forbidden_model")
-            await send_error(send, 403, f"this API key may not use model '{model}'", "model_not_allowed")
-            return
+            await send_error(send, 403, f"this API key may not use model '{model}'", "model_not_allowed", param="model")
+            return None
+        call.key, call.served, call.replicas = key, served, replicas
+        call.streaming = payload.get("stream") is True
+        return body
 
+    async def _connect(self, call: ProxyCall, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
+        """Send the request to the least busy replica and wait for its response head; retry on
+        another while the replica has sent nothing. False once the client has been answered."""
         target = scope["raw_path"] or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
         tail = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-        streaming = payload.get("stream") is True
-
-        # Pick a replica; retry elsewhere while the replica has sent nothing.
+        replicas, served = call.replicas, call.served
         tried: tuple[Replica, ...] = ()
-        attempts = 0
-        state = RequestState()
         # Watch for the client leaving only once a request has lasted WATCH_AFTER: an instant
         # answer then costs a timer, not a task, and a long one still frees the engine's slot.
-        state.timer = self.loop.call_later(WATCH_AFTER, self._start_watch, receive, state)
+        call.timer = self.loop.call_later(WATCH_AFTER, self._start_watch, receive, call)
         while True:
             replica = self.table.pick(replicas, tried)
             if replica is None:
-                state.stop_watching()
+                call.stop_watching()
                 self.metrics.error(served, "", "no_replica")
                 await send_error(
                     send, 503, f"no healthy replica of model '{served}' is available; retry shortly",
                     "no_healthy_replica", [(b"retry-after", self.retry_after)],
                 )
-                return
-            attempts += 1
+                return False
+            call.attempts += 1
             replica.in_flight += 1
             conn = None
             try:
-                conn = state.conn = await replica.pool.acquire()
-                t_sent = time.perf_counter()
+                conn = call.conn = await replica.pool.acquire()
+                call.t_sent = time.perf_counter()
                 assert conn.transport is not None  # the pool hands out connected connections
                 conn.transport.write(b"".join((b"POST ", target, b" HTTP/1.1\r\n", replica.request_head, tail, body)))
                 await conn.response_headers()
-                break
+                call.replica = replica
+                return True
             except UpstreamError as exc:
                 if conn is not None:
                     conn.finish()
                 self._release(replica)
-                if state.client_gone:
-                    state.stop_watching()
+                if call.client_gone:
+                    call.stop_watching()
                     self.metrics.error(served, replica.id, "client_disconnect")
-                    return
+                    return False
                 self.metrics.error(served, replica.id, exc.kind)
-                if not exc.sent_nothing or attempts > len(replicas) + 4:
-                    state.stop_watching()
+                if not exc.sent_nothing or call.attempts > len(replicas) + 4:
+                    call.stop_watching()
                     await send_error(send, 502, f"replica of '{served}' failed: {exc}", "upstream_error")
-                    return
+                    return False
                 stale = conn is not None and conn.reused and isinstance(exc, ClosedError)
                 if not stale:  # a stale keep-alive socket says nothing about the replica
                     self._mark_failed(replica, exc)
                     tried += (replica,)
 
+    async def _relay(self, call: ProxyCall, send: Send) -> None:
+        """Pass the replica's status, end-to-end headers and body to the client as they come."""
         t_headers = time.perf_counter()
-        status = conn.status
+        conn = call.conn
+        assert conn is not None  # _connect succeeded
+        replica = call.replica
+        call.status = conn.status
         headers = []
         sse = False
         for name, value in conn.headers:
@@ -455,95 +457,100 @@ class Gateway:
                 headers.append((name, value))
                 if name == b"content-type" and value.startswith(b"text/event-stream"):
                     sse = True
-        overhead = (t_sent - t0) + (time.perf_counter() - t_headers)
+        call.sse = sse
+        call.overhead = overhead = (call.t_sent - call.t0) + (time.perf_counter() - t_headers)
         headers.append((b"x-cortex-replica", replica.id.encode()))
         headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
-        error_kind = None
+        await send({"type": "http.response.start", "status": call.status, "headers": headers})
         ttfb = None
-        last = b""
-        prev = b""
-        try:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+        prev = last = b""
+        try:  # locals in the loop (one per chunk), stored on the call once at the end
             while True:
                 try:
                     data = await conn.read()
                 except UpstreamError as exc:
-                    if state.client_gone:
-                        error_kind = "client_disconnect"
-                        break
-                    error_kind = exc.kind
+                    if call.client_gone:
+                        call.error_kind = "client_disconnect"
+                        return
+                    call.error_kind = exc.kind
                     self._mark_failed(replica, exc)
                     if sse:
                         event = b"data: " + error_body(
-                            f"the replica serving '{served}' failed mid-response: {exc}", "server_error", "upstream_error"
-                        ) + b"\n\n"
+                            f"the replica serving '{call.served}' failed mid-response: {exc}", "server_error",
+                            "upstream_error") + b"\n\n"
                         await send({"type": "http.response.body", "body": event, "more_body": False})
-                        break
+                        return
                     raise AbortResponse(str(exc)) from exc
                 if data is None:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    break
+                    return
                 if ttfb is None:
-                    ttfb = time.perf_counter() - t0
+                    ttfb = time.perf_counter() - call.t0
                 prev, last = last, data
                 if conn.complete and not conn.chunks:
                     await send({"type": "http.response.body", "body": data, "more_body": False})
-                    break
+                    return
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         finally:
-            state.stop_watching()
-            if error_kind is not None and not conn.complete:
-                conn.abort("request ended early")
-            conn.finish()
-            self._release(replica)
-            elapsed = time.perf_counter() - t0
-            metrics = self.metrics
-            labels = (served, replica.id)
-            metrics.requests[(served, replica.id, status)] += 1
-            metrics.latency.observe(labels, elapsed)
-            metrics.overhead.observe(labels, overhead)
-            if ttfb is not None:
-                metrics.ttfb.observe(labels, ttfb)
-            if error_kind is not None:
-                metrics.error(served, replica.id, error_kind)
-            elif status >= 500:
-                metrics.error(served, replica.id, "upstream_status_5xx")
-            prompt_tokens = completion_tokens = None
-            tail_bytes = prev + last if sse else last
-            at = tail_bytes.rfind(b'"usage"')
-            if at >= 0:
-                found = USAGE_PROMPT.search(tail_bytes, at)
-                if found:
-                    prompt_tokens = int(found.group(1))
-                    metrics.tokens[(served, replica.id, "prompt")] += prompt_tokens
-                found = USAGE_COMPLETION.search(tail_bytes, at)
-                if found:
-                    completion_tokens = int(found.group(1))
-                    metrics.tokens[(served, replica.id, "completion")] += completion_tokens
-            if self.access_log is not None:
-                self.access_log.write({
-                    "ts": time.time(),
-                    "path": scope["path"],
-                    "model": served,
-                    "replica": replica.id,
-                    "key": None if key is True else key.id,
-                    "client": scope["client"][0] if scope.get("client") else None,
-                    "status": status,
-                    "stream": streaming,
-                    "error": error_kind,
-                    "attempts": attempts,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
-                    "overhead_ms": round(overhead * 1000, 3),
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                })
+            call.ttfb, call.prev, call.last = ttfb, prev, last
 
-    def _start_watch(self, receive: Receive, state: RequestState) -> None:
+    def _account(self, call: ProxyCall, scope: Scope) -> None:
+        """Free the connection and the replica's slot; record metrics and the access-log line."""
+        call.stop_watching()
+        conn, replica, served, status, error_kind = call.conn, call.replica, call.served, call.status, call.error_kind
+        assert conn is not None
+        if error_kind is not None and not conn.complete:
+            conn.abort("request ended early")
+        conn.finish()
+        self._release(replica)
+        elapsed = time.perf_counter() - call.t0
+        metrics = self.metrics
+        labels = (served, replica.id)
+        metrics.requests[(served, replica.id, status)] += 1
+        metrics.latency.observe(labels, elapsed)
+        metrics.overhead.observe(labels, call.overhead)
+        if call.ttfb is not None:
+            metrics.ttfb.observe(labels, call.ttfb)
+        if error_kind is not None:
+            metrics.error(served, replica.id, error_kind)
+        elif status >= 500:
+            metrics.error(served, replica.id, "upstream_status_5xx")
+        prompt_tokens = completion_tokens = None
+        tail_bytes = call.prev + call.last if call.sse else call.last
+        at = tail_bytes.rfind(b'"usage"')
+        if at >= 0:
+            found = USAGE_PROMPT.search(tail_bytes, at)
+            if found:
+                prompt_tokens = int(found.group(1))
+                metrics.tokens[(served, replica.id, "prompt")] += prompt_tokens
+            found = USAGE_COMPLETION.search(tail_bytes, at)
+            if found:
+                completion_tokens = int(found.group(1))
+                metrics.tokens[(served, replica.id, "completion")] += completion_tokens
+        if self.access_log is not None:
+            self.access_log.write({
+                "ts": time.time(),
+                "path": scope["path"],
+                "model": served,
+                "replica": replica.id,
+                "key": None if call.key is True else call.key.id,
+                "client": scope["client"][0] if scope.get("client") else None,
+                "status": status,
+                "stream": call.streaming,
+                "error": error_kind,
+                "attempts": call.attempts,
+                "duration_ms": round(elapsed * 1000, 3),
+                "ttfb_ms": None if call.ttfb is None else round(call.ttfb * 1000, 3),
+                "overhead_ms": round(call.overhead * 1000, 3),
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+            })
+
+    def _start_watch(self, receive: Receive, state: ProxyCall) -> None:
         if not state.done:
             state.watcher = self.loop.create_task(self._watch_client(receive, state))
 
-    async def _watch_client(self, receive: Receive, state: RequestState) -> None:
+    async def _watch_client(self, receive: Receive, state: ProxyCall) -> None:
         """Cancel the upstream request when the client goes away (the engine frees its slot)."""
         while True:
             message = await receive()
@@ -553,148 +560,3 @@ class Gateway:
                     if state.conn is not None:
                         state.conn.abort("client disconnected")
                 return
-
-    # --- /admin -------------------------------------------------------------------------------
-
-    def _admin_authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                return value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), self.admin_token)
-        return False
-
-    async def admin(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The token is checked before the route is looked up, so no admin path answers without it.
-        if not self._admin_authorized(scope):
-            await send_error(send, 401, "admin API: send 'Authorization: Bearer <admin token>' "
-                             "(CORTEX_ADMIN_TOKEN or the gateway's admin-token file)", "invalid_admin_token")
-            return
-        method, path = scope["method"], scope["path"]
-        for route_method, pattern, handler in ADMIN_ROUTES:
-            params = match(pattern, path)
-            if params is None:
-                continue
-            if route_method != method:
-                continue
-            try:
-                raw = await read_body(receive, 1024 * 1024)
-                body = orjson.loads(raw) if raw else {}
-                if not isinstance(body, dict):
-                    raise RegistryError("request body must be a JSON object")
-                status, result = handler(self, body, **params)
-            except ClientGone:
-                return
-            except BodyTooLarge:
-                await send_error(send, 413, "admin request body larger than 1 MiB", "request_too_large")
-                return
-            except orjson.JSONDecodeError as exc:
-                await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
-                return
-            except RegistryError as exc:
-                await send_error(send, exc.status, str(exc), "registry_error")
-                return
-            await send_json(send, status, result)
-            return
-        await send_error(send, 404, f"no admin route {method} {path}", "not_found")
-
-    # Admin handlers: (gateway, body, **path params) -> (status, JSON result).
-
-    def _replica_view(self, replica_id: str) -> dict:
-        live = self.table.replicas.get(replica_id)
-        if live is not None:
-            return live.public()
-        return {**self.registry.replica(replica_id).public(), "healthy": None, "in_flight": 0}
-
-    def admin_list_replicas(self, body: dict) -> tuple[int, Any]:
-        aliases = self.registry.aliases()
-        return 200, {
-            "replicas": [self._replica_view(r.id) for r in self.registry.replicas()],
-            "aliases": aliases,
-        }
-
-    def admin_register(self, body: dict) -> tuple[int, Any]:
-        aliases = body.get("aliases") or []
-        labels = body.get("labels") or {}
-        for name in ("model", "url"):
-            if not isinstance(body.get(name), str):
-                raise RegistryError(f"'{name}' (string) is required")
-        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-            raise RegistryError("'aliases' must be a list of names")
-        if not isinstance(labels, dict):
-            raise RegistryError("'labels' must be an object")
-        engine_key = body.get("engine_api_key")
-        if engine_key is not None and not isinstance(engine_key, str):
-            raise RegistryError("'engine_api_key' must be a string")
-        replica_id = body.get("id")
-        if replica_id is not None and (not isinstance(replica_id, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", replica_id)):
-            raise RegistryError("'id' must be 1-128 letters, digits or ._:-")
-        if engine_key is not None and re.search(r"[\r\n]", engine_key):
-            raise RegistryError("'engine_api_key' must not contain line breaks")
-        record = self.registry.register(body["model"], body["url"], engine_key, aliases, replica_id, labels)
-        self.reload()
-        replica = self.table.replicas[record.id]
-        replica.healthy, replica.reason = True, ""  # the registrant tested it; the next pass verifies it
-        return 201, replica.public()
-
-    def admin_drain(self, body: dict, id: str) -> tuple[int, Any]:
-        self.registry.drain(id)
-        self.reload()
-        view = self._replica_view(id)
-        replica = self.table.replicas.get(id)
-        if replica is not None and replica.in_flight == 0:
-            self._finish_drain(replica)
-            view["state"] = "removed"
-        return 200, view
-
-    def admin_deregister(self, body: dict, id: str) -> tuple[int, Any]:
-        self.registry.deregister(id)
-        self.reload()
-        return 200, {"id": id, "state": "removed"}
-
-    def admin_list_keys(self, body: dict) -> tuple[int, Any]:
-        return 200, {"keys": [k.public() for k in self.registry.keys()]}
-
-    def admin_create_key(self, body: dict) -> tuple[int, Any]:
-        name = body.get("name") or ""
-        models = body.get("models")
-        expires_at = body.get("expires_at")
-        if not isinstance(name, str):
-            raise RegistryError("'name' must be a string")
-        if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))):
-            raise RegistryError("'expires_at' must be a Unix time in seconds")
-        key, record = self.registry.create_key(name, models, expires_at)
-        self.reload()
-        return 201, {**record.public(), "key": key}
-
-    def admin_revoke_key(self, body: dict, id: str) -> tuple[int, Any]:
-        self.registry.revoke_key(id)
-        self.reload()
-        return 200, {**self.registry.key(id).public()}
-
-
-def match(pattern: str, path: str) -> dict[str, str] | None:
-    want = pattern.strip("/").split("/")
-    got = path.strip("/").split("/")
-    if len(want) != len(got):
-        return None
-    params = {}
-    for w, g in zip(want, got):
-        if w.startswith("{"):
-            if not g:
-                return None
-            params[w[1:-1]] = g
-        elif w != g:
-            return None
-    return params
-
-
-# Every admin route. The test suite enumerates this list, so a new route cannot skip auth.
-ADMIN_ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]]]] = [
-    ("GET", "/admin/replicas", Gateway.admin_list_replicas),
-    ("POST", "/admin/replicas", Gateway.admin_register),
-    ("POST", "/admin/replicas/{id}/drain", Gateway.admin_drain),
-    ("DELETE", "/admin/replicas/{id}", Gateway.admin_deregister),
-    ("GET", "/admin/keys", Gateway.admin_list_keys),
-    ("POST", "/admin/keys", Gateway.admin_create_key),
-    ("DELETE", "/admin/keys/{id}", Gateway.admin_revoke_key),
-]
-

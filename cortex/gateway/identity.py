@@ -36,6 +36,7 @@ class Verdict:
     healthy: bool
     reason: str  # "" when healthy
     impostor: bool = False  # something answers, but not the registered engine
+    timed_out: bool = False  # no answer in time (the gateway may have been too busy to read it)
 
 
 def served_ids(body: bytes) -> set[str]:
@@ -68,7 +69,8 @@ async def verify_replica(client: httpx.AsyncClient, url: str, model: str, engine
         headers = {"Authorization": f"Bearer {engine_key}"} if engine_key else {}
         listing = await client.get(url + "/v1/models", headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-        return Verdict(False, f"unreachable: {type(exc).__name__}: {exc}")
+        return Verdict(False, f"unreachable: {type(exc).__name__}: {exc}",
+                       timed_out=isinstance(exc, httpx.TimeoutException))
     if listing.status_code in (401, 403):
         return Verdict(False, f"not the registered engine: it refuses this replica's key ({listing.status_code})",
                        impostor=True)

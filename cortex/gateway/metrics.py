@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from .connections import ConnectionGuard
 
 # Seconds. Latency spans sub-millisecond proxy answers to multi-minute generations.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -61,8 +64,9 @@ class Metrics:
     def error(self, model: str, replica: str, kind: str) -> None:
         self.errors[(model, replica, kind)] += 1
 
-    def render(self, replicas: Iterable) -> bytes:
-        """The exposition text; in-flight and health gauges are read from the live replicas."""
+    def render(self, replicas: Iterable, connections: "ConnectionGuard | None" = None) -> bytes:
+        """The exposition text; in-flight and health gauges are read from the live replicas,
+        connection counts from the server's connection guard."""
         out: list[str] = []
         replicas = list(replicas)
 
@@ -85,6 +89,13 @@ class Metrics:
                 ("model", "replica"), {(r.model, r.id): int(r.healthy) for r in replicas}, "gauge")
         counter("cortex_gateway_replica_draining", "1 while the replica is being drained.",
                 ("model", "replica"), {(r.model, r.id): int(r.state == "draining") for r in replicas}, "gauge")
+        if connections is not None:
+            out.append("# HELP cortex_gateway_client_connections Client connections open.")
+            out.append("# TYPE cortex_gateway_client_connections gauge")
+            out.append(f"cortex_gateway_client_connections {len(connections.open)}")
+            counter("cortex_gateway_connections_refused_total",
+                    "Client connections answered with an error and closed, by reason (the error code).",
+                    ("reason",), {(reason,): n for reason, n in connections.rejected.items()})
         for name, help_, hist in (
             ("cortex_gateway_request_duration_seconds", "Time from request to last byte.", self.latency),
             ("cortex_gateway_time_to_first_byte_seconds", "Time from request to the replica's first body byte.", self.ttfb),

@@ -1,19 +1,24 @@
 """The gateway's OpenAPI document (served at /openapi.json; fuzzed by the test suite).
 
-The /v1 request bodies are open objects on purpose: the gateway passes every field through to
-the engine unchanged, so it only requires `model`.
+The admin paths are generated from `admin.ADMIN_ROUTES`, the same table the router reads, with
+each request body's schema taken from its pydantic model. The /v1 request bodies are open
+objects on purpose: the gateway passes every field through to the engine unchanged, so it only
+requires `model`.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from .admin import ADMIN_ROUTES, AdminRoute, body_schemas
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 
 
-def _responses(ok: str, *codes: int) -> dict:
-    out: dict[str, dict] = {"200": {"description": ok}}
-    for code in codes:
+def _responses(ok: str, *codes: int, ok_status: int = 200) -> dict:
+    out: dict[str, dict] = {str(ok_status): {"description": ok}}
+    for code in sorted(codes):
         out[str(code)] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
     return out
 
@@ -37,14 +42,36 @@ def _proxy(summary: str) -> dict:
     }
 
 
-_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+def _admin_operation(route: AdminRoute) -> dict:
+    errors = {401, *route.errors}
+    operation: dict = {"summary": route.summary, "security": _ADMIN}
+    if route.params:
+        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                   for name in route.params]
+        errors.add(404)
+    if route.body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}}}
+        errors |= {400, 413}
+    operation["responses"] = _responses(route.summary, *errors, ok_status=route.status)
+    return operation
 
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
+    paths: dict[str, dict] = {
+        "/v1/chat/completions": _proxy("Chat completion, routed by model"),
+        "/v1/completions": _proxy("Text completion, routed by model"),
+        "/v1/embeddings": _proxy("Embeddings, routed by model"),
+        "/v1/models": {"get": {"summary": "Models with a healthy replica", "security": [{"apiKey": []}],
+                               "responses": _responses("model list", 401)}},
+        "/health": {"get": {"summary": "The gateway is up", "responses": _responses("ok")}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _responses("metrics")}},
+    }
+    for route in ADMIN_ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _admin_operation(route)
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "Cortex gateway", "version": "1"},
         "components": {
             "securitySchemes": {
@@ -57,64 +84,11 @@ def schema() -> dict:
                     "required": ["error"],
                     "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
                         "message": {"type": "string"}, "type": {"type": "string"},
-                        "code": {"type": "string", "nullable": True}, "param": {"type": "string", "nullable": True},
+                        "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]},
                     }}},
                 },
-                "Registration": {
-                    "type": "object",
-                    "required": ["model", "url"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "url": {"type": "string"},
-                        "engine_api_key": {"type": "string", "nullable": True},
-                        "aliases": {"type": "array", "items": {"type": "string"}},
-                        "id": {"type": "string"},
-                        "labels": {"type": "object"},
-                    },
-                },
-                "NewKey": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "models": {"type": "array", "items": {"type": "string"}, "nullable": True},
-                        "expires_at": {"type": "number", "nullable": True},
-                    },
-                },
+                **body_schemas(),
             },
         },
-        "paths": {
-            "/v1/chat/completions": _proxy("Chat completion, routed by model"),
-            "/v1/completions": _proxy("Text completion, routed by model"),
-            "/v1/embeddings": _proxy("Embeddings, routed by model"),
-            "/v1/models": {"get": {"summary": "Models with a healthy replica", "security": [{"apiKey": []}],
-                                   "responses": _responses("model list", 401)}},
-            "/health": {"get": {"summary": "The gateway is up", "responses": _responses("ok")}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _responses("metrics")}},
-            "/admin/replicas": {
-                "get": {"summary": "List replicas", "security": _ADMIN, "responses": _responses("replicas", 401)},
-                "post": {
-                    "summary": "Register a replica", "security": _ADMIN,
-                    "requestBody": {"required": True, "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Registration"}}}},
-                    "responses": {"201": {"description": "registered"}, **_responses("", 400, 401, 409)},
-                },
-            },
-            "/admin/replicas/{id}/drain": {"post": {
-                "summary": "Drain a replica (no new requests; removed when idle)", "security": _ADMIN,
-                "parameters": _ID, "responses": _responses("draining", 401, 404)}},
-            "/admin/replicas/{id}": {"delete": {
-                "summary": "Deregister a replica now", "security": _ADMIN,
-                "parameters": _ID, "responses": _responses("removed", 401, 404)}},
-            "/admin/keys": {
-                "get": {"summary": "List API keys (no secrets)", "security": _ADMIN, "responses": _responses("keys", 401)},
-                "post": {
-                    "summary": "Create an API key (the key is shown once)", "security": _ADMIN,
-                    "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewKey"}}}},
-                    "responses": {"201": {"description": "created"}, **_responses("", 400, 401)},
-                },
-            },
-            "/admin/keys/{id}": {"delete": {
-                "summary": "Revoke an API key", "security": _ADMIN,
-                "parameters": _ID, "responses": _responses("revoked", 401, 404)}},
-        },
+        "paths": paths,
     }

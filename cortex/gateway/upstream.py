@@ -34,6 +34,11 @@ class ConnectError(UpstreamError):
     kind = "connect"
 
 
+class ConnectTimeout(ConnectError):
+    """The replica did not accept the connection in time (unlike a refusal, a busy gateway can
+    cause this: see looplag.py)."""
+
+
 class ClosedError(UpstreamError):
     kind = "upstream_closed"
 
@@ -216,7 +221,7 @@ class ConnectionPool:
                 self.connect_timeout,
             )
         except asyncio.TimeoutError:
-            raise ConnectError(f"connect to {self.host}:{self.port} timed out", sent_nothing=True) from None
+            raise ConnectTimeout(f"connect to {self.host}:{self.port} timed out", sent_nothing=True) from None
         except OSError as exc:
             raise ConnectError(f"connect to {self.host}:{self.port} failed: {exc}", sent_nothing=True) from None
         self.busy.add(conn)

@@ -1,7 +1,7 @@
 """A minimal OpenAI-style engine that answers instantly: the upstream for gateway tests and for
 benchmarks/gateway_bench.py (so only proxy cost is measured). Not a model: answers are canned.
 
-    python -m cortex.gateway.fake_engine --port 9001 [--api-key KEY] [--chunks 20] [--model NAME]...
+    python -m cortex.testing.fake_engine --port 9001 [--api-key KEY] [--chunks 20] [--model NAME]...
 
 Request fields it understands besides the OpenAI ones: `fake_chunks` (SSE events to send),
 `fake_delay` (seconds between events), `fake_status` (answer with this status),

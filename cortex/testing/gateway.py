@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from ..gateway.client import GatewayClient
 from ..net import free_port
 from ..settings import Settings
-from .client import GatewayClient
 
 
 class GatewayProcess:

@@ -1,0 +1,213 @@
+"""The admin API under /admin: one table (`ADMIN_ROUTES`) declares each route's method, path
+pattern, handler and body model. The router below and the OpenAPI document (openapi.py) both
+read it, so a route cannot be served without being documented, or documented without its
+body being checked.
+
+Bodies are pydantic models that refuse unknown fields: a misspelt `engine_api_key` is a 400
+naming the field, not a replica registered without its key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, read_body, send_error, send_json
+from .registry import RegistryError
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+ADMIN_MAX_BODY = 1024 * 1024
+Name = Annotated[str, Field(min_length=1)]
+
+
+class Body(BaseModel):
+    """An admin request body: JSON types as written (no "5" for 5), no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Registration(Body):
+    """POST /admin/replicas."""
+
+    model: Name = Field(description="The served model name clients put in `model`.")
+    url: str = Field(description="The engine's base URL, http://host:port.")
+    engine_api_key: Annotated[str, Field(pattern=r"^[^\r\n]*$")] | None = Field(
+        None, description="The key the engine requires; sent by the gateway, never shown.")
+    aliases: list[Name] | None = Field(None, description="Other names routed to this model.")
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = Field(
+        None, description="Replica id (1-128 letters, digits or ._:-); default: <model>-<random>.")
+    labels: dict[str, Any] | None = Field(None, description="Free-form labels shown in listings.")
+
+
+class NewKey(Body):
+    """POST /admin/keys."""
+
+    name: str = Field("", description="A name for people; not a secret.")
+    models: list[Name] | None = Field(None, description="Models the key may use; null for all.")
+    expires_at: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="Unix time in seconds after which the key is refused.")
+
+
+# --- handlers: (gateway, body or None, **path params) -> JSON result -------------------------------
+
+
+def list_replicas(gw: Gateway, body: None) -> Any:
+    return {"replicas": [gw.replica_view(r.id) for r in gw.registry.replicas()], "aliases": gw.registry.aliases()}
+
+
+def register(gw: Gateway, body: Registration) -> Any:
+    record = gw.registry.register(body.model, body.url, body.engine_api_key, body.aliases or [], body.id,
+                                  body.labels or {})
+    gw.reload()
+    replica = gw.table.replicas[record.id]
+    replica.healthy = True  # the deploy flow registers only replicas that passed their smoke test
+    return replica.public()
+
+
+def drain(gw: Gateway, body: None, id: str) -> Any:
+    gw.registry.drain(id)
+    gw.reload()
+    view = gw.replica_view(id)
+    replica = gw.table.replicas.get(id)
+    if replica is not None and replica.in_flight == 0:
+        gw.finish_drain(replica)
+        view["state"] = "removed"
+    return view
+
+
+def deregister(gw: Gateway, body: None, id: str) -> Any:
+    gw.registry.deregister(id)
+    gw.reload()
+    return {"id": id, "state": "removed"}
+
+
+def list_keys(gw: Gateway, body: None) -> Any:
+    return {"keys": [k.public() for k in gw.registry.keys()]}
+
+
+def create_key(gw: Gateway, body: NewKey) -> Any:
+    key, record = gw.registry.create_key(body.name, body.models, body.expires_at)
+    gw.reload()
+    return {**record.public(), "key": key}
+
+
+def revoke_key(gw: Gateway, body: None, id: str) -> Any:
+    gw.registry.revoke_key(id)
+    gw.reload()
+    return gw.registry.key(id).public()
+
+
+@dataclass(frozen=True)
+class AdminRoute:
+    method: str
+    path: str  # segments in braces are path parameters, passed to the handler by name
+    handler: Callable[..., Any]
+    summary: str
+    body: type[Body] | None = None
+    status: int = 200  # on success
+    errors: tuple[int, ...] = ()  # besides 401 (every route), 400 (a body) and 404 (a path parameter)
+
+    @property
+    def params(self) -> list[str]:
+        return [s[1:-1] for s in self.path.strip("/").split("/") if s.startswith("{")]
+
+    def match(self, path: str) -> dict[str, str] | None:
+        want = self.path.strip("/").split("/")
+        got = path.strip("/").split("/")
+        if len(want) != len(got):
+            return None
+        params = {}
+        for w, g in zip(want, got):
+            if w.startswith("{"):
+                if not g:
+                    return None
+                params[w[1:-1]] = g
+            elif w != g:
+                return None
+        return params
+
+
+# Every admin route. The test suite enumerates this table, so a new route cannot skip auth.
+ADMIN_ROUTES: tuple[AdminRoute, ...] = (
+    AdminRoute("GET", "/admin/replicas", list_replicas, "List replicas and aliases"),
+    AdminRoute("POST", "/admin/replicas", register,
+               "Register a replica (registering the same model and url again updates it)",
+               body=Registration, status=201, errors=(409,)),
+    AdminRoute("POST", "/admin/replicas/{id}/drain", drain, "Drain a replica (no new requests; removed when idle)"),
+    AdminRoute("DELETE", "/admin/replicas/{id}", deregister, "Deregister a replica now"),
+    AdminRoute("GET", "/admin/keys", list_keys, "List API keys (no secrets)"),
+    AdminRoute("POST", "/admin/keys", create_key, "Create an API key (the key is shown once)",
+               body=NewKey, status=201),
+    AdminRoute("DELETE", "/admin/keys/{id}", revoke_key, "Revoke an API key"),
+)
+
+
+def authorized(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), token)
+    return False
+
+
+def _invalid_body(exc: ValidationError) -> tuple[str, str, str | None]:
+    """A 400's message, code and `param` (the first bad field, dotted: `aliases.0`)."""
+    problems = []
+    first: str | None = None
+    for error in exc.errors(include_url=False):
+        if error["type"] == "json_invalid":
+            return f"request body is not valid JSON: {error['msg']}", "invalid_json", None
+        field = ".".join(str(part) for part in error["loc"])
+        first = first or field or None
+        problems.append(f"{field}: {error['msg']}" if field else f"body: {error['msg']}")
+    return "invalid request body: " + "; ".join(problems), "invalid_request", first
+
+
+async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    # The token is checked before the route is looked up, so no admin path answers without it.
+    if not authorized(scope, gw.admin_token):
+        await send_error(send, 401, "admin API: send 'Authorization: Bearer <admin token>' "
+                         "(CORTEX_ADMIN_TOKEN or the gateway's admin-token file)", "invalid_admin_token")
+        return
+    method, path = scope["method"], scope["path"]
+    for route in ADMIN_ROUTES:
+        params = route.match(path)
+        if params is None or route.method != method:
+            continue
+        body = None
+        if route.body is not None:
+            try:
+                raw = await read_body(receive, ADMIN_MAX_BODY)
+                body = route.body.model_validate_json(raw or b"{}")
+            except ClientGone:
+                return
+            except BodyTooLarge:
+                await send_error(send, 413, f"admin request body larger than {ADMIN_MAX_BODY} bytes",
+                                 "request_too_large")
+                return
+            except ValidationError as exc:
+                message, code, param = _invalid_body(exc)
+                await send_error(send, 400, message, code, param=param)
+                return
+        try:
+            result = route.handler(gw, body, **params)
+        except RegistryError as exc:
+            await send_error(send, exc.status, str(exc), "registry_error")
+            return
+        await send_json(send, route.status, result)
+        return
+    await send_error(send, 404, f"no admin route {method} {path}", "not_found")
+
+
+def body_schemas() -> dict[str, dict]:
+    """JSON Schema of each body model, for the OpenAPI document's components."""
+    schemas = {}
+    for route in ADMIN_ROUTES:
+        if route.body is not None:
+            schemas[route.body.__name__] = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
+    return schemas
+
