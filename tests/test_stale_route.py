@@ -20,7 +20,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from cortex.gateway.registry import Registry
-from cortex.gateway.testing import GatewayProcess
+from cortex.testing.gateway import GatewayProcess
 from cortex.runtime import get_runtime
 from cortex.runtime.rollout import RolloutRequest, SmokeRequest
 from flows.deploy import retire_model, roll_out

@@ -65,7 +65,9 @@ def register(gw: Gateway, body: Registration) -> Any:
                                   body.labels or {})
     gw.reload()
     replica = gw.table.replicas[record.id]
-    replica.healthy = True  # the deploy flow registers only replicas that passed their smoke test
+    # the deploy flow registers only replicas that passed their smoke test; the next health pass
+    # verifies its identity (cortex.gateway.identity)
+    replica.healthy, replica.reason = True, ""
     return replica.public()
 
 
