@@ -70,10 +70,24 @@ METRICS = [
 GATED = ("output tok/s", "TTFT p50 ms")
 
 
-def start_llama_server(server: Path, gguf: Path, port: int, slots: int, ctx: int, threads: int,
-                       log: Path) -> subprocess.Popen:
-    cmd = [str(server), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(slots), "-c", str(ctx), "-t", str(threads)]
+def start_llama_server(
+    server: Path, gguf: Path, port: int, slots: int, ctx: int, threads: int, log: Path
+) -> subprocess.Popen:
+    cmd = [
+        str(server),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(ctx),
+        "-t",
+        str(threads),
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -94,8 +108,14 @@ class VllmBench:
 
     def __init__(self, python: Path, log: Path):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+        self.proc = subprocess.Popen(
+            [str(python), "-c", VLLM_WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            env=env,
+        )
         self.log = log
         self._read()
 
@@ -117,12 +137,38 @@ class VllmBench:
 
 def vllm_argv(base_url: str, model: str, tokenizer: Path, conc: int, args: argparse.Namespace, seed: int) -> list[str]:
     return [
-        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", model, "--tokenizer", str(tokenizer),
-        "--dataset-name", "random", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-        "--num-prompts", str(args.requests), "--max-concurrency", str(conc), "--request-rate", "inf",
-        "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--disable-tqdm",
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random",
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.requests),
+        "--max-concurrency",
+        str(conc),
+        "--request-rate",
+        "inf",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        str(seed),
+        "--disable-tqdm",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,90,99",
     ]
 
 
@@ -177,12 +223,20 @@ def serve_control(port: int, prefill_ms: float, token_ms: float, slowdown: float
                 for i in range(n):
                     if i:
                         await asyncio.sleep(token_ms / 1000 * stretch())
-                    msg = {"choices": [{"text": " the", "index": 0, "logprobs": None,
-                                        "finish_reason": "length" if i == n - 1 else None}],
-                           "object": "text_completion", "model": "smollm2"}
+                    msg = {
+                        "choices": [
+                            {
+                                "text": " the",
+                                "index": 0,
+                                "logprobs": None,
+                                "finish_reason": "length" if i == n - 1 else None,
+                            }
+                        ],
+                        "object": "text_completion",
+                        "model": "smollm2",
+                    }
                     if i == n - 1:
-                        msg["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n,
-                                        "total_tokens": n_prompt + n}
+                        msg["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
                     yield f"data: {json.dumps(msg)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -190,14 +244,29 @@ def serve_control(port: int, prefill_ms: float, token_ms: float, slowdown: float
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    app = Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"]),
-                            Route("/health", lambda r: JSONResponse({"status": "ok"}))])
+    app = Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/health", lambda r: JSONResponse({"status": "ok"})),
+        ]
+    )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def start_control(port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--serve-control", str(port), "--prefill-ms", str(args.prefill_ms),
-           "--token-ms", str(args.token_ms), "--slowdown", str(args.slowdown)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--serve-control",
+        str(port),
+        "--prefill-ms",
+        str(args.prefill_ms),
+        "--token-ms",
+        str(args.token_ms),
+        "--slowdown",
+        str(args.slowdown),
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -211,7 +280,6 @@ def start_control(port: int, args: argparse.Namespace, log: Path) -> subprocess.
     raise RuntimeError(f"control server not up after 60 s; see {log}")
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4")
@@ -221,17 +289,26 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--gguf", type=Path, default=None, help="default: the SmolLM2 Q4_1 test model")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="llama-server threads (default 1: on a shared, oversubscribed CPU one thread is "
-                        "several times faster and far steadier than two, whose barriers wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama-server threads (default 1: on a shared, oversubscribed CPU one thread is "
+        "several times faster and far steadier than two, whose barriers wait on each other)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all runs and the summary here")
-    parser.add_argument("--server", choices=["llama", "control"], default="llama",
-                        help="llama: a real llama-server (default); control: a server with known timing, "
-                        "so that only the clients can differ")
+    parser.add_argument(
+        "--server",
+        choices=["llama", "control"],
+        default="llama",
+        help="llama: a real llama-server (default); control: a server with known timing, "
+        "so that only the clients can differ",
+    )
     parser.add_argument("--prefill-ms", type=float, default=250.0, help="control server: prefill per request")
     parser.add_argument("--token-ms", type=float, default=20.0, help="control server: per output token")
-    parser.add_argument("--slowdown", type=float, default=0.25,
-                        help="control server: stretch per other request in flight")
+    parser.add_argument(
+        "--slowdown", type=float, default=0.25, help="control server: stretch per other request in flight"
+    )
     parser.add_argument("--serve-control", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_control is not None:
@@ -252,14 +329,19 @@ def main() -> int:
     ctx = slots * (args.input_len + args.output_len + 64)
     load = f"{args.requests} requests of {args.input_len} in / {args.output_len} out tokens per run"
     if args.server == "control":
-        print(f"control server (prefill {args.prefill_ms:g} ms, {args.token_ms:g} ms/token, slowdown "
-              f"{args.slowdown:g} per other request); vLLM {vllm.version}; {load}; logs in {logs}")
+        print(
+            f"control server (prefill {args.prefill_ms:g} ms, {args.token_ms:g} ms/token, slowdown "
+            f"{args.slowdown:g} per other request); vLLM {vllm.version}; {load}; logs in {logs}"
+        )
         server = start_control(port, args, logs / "control-server.log")
     else:
-        print(f"llama-server {toolchain.version} on {gguf.name}, {slots} slots, {args.threads} thread(s); "
-              f"vLLM {vllm.version}; {load}; logs in {logs}")
-        server = start_llama_server(toolchain.llama_server, gguf, port, slots, ctx, args.threads,
-                                    logs / "llama-server.log")
+        print(
+            f"llama-server {toolchain.version} on {gguf.name}, {slots} slots, {args.threads} thread(s); "
+            f"vLLM {vllm.version}; {load}; logs in {logs}"
+        )
+        server = start_llama_server(
+            toolchain.llama_server, gguf, port, slots, ctx, args.threads, logs / "llama-server.log"
+        )
     runs: list[dict] = []
     try:
         vbench = VllmBench(vllm.python, logs / "vllm-bench.log")
@@ -275,15 +357,21 @@ def main() -> int:
                             failed = res.get("failed", 0)
                         else:
                             settings = BenchmarkSettings(
-                                concurrency=[conc], requests=args.requests, input_len=args.input_len,
-                                output_len=args.output_len, seed=seed + 7,
+                                concurrency=[conc],
+                                requests=args.requests,
+                                input_len=args.input_len,
+                                output_len=args.output_len,
+                                seed=seed + 7,
                             )
                             lv = benchmark(base_url, settings, model="smollm2").levels[0]
                             values = {label: read(lv) for label, _, read in METRICS}
                             failed = lv.errors
                         runs.append({"round": rnd, "concurrency": conc, "tool": tool, "failed": failed, **values})
-                        print(f"  round {rnd + 1} c={conc} {tool:6s}: {values['output tok/s']:.1f} out tok/s, "
-                              f"TTFT p50 {values['TTFT p50 ms']:.1f} ms, failed {failed}", flush=True)
+                        print(
+                            f"  round {rnd + 1} c={conc} {tool:6s}: {values['output tok/s']:.1f} out tok/s, "
+                            f"TTFT p50 {values['TTFT p50 ms']:.1f} ms, failed {failed}",
+                            flush=True,
+                        )
         finally:
             vbench.close()
     finally:
@@ -294,8 +382,10 @@ def main() -> int:
     summary = []
     for conc in levels:
         print(f"\nconcurrency {conc}: median of {args.rounds} rounds")
-        print(f"  {'metric':14s} {'vLLM':>10s} {'Cortex':>10s} {'diff':>8s} {'paired':>8s}   "
-              f"{'vLLM noise':>10s} {'Cortex noise':>12s}")
+        print(
+            f"  {'metric':14s} {'vLLM':>10s} {'Cortex':>10s} {'diff':>8s} {'paired':>8s}   "
+            f"{'vLLM noise':>10s} {'Cortex noise':>12s}"
+        )
         for label, _, _ in METRICS:
             v = [r[label] for r in runs if r["concurrency"] == conc and r["tool"] == "vllm"]
             c = [r[label] for r in runs if r["concurrency"] == conc and r["tool"] == "cortex"]
@@ -307,13 +397,28 @@ def main() -> int:
             passed = abs(paired) <= args.tolerance
             if gated and not passed:
                 ok = False
-            summary.append({"concurrency": conc, "metric": label, "vllm": mv, "cortex": mc, "diff": d,
-                            "paired_diff": paired, "vllm_noise": spread(v), "cortex_noise": spread(c),
-                            "gated": gated, "passed": passed if gated else None})
+            summary.append(
+                {
+                    "concurrency": conc,
+                    "metric": label,
+                    "vllm": mv,
+                    "cortex": mc,
+                    "diff": d,
+                    "paired_diff": paired,
+                    "vllm_noise": spread(v),
+                    "cortex_noise": spread(c),
+                    "gated": gated,
+                    "passed": passed if gated else None,
+                }
+            )
             mark = ("ok" if passed else "OVER") if gated else ""
-            print(f"  {label:14s} {mv:10.2f} {mc:10.2f} {d:+8.1%} {paired:+8.1%}   "
-                  f"{spread(v):10.1%} {spread(c):12.1%}  {mark}")
-    print(f"\n{'PASS' if ok else 'FAIL'}: output tok/s and TTFT p50 within {args.tolerance:.0%} at concurrency {levels}")
+            print(
+                f"  {label:14s} {mv:10.2f} {mc:10.2f} {d:+8.1%} {paired:+8.1%}   "
+                f"{spread(v):10.1%} {spread(c):12.1%}  {mark}"
+            )
+    print(
+        f"\n{'PASS' if ok else 'FAIL'}: output tok/s and TTFT p50 within {args.tolerance:.0%} at concurrency {levels}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "summary": summary, "passed": ok}, indent=2) + "\n")
     return 0 if ok else 1

@@ -115,8 +115,20 @@ class Upstream(Target):
     def __init__(self, workdir: Path) -> None:
         port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.testing.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY,
-             "--chunks", str(CHUNKS)], stdout=open(workdir / "upstream.log", "w"), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "cortex.testing.fake_engine",
+                "--port",
+                str(port),
+                "--api-key",
+                ENGINE_KEY,
+                "--chunks",
+                str(CHUNKS),
+            ],
+            stdout=open(workdir / "upstream.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{port}"
         self.auth = f"Bearer {ENGINE_KEY}"
         wait_http(self.url + "/health", 20, "fake upstream")
@@ -135,8 +147,9 @@ class Cortex(Target):
         if source is not None:  # another checkout (-P: its cortex, not the one in the current directory)
             self.name = "cortex-base"
             env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
-        self.gw = GatewayProcess(workdir / f"{self.name}-home", log_path=workdir / f"{self.name}.log",
-                                 env=env, command=command).start()
+        self.gw = GatewayProcess(
+            workdir / f"{self.name}-home", log_path=workdir / f"{self.name}.log", env=env, command=command
+        ).start()
         with self.gw.client() as c:
             c.register("fake", upstream.url, engine_api_key=ENGINE_KEY)
             self.auth = "Bearer " + c.create_key(name="bench")["key"]
@@ -161,8 +174,11 @@ class Nginx(Target):
         conf = conf.replace("@PREFIX@", str(prefix)).replace("@PORT@", str(port))
         conf = conf.replace("@UPSTREAM@", upstream.url.removeprefix("http://")).replace("@ENGINE_KEY@", ENGINE_KEY)
         (prefix / "nginx.conf").write_text(conf)
-        self.proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                                     stdout=open(prefix / "stdout.log", "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+            stdout=open(prefix / "stdout.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{port}"
         wait_http(self.url + "/health", 20, "nginx")
         self.pids = _tree(self.proc.pid)
@@ -178,24 +194,41 @@ class LiteLLM(Target):
     def __init__(self, workdir: Path, upstream: Upstream, venv: Path) -> None:
         binary = venv / "bin" / "litellm"
         if not binary.exists():
-            raise RuntimeError(f"LiteLLM not installed in {venv}: python3 -m venv {venv} && "
-                               f"{venv}/bin/pip install 'litellm[proxy]'")
+            raise RuntimeError(
+                f"LiteLLM not installed in {venv}: python3 -m venv {venv} && {venv}/bin/pip install 'litellm[proxy]'"
+            )
         port = free_port()
         self.master_key = "sk-" + secrets.token_hex(32)
         self.auth = f"Bearer {self.master_key}"
         config = workdir / "litellm.yaml"
-        config.write_text(json.dumps({
-            "model_list": [{"model_name": "fake", "litellm_params": {
-                "model": "openai/fake", "api_base": upstream.url + "/v1", "api_key": ENGINE_KEY}}],
-            "litellm_settings": {"drop_params": True, "telemetry": False},
-            # LiteLLM refuses to start without a master key; with no database it is the only key.
-            "general_settings": {"master_key": self.master_key},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "fake",
+                            "litellm_params": {
+                                "model": "openai/fake",
+                                "api_base": upstream.url + "/v1",
+                                "api_key": ENGINE_KEY,
+                            },
+                        }
+                    ],
+                    "litellm_settings": {"drop_params": True, "telemetry": False},
+                    # LiteLLM refuses to start without a master key; with no database it is the only key.
+                    "general_settings": {"master_key": self.master_key},
+                }
+            )
+        )
         env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "true"}
         env.pop("DATABASE_URL", None)
         self.proc = subprocess.Popen(
             [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-            stdout=open(workdir / "litellm.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=open(workdir / "litellm.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         self.url = f"http://127.0.0.1:{port}"
         wait_http(self.url + "/health/liveliness", 240, "LiteLLM proxy")
         self.pids = _tree(self.proc.pid)
@@ -234,18 +267,42 @@ def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, wor
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(_body(target.model, stream))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "{target.auth}"\n')
+        f'wrk.headers["Authorization"] = "{target.auth}"\n'
+    )
     before = cpu_seconds(target.pids)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "30s", "-s", str(script),
-         target.url + "/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{duration:g}s",
+            "--latency",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            target.url + "/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cpu = cpu_seconds(target.pids) - before
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     if requests == 0:
-        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "cpu_us_per_req": float("nan"),
-                "requests": 0, "errors": 0}
+        return {
+            "rps": 0.0,
+            "p50_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "cpu_us_per_req": float("nan"),
+            "requests": 0,
+            "errors": 0,
+        }
     errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
+    for pattern in (
+        r"Non-2xx or 3xx responses: (\d+)",
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+    ):
         found = re.search(pattern, out)
         if found:
             errors += sum(int(g) for g in found.groups())
@@ -295,11 +352,17 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--targets", default="direct,cortex,nginx,litellm")
     parser.add_argument("--ttfb-requests", type=int, default=300)
-    parser.add_argument("--litellm-venv", type=Path,
-                        default=Path(os.environ.get("CORTEX_CACHE", "~/.cache/cortex")).expanduser() / "bench" / "litellm-venv")
+    parser.add_argument(
+        "--litellm-venv",
+        type=Path,
+        default=Path(os.environ.get("CORTEX_CACHE", "~/.cache/cortex")).expanduser() / "bench" / "litellm-venv",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--baseline", type=Path,
-                        help="also measure the gateway of this checkout (target cortex-base), interleaved with the rest")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also measure the gateway of this checkout (target cortex-base), interleaved with the rest",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -310,9 +373,12 @@ def main() -> int:
     upstream = Upstream(workdir)
     targets: list[Target] = [upstream] if "direct" in wanted else []
     unavailable: dict[str, str] = {}
-    factories = {"cortex": lambda: Cortex(workdir, upstream), "nginx": lambda: Nginx(workdir, upstream),
-                 "litellm": lambda: LiteLLM(workdir, upstream, args.litellm_venv),
-                 "cortex-base": lambda: Cortex(workdir, upstream, args.baseline)}
+    factories = {
+        "cortex": lambda: Cortex(workdir, upstream),
+        "nginx": lambda: Nginx(workdir, upstream),
+        "litellm": lambda: LiteLLM(workdir, upstream, args.litellm_venv),
+        "cortex-base": lambda: Cortex(workdir, upstream, args.baseline),
+    }
     if args.baseline and "cortex-base" not in wanted:
         wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")
     try:
@@ -330,12 +396,18 @@ def main() -> int:
                     for target in targets:
                         res = run_wrk(target, stream, c, args.duration, workdir)
                         results.setdefault((target.name, stream, c), []).append(res)
-                        print(f"round {r + 1} {'stream' if stream else 'json  '} c={c:<3} {target.name:8} "
-                              f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:7.2f} ms  "
-                              f"cpu {res['cpu_us_per_req']:8.1f} us/req  errors {res['errors']}", flush=True)
+                        print(
+                            f"round {r + 1} {'stream' if stream else 'json  '} c={c:<3} {target.name:8} "
+                            f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:7.2f} ms  "
+                            f"cpu {res['cpu_us_per_req']:8.1f} us/req  errors {res['errors']}",
+                            flush=True,
+                        )
                 for target in targets:
                     ttfb.setdefault((target.name, stream), []).append(
-                        probe_ttfb(target, stream, max(20, args.ttfb_requests // (50 if target.name == 'litellm' else 1))))
+                        probe_ttfb(
+                            target, stream, max(20, args.ttfb_requests // (50 if target.name == "litellm" else 1))
+                        )
+                    )
     finally:
         for target in targets:
             target.stop()
@@ -363,7 +435,8 @@ def main() -> int:
                     f"{statistics.median(ttfb[(n, stream)]):.3f} | "
                     f"{'(upstream) ' if n == 'direct' else ''}{cpu:.0f} | "
                     f"{f'{cpu / (CHUNKS + 1):.1f}' if stream else ''} | "
-                    f"{sum(x['errors'] for x in results[(n, stream, c)])} |")
+                    f"{sum(x['errors'] for x in results[(n, stream, c)])} |"
+                )
     for name, why in unavailable.items():
         lines.append(f"\n{name}: not measured: {why}")
     names = [t.name for t in targets]
@@ -376,11 +449,16 @@ def main() -> int:
         lines.append("\n" + "; ".join(summary))
     print("\n" + "\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"results": {f"{k[0]}|{'stream' if k[1] else 'json'}|{k[2]}": v
-                                                     for k, v in results.items()},
-                                         "ttfb_ms": {f"{k[0]}|{'stream' if k[1] else 'json'}": v
-                                                     for k, v in ttfb.items()},
-                                         "unavailable": unavailable}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": {f"{k[0]}|{'stream' if k[1] else 'json'}|{k[2]}": v for k, v in results.items()},
+                    "ttfb_ms": {f"{k[0]}|{'stream' if k[1] else 'json'}": v for k, v in ttfb.items()},
+                    "unavailable": unavailable,
+                },
+                indent=2,
+            )
+        )
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -84,8 +84,11 @@ def keyed_requests(gw: GatewayProcess, key: str, seconds: float) -> tuple[list[f
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             try:
-                r = client.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+                r = client.post(
+                    gw.url + "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+                )
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -131,11 +134,14 @@ def phase(gw: GatewayProcess, key: str, seconds: float, attack: bool) -> dict:
         attacker.join(10)
     ordered = sorted(latencies)
     return {
-        "requests": len(latencies), "failures": failures,
+        "requests": len(latencies),
+        "failures": failures,
         "p50": statistics.median(ordered) if ordered else float("nan"),
         "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else float("nan"),
         "max": ordered[-1] if ordered else float("nan"),
-        "rss": sampler.peak_rss, "unhealthy": sampler.unhealthy, "attacker": attacker,
+        "rss": sampler.peak_rss,
+        "unhealthy": sampler.unhealthy,
+        "attacker": attacker,
     }
 
 
@@ -179,12 +185,17 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="cortex-header-attack-"))
     port = free_port()
-    engine = subprocess.Popen([sys.executable, "-m", "cortex.testing.fake_engine", "--port", str(port),
-                               "--api-key", ENGINE_KEY], stdout=open(workdir / "engine.log", "w"),
-                              stderr=subprocess.STDOUT)
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "cortex.testing.fake_engine", "--port", str(port), "--api-key", ENGINE_KEY],
+        stdout=open(workdir / "engine.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     env, command = {}, None
     if args.gateway_source:  # -P: not the current directory first on the path, the other checkout
-        env, command = {"PYTHONPATH": str(args.gateway_source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
+        env, command = (
+            {"PYTHONPATH": str(args.gateway_source.resolve())},
+            [sys.executable, "-P", "-m", "cortex.gateway"],
+        )
     gw = GatewayProcess(workdir / "home", env=env, log_path=workdir / "gateway.log", command=command)
     try:
         gw.start()
@@ -192,8 +203,11 @@ def main() -> int:
             c.register("fake", f"http://127.0.0.1:{port}", engine_api_key=ENGINE_KEY)
             key = c.create_key(name="attack-bench")["key"]
         for _ in range(50):  # warm up
-            httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                       json={"model": "fake", "messages": []})
+            httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "fake", "messages": []},
+            )
         idle_rss = gw.rss_bytes()
         quiet = phase(gw, key, args.duration, attack=False)
         endless = phase(gw, key, args.duration, attack=True)
@@ -202,17 +216,25 @@ def main() -> int:
         gw.stop()
         engine.terminate()
         engine.wait()
-    print(f"\nHeader attack: gateway from {args.gateway_source or 'this checkout'}; {args.duration:g} s of keyed "
-          f"requests per phase (one at a time, 50 ms apart); {os.cpu_count()} CPUs (shared); "
-          f"gateway RSS idle {idle_rss / 2**20:.0f} MiB.\n")
-    print("| phase | keyed requests | failed | p50 ms | p99 ms | max ms | gateway peak RSS MiB | replica marked unhealthy |")
+    print(
+        f"\nHeader attack: gateway from {args.gateway_source or 'this checkout'}; {args.duration:g} s of keyed "
+        f"requests per phase (one at a time, 50 ms apart); {os.cpu_count()} CPUs (shared); "
+        f"gateway RSS idle {idle_rss / 2**20:.0f} MiB.\n"
+    )
+    print(
+        "| phase | keyed requests | failed | p50 ms | p99 ms | max ms | gateway peak RSS MiB | replica marked unhealthy |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in (("quiet", quiet), ("endless header", endless)):
-        print(f"| {name} | {r['requests']} | {r['failures']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} | "
-              f"{r['rss'] / 2**20:.0f} | {'yes' if r['unhealthy'] else 'no'} |")
+        print(
+            f"| {name} | {r['requests']} | {r['failures']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} | "
+            f"{r['rss'] / 2**20:.0f} | {'yes' if r['unhealthy'] else 'no'} |"
+        )
     attacker = endless["attacker"]
-    print(f"\nattacker: {attacker.sent / 2**20:.0f} MiB sent on {attacker.connections} connections; "
-          f"{attacker.closed_by_gateway} closed by the gateway; first bytes read back: {attacker.answers or 'none'}")
+    print(
+        f"\nattacker: {attacker.sent / 2**20:.0f} MiB sent on {attacker.connections} connections; "
+        f"{attacker.closed_by_gateway} closed by the gateway; first bytes read back: {attacker.answers or 'none'}"
+    )
     if still_open is not None:
         print(f"slow heads: {still_open} of {args.slow} connections still open after {args.slow_wait:g} s")
     return 0

@@ -46,10 +46,18 @@ def by_hand(hf_dir: Path, work: Path) -> float:
     toolchain = find_toolchain()
     f16, q8 = work / "hand-F16.gguf", work / "hand-Q8_0.gguf"
     started = time.perf_counter()
-    subprocess.run(converter_command(hf_dir, f16, "f16", toolchain=toolchain), check=True,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    subprocess.run(quantize_command(f16, q8, "Q8_0", toolchain=toolchain), check=True,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    subprocess.run(
+        converter_command(hf_dir, f16, "f16", toolchain=toolchain),
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    subprocess.run(
+        quantize_command(f16, q8, "Q8_0", toolchain=toolchain),
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     seconds = time.perf_counter() - started
     f16.unlink()
     q8.unlink()
@@ -65,10 +73,18 @@ def through_cortex(hf_dir: Path, store_root: Path, source_id: str) -> tuple[floa
     store = ArtifactStore(store_root)
     lines: list[str] = []
     started = time.perf_counter()
-    built = build_gguf(hf_dir, source_id=source_id, quantization="Q8_0", toolchain=find_toolchain(),
-                       model_name="SmolLM2-135M-Instruct", architecture="llama", source={"kind": "bench"},
-                       weights_bytes=sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")), store=store,
-                       log=lines.append)
+    built = build_gguf(
+        hf_dir,
+        source_id=source_id,
+        quantization="Q8_0",
+        toolchain=find_toolchain(),
+        model_name="SmolLM2-135M-Instruct",
+        architecture="llama",
+        source={"kind": "bench"},
+        weights_bytes=sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")),
+        store=store,
+        log=lines.append,
+    )
     total = time.perf_counter() - started
     return total, sum(step["seconds"] for a in built for step in a.steps)
 
@@ -85,11 +101,16 @@ def bench_build(hf_dir: Path, tmp: Path, rounds: int) -> dict:
     # The same comparison within each Cortex run (its tools' own time against the whole build),
     # which a busy shared machine cannot skew between two separate runs.
     own = [100 * (t - k) / k for t, k in zip(cortex, inside)]
-    return {"by_hand_s": [round(x, 3) for x in hand], "cortex_s": [round(x, 3) for x in cortex],
-            "cortex_tools_s": [round(x, 3) for x in inside],
-            "median_by_hand_s": round(h, 3), "median_cortex_s": round(c, 3),
-            "overhead_pct": round(100 * (c - h) / h, 2),
-            "overhead_within_run_pct": round(statistics.median(own), 2), "target_pct": 10}
+    return {
+        "by_hand_s": [round(x, 3) for x in hand],
+        "cortex_s": [round(x, 3) for x in cortex],
+        "cortex_tools_s": [round(x, 3) for x in inside],
+        "median_by_hand_s": round(h, 3),
+        "median_cortex_s": round(c, 3),
+        "overhead_pct": round(100 * (c - h) / h, 2),
+        "overhead_within_run_pct": round(statistics.median(own), 2),
+        "target_pct": 10,
+    }
 
 
 def bench_second_prepare(hf_dir: Path, tmp: Path, rounds: int) -> dict:
@@ -103,8 +124,16 @@ def bench_second_prepare(hf_dir: Path, tmp: Path, rounds: int) -> dict:
     token = "hf_benchToken" + os.urandom(8).hex()
     repo = HubRepo.from_folder("bench/smollm2", hf_dir)
     spec = tmp / "bench-smollm2.yaml"
-    spec.write_text(yaml.safe_dump({"name": "bench-smollm2", "source": {"repo": "bench/smollm2"},
-                                    "quantization": "Q8_0", "resources": {"concurrency": 2, "context_length": 2048}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bench-smollm2",
+                "source": {"repo": "bench/smollm2"},
+                "quantization": "Q8_0",
+                "resources": {"concurrency": 2, "context_length": 2048},
+            }
+        )
+    )
     with HubServer([repo], token=token) as server, prefect_test_harness(server_startup_timeout=180):
         os.environ.update(HF_ENDPOINT=server.url, HF_TOKEN=token, HF_HUB_CACHE=str(tmp / "hf"))
         from flows.prepare import prepare_model
@@ -122,14 +151,20 @@ def bench_second_prepare(hf_dir: Path, tmp: Path, rounds: int) -> dict:
         async def flow_times() -> list[float]:
             async with get_client() as client:
                 runs = await client.read_flow_runs()
-                return [(r.end_time - r.start_time).total_seconds() for r in sorted(runs, key=lambda r: r.start_time)
-                        if r.end_time and r.start_time]
+                return [
+                    (r.end_time - r.start_time).total_seconds()
+                    for r in sorted(runs, key=lambda r: r.start_time)
+                    if r.end_time and r.start_time
+                ]
 
         times = asyncio.run(flow_times())
     return {
-        "cold_prepare_s": round(cold, 2), "cold_built": first.built, "cold_downloaded_bytes": first.downloaded_bytes,
+        "cold_prepare_s": round(cold, 2),
+        "cold_built": first.built,
+        "cold_downloaded_bytes": first.downloaded_bytes,
         "warm_wall_s": [round(w, 3) for w in walls],
-        "warm_flow_run_s": [round(t, 3) for t in times[1:]], "cold_flow_run_s": round(times[0], 3),
+        "warm_flow_run_s": [round(t, 3) for t in times[1:]],
+        "cold_flow_run_s": round(times[0], 3),
         "target_s": 5,
     }
 

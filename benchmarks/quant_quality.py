@@ -43,16 +43,20 @@ def main() -> int:
     reports = {t: measure_kld(files["F16"], files[t], candidate_label=t, toolchain=toolchain) for t in types}
     first = next(iter(reports.values()))
 
-    print(f"SmolLM2-135M-Instruct, llama.cpp {toolchain.version} `llama-perplexity`, "
-          f"{time.strftime('%Y-%m-%d')}; corpus {KLD_CORPUS.name} (sha256 {first.corpus_sha256[:12]}), "
-          f"{first.chunks} chunks of {first.context} tokens; PPL(F16) = {first.reference_ppl:.4f}")
+    print(
+        f"SmolLM2-135M-Instruct, llama.cpp {toolchain.version} `llama-perplexity`, "
+        f"{time.strftime('%Y-%m-%d')}; corpus {KLD_CORPUS.name} (sha256 {first.corpus_sha256[:12]}), "
+        f"{first.chunks} chunks of {first.context} tokens; PPL(F16) = {first.reference_ppl:.4f}"
+    )
     print()
     print("| type | size (MB) | mean KLD | KLD p99 | PPL(Q)/PPL(F16) | same top p |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| F16 | {files['F16'].stat().st_size / 1e6:.1f} | 0 | 0 | 1 | 100 % |")
     for t, r in reports.items():
-        print(f"| {t} | {files[t].stat().st_size / 1e6:.1f} | {r.mean_kld:.6f} | {r.kld_p99:.6f} | "
-              f"{r.ppl_ratio:.6f} | {100 * r.same_top_p:.3f} % |")
+        print(
+            f"| {t} | {files[t].stat().st_size / 1e6:.1f} | {r.mean_kld:.6f} | {r.kld_p99:.6f} | "
+            f"{r.ppl_ratio:.6f} | {100 * r.same_top_p:.3f} % |"
+        )
     print(f"\n({time.monotonic() - started:.0f} s, cached runs included)", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({t: r.model_dump(mode="json") for t, r in reports.items()}, indent=2) + "\n")

@@ -22,8 +22,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON instead of te
 def console() -> Console:
     # markup off: cells hold model names and flags like `[llama.cpp]`, never Rich markup.
     # Wide when piped, so a test or `grep` sees each row on one line.
-    return Console(markup=False, highlight=False, emoji=False, soft_wrap=True,
-                   width=None if sys.stdout.isatty() else 240)
+    return Console(
+        markup=False, highlight=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240
+    )
 
 
 def print_json(data: Any) -> None:

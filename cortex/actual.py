@@ -94,7 +94,7 @@ def llamacpp_device(buffer: str) -> str:
 def read_llamacpp_report(log: str) -> EngineReport:
     lines = log.splitlines()
     starts = [i for i, line in enumerate(lines) if _LLAMA_LOAD_START.search(line)]
-    lines = lines[starts[-1]:] if starts else lines  # the last load, if the log holds several
+    lines = lines[starts[-1] :] if starts else lines  # the last load, if the log holds several
     sums: dict[str, dict[Term, float]] = {}
     used: list[str] = []
     for line in lines:
@@ -106,13 +106,15 @@ def read_llamacpp_report(log: str) -> EngineReport:
                 used.append(line.strip())
                 break
     if not any("weights" in per for per in sums.values()):
-        return EngineReport("llamacpp", problem=(
-            "llama-server's log has no `model buffer size` line (it writes its buffer sizes at "
-            "--verbosity 4 or more, which Cortex's launch sets; a lower --verbosity in extra_args, "
-            "or a llama.cpp whose wording changed, hides them)"))
-    devices = tuple(
-        DeviceActual(name, *(_mib(per.get(t)) for t in TERMS)) for name, per in sorted(sums.items())
-    )
+        return EngineReport(
+            "llamacpp",
+            problem=(
+                "llama-server's log has no `model buffer size` line (it writes its buffer sizes at "
+                "--verbosity 4 or more, which Cortex's launch sets; a lower --verbosity in extra_args, "
+                "or a llama.cpp whose wording changed, hides them)"
+            ),
+        )
+    devices = tuple(DeviceActual(name, *(_mib(per.get(t)) for t in TERMS)) for name, per in sorted(sums.items()))
     return EngineReport("llamacpp", devices, lines=tuple(used))
 
 
@@ -152,12 +154,19 @@ def read_vllm_report(log: str) -> EngineReport:
             used.append(((kind, pp, tp), line.strip()))
             break
     # a CPU worker is one that set its KV cache (on a GPU the checkpoint-size line alone is no device)
-    figures = {k: v for k, v in sorted(per_worker.items())
-               if ("kv_cache" in v if k[0] == "cpu" else bool(set(v) & {"weights", "kv_cache"}))}
+    figures = {
+        k: v
+        for k, v in sorted(per_worker.items())
+        if ("kv_cache" in v if k[0] == "cpu" else bool(set(v) & {"weights", "kv_cache"}))
+    }
     if not figures:
-        return EngineReport("vllm", problem=(
-            "vLLM's log has none of `Model loading took`, `Available KV cache memory` or "
-            "`set (...) GiB for KV cache` (a vLLM whose wording changed, or a log that lost its start)"))
+        return EngineReport(
+            "vllm",
+            problem=(
+                "vLLM's log has none of `Model loading took`, `Available KV cache memory` or "
+                "`set (...) GiB for KV cache` (a vLLM whose wording changed, or a log that lost its start)"
+            ),
+        )
     devices = []
     gpus = 0
     for (kind, _pp, _tp), values in figures.items():
@@ -227,18 +236,30 @@ class MemoryComparison:
 
     def table(self) -> list[dict[str, Any]]:
         """Rows for a Prefect table artifact."""
-        return [{
-            "device": r.device, "term": TERM_WORDS[r.term],
-            "planned": "-" if r.planned_bytes is None else format_bytes(r.planned_bytes),
-            "actual": ("not reported" if r.actual_bytes is None
-                       else format_bytes(r.actual_bytes) + (" (derived)" if r.derived else "")),
-            "deviation": "-" if r.deviation is None else f"{r.deviation:+.1%}",
-            "status": "OFF" if r.off else "ok",
-        } for r in self.rows]
+        return [
+            {
+                "device": r.device,
+                "term": TERM_WORDS[r.term],
+                "planned": "-" if r.planned_bytes is None else format_bytes(r.planned_bytes),
+                "actual": (
+                    "not reported"
+                    if r.actual_bytes is None
+                    else format_bytes(r.actual_bytes) + (" (derived)" if r.derived else "")
+                ),
+                "deviation": "-" if r.deviation is None else f"{r.deviation:+.1%}",
+                "status": "OFF" if r.off else "ok",
+            }
+            for r in self.rows
+        ]
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine": self.engine, "readable": self.readable, "problem": self.problem,
-                "devices": [r.to_json() for r in self.rows], "warnings": list(self.warnings)}
+        return {
+            "engine": self.engine,
+            "readable": self.readable,
+            "problem": self.problem,
+            "devices": [r.to_json() for r in self.rows],
+            "warnings": list(self.warnings),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "MemoryComparison":
@@ -253,20 +274,33 @@ def compare_memory(planned: Sequence[DevicePlan], report: EngineReport) -> Memor
     term the report lacks, and, when the report could not be read at all, one saying so."""
     label = "llama-server" if report.engine == "llamacpp" else "vLLM" if report.engine == "vllm" else report.engine
     if not report.readable:
-        return MemoryComparison(report.engine, problem=report.problem, warnings=(
-            f"{label}'s memory report could not be read, so planned against actual is unknown: {report.problem}",))
+        return MemoryComparison(
+            report.engine,
+            problem=report.problem,
+            warnings=(
+                f"{label}'s memory report could not be read, so planned against actual is unknown: {report.problem}",
+            ),
+        )
     rows: list[TermComparison] = []
     warnings: list[str] = []
-    names = [d.device for d in planned] + [d.device for d in report.devices if d.device not in {p.device for p in planned}]
+    names = [d.device for d in planned] + [
+        d.device for d in report.devices if d.device not in {p.device for p in planned}
+    ]
     for name in names:
         plan = next((p for p in planned if p.device == name), None)
         actual = report.device(name) or DeviceActual(name)
         for term in TERMS:
             planned_bytes = None if plan is None else getattr(plan, f"{term}_bytes")
             actual_bytes, derived = actual.term(term), False
-            if (term == "overhead" and actual_bytes is None and report.engine == "vllm" and plan is not None
-                    and name.startswith("cuda") and actual.weights_bytes is not None
-                    and actual.kv_cache_bytes is not None):
+            if (
+                term == "overhead"
+                and actual_bytes is None
+                and report.engine == "vllm"
+                and plan is not None
+                and name.startswith("cuda")
+                and actual.weights_bytes is not None
+                and actual.kv_cache_bytes is not None
+            ):
                 # vLLM fills its budget: what is neither weights nor KV cache is its overhead
                 actual_bytes, derived = plan.capacity_bytes - actual.weights_bytes - actual.kv_cache_bytes, True
             row = TermComparison(name, term, planned_bytes, actual_bytes, derived)
@@ -275,10 +309,13 @@ def compare_memory(planned: Sequence[DevicePlan], report: EngineReport) -> Memor
                 assert row.deviation is not None and planned_bytes is not None and actual_bytes is not None
                 warnings.append(
                     f"{name}: {TERM_WORDS[term]} is {row.deviation:+.0%} off the plan "
-                    f"(planned {format_bytes(planned_bytes)}, {label} reports {format_bytes(actual_bytes)})")
+                    f"(planned {format_bytes(planned_bytes)}, {label} reports {format_bytes(actual_bytes)})"
+                )
             elif plan is not None and planned_bytes and actual_bytes is None and _reported(report.engine, name, term):
-                warnings.append(f"{name}: {label}'s report gave no {TERM_WORDS[term]} figure to compare with the plan "
-                                f"({format_bytes(planned_bytes)}); its wording may have changed")
+                warnings.append(
+                    f"{name}: {label}'s report gave no {TERM_WORDS[term]} figure to compare with the plan "
+                    f"({format_bytes(planned_bytes)}); its wording may have changed"
+                )
     return MemoryComparison(report.engine, tuple(rows), warnings=tuple(warnings))
 
 

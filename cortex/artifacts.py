@@ -96,9 +96,10 @@ def read_converter_architectures(toolchain_root: Path) -> dict[str, str]:
                         arch = value.attr
             registered = []
             for deco in node.decorator_list:
-                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
-                        and deco.func.attr == "register"):
-                    registered += [a.value for a in deco.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register":
+                    registered += [
+                        a.value for a in deco.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                    ]
             classes[node.name] = (bases, arch, registered)
 
     def arch_of(name: str, seen: frozenset[str] = frozenset()) -> str | None:
@@ -133,8 +134,11 @@ def _model_arch_names(constants: Path) -> dict[str, str]:
             continue
         target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
         if isinstance(target, ast.Name) and target.id == "MODEL_ARCH_NAMES" and isinstance(node.value, ast.Dict):
-            return {k.attr: v.value for k, v in zip(node.value.keys, node.value.values)
-                    if isinstance(k, ast.Attribute) and isinstance(v, ast.Constant) and isinstance(v.value, str)}
+            return {
+                k.attr: v.value
+                for k, v in zip(node.value.keys, node.value.values)
+                if isinstance(k, ast.Attribute) and isinstance(v, ast.Constant) and isinstance(v.value, str)
+            }
     return {}
 
 
@@ -144,8 +148,8 @@ def converter_architectures(toolchain_version: str) -> dict[str, str]:
     if toolchain_version not in tables:
         raise ArtifactError(
             f"no converter architecture table for llama.cpp toolchain {toolchain_version} in "
-            f"{CONVERTER_TABLE}; add it with: python -c \"from cortex.artifacts import "
-            f"write_converter_table; write_converter_table()\""
+            f'{CONVERTER_TABLE}; add it with: python -c "from cortex.artifacts import '
+            f'write_converter_table; write_converter_table()"'
         )
     return tables[toolchain_version]
 
@@ -330,8 +334,9 @@ def inspect_gguf(path: Path) -> GgufSummary:
     )
 
 
-def verify_gguf(path: Path, *, architecture: str | None = None, file_type: str | None = None,
-                tensor_count: int | None = None) -> GgufSummary:
+def verify_gguf(
+    path: Path, *, architecture: str | None = None, file_type: str | None = None, tensor_count: int | None = None
+) -> GgufSummary:
     """Open `path` with the gguf reader and check what was asked for; VerificationFailed if not."""
     summary = inspect_gguf(path)
     problems = []
@@ -349,16 +354,18 @@ def verify_gguf(path: Path, *, architecture: str | None = None, file_type: str |
 # --- running the tools -----------------------------------------------------------------------
 
 
-def run_streamed(cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = None, what: str,
-                 on_line: Log = lambda line: None) -> dict:
+def run_streamed(
+    cmd: Sequence[str], log: Log, *, env: dict[str, str] | None = None, what: str, on_line: Log = lambda line: None
+) -> dict:
     """Run `cmd`, handing each output line to `log` and `on_line` (progress) as it comes;
     ToolFailed on a non-zero exit. Returns a record of the step (command, exit code, seconds)
     for the manifest."""
     started = time.monotonic()
     tail: list[str] = []
     log(f"$ {' '.join(cmd)}")
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=env, bufsize=1)
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env, bufsize=1
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -469,11 +476,20 @@ class ArtifactStore:
             if build.summary is None or not build.paths:
                 raise ArtifactError(f"the build of {key.quantization} finished without a checked file")
             final = self.folder(key)
-            files = [ArtifactFile(str(final / p.name), p.stat().st_size, build.digests.get(p) or verified_digest(p))
-                     for p in build.paths]
-            artifact = Artifact(key=key, folder=final, files=files, gguf=build.summary, source=build.source,
-                                created_at=time.time(), build_seconds=round(time.monotonic() - started, 3),
-                                steps=build.steps)
+            files = [
+                ArtifactFile(str(final / p.name), p.stat().st_size, build.digests.get(p) or verified_digest(p))
+                for p in build.paths
+            ]
+            artifact = Artifact(
+                key=key,
+                folder=final,
+                files=files,
+                gguf=build.summary,
+                source=build.source,
+                created_at=time.time(),
+                build_seconds=round(time.monotonic() - started, 3),
+                steps=build.steps,
+            )
             (work / MANIFEST).write_text(json.dumps(artifact.to_json(), indent=2))
             try:
                 os.rename(work, final)
@@ -549,14 +565,21 @@ class ArtifactStore:
         os.rename(artifact.folder, trash)  # atomic: never a half-removed artifact that looks whole
         shutil.rmtree(trash)
 
-    def prune(self, *, unused_for_s: float | None = None, keys: Iterable[str] = (), everything: bool = False,
-              dry_run: bool = False) -> tuple[builtins.list[Artifact], builtins.list[Path]]:
+    def prune(
+        self,
+        *,
+        unused_for_s: float | None = None,
+        keys: Iterable[str] = (),
+        everything: bool = False,
+        dry_run: bool = False,
+    ) -> tuple[builtins.list[Artifact], builtins.list[Path]]:
         """Remove artifacts unused for `unused_for_s` seconds, those whose digest starts with one
         of `keys`, or all of them; and always the leftovers of dead builds."""
         keys = [k for k in keys if k]
         now = time.time()
         chosen = [
-            a for a in self.list()
+            a
+            for a in self.list()
             if everything
             or (unused_for_s is not None and now - self.last_used(a) >= unused_for_s)
             or any(a.key.digest.startswith(k) for k in keys)
@@ -614,9 +637,16 @@ def predict_build_bytes(facts: ModelFacts, quantization: str) -> dict[str, int]:
     """The predicted size of each GGUF file a build of `quantization` makes (see gguf_build_types)."""
     from cortex.quant import predict_gguf_bytes
 
-    return {q: predict_gguf_bytes(facts.tensors, q, metadata_bytes=facts.metadata_bytes or 0, n_gqa=facts.n_gqa,
-                                  n_expert=max(1, facts.n_experts))
-            for q in gguf_build_types(quantization)}
+    return {
+        q: predict_gguf_bytes(
+            facts.tensors,
+            q,
+            metadata_bytes=facts.metadata_bytes or 0,
+            n_gqa=facts.n_gqa,
+            n_expert=max(1, facts.n_experts),
+        )
+        for q in gguf_build_types(quantization)
+    }
 
 
 def estimate_gguf_bytes(weights_bytes: int, source_dtype_bytes: float, quantization: str) -> int:
@@ -647,8 +677,10 @@ def convert(
     store = store or ArtifactStore()
     outtype = key.quantization.upper()
     if outtype not in CONVERTER_OUTTYPES:
-        raise ArtifactError(f"the converter writes {', '.join(CONVERTER_OUTTYPES)}; quantize to {outtype} "
-                            "from one of those with llama-quantize")
+        raise ArtifactError(
+            f"the converter writes {', '.join(CONVERTER_OUTTYPES)}; quantize to {outtype} "
+            "from one of those with llama-quantize"
+        )
     found = store.get(key)
     if found is not None:
         return found
@@ -658,9 +690,13 @@ def convert(
         # The converter writes the file itself; it lives in the private build folder, which
         # is only renamed into the cache once the file is complete and verified.
         with (progress or SILENT).task(f"convert {model_name} to {outtype}", unit="bytes") as bar:
-            step = run_streamed(converter_command(hf_dir, out, outtype.lower(), toolchain=toolchain), log,
-                                env=tool_env(), what=f"convert_hf_to_gguf.py ({outtype})",
-                                on_line=converter_progress(bar))
+            step = run_streamed(
+                converter_command(hf_dir, out, outtype.lower(), toolchain=toolchain),
+                log,
+                env=tool_env(),
+                what=f"convert_hf_to_gguf.py ({outtype})",
+                on_line=converter_progress(bar),
+            )
         summary = verify_gguf(out, architecture=architecture, file_type=outtype)
         log(f"verified {out.name}: {summary.architecture}, {summary.tensor_count} tensors, {summary.file_type}")
         return [out], summary, [step]
@@ -692,18 +728,26 @@ def quantize(
 
     def produce(work: Path):
         out = work / f"{model_name}-{quant}.gguf"
-        with (progress or SILENT).task(f"quantize {model_name} {base.key.quantization} -> {quant}",
-                                       unit="tensors") as bar:
-            step = run_streamed(quantize_command(base.model_file, out, quant, toolchain=toolchain, threads=threads),
-                                log, env=tool_env(), what=f"llama-quantize ({base.key.quantization} -> {quant})",
-                                on_line=quantize_progress(bar))
-        summary = verify_gguf(out, architecture=base.gguf.architecture, file_type=quant,
-                              tensor_count=base.gguf.tensor_count)
+        with (progress or SILENT).task(
+            f"quantize {model_name} {base.key.quantization} -> {quant}", unit="tensors"
+        ) as bar:
+            step = run_streamed(
+                quantize_command(base.model_file, out, quant, toolchain=toolchain, threads=threads),
+                log,
+                env=tool_env(),
+                what=f"llama-quantize ({base.key.quantization} -> {quant})",
+                on_line=quantize_progress(bar),
+            )
+        summary = verify_gguf(
+            out, architecture=base.gguf.architecture, file_type=quant, tensor_count=base.gguf.tensor_count
+        )
         log(f"verified {out.name}: {summary.architecture}, {summary.tensor_count} tensors, {summary.file_type}")
         return [out], summary, [step]
 
-    source = {**base.source, "quantized_from": {"key": base.key.digest, "file": base.model_file.name,
-                                                "sha256": base.files[0].sha256}}
+    source = {
+        **base.source,
+        "quantized_from": {"key": base.key.digest, "file": base.model_file.name, "sha256": base.files[0].sha256},
+    }
     return store.build(key, produce, source=source, needed_bytes=needed_bytes)
 
 
@@ -745,22 +789,51 @@ def build_gguf(
     if quant != base_type and store.get(base_key) is None:
         need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
         base, quantized = _convert_then_quantize(
-            hf_dir, base_key, final_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
-            source=source, base_need=base_need, need=need, store=store, log=log, progress=progress)
+            hf_dir,
+            base_key,
+            final_key,
+            toolchain=toolchain,
+            model_name=model_name,
+            architecture=architecture,
+            source=source,
+            base_need=base_need,
+            need=need,
+            store=store,
+            log=log,
+            progress=progress,
+        )
         on_step(base_type, base, True)
         on_step(quant, quantized, True)
         return [base, quantized]
     built = store.get(base_key) is None
-    base = convert(hf_dir, base_key, toolchain=toolchain, model_name=model_name, architecture=architecture,
-                   source=source, needed_bytes=base_need, store=store, log=log, progress=progress)
+    base = convert(
+        hf_dir,
+        base_key,
+        toolchain=toolchain,
+        model_name=model_name,
+        architecture=architecture,
+        source=source,
+        needed_bytes=base_need,
+        store=store,
+        log=log,
+        progress=progress,
+    )
     on_step(base_type, base, built)
     done.append(base)
     if quant == base_type:
         return done
     need = predicted.get(quant) or estimate_gguf_bytes(weights_bytes, 2, quant)
     built = store.get(final_key) is None
-    quantized = quantize(base, final_key, toolchain=toolchain, model_name=model_name, needed_bytes=need,
-                         store=store, log=log, progress=progress)
+    quantized = quantize(
+        base,
+        final_key,
+        toolchain=toolchain,
+        model_name=model_name,
+        needed_bytes=need,
+        store=store,
+        log=log,
+        progress=progress,
+    )
     on_step(quant, quantized, built)
     done.append(quantized)
     return done
@@ -769,8 +842,11 @@ def build_gguf(
 def local_hf_files(folder: Path) -> list[Path]:
     """The files of a local HF checkpoint folder whose sha256s make its source id: weights,
     configs, tokenizer and chat template."""
-    return [p for p in folder.iterdir()
-            if p.name.endswith((".safetensors", ".json", ".model", ".txt", ".jinja")) and p.is_file()]
+    return [
+        p
+        for p in folder.iterdir()
+        if p.name.endswith((".safetensors", ".json", ".model", ".txt", ".jinja")) and p.is_file()
+    ]
 
 
 def local_source_id(paths: Iterable[Path]) -> str:
@@ -783,9 +859,21 @@ def local_source_id(paths: Iterable[Path]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _convert_then_quantize(hf_dir: Path, base_key: ArtifactKey, final_key: ArtifactKey, *, toolchain, model_name: str,
-                           architecture: str, source: dict, base_need: int, need: int, store: ArtifactStore,
-                           log: Log, progress: Reporter | None = None) -> tuple[Artifact, Artifact]:
+def _convert_then_quantize(
+    hf_dir: Path,
+    base_key: ArtifactKey,
+    final_key: ArtifactKey,
+    *,
+    toolchain,
+    model_name: str,
+    architecture: str,
+    source: dict,
+    base_need: int,
+    need: int,
+    store: ArtifactStore,
+    log: Log,
+    progress: Reporter | None = None,
+) -> tuple[Artifact, Artifact]:
     """Convert, then quantize while the converted file is being checked (gguf reader, sha256) on
     another thread: llama-quantize only reads it, and nothing is published unless both files
     pass. On a large model this hides minutes of hashing behind the quantization."""
@@ -796,25 +884,43 @@ def _convert_then_quantize(hf_dir: Path, base_key: ArtifactKey, final_key: Artif
     with store.building(base_key, source=source, needed_bytes=base_need) as base:
         converted = base.work / f"{model_name}-{base_type}.gguf"
         with progress.task(f"convert {model_name} to {base_type}", unit="bytes") as bar:
-            base.steps.append(run_streamed(
-                converter_command(hf_dir, converted, base_type.lower(), toolchain=toolchain), log, env=tool_env(),
-                what=f"convert_hf_to_gguf.py ({base_type})", on_line=converter_progress(bar)))
+            base.steps.append(
+                run_streamed(
+                    converter_command(hf_dir, converted, base_type.lower(), toolchain=toolchain),
+                    log,
+                    env=tool_env(),
+                    what=f"convert_hf_to_gguf.py ({base_type})",
+                    on_line=converter_progress(bar),
+                )
+            )
         with ThreadPoolExecutor(1) as pool:
-            checked = pool.submit(lambda: (verify_gguf(converted, architecture=architecture, file_type=base_type),
-                                           sha256_of(converted)))
+            checked = pool.submit(
+                lambda: (verify_gguf(converted, architecture=architecture, file_type=base_type), sha256_of(converted))
+            )
             with store.building(final_key, source=dict(source), needed_bytes=need) as final:
                 out = final.work / f"{model_name}-{quant}.gguf"
                 with progress.task(f"quantize {model_name} {base_type} -> {quant}", unit="tensors") as bar:
-                    final.steps.append(run_streamed(
-                        quantize_command(converted, out, quant, toolchain=toolchain), log, env=tool_env(),
-                        what=f"llama-quantize ({base_type} -> {quant})", on_line=quantize_progress(bar)))
+                    final.steps.append(
+                        run_streamed(
+                            quantize_command(converted, out, quant, toolchain=toolchain),
+                            log,
+                            env=tool_env(),
+                            what=f"llama-quantize ({base_type} -> {quant})",
+                            on_line=quantize_progress(bar),
+                        )
+                    )
                 base.summary, base_sha = checked.result()
-                log(f"verified {converted.name}: {base.summary.architecture}, {base.summary.tensor_count} tensors, "
-                    f"{base.summary.file_type}")
-                final.summary = verify_gguf(out, architecture=base.summary.architecture, file_type=quant,
-                                            tensor_count=base.summary.tensor_count)
-                log(f"verified {out.name}: {final.summary.architecture}, {final.summary.tensor_count} tensors, "
-                    f"{final.summary.file_type}")
+                log(
+                    f"verified {converted.name}: {base.summary.architecture}, {base.summary.tensor_count} tensors, "
+                    f"{base.summary.file_type}"
+                )
+                final.summary = verify_gguf(
+                    out, architecture=base.summary.architecture, file_type=quant, tensor_count=base.summary.tensor_count
+                )
+                log(
+                    f"verified {out.name}: {final.summary.architecture}, {final.summary.tensor_count} tensors, "
+                    f"{final.summary.file_type}"
+                )
                 final.paths = [out]
                 final.source["quantized_from"] = {"key": base_key.digest, "file": converted.name, "sha256": base_sha}
         base.paths, base.digests = [converted], {converted: base_sha}

@@ -39,16 +39,24 @@ def render_chart(results: BenchmarkResult | Sequence[BenchmarkResult], *, title:
         tps = [lv.output_tokens_per_s for lv in levels]
         ax_tp.plot(conc, tps, "o-", color=color, label=name)
         for x, y in zip(conc, tps):
-            ax_tp.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6),
-                           ha="center", fontsize=8, color=color)
+            ax_tp.annotate(
+                f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color=color
+            )
         p50 = [(lv.concurrency, lv.ttft_ms.p50) for lv in levels if lv.ttft_ms.p50 is not None]
         p99 = [(lv.concurrency, lv.ttft_ms.p99) for lv in levels if lv.ttft_ms.p99 is not None]
         prefix = f"{_label(run)} " if len(runs) > 1 else ""
         if p50:
             ax_ttft.plot(*zip(*p50), "o-", color=color, label=f"{prefix}TTFT p50")
-            for x, y in (p50 if len(runs) == 1 else []):
-                ax_ttft.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, -12),
-                                 ha="center", fontsize=8, color=color)
+            for x, y in p50 if len(runs) == 1 else []:
+                ax_ttft.annotate(
+                    f"{y:.0f}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(0, -12),
+                    ha="center",
+                    fontsize=8,
+                    color=color,
+                )
         if p99:
             ax_ttft.plot(*zip(*p99), "^--", color=color, alpha=0.7, label=f"{prefix}TTFT p99")
     all_conc = sorted({lv.concurrency for r in runs for lv in r.levels})
@@ -68,11 +76,15 @@ def render_chart(results: BenchmarkResult | Sequence[BenchmarkResult], *, title:
     ax_tp.legend(loc="upper left", fontsize=8)
     ax_ttft.legend(loc="upper left", fontsize=8)
     s = runs[0].settings
-    fig.suptitle(title or (
-        f"{_label(runs[0]) if len(runs) == 1 else 'comparison'}: "
-        f"{s.input_len if s.prompts == 'random' else 'bundled'} in / {s.output_len} out tokens, "
-        f"{s.requests} requests per level"
-    ), fontsize=11)
+    fig.suptitle(
+        title
+        or (
+            f"{_label(runs[0]) if len(runs) == 1 else 'comparison'}: "
+            f"{s.input_len if s.prompts == 'random' else 'bundled'} in / {s.output_len} out tokens, "
+            f"{s.requests} requests per level"
+        ),
+        fontsize=11,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

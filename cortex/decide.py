@@ -58,7 +58,12 @@ class Decision:
     why_not: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine": self.engine, "pinned": self.pinned, "trace": [asdict(r) for r in self.trace], "why_not": self.why_not}
+        return {
+            "engine": self.engine,
+            "pinned": self.pinned,
+            "trace": [asdict(r) for r in self.trace],
+            "why_not": self.why_not,
+        }
 
 
 # --------------------------------------------------------------------------- conditions
@@ -126,7 +131,9 @@ def load_rules(path: Path | None = None) -> list[Rule]:
         where = f"decision rule {i + 1} ({r.get('id', '?')})"
         unknown = set(r.get("if") or {}) - set(CONDITIONS)
         if unknown:
-            raise DecisionError(f"{where}: unknown condition {', '.join(sorted(unknown))}; known: {', '.join(CONDITIONS)}")
+            raise DecisionError(
+                f"{where}: unknown condition {', '.join(sorted(unknown))}; known: {', '.join(CONDITIONS)}"
+            )
         if r.get("then") not in ENGINES:
             raise DecisionError(f"{where}: `then` must be one of {', '.join(ENGINES)}")
         rules.append(Rule(r["id"], r.get("question", r["id"]), dict(r.get("if") or {}), r["then"], r.get("policy")))
@@ -141,7 +148,9 @@ def vllm_architectures(version: str) -> frozenset[str]:
     name = f"vllm-architectures-{version}.txt"
     ref = resources.files("cortex.data").joinpath(name)
     if not ref.is_file():
-        raise DecisionError(f"no architecture list for vLLM {version} (cortex/data/{name}); Cortex knows the versions it has lists for")
+        raise DecisionError(
+            f"no architecture list for vLLM {version} (cortex/data/{name}); Cortex knows the versions it has lists for"
+        )
     return frozenset(line.strip() for line in ref.read_text().splitlines() if line.strip() and not line.startswith("#"))
 
 
@@ -165,9 +174,8 @@ def decide(x: DecisionInput, *, pinned: str | None = None, rules: list[Rule] | N
     assert chosen is not None  # load_rules guarantees a default rule
     if pinned and pinned != "auto":
         other = chosen if chosen != pinned else None
-        why_not = (
-            f"engine pinned by the spec (engine: {pinned}); the rules alone would pick {ENGINE_NAMES[chosen]}"
-            + (f" (rule {next(r.rule for r in trace if r.decided)})" if other else "")
+        why_not = f"engine pinned by the spec (engine: {pinned}); the rules alone would pick {ENGINE_NAMES[chosen]}" + (
+            f" (rule {next(r.rule for r in trace if r.decided)})" if other else ""
         )
         return Decision(pinned, True, trace, why_not)
     return Decision(chosen, False, trace, _why_not(trace, chosen))

@@ -67,7 +67,11 @@ LIMITS = {  # field: (lowest, highest)
 def _whole(value: Any, what: str, limit: str) -> int:
     """`value` as an int within LIMITS[limit], or a FactsError naming `what`."""
     lo, hi = LIMITS[limit]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise ModelFileError(f"{what} is {_short(value)}, not a whole number")
     v = int(value)
     if not lo <= v <= hi:
@@ -261,27 +265,37 @@ def tensors_from_config(c: dict[str, Any], where: str = "config.json") -> list[T
             nope = _cint(c, "qk_nope_head_dim", default=128, limit="rank", where=where)
             vdim = _cint(c, "v_head_dim", default=128, limit="rank", where=where)
             if q_lora:
-                t += [TensorInfo(p + "attn_q_a.weight", (h, int(q_lora))), TensorInfo(p + "attn_q_a_norm.weight", (int(q_lora),)),
-                      TensorInfo(p + "attn_q_b.weight", (int(q_lora), n_heads * (nope + rope)))]
+                t += [
+                    TensorInfo(p + "attn_q_a.weight", (h, int(q_lora))),
+                    TensorInfo(p + "attn_q_a_norm.weight", (int(q_lora),)),
+                    TensorInfo(p + "attn_q_b.weight", (int(q_lora), n_heads * (nope + rope))),
+                ]
             else:
                 t.append(TensorInfo(p + "attn_q.weight", (h, n_heads * (nope + rope))))
             # the converter splits kv_b into k_b (transposed) and v_b for the absorbed MLA kernels
-            t += [TensorInfo(p + "attn_kv_a_mqa.weight", (h, int(kv_lora) + rope)),
-                  TensorInfo(p + "attn_kv_a_norm.weight", (int(kv_lora),)),
-                  TensorInfo(p + "attn_k_b.weight", (nope, int(kv_lora), n_heads)),
-                  TensorInfo(p + "attn_v_b.weight", (int(kv_lora), vdim, n_heads)),
-                  TensorInfo(p + "attn_output.weight", (n_heads * vdim, h))]
+            t += [
+                TensorInfo(p + "attn_kv_a_mqa.weight", (h, int(kv_lora) + rope)),
+                TensorInfo(p + "attn_kv_a_norm.weight", (int(kv_lora),)),
+                TensorInfo(p + "attn_k_b.weight", (nope, int(kv_lora), n_heads)),
+                TensorInfo(p + "attn_v_b.weight", (int(kv_lora), vdim, n_heads)),
+                TensorInfo(p + "attn_output.weight", (n_heads * vdim, h)),
+            ]
         else:
             if _layout(c, "fused_qkv"):  # Phi-3: one qkv_proj, kept fused in the GGUF
                 t.append(TensorInfo(p + "attn_qkv.weight", (h, (n_heads + 2 * n_kv) * hd)))
             else:
-                t += [TensorInfo(p + "attn_q.weight", (h, n_heads * hd)),
-                      TensorInfo(p + "attn_k.weight", (h, n_kv * hd)),
-                      TensorInfo(p + "attn_v.weight", (h, n_kv * hd))]
+                t += [
+                    TensorInfo(p + "attn_q.weight", (h, n_heads * hd)),
+                    TensorInfo(p + "attn_k.weight", (h, n_kv * hd)),
+                    TensorInfo(p + "attn_v.weight", (h, n_kv * hd)),
+                ]
             t.append(TensorInfo(p + "attn_output.weight", (n_heads * hd, h)))
             if qkv_bias:
-                t += [TensorInfo(p + "attn_q.bias", (n_heads * hd,)), TensorInfo(p + "attn_k.bias", (n_kv * hd,)),
-                      TensorInfo(p + "attn_v.bias", (n_kv * hd,))]
+                t += [
+                    TensorInfo(p + "attn_q.bias", (n_heads * hd,)),
+                    TensorInfo(p + "attn_k.bias", (n_kv * hd,)),
+                    TensorInfo(p + "attn_v.bias", (n_kv * hd,)),
+                ]
             if bias:
                 t.append(TensorInfo(p + "attn_output.bias", (h,)))
             if qk_norm:  # Gemma 3: RMSNorm over each head's q and k
@@ -293,26 +307,39 @@ def tensors_from_config(c: dict[str, Any], where: str = "config.json") -> list[T
         t.append(TensorInfo(p + "ffn_norm.weight", (h,)))
         if n_exp > 1 and i >= first_dense:
             t.append(TensorInfo(p + "ffn_gate_inp.weight", (h, n_exp)))
-            t += [TensorInfo(p + "ffn_gate_exps.weight", (h, moe_ff, n_exp)),
-                  TensorInfo(p + "ffn_up_exps.weight", (h, moe_ff, n_exp)),
-                  TensorInfo(p + "ffn_down_exps.weight", (moe_ff, h, n_exp))]
+            t += [
+                TensorInfo(p + "ffn_gate_exps.weight", (h, moe_ff, n_exp)),
+                TensorInfo(p + "ffn_up_exps.weight", (h, moe_ff, n_exp)),
+                TensorInfo(p + "ffn_down_exps.weight", (moe_ff, h, n_exp)),
+            ]
             if _layout(c, "moe_bias"):  # gpt-oss: biases on the router and the experts
-                t += [TensorInfo(p + "ffn_gate_inp.bias", (n_exp,)),
-                      TensorInfo(p + "ffn_gate_exps.bias", (moe_ff, n_exp)),
-                      TensorInfo(p + "ffn_up_exps.bias", (moe_ff, n_exp)),
-                      TensorInfo(p + "ffn_down_exps.bias", (h, n_exp))]
+                t += [
+                    TensorInfo(p + "ffn_gate_inp.bias", (n_exp,)),
+                    TensorInfo(p + "ffn_gate_exps.bias", (moe_ff, n_exp)),
+                    TensorInfo(p + "ffn_up_exps.bias", (moe_ff, n_exp)),
+                    TensorInfo(p + "ffn_down_exps.bias", (h, n_exp)),
+                ]
             if shared:
                 sff = moe_ff * shared
-                t += [TensorInfo(p + "ffn_gate_shexp.weight", (h, sff)), TensorInfo(p + "ffn_up_shexp.weight", (h, sff)),
-                      TensorInfo(p + "ffn_down_shexp.weight", (sff, h))]
+                t += [
+                    TensorInfo(p + "ffn_gate_shexp.weight", (h, sff)),
+                    TensorInfo(p + "ffn_up_shexp.weight", (h, sff)),
+                    TensorInfo(p + "ffn_down_shexp.weight", (sff, h)),
+                ]
         elif _layout(c, "fused_gate_up"):  # Phi-3: gate_up_proj stays one ffn_up of twice the width
             t += [TensorInfo(p + "ffn_up.weight", (h, 2 * ff)), TensorInfo(p + "ffn_down.weight", (ff, h))]
         else:
-            t += [TensorInfo(p + "ffn_gate.weight", (h, ff)), TensorInfo(p + "ffn_up.weight", (h, ff)),
-                  TensorInfo(p + "ffn_down.weight", (ff, h))]
+            t += [
+                TensorInfo(p + "ffn_gate.weight", (h, ff)),
+                TensorInfo(p + "ffn_up.weight", (h, ff)),
+                TensorInfo(p + "ffn_down.weight", (ff, h)),
+            ]
             if mlp_bias:
-                t += [TensorInfo(p + "ffn_gate.bias", (ff,)), TensorInfo(p + "ffn_up.bias", (ff,)),
-                      TensorInfo(p + "ffn_down.bias", (h,))]
+                t += [
+                    TensorInfo(p + "ffn_gate.bias", (ff,)),
+                    TensorInfo(p + "ffn_up.bias", (ff,)),
+                    TensorInfo(p + "ffn_down.bias", (h,)),
+                ]
         if post_norms:
             t.append(TensorInfo(p + "post_ffw_norm.weight", (h,)))
     t.append(TensorInfo("output_norm.weight", (h,)))
@@ -351,7 +378,9 @@ def facts_from_config(
         raise ModelFileError(f"{where}: holds a JSON {type(config).__name__}, not an object")
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
-        raise ModelFileError(f"{where}: has no `architectures` list of class names; it does not describe a model Cortex can serve")
+        raise ModelFileError(
+            f"{where}: has no `architectures` list of class names; it does not describe a model Cortex can serve"
+        )
     for key in ("text_config", "quantization_config"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise ModelFileError(f"{where}: {key} is a {type(config[key]).__name__}, not an object")
@@ -360,8 +389,12 @@ def facts_from_config(
     h = _cint(config, "hidden_size", "n_embd", "d_model", limit="hidden", where=where)
     n_heads = _cint(config, "num_attention_heads", "n_head", limit="heads", where=where)
     n_kv = _cint(config, "num_key_value_heads", default=n_heads, limit="heads", where=where)
-    n_exp = _cint(config, "num_local_experts", "num_experts", "n_routed_experts", default=0, limit="experts", where=where)
-    n_act = _cint(config, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0, limit="experts", where=where)
+    n_exp = _cint(
+        config, "num_local_experts", "num_experts", "n_routed_experts", default=0, limit="experts", where=where
+    )
+    n_act = _cint(
+        config, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0, limit="experts", where=where
+    )
     computed = sum(t.elements for t in tensors)
     expert_params = sum(t.elements for t in tensors if "_exps." in t.name)
     active = computed - expert_params + (expert_params * n_act // n_exp if n_exp > 1 else 0)
@@ -373,7 +406,9 @@ def facts_from_config(
     vocab = _cint(config, "vocab_size", limit="vocab", where=where)
     notes = []
     if params_exact and abs(params_exact - computed) / params_exact > 0.02:
-        notes.append(f"parameter count from weights ({params_exact:,}) differs from the config-derived layout ({computed:,})")
+        notes.append(
+            f"parameter count from weights ({params_exact:,}) differs from the config-derived layout ({computed:,})"
+        )
     if metadata_bytes is None:
         # tokenizer vocabulary and merges dominate GGUF metadata (~28 bytes a token)
         metadata_bytes = 28 * vocab + 64 * 1024
@@ -389,8 +424,15 @@ def facts_from_config(
         n_kv_heads=n_kv,
         head_dim=_cint(config, "head_dim", default=max(1, h // n_heads), limit="head_dim", where=where),
         vocab_size=vocab,
-        max_context=_cint(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=2048,
-                          limit="context", where=where),
+        max_context=_cint(
+            config,
+            "max_position_embeddings",
+            "n_positions",
+            "max_sequence_length",
+            default=2048,
+            limit="context",
+            where=where,
+        ),
         dtype=dtype,
         tie_embeddings=bool(_cfg(config, "tie_word_embeddings", default=False)),
         intermediate_size=_cfg(config, "intermediate_size"),
@@ -431,8 +473,11 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         shape = info.get("shape") if isinstance(info, dict) else None
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+        ):
             raise ModelFileError(f"{path}: safetensors tensor {_short(name)} has no valid shape (a list of sizes)")
     return header
 
@@ -460,8 +505,10 @@ def _tokenizer_metadata_bytes(folder: Path) -> int | None:
         if value is None:
             return default
         if not isinstance(value, kinds):
-            raise ModelFileError(f"{tok}: {where}{key} is a {type(value).__name__}; a tokenizer.json has "
-                             f"{' or '.join(k.__name__ for k in kinds)} there")
+            raise ModelFileError(
+                f"{tok}: {where}{key} is a {type(value).__name__}; a tokenizer.json has "
+                f"{' or '.join(k.__name__ for k in kinds)} there"
+            )
         return value
 
     model = part(data, "model", (dict,), {}, "")
@@ -479,8 +526,11 @@ def _tokenizer_metadata_bytes(folder: Path) -> int | None:
         return x
 
     size = sum(8 + len(text(k).encode()) + 4 + 4 for k in vocab)  # token string, type, score
-    size += sum(8 + len((m if isinstance(m, str) else " ".join(text([x]) for x in m)).encode()) for m in merges
-                if isinstance(m, (str, list)))
+    size += sum(
+        8 + len((m if isinstance(m, str) else " ".join(text([x]) for x in m)).encode())
+        for m in merges
+        if isinstance(m, (str, list))
+    )
     size += sum(8 + len(text(a).encode()) for a in added)
     return size + 32 * 1024  # chat template, general.* and hparams
 
@@ -490,9 +540,17 @@ def hf_dir_facts(folder: Path) -> ModelFacts:
     cfg_path = folder / "config.json"
     try:
         if not stat.S_ISDIR(os.stat(folder).st_mode):
-            raise ModelFileError(f"{folder}: not a folder; source.path names an HF checkpoint folder (config.json, *.safetensors)")
+            raise ModelFileError(
+                f"{folder}: not a folder; source.path names an HF checkpoint folder (config.json, *.safetensors)"
+            )
     except OSError as e:
-        why = "is a symlink loop" if e.errno == errno.ELOOP else "no such folder" if e.errno == errno.ENOENT else e.strerror
+        why = (
+            "is a symlink loop"
+            if e.errno == errno.ELOOP
+            else "no such folder"
+            if e.errno == errno.ENOENT
+            else e.strerror
+        )
         raise ModelFileError(f"{folder}: cannot read the HF checkpoint folder: {why}") from None
     if not cfg_path.exists() and not cfg_path.is_symlink():
         raise ModelFileError(f"{folder}: no config.json; an HF checkpoint folder needs one (is this the right folder?)")
@@ -543,8 +601,10 @@ def gguf_split_set(path: Path) -> list[Path]:
             if len(missing) == 3:  # enough to act on; a hostile `-of-99999` costs no 99,999 lookups
                 break
     if missing:
-        raise ModelFileError(f"{path}: split GGUF is missing {', '.join(missing)}"
-                             f"{' and maybe more' if len(missing) == 3 else ''} (all {n} parts must sit together)")
+        raise ModelFileError(
+            f"{path}: split GGUF is missing {', '.join(missing)}"
+            f"{' and maybe more' if len(missing) == 3 else ''} (all {n} parts must sit together)"
+        )
     return found
 
 
@@ -562,9 +622,13 @@ def read_local_gguf_header(path: Path) -> GgufHeader:
             raise ModelFileError(f"{path}: not a readable GGUF file ({e})") from None
         except HeaderTooShort:
             if len(buf) < size:
-                raise ModelFileError(f"{path}: not a readable GGUF file (it ends inside its header: truncated or corrupt)") from None
+                raise ModelFileError(
+                    f"{path}: not a readable GGUF file (it ends inside its header: truncated or corrupt)"
+                ) from None
             if size >= MAX_GGUF_HEADER:
-                raise ModelFileError(f"{path}: GGUF header larger than {MAX_GGUF_HEADER >> 20} MiB; the file is corrupt") from None
+                raise ModelFileError(
+                    f"{path}: GGUF header larger than {MAX_GGUF_HEADER >> 20} MiB; the file is corrupt"
+                ) from None
             size *= 2
 
 
@@ -599,8 +663,9 @@ def facts_from_gguf_metadata(
     def num(name: str, limit: str, default: Any = None) -> int:
         v = kv(name, default)
         if v is None:
-            raise ModelFileError(f"{where}: has no {arch}.{name}; llama.cpp cannot load an architecture ({arch!r}) "
-                             "without it")
+            raise ModelFileError(
+                f"{where}: has no {arch}.{name}; llama.cpp cannot load an architecture ({arch!r}) without it"
+            )
         if isinstance(v, list):  # per-layer arrays (e.g. head counts) -> the largest
             if not v or len(v) > LIMITS["layers"][1]:
                 raise ModelFileError(f"{where}: {arch}.{name} is a list of {len(v)} values, not one per layer")
@@ -766,8 +831,9 @@ def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:
         raise ModelFileError(f"{header_path}: not a readable GGUF header ({e}); delete it to fetch it again") from None
     if not header.metadata.get("general.architecture"):
         raise ModelFileError(f"{header_path}: GGUF header has no general.architecture")
-    facts = facts_from_gguf_metadata(header.metadata, header.tensors, header.data_bytes, header.header_bytes,
-                                     where=str(header_path))
+    facts = facts_from_gguf_metadata(
+        header.metadata, header.tensors, header.data_bytes, header.header_bytes, where=str(header_path)
+    )
     facts.files = [filename]
     return facts
 

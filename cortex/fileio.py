@@ -32,8 +32,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = False, newline: bool = False,
-                      mode: int | None = None) -> None:
+def atomic_write_json(
+    path: Path, data: Any, *, sort_keys: bool = False, newline: bool = False, mode: int | None = None
+) -> None:
     """`data` as JSON indented by 2; `sort_keys` and a trailing `newline` as each file has
     always been written, so existing files keep their exact format."""
     text = json.dumps(data, indent=2, sort_keys=sort_keys) + ("\n" if newline else "")
@@ -65,15 +66,21 @@ class UnreadableFile(Exception):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
 
 
-def read_regular_file(path: str | os.PathLike[str], *, limit: int, whole: bool = True,
-                      timeout_s: float = READ_TIMEOUT_S) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike[str], *, limit: int, whole: bool = True, timeout_s: float = READ_TIMEOUT_S
+) -> bytes:
     """The bytes of a regular file, at most `limit` of them.
 
     Only regular files: a FIFO, a device (/dev/zero), a socket or a folder is refused before a

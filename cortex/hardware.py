@@ -56,7 +56,10 @@ def _nvidia_gpus() -> list[Gpu]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=index,memory.free,name", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return []

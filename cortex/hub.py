@@ -66,8 +66,14 @@ HF_CHECKPOINT_PATTERNS = (
 HF_PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
 # The small files of an HF checkpoint its facts come from: fetched before the weights, so the plan
 # (and a converter that does not know the architecture) is settled before the big download.
-SMALL_HF_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                  "generation_config.json", "special_tokens_map.json")
+SMALL_HF_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
 
 SPLIT_GGUF = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -205,8 +211,10 @@ def gguf_split_parts(name: str) -> list[str]:
         return [name]
     count = int(m["count"])
     if int(m["part"]) != 1:
-        raise HubError(f"{name} is part {int(m['part'])} of a split GGUF; name the first part "
-                       f"({m['stem']}-00001-of-{m['count']}.gguf)")
+        raise HubError(
+            f"{name} is part {int(m['part'])} of a split GGUF; name the first part "
+            f"({m['stem']}-00001-of-{m['count']}.gguf)"
+        )
     return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
@@ -224,8 +232,9 @@ def small_hf_files(repo: str, commit: str, files: Iterable[RemoteFile]) -> list[
     listed = {f.path for f in files}
     small = [n for n in SMALL_HF_FILES if n in listed]
     if "config.json" not in small:
-        raise HubError(f"{repo}@{commit[:12]} has no config.json: not an HF checkpoint "
-                       "(for a GGUF repo, set source.gguf)")
+        raise HubError(
+            f"{repo}@{commit[:12]} has no config.json: not an HF checkpoint (for a GGUF repo, set source.gguf)"
+        )
     return small
 
 
@@ -256,11 +265,16 @@ def needed_files(
     patterns = list(HF_CHECKPOINT_PATTERNS)
     if not any(f.path.endswith(".safetensors") for f in files):
         patterns += HF_PICKLE_PATTERNS
-    chosen = [f for f in files if any(fnmatch.fnmatchcase(f.path.rsplit("/", 1)[-1], p) for p in patterns)
-              and "/" not in f.path]
+    chosen = [
+        f
+        for f in files
+        if any(fnmatch.fnmatchcase(f.path.rsplit("/", 1)[-1], p) for p in patterns) and "/" not in f.path
+    ]
     if not any(f.path == "config.json" for f in chosen):
-        raise HubError("the repo has no config.json at its root, so it is not an HF checkpoint; "
-                       "for a GGUF repo set `source.gguf` to the file to use")
+        raise HubError(
+            "the repo has no config.json at its root, so it is not an HF checkpoint; "
+            "for a GGUF repo set `source.gguf` to the file to use"
+        )
     if not any(f.path.endswith((".safetensors", ".bin")) for f in chosen):
         raise HubError("the repo has no weights (*.safetensors or pytorch_model*.bin) at its root")
     return chosen
@@ -367,8 +381,9 @@ def record_digest(path: Path, digest: str, kind: str = "sha256") -> None:
     real = path.resolve()
     key = hashlib.sha256(f"{kind}:{real}".encode()).hexdigest()
     stamp = cache_root() / "verified" / "by-path" / f"{key}.json"
-    atomic_write_json(stamp, {"path": str(real), "identity": _file_identity(real), "kind": kind, "digest": digest},
-                      sort_keys=True)
+    atomic_write_json(
+        stamp, {"path": str(real), "identity": _file_identity(real), "kind": kind, "digest": digest}, sort_keys=True
+    )
 
 
 def _forget_digest(path: Path) -> None:
@@ -417,11 +432,15 @@ def _translate(error: BaseException, repo: str, revision: str) -> HubError:
     if isinstance(error, RevisionNotFoundError):
         return HubError(f"{repo} has no revision {revision!r} on {where}; check `source.revision`")
     if isinstance(error, GatedRepoError):
-        return HubError(f"{repo} is gated: accept its terms on the Hub with the account whose token "
-                        "Cortex uses (HF_TOKEN or the Prefect Secret block)")
+        return HubError(
+            f"{repo} is gated: accept its terms on the Hub with the account whose token "
+            "Cortex uses (HF_TOKEN or the Prefect Secret block)"
+        )
     if isinstance(error, RepositoryNotFoundError):
-        return HubError(f"{repo} was not found on {where}, or it is private and no valid token was given; "
-                        "set HF_TOKEN or store the token in the Prefect Secret block")
+        return HubError(
+            f"{repo} was not found on {where}, or it is private and no valid token was given; "
+            "set HF_TOKEN or store the token in the Prefect Secret block"
+        )
     if isinstance(error, RevisionResolutionError) and not is_offline() and error.__cause__ is not None:
         return _translate(error.__cause__, repo, revision)  # the Hub is down and nothing is cached
     if isinstance(error, (RevisionResolutionError, OfflineModeIsEnabled)):
@@ -435,8 +454,10 @@ def _translate(error: BaseException, repo: str, revision: str) -> HubError:
         kind = HubUnreachable if status == 429 or status >= 500 else HubError
         return kind(f"the Hub answered {status} for {repo}@{revision}: {error}")
     if isinstance(error, OSError) and error.errno == 28:
-        return NotEnoughSpace(f"the disk holding {hub_cache_dir()} filled up while fetching {repo}@{revision}; "
-                              "free space or point HF_HUB_CACHE at a larger disk")
+        return NotEnoughSpace(
+            f"the disk holding {hub_cache_dir()} filled up while fetching {repo}@{revision}; "
+            "free space or point HF_HUB_CACHE at a larger disk"
+        )
     if isinstance(error, OSError) and not isinstance(error, _transport_errors()):
         return HubError(f"{repo}@{revision}: {type(error).__name__}: {error}")
     return HubUnreachable(f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}")
@@ -455,7 +476,10 @@ def resolve_revision(repo: str, revision: str = "main", *, token: HubToken | Non
 
     try:
         resolved = _api().resolve_revision(
-            repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline(),
+            repo,
+            revision=revision,
+            cache_dir=hub_cache_dir(),
+            local_files_only=is_offline(),
             token=_client_token(token),
         )
     except (HfHubHTTPError, RevisionResolutionError, OSError, _transport_errors()) as error:
@@ -476,8 +500,11 @@ def remote_config(repo: str, revision: str, *, token: HubToken | None = None) ->
         )
     api = _api()
     try:
-        path = Path(api.hf_hub_download(repo, "config.json", revision=revision, cache_dir=hub_cache_dir(),
-                                        token=_client_token(token)))
+        path = Path(
+            api.hf_hub_download(
+                repo, "config.json", revision=revision, cache_dir=hub_cache_dir(), token=_client_token(token)
+            )
+        )
         meta = api.get_safetensors_metadata(repo, revision=revision, token=_client_token(token))
     except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, revision) from error
@@ -500,8 +527,10 @@ def read_range(repo: str, filename: str, revision: str, size: int, *, token: Hub
         with httpx.Client(follow_redirects=True, timeout=60) as client:
             r = client.get(url, headers=headers)
     except httpx.HTTPError as error:
-        raise HubUnreachable(f"could not reach {hub_endpoint() or 'https://huggingface.co'} for "
-                             f"{repo}/{filename}@{revision}: {type(error).__name__}: {error}") from None
+        raise HubUnreachable(
+            f"could not reach {hub_endpoint() or 'https://huggingface.co'} for "
+            f"{repo}/{filename}@{revision}: {type(error).__name__}: {error}"
+        ) from None
     if r.status_code >= 400:
         kind = HubUnreachable if r.status_code == 429 or r.status_code >= 500 else HubError
         raise kind(f"the Hub answered {r.status_code} for {repo}/{filename}@{revision}")
@@ -538,8 +567,11 @@ def list_files(repo: str, commit: str, *, token: HubToken | None = None) -> list
         )
         for s in info.siblings or []
     ]
-    atomic_write_json(manifest, {"repo": repo, "commit": commit, "listed_at": time.time(),
-                                 "files": [asdict(f) for f in files]}, sort_keys=True)
+    atomic_write_json(
+        manifest,
+        {"repo": repo, "commit": commit, "listed_at": time.time(), "files": [asdict(f) for f in files]},
+        sort_keys=True,
+    )
     return files
 
 
@@ -565,8 +597,9 @@ def _tqdm_into(bar: Bar | None, *, only: str | None = None):
     return Into
 
 
-def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: HubToken | None,
-                    progress: Reporter) -> tuple[int, int]:
+def _fetch_lfs_blob(
+    repo: str, commit: str, f: RemoteFile, blob: Path, token: HubToken | None, progress: Reporter
+) -> tuple[int, int]:
     """Fetch one LFS file into `blob` (= blobs/<sha256>), continuing a partial transfer left by
     an interrupted run. Returns (bytes downloaded now, bytes resumed from disk)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -580,8 +613,10 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
     except (HfHubHTTPError, OSError, _transport_errors()) as error:
         raise _translate(error, repo, commit) from error
     if meta.etag != f.sha256:
-        raise ChecksumMismatch(f"{repo}@{commit[:12]}/{f.path}: the Hub lists sha256 {f.sha256} but serves "
-                               f"etag {meta.etag}; the listing is stale: remove {_manifest_path(repo, commit)}")
+        raise ChecksumMismatch(
+            f"{repo}@{commit[:12]}/{f.path}: the Hub lists sha256 {f.sha256} but serves "
+            f"etag {meta.etag}; the listing is stale: remove {_manifest_path(repo, commit)}"
+        )
     headers = build_hf_headers(token=_client_token(token), library_name="cortex")
     location = meta.location or url
     if urlsplit(location).netloc != urlsplit(url).netloc:
@@ -593,25 +628,42 @@ def _fetch_lfs_blob(repo: str, commit: str, f: RemoteFile, blob: Path, token: Hu
         partial.unlink()
         have = 0
     try:
-        with open(partial, "ab") as out, \
-                progress.task(f"download {f.path}", total=f.size, unit="bytes", initial=have) as bar:
-            http_get(location, out, resume_size=have, headers=headers, expected_size=f.size,
-                     displayed_filename=f.path, tqdm_class=_tqdm_into(bar))
+        with (
+            open(partial, "ab") as out,
+            progress.task(f"download {f.path}", total=f.size, unit="bytes", initial=have) as bar,
+        ):
+            http_get(
+                location,
+                out,
+                resume_size=have,
+                headers=headers,
+                expected_size=f.size,
+                displayed_filename=f.path,
+                tqdm_class=_tqdm_into(bar),
+            )
     except (HfHubHTTPError, _transport_errors()) as error:
         # The partial file stays: the next attempt continues from where this one stopped.
         raise _translate(error, repo, commit) from error
     got = sha256_of(partial)
     if got != f.sha256:
         partial.unlink()
-        raise ChecksumMismatch(f"{repo}@{commit[:12]}/{f.path}: downloaded bytes have sha256 {got}, "
-                               f"the Hub lists {f.sha256}")
+        raise ChecksumMismatch(
+            f"{repo}@{commit[:12]}/{f.path}: downloaded bytes have sha256 {got}, the Hub lists {f.sha256}"
+        )
     os.chmod(partial, 0o644)
     os.replace(partial, blob)
     return f.size - have, have
 
 
-def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken | None, *,
-                       small: Sequence[RemoteFile] = (), progress: Reporter = SILENT) -> Path:
+def _snapshot_download(
+    repo: str,
+    commit: str,
+    names: list[str],
+    token: HubToken | None,
+    *,
+    small: Sequence[RemoteFile] = (),
+    progress: Reporter = SILENT,
+) -> Path:
     """The client's snapshot_download of `names` (the LFS blobs are already in place, so what
     moves is the `small` files)."""
     from contextlib import nullcontext
@@ -621,12 +673,21 @@ def _snapshot_download(repo: str, commit: str, names: list[str], token: HubToken
 
     label = small[0].path if len(small) == 1 else f"{len(small)} small files of {repo}"
     try:
-        with (progress.task(f"download {label}", total=sum(f.size for f in small), unit="bytes")
-              if small else nullcontext()) as bar:
+        with (
+            progress.task(f"download {label}", total=sum(f.size for f in small), unit="bytes")
+            if small
+            else nullcontext()
+        ) as bar:
             folder = snapshot_download(
-                repo, revision=commit, cache_dir=hub_cache_dir(), endpoint=hub_endpoint(),
-                allow_patterns=[glob.escape(n) for n in names], token=_client_token(token),
-                local_files_only=is_offline(), max_workers=4, library_name="cortex",
+                repo,
+                revision=commit,
+                cache_dir=hub_cache_dir(),
+                endpoint=hub_endpoint(),
+                allow_patterns=[glob.escape(n) for n in names],
+                token=_client_token(token),
+                local_files_only=is_offline(),
+                max_workers=4,
+                library_name="cortex",
                 tqdm_class=_tqdm_into(bar, only="huggingface_hub.snapshot_download"),
             )
     except LocalEntryNotFoundError as error:
@@ -729,6 +790,13 @@ def fetch(
             small = [f for f in missing if f.sha256 is None]
             _snapshot_download(repo, commit, [f.path for f in missing], token, small=small, progress=progress)
             downloaded += sum(f.size for f in small)
-    return RepoSnapshot(repo=repo, revision=revision, commit=commit, folder=folder, files=tuple(wanted),
-                        downloaded_bytes=downloaded, resumed_bytes=resumed, refetched=tuple(refetched))
-
+    return RepoSnapshot(
+        repo=repo,
+        revision=revision,
+        commit=commit,
+        folder=folder,
+        files=tuple(wanted),
+        downloaded_bytes=downloaded,
+        resumed_bytes=resumed,
+        refetched=tuple(refetched),
+    )

@@ -86,7 +86,8 @@ def parse_kld_output(text: str) -> dict[str, float]:
     if missing:
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise KldError(
-            "cannot read " + ", ".join(repr(m) for m in missing)
+            "cannot read "
+            + ", ".join(repr(m) for m in missing)
             + " from the output of llama-perplexity --kl-divergence (a failed run, or an output format "
             f"this Cortex does not know); its last lines:\n{tail}"
         )
@@ -135,15 +136,23 @@ class KldReport(BaseModel):
         start = text.find("====== Perplexity statistics")
         end = text.find("\n", text.find("Same top p:", max(start, 0)))  # then timings, which vary by run
         return cls(
-            mean_kld=n["mean_kld"], mean_kld_uncertainty=n["mean_kld_uncertainty"], kld_p99=n["kld_p99"],
-            ppl_ratio=n["ppl_ratio"], ppl_ratio_uncertainty=n["ppl_ratio_uncertainty"],
-            ln_ppl_ratio=n["ln_ppl_ratio"], ln_ppl_ratio_uncertainty=n["ln_ppl_ratio_uncertainty"],
+            mean_kld=n["mean_kld"],
+            mean_kld_uncertainty=n["mean_kld_uncertainty"],
+            kld_p99=n["kld_p99"],
+            ppl_ratio=n["ppl_ratio"],
+            ppl_ratio_uncertainty=n["ppl_ratio_uncertainty"],
+            ln_ppl_ratio=n["ln_ppl_ratio"],
+            ln_ppl_ratio_uncertainty=n["ln_ppl_ratio_uncertainty"],
             # printed as a percentage with 3 decimals; kept as the share, like top-1 agreement
-            same_top_p=n["same_top_p_percent"] / 100, same_top_p_uncertainty=n["same_top_p_percent_uncertainty"] / 100,
-            ppl=n["ppl"], ppl_uncertainty=n["ppl_uncertainty"], reference_ppl=n["reference_ppl"],
+            same_top_p=n["same_top_p_percent"] / 100,
+            same_top_p_uncertainty=n["same_top_p_percent_uncertainty"] / 100,
+            ppl=n["ppl"],
+            ppl_uncertainty=n["ppl_uncertainty"],
+            reference_ppl=n["reference_ppl"],
             reference_ppl_uncertainty=n["reference_ppl_uncertainty"],
             chunks=int(n["chunks"]) if "chunks" in n else None,
-            printed=text[start:end if end >= 0 else None].strip() if start >= 0 else "", **facts,
+            printed=text[start : end if end >= 0 else None].strip() if start >= 0 else "",
+            **facts,
         )
 
     def with_gates(self, max_kld: float | None, min_same_top_p: float | None) -> KldReport:
@@ -156,11 +165,15 @@ class KldReport(BaseModel):
         """Each gate not met, in words with the measured number and the bound."""
         out = []
         if self.max_kld is not None and not self.mean_kld <= self.max_kld:
-            out.append(f"{self.candidate_label} has a mean KL-divergence of {self.mean_kld:.6f} from "
-                       f"{self.reference_label}, above the maximum {self.max_kld:g}")
+            out.append(
+                f"{self.candidate_label} has a mean KL-divergence of {self.mean_kld:.6f} from "
+                f"{self.reference_label}, above the maximum {self.max_kld:g}"
+            )
         if self.min_same_top_p is not None and not self.same_top_p >= self.min_same_top_p:
-            out.append(f"{self.candidate_label} ranks the same top token as {self.reference_label} on "
-                       f"{100 * self.same_top_p:.3f}% of tokens, below the minimum {self.min_same_top_p:.1%}")
+            out.append(
+                f"{self.candidate_label} ranks the same top token as {self.reference_label} on "
+                f"{100 * self.same_top_p:.3f}% of tokens, below the minimum {self.min_same_top_p:.1%}"
+            )
         return out
 
     def markdown_rows(self) -> str:
@@ -190,19 +203,49 @@ class KldReport(BaseModel):
 # --- running llama-perplexity ---------------------------------------------------------------------
 
 
-def kld_base_command(toolchain: Toolchain, reference_gguf: Path, corpus: Path, base_file: Path, *,
-                     context: int = KLD_CONTEXT, threads: int | None = None) -> list[str]:
+def kld_base_command(
+    toolchain: Toolchain,
+    reference_gguf: Path,
+    corpus: Path,
+    base_file: Path,
+    *,
+    context: int = KLD_CONTEXT,
+    threads: int | None = None,
+) -> list[str]:
     """Save the reference's log-probabilities over `corpus` to `base_file`."""
-    cmd = [str(toolchain.llama_perplexity), "-m", str(reference_gguf), "-f", str(corpus), "-c", str(context),
-           "--kl-divergence-base", str(base_file)]
+    cmd = [
+        str(toolchain.llama_perplexity),
+        "-m",
+        str(reference_gguf),
+        "-f",
+        str(corpus),
+        "-c",
+        str(context),
+        "--kl-divergence-base",
+        str(base_file),
+    ]
     return cmd + (["-t", str(threads)] if threads else [])
 
 
-def kld_command(toolchain: Toolchain, candidate_gguf: Path, base_file: Path, *,
-                context: int = KLD_CONTEXT, threads: int | None = None) -> list[str]:
+def kld_command(
+    toolchain: Toolchain,
+    candidate_gguf: Path,
+    base_file: Path,
+    *,
+    context: int = KLD_CONTEXT,
+    threads: int | None = None,
+) -> list[str]:
     """Score `candidate_gguf` against the saved log-probabilities (the corpus' tokens are in them)."""
-    cmd = [str(toolchain.llama_perplexity), "-m", str(candidate_gguf), "--kl-divergence-base", str(base_file),
-           "--kl-divergence", "-c", str(context)]
+    cmd = [
+        str(toolchain.llama_perplexity),
+        "-m",
+        str(candidate_gguf),
+        "--kl-divergence-base",
+        str(base_file),
+        "--kl-divergence",
+        "-c",
+        str(context),
+    ]
     return cmd + (["-t", str(threads)] if threads else [])
 
 
@@ -211,23 +254,26 @@ def run_llama_perplexity(cmd: list[str], what: str) -> str:
     progress on stderr). KldError with its last lines when it exits non-zero."""
     from cortex.artifacts import tool_env
 
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env=tool_env())
+    result = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=tool_env()
+    )
     if result.returncode != 0:
         tail = "\n".join(result.stdout.strip().splitlines()[-15:])
         raise KldError(f"{what} failed (exit {result.returncode}): {' '.join(cmd)}\n{tail}")
     return result.stdout
 
 
-def kld_folder(reference_sha256: str, corpus_sha256: str, context: int, toolchain_version: str,
-               root: Path | None = None) -> Path:
+def kld_folder(
+    reference_sha256: str, corpus_sha256: str, context: int, toolchain_version: str, root: Path | None = None
+) -> Path:
     """`$CORTEX_CACHE/artifacts/kld/<key>/`: one F16 file, one corpus, one context, one toolchain."""
     key = hashlib.sha256(f"{reference_sha256}\n{corpus_sha256}\n{context}\n{toolchain_version}".encode())
     return (root or cache_root() / "artifacts" / "kld") / key.hexdigest()[:32]
 
 
-def save_reference_logits(toolchain: Toolchain, reference_gguf: Path, folder: Path, *, corpus: Path,
-                          context: int, threads: int | None = None) -> Path:
+def save_reference_logits(
+    toolchain: Toolchain, reference_gguf: Path, folder: Path, *, corpus: Path, context: int, threads: int | None = None
+) -> Path:
     """`folder/f16.kld` (made once; call with the folder's lock held)."""
     base = folder / BASE_FILE
     if base.is_file():
@@ -237,14 +283,17 @@ def save_reference_logits(toolchain: Toolchain, reference_gguf: Path, folder: Pa
     try:
         out = run_llama_perplexity(
             kld_base_command(toolchain, reference_gguf, corpus, partial, context=context, threads=threads),
-            f"llama-perplexity --kl-divergence-base ({reference_gguf.name})")
+            f"llama-perplexity --kl-divergence-base ({reference_gguf.name})",
+        )
         # It exits 0 even when it saved nothing (a corpus under 2 chunks, an unwritable file).
         with open(partial, "rb") as saved:
             complete = saved.read(8) == b"_logits_" and "Final estimate: PPL" in out
         if not complete:
             tail = "\n".join(out.strip().splitlines()[-10:])
-            raise KldError(f"llama-perplexity saved no complete log-probabilities of {reference_gguf.name} over "
-                           f"{corpus} at {context} tokens per chunk (it needs at least {2 * context} tokens):\n{tail}")
+            raise KldError(
+                f"llama-perplexity saved no complete log-probabilities of {reference_gguf.name} over "
+                f"{corpus} at {context} tokens per chunk (it needs at least {2 * context} tokens):\n{tail}"
+            )
         partial.replace(base)
     except FileNotFoundError as error:
         raise KldError(f"llama-perplexity wrote no {partial}: {error}") from error
@@ -291,15 +340,25 @@ def measure_kld(
             if report is not None and report.candidate_sha256 != candidate_sha256:
                 report = None  # another file of this quant type
         if report is None:
-            base = save_reference_logits(toolchain, Path(reference_gguf), folder, corpus=Path(corpus),
-                                         context=context, threads=threads)
-            out = run_llama_perplexity(kld_command(toolchain, Path(candidate_gguf), base, context=context,
-                                                   threads=threads),
-                                       f"llama-perplexity --kl-divergence ({Path(candidate_gguf).name})")
+            base = save_reference_logits(
+                toolchain, Path(reference_gguf), folder, corpus=Path(corpus), context=context, threads=threads
+            )
+            out = run_llama_perplexity(
+                kld_command(toolchain, Path(candidate_gguf), base, context=context, threads=threads),
+                f"llama-perplexity --kl-divergence ({Path(candidate_gguf).name})",
+            )
             report = KldReport.from_output(
-                out, candidate_label=candidate_label, reference_label=reference_label, context=context,
-                corpus=Path(corpus).name, corpus_sha256=corpus_sha256, reference_sha256=reference_sha256,
-                candidate_sha256=candidate_sha256, toolchain_version=toolchain.version)
-            atomic_write_json(result, report.model_dump(mode="json", exclude={"max_kld", "min_same_top_p", "passed"}),
-                              newline=True)
+                out,
+                candidate_label=candidate_label,
+                reference_label=reference_label,
+                context=context,
+                corpus=Path(corpus).name,
+                corpus_sha256=corpus_sha256,
+                reference_sha256=reference_sha256,
+                candidate_sha256=candidate_sha256,
+                toolchain_version=toolchain.version,
+            )
+            atomic_write_json(
+                result, report.model_dump(mode="json", exclude={"max_kld", "min_same_top_p", "passed"}), newline=True
+            )
     return report.with_gates(max_kld, min_same_top_p)

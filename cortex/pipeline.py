@@ -37,8 +37,15 @@ class PlannedModel:
             "engine": p.engine,
             "engine_version": p.engine_version,
             "trace": [
-                {"rule": r.rule, "question": r.question, "matched": r.matched, "decided": r.decided,
-                 "engine": r.engine, "reason": r.reason, **({"policy": r.policy} if r.policy else {})}
+                {
+                    "rule": r.rule,
+                    "question": r.question,
+                    "matched": r.matched,
+                    "decided": r.decided,
+                    "engine": r.engine,
+                    "reason": r.reason,
+                    **({"policy": r.policy} if r.policy else {}),
+                }
                 for r in p.decision.trace
             ],
             "pinned": p.decision.pinned,
@@ -46,7 +53,9 @@ class PlannedModel:
             "facts": self.facts.summary(),
             "hardware": {
                 "source": self.inventory.source,
-                "gpus": [{"index": g.index, "memory_bytes": g.memory_bytes, "name": g.name} for g in self.inventory.gpus],
+                "gpus": [
+                    {"index": g.index, "memory_bytes": g.memory_bytes, "name": g.name} for g in self.inventory.gpus
+                ],
                 "cpu_cores": self.inventory.cpu_cores,
                 "ram_bytes": self.inventory.ram_bytes,
             },

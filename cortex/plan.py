@@ -46,8 +46,17 @@ OVERHEAD = {
 LLAMACPP_UBATCH = 512  # llama-server's default -ub
 
 # KV cache element sizes (bytes per element) for llama.cpp cache types.
-CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
+CACHE_TYPE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+}
 VLLM_KV_BYTES = {"auto": 2.0, "bfloat16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
 
 
@@ -209,9 +218,12 @@ def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Dec
     v = spec.vllm
     max_len = v.max_model_len or ctx
     weights = sixteen_bit_bytes(facts)
-    dtype = "BF16" if facts.dtype in ("bfloat16", "auto") else "F16" if facts.dtype == "float16" else facts.dtype.upper()
-    artifact = ArtifactPlan("hf", (facts.quantized or dtype).upper() if facts.quantized else dtype,
-                            facts.weights_bytes_on_disk or weights)
+    dtype = (
+        "BF16" if facts.dtype in ("bfloat16", "auto") else "F16" if facts.dtype == "float16" else facts.dtype.upper()
+    )
+    artifact = ArtifactPlan(
+        "hf", (facts.quantized or dtype).upper() if facts.quantized else dtype, facts.weights_bytes_on_disk or weights
+    )
     if facts.source_format == "gguf":
         raise PlanError("vLLM cannot serve a GGUF source here; use engine: llamacpp or auto")
 
@@ -219,12 +231,24 @@ def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Dec
         kv_need = facts.kv_cache_bytes(max_len, 2.0) * spec.resources.concurrency
         kv_gib = max(1, math.ceil(kv_need / GiB))
         dev = DevicePlan("cpu", weights, kv_gib * GiB, OVERHEAD["vllm_cpu"], int(inv.ram_bytes * CPU_RAM_SHARE))
-        plan = Plan("vllm", VLLM_VERSION, decision, artifact, [dev], ctx, spec.resources.concurrency,
-                    tensor_parallel_size=1, max_model_len=max_len, cpu_kv_cache_gib=kv_gib,
-                    kv_cache_type=v.kv_cache_dtype or "auto")
+        plan = Plan(
+            "vllm",
+            VLLM_VERSION,
+            decision,
+            artifact,
+            [dev],
+            ctx,
+            spec.resources.concurrency,
+            tensor_parallel_size=1,
+            max_model_len=max_len,
+            cpu_kv_cache_gib=kv_gib,
+            kv_cache_type=v.kv_cache_dtype or "auto",
+        )
         plan.warnings.append("no GPU: vLLM runs on its CPU backend (slow; llama.cpp is the better CPU engine)")
         if not dev.fits:
-            plan.shortfall = f"needs {format_bytes(dev.total_bytes)} of RAM, {format_bytes(dev.capacity_bytes)} available"
+            plan.shortfall = (
+                f"needs {format_bytes(dev.total_bytes)} of RAM, {format_bytes(dev.capacity_bytes)} available"
+            )
         return plan
 
     if v.tensor_parallel_size:
@@ -247,10 +271,18 @@ def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Dec
                 break
     assert layout is not None
     plan = Plan(
-        "vllm", VLLM_VERSION, decision, artifact, layout.devices, ctx,
+        "vllm",
+        VLLM_VERSION,
+        decision,
+        artifact,
+        layout.devices,
+        ctx,
         parallel=min(layout.max_sequences, v.max_num_seqs or 256) if layout.max_sequences else 0,
-        tensor_parallel_size=layout.tp, pipeline_parallel_size=layout.pp,
-        gpu_memory_utilization=layout.util, max_model_len=max_len, kv_cache_type=v.kv_cache_dtype or "auto",
+        tensor_parallel_size=layout.tp,
+        pipeline_parallel_size=layout.pp,
+        gpu_memory_utilization=layout.util,
+        max_model_len=max_len,
+        kv_cache_type=v.kv_cache_dtype or "auto",
     )
     if layout.max_sequences < 1 or not plan.fits:
         per_gpu_need = plan.devices[0].total_bytes
@@ -269,7 +301,9 @@ def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Dec
     return plan
 
 
-def _vllm_suggestions(spec: ModelSpec, facts: ModelFacts, inv: Inventory, max_len: int, layout: _VllmLayout) -> list[str]:
+def _vllm_suggestions(
+    spec: ModelSpec, facts: ModelFacts, inv: Inventory, max_len: int, layout: _VllmLayout
+) -> list[str]:
     out = []
     mem = inv.gpus[0].memory_bytes
     for n in (2, 4, 8, 16):
@@ -304,7 +338,11 @@ def _llamacpp_kv(spec: ModelSpec, facts: ModelFacts, total_ctx: int, parallel: i
     k = CACHE_TYPE_BYTES[lc.cache_type_k or "f16"]
     vb = CACHE_TYPE_BYTES[lc.cache_type_v or "f16"]
     kv = facts.kv_cache_bytes(total_ctx, (k + vb) / 2, sequences=parallel)
-    kind = lc.cache_type_k or "f16" if (lc.cache_type_k or "f16") == (lc.cache_type_v or "f16") else f"{lc.cache_type_k or 'f16'}/{lc.cache_type_v or 'f16'}"
+    kind = (
+        lc.cache_type_k or "f16"
+        if (lc.cache_type_k or "f16") == (lc.cache_type_v or "f16")
+        else f"{lc.cache_type_k or 'f16'}/{lc.cache_type_v or 'f16'}"
+    )
     return kv, kind
 
 
@@ -324,8 +362,15 @@ def _llamacpp_devices(
     # counting it on the GPUs keeps the estimate on the safe side)
     devices = []
     for g, share in zip(inv.gpus, shares):
-        devices.append(DevicePlan(f"cuda:{g.index}", math.ceil(weights * share), math.ceil(kv * share),
-                                  OVERHEAD["llamacpp_gpu"] + compute, g.memory_bytes))
+        devices.append(
+            DevicePlan(
+                f"cuda:{g.index}",
+                math.ceil(weights * share),
+                math.ceil(kv * share),
+                OVERHEAD["llamacpp_gpu"] + compute,
+                g.memory_bytes,
+            )
+        )
     return devices, 999
 
 
@@ -335,11 +380,15 @@ def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision:
     total_ctx = lc.context_size or ctx * parallel
     per_slot = total_ctx // parallel
     if per_slot > facts.max_context:
-        raise PlanError(f"llamacpp.context_size {total_ctx} over {parallel} slots gives {per_slot} tokens per slot, "
-                        f"more than the model's {facts.max_context}")
+        raise PlanError(
+            f"llamacpp.context_size {total_ctx} over {parallel} slots gives {per_slot} tokens per slot, "
+            f"more than the model's {facts.max_context}"
+        )
     kv, kv_kind = _llamacpp_kv(spec, facts, total_ctx, parallel)
     if lc.tensor_split and inv.gpus and len(lc.tensor_split) != len(inv.gpus):
-        raise PlanError(f"llamacpp.tensor_split has {len(lc.tensor_split)} shares for {len(inv.gpus)} GPUs; give one share per GPU")
+        raise PlanError(
+            f"llamacpp.tensor_split has {len(lc.tensor_split)} shares for {len(inv.gpus)} GPUs; give one share per GPU"
+        )
 
     if facts.source_format == "gguf":
         have = facts.dtype
@@ -373,16 +422,31 @@ def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision:
         predicted = sum(_file_sizes(facts)) or (facts.weights_bytes_on_disk or 0) + (facts.metadata_bytes or 0)
         artifact = ArtifactPlan("gguf", quant, predicted)
     else:
-        predicted = predict_gguf_bytes(facts.tensors, quant, metadata_bytes=facts.metadata_bytes or 0,
-                                       n_gqa=facts.n_gqa, n_expert=max(1, facts.n_experts))
+        predicted = predict_gguf_bytes(
+            facts.tensors,
+            quant,
+            metadata_bytes=facts.metadata_bytes or 0,
+            n_gqa=facts.n_gqa,
+            n_expert=max(1, facts.n_experts),
+        )
         artifact = ArtifactPlan("gguf", quant, predicted, convert_from="hf")
     split = None
     if inv.gpus:
         shares = lc.tensor_split or [g.memory_bytes for g in inv.gpus]
         split = [round(x / sum(shares), 4) for x in shares]
     plan = Plan(
-        "llamacpp", _llamacpp_version(), decision, artifact, devices, per_slot, parallel,
-        quantization=quant, ngl=ngl, tensor_split=split, context_total=total_ctx, kv_cache_type=kv_kind,
+        "llamacpp",
+        _llamacpp_version(),
+        decision,
+        artifact,
+        devices,
+        per_slot,
+        parallel,
+        quantization=quant,
+        ngl=ngl,
+        tensor_split=split,
+        context_total=total_ctx,
+        kv_cache_type=kv_kind,
     )
     if not plan.fits:
         worst = max(devices, key=lambda d: d.total_bytes - d.capacity_bytes)
@@ -406,11 +470,12 @@ def _file_sizes(facts: ModelFacts) -> list[int]:
     return sizes
 
 
-def _llamacpp_suggestions(spec: ModelSpec, facts: ModelFacts, inv: Inventory, quant: str, kv: int,
-                          total_ctx: int, parallel: int) -> list[str]:
+def _llamacpp_suggestions(
+    spec: ModelSpec, facts: ModelFacts, inv: Inventory, quant: str, kv: int, total_ctx: int, parallel: int
+) -> list[str]:
     out = []
     if facts.source_format == "hf":
-        for q in AUTO_LADDER[AUTO_LADDER.index(quant) + 1 if quant in AUTO_LADDER else 0:]:
+        for q in AUTO_LADDER[AUTO_LADDER.index(quant) + 1 if quant in AUTO_LADDER else 0 :]:
             devices, _ = _llamacpp_devices(spec, facts, inv, _llamacpp_weights(facts, q), kv, None)
             if all(d.fits for d in devices):
                 out.append(f"a smaller quantization: {q}")
@@ -460,14 +525,20 @@ def fits_16bit(spec: ModelSpec, facts: ModelFacts, inv: Inventory, ctx: int) -> 
         best = layout
         if layout.max_sequences >= 1 and all(d.fits for d in layout.devices):
             d = layout.devices[0]
-            return True, (f"16-bit weights fit with tensor parallel {n}: {format_bytes(d.weights_bytes)} per GPU, "
-                          f"KV pool for {layout.max_sequences} full {max_len}-token sequences")
+            return True, (
+                f"16-bit weights fit with tensor parallel {n}: {format_bytes(d.weights_bytes)} per GPU, "
+                f"KV pool for {layout.max_sequences} full {max_len}-token sequences"
+            )
     if best is None:
         return False, "no tensor-parallel size fits the GPUs"
     d = best.devices[0]
     per_seq = facts.kv_cache_bytes(max_len, 2.0) // (best.tp * best.pp)
-    return False, describe_fit(d.weights_bytes * len(best.devices), per_seq * len(best.devices),
-                               d.overhead_bytes * len(best.devices), d.capacity_bytes * len(best.devices))
+    return False, describe_fit(
+        d.weights_bytes * len(best.devices),
+        per_seq * len(best.devices),
+        d.overhead_bytes * len(best.devices),
+        d.capacity_bytes * len(best.devices),
+    )
 
 
 def make_plan(spec: ModelSpec, facts: ModelFacts, inventory: Inventory) -> Plan:

@@ -112,7 +112,9 @@ def hub_files_needed(source: Source, commit: str, *, token: hub.HubToken | None 
     return hub.needed_files(hub.list_files(source.repo, commit, token=token), gguf=source.gguf, include=source.include)
 
 
-def space_needed(source: Source, resolved: ResolvedSource, facts: ModelFacts, plan: Plan) -> list[tuple[Path, int, str]]:
+def space_needed(
+    source: Source, resolved: ResolvedSource, facts: ModelFacts, plan: Plan
+) -> list[tuple[Path, int, str]]:
     """(where, bytes, what) of each write still to come, for hub.check_space_for: the files
     still to download, and each GGUF file the plan will build that is not in the artifact cache."""
     from cortex.toolchain import find_toolchain
@@ -148,23 +150,40 @@ def file_records(paths: Iterable[Path], snapshot: hub.RepoSnapshot | None = None
     """{path, bytes, sha256} of each file: the Hub's sha256 where the snapshot lists one, else
     the file's own (computed once, then kept while the file is unchanged)."""
     known = {snapshot.path(f.path): f.sha256 for f in snapshot.files} if snapshot else {}
-    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": known.get(p) or hub.verified_digest(p)}
-            for p in paths]
+    return [
+        {"path": str(p), "bytes": p.stat().st_size, "sha256": known.get(p) or hub.verified_digest(p)} for p in paths
+    ]
 
 
-def build_source_gguf(resolved: ResolvedSource, facts: ModelFacts, quantization: str, *, toolchain,
-                      predicted_bytes: dict[str, int], log: Log = lambda line: None,
-                      on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
-                      progress: Reporter | None = None) -> list[Artifact]:
+def build_source_gguf(
+    resolved: ResolvedSource,
+    facts: ModelFacts,
+    quantization: str,
+    *,
+    toolchain,
+    predicted_bytes: dict[str, int],
+    log: Log = lambda line: None,
+    on_step: Callable[[str, Artifact, bool], None] = lambda step, artifact, built: None,
+    progress: Reporter | None = None,
+) -> list[Artifact]:
     """cortex.artifacts.build_gguf on the HF checkpoint of `resolved` (its folder on disk)."""
     folder = resolved.hf_folder()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(
-        p.stat().st_size for p in folder.glob("*.bin"))
+        p.stat().st_size for p in folder.glob("*.bin")
+    )
     return build_gguf(
-        folder, source_id=resolved.source_id, quantization=quantization, toolchain=toolchain,
+        folder,
+        source_id=resolved.source_id,
+        quantization=quantization,
+        toolchain=toolchain,
         model_name=(resolved.repo or folder.name).rsplit("/", 1)[-1],
-        architecture=gguf_architecture_for([facts.architecture], toolchain.version), source=resolved.provenance(),
-        weights_bytes=weights, predicted_bytes=predicted_bytes, log=log, on_step=on_step, progress=progress,
+        architecture=gguf_architecture_for([facts.architecture], toolchain.version),
+        source=resolved.provenance(),
+        weights_bytes=weights,
+        predicted_bytes=predicted_bytes,
+        log=log,
+        on_step=on_step,
+        progress=progress,
     )
 
 
@@ -193,8 +212,9 @@ def hf_checkpoint_files(resolved: ResolvedSource, snapshot: hub.RepoSnapshot | N
         paths = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         return EngineFiles(folder, file_records(paths))
     # snapshots/<sha>/ holds links into ../../blobs/: a container needs both
-    return EngineFiles(folder, file_records([snapshot.path(f.path) for f in snapshot.files], snapshot),
-                       mount_root=folder.parent.parent)
+    return EngineFiles(
+        folder, file_records([snapshot.path(f.path) for f in snapshot.files], snapshot), mount_root=folder.parent.parent
+    )
 
 
 # --- the result -------------------------------------------------------------------------------
@@ -292,11 +312,18 @@ def render_report(prepared: Prepared) -> str:
         if v not in (None, [], {}, 0) or k in ("n_experts",):
             lines.append(f"| {k} | `{json.dumps(v) if not isinstance(v, str) else v}` |")
     decision = pj.get("decision") or {}
-    lines += ["", f"## Decision: {decision.get('engine', prepared.plan.engine)}", "",
-              "| rule | question | matched | reason |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Decision: {decision.get('engine', prepared.plan.engine)}",
+        "",
+        "| rule | question | matched | reason |",
+        "|---|---|---|---|",
+    ]
     for r in decision.get("trace", []):
-        lines.append(f"| {r.get('rule')} | {r.get('question')} | {'yes' if r.get('matched') else 'no'} | "
-                     f"{str(r.get('reason', '')).replace('|', '/')} |")
+        lines.append(
+            f"| {r.get('rule')} | {r.get('question')} | {'yes' if r.get('matched') else 'no'} | "
+            f"{str(r.get('reason', '')).replace('|', '/')} |"
+        )
     if decision.get("why_not"):
         lines += ["", f"Why not the other engine: {decision['why_not']}"]
     lines += ["", "## Plan", "", "```json", json.dumps(pj, indent=2, default=str), "```", ""]

@@ -49,7 +49,12 @@ class SmokeResult(BaseModel):
     def table(self) -> list[dict[str, Any]]:
         """Rows for a Prefect table artifact."""
         return [
-            {"check": c.name, "result": "pass" if c.passed else "FAIL", "detail": c.detail, "seconds": round(c.seconds, 2)}
+            {
+                "check": c.name,
+                "result": "pass" if c.passed else "FAIL",
+                "detail": c.detail,
+                "seconds": round(c.seconds, 2),
+            }
             for c in self.checks
         ]
 
@@ -128,25 +133,41 @@ def smoke_test(
 
         def chat(prompt: str) -> Callable[[], str]:
             def check() -> str:
-                body = _json(client.post("/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": max_tokens, "temperature": 0,
-                }))
+                body = _json(
+                    client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": max_tokens,
+                            "temperature": 0,
+                        },
+                    )
+                )
                 choices = body.get("choices") or []
                 _require(bool(choices), f"no choices in {body}")
                 message = choices[0].get("message") or {}
                 text = (message.get("content") or "") or (message.get("reasoning_content") or "")
                 _require(bool(text.strip()), f"empty message: {message}")
                 return f"{_short(text)!r} ({_usage(body)})"
+
             return check
 
         def completion() -> str:
             # A raw completion continues text; instruct models often end an unterminated
             # sentence at once (EOS, empty text), so the prompt ends with a newline.
             prompt = prompts[0] if prompts[0].endswith("\n") else prompts[0] + "\n"
-            body = _json(client.post("/v1/completions", json={
-                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            }))
+            body = _json(
+                client.post(
+                    "/v1/completions",
+                    json={
+                        "model": model,
+                        "prompt": prompt,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    },
+                )
+            )
             choices = body.get("choices") or []
             _require(bool(choices), f"no choices in {body}")
             text = choices[0].get("text") or ""
@@ -155,15 +176,25 @@ def smoke_test(
 
         def stream() -> str:
             chunks, text, last = 0, "", None
-            with client.stream("POST", "/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": prompts[0]}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            }) as response:
+            with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompts[0]}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                },
+            ) as response:
                 if response.status_code != 200:
                     response.read()
                     raise _CheckFailed(f"HTTP {response.status_code}: {response.text[:300]}")
                 content_type = response.headers.get("content-type", "")
-                _require(content_type.startswith("text/event-stream"), f"content-type is {content_type!r}, not text/event-stream")
+                _require(
+                    content_type.startswith("text/event-stream"),
+                    f"content-type is {content_type!r}, not text/event-stream",
+                )
                 for last in iter_sse_data(response.iter_lines()):
                     if last == DONE:
                         break

@@ -87,7 +87,9 @@ def describe(event: ProgressEvent, *, rate: str = "", done_word: str = "done") -
     parts = []
     if event.unit == "bytes":
         if event.total:
-            parts.append(f"{format_bytes(event.done)}/{format_bytes(event.total)} ({100 * event.done / event.total:.0f}%)")
+            parts.append(
+                f"{format_bytes(event.done)}/{format_bytes(event.total)} ({100 * event.done / event.total:.0f}%)"
+            )
         elif event.done:
             parts.append(format_bytes(event.done))
     elif event.total:
@@ -107,8 +109,9 @@ def describe(event: ProgressEvent, *, rate: str = "", done_word: str = "done") -
 class Bar:
     """One piece of work: what is done of how much, its phase; see `Reporter.task`."""
 
-    def __init__(self, reporter: Reporter, label: str, total: float | None, unit: str, done_word: str,
-                 initial: float) -> None:
+    def __init__(
+        self, reporter: Reporter, label: str, total: float | None, unit: str, done_word: str, initial: float
+    ) -> None:
         self.label, self.total, self.unit, self.done_word = label, total, unit, done_word
         self.done = self.initial = initial
         self.note = ""
@@ -162,8 +165,14 @@ class Reporter:
     """Where progress goes: a display on `stream` (live on a terminal, plain lines elsewhere,
     none with display=False) and each sink."""
 
-    def __init__(self, *, stream: TextIO | None = None, every_s: float = 30.0, sinks: Iterable[ProgressSink] = (),
-                 display: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        stream: TextIO | None = None,
+        every_s: float = 30.0,
+        sinks: Iterable[ProgressSink] = (),
+        display: bool = True,
+    ) -> None:
         self.stream, self.every_s, self.display = stream, every_s, display
         self.sinks = tuple(sinks)
 
@@ -171,8 +180,9 @@ class Reporter:
         return Reporter(stream=self.stream, every_s=self.every_s, sinks=(*self.sinks, sink), display=self.display)
 
     @contextmanager
-    def task(self, label: str, total: float | None = None, unit: str = "", *, done_word: str = "done",
-             initial: float = 0) -> Iterator[Bar]:
+    def task(
+        self, label: str, total: float | None = None, unit: str = "", *, done_word: str = "done", initial: float = 0
+    ) -> Iterator[Bar]:
         """A bar for `label` for the duration of the block: it ends "done" (or `done_word`) when
         the block completes, "failed" when it raises."""
         bar = Bar(self, label, total, unit, done_word, initial)
@@ -193,8 +203,9 @@ class Reporter:
 SILENT = Reporter(display=False)
 
 
-def progress(label: str, total: float | None = None, unit: str = "", *, stream: TextIO | None = None,
-             every_s: float = 30.0) -> Any:
+def progress(
+    label: str, total: float | None = None, unit: str = "", *, stream: TextIO | None = None, every_s: float = 30.0
+) -> Any:
     """One bar on `stream` (stderr), no sinks: `Reporter(...).task(label, total, unit)`."""
     return Reporter(stream=stream, every_s=every_s).task(label, total, unit)
 
@@ -237,8 +248,13 @@ class _PlainDisplay(_Display):
         rate = ""
         if event.state == "running" and (per_s := bar.rate()):
             unit = event.unit or "units"
-            rate = f"{format_bytes(per_s)}/s" if event.unit == "bytes" else \
-                f"{per_s:.0f} {unit}/s" if per_s >= 100 else f"{per_s:.3g} {unit}/s"
+            rate = (
+                f"{format_bytes(per_s)}/s"
+                if event.unit == "bytes"
+                else f"{per_s:.0f} {unit}/s"
+                if per_s >= 100
+                else f"{per_s:.3g} {unit}/s"
+            )
             if (eta := bar.eta_s()) is not None:
                 rate += f", ETA {eta:.0f} s"
         return f"cortex: {describe(event, rate=rate, done_word=bar.done_word)} ({event.elapsed_s:.0f} s)"
@@ -283,8 +299,9 @@ class _LiveBoard:
             if self.progress is None:
                 self._start()
             self.active += 1
-            return self.progress.add_task(event.label, total=event.total, completed=event.done, unit=event.unit,
-                                          note=event.note)
+            return self.progress.add_task(
+                event.label, total=event.total, completed=event.done, unit=event.unit, note=event.note
+            )
 
     def update(self, task: Any, event: ProgressEvent) -> None:
         with self.lock:
@@ -309,9 +326,17 @@ class _LiveBoard:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(file=self.stream)
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), _amount_column(),
-                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
-                                 transient=False, redirect_stdout=False, redirect_stderr=False)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            _amount_column(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self.progress.start()
         # Log lines written straight to the stream would land inside the live area and be
         # overwritten; through the console they print above it.
@@ -360,8 +385,9 @@ class _ConsoleProxy:
 
 
 def _handlers() -> list[logging.Handler]:
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     return [h for lg in loggers for h in lg.handlers]
 
 
@@ -376,8 +402,11 @@ def _amount_column() -> Any:
         def render(self, task: Any) -> Text:
             unit = task.fields.get("unit", "")
             if unit == "bytes":
-                text = f"{format_bytes(task.completed)}/{format_bytes(task.total)}" if task.total else \
-                    format_bytes(task.completed)
+                text = (
+                    f"{format_bytes(task.completed)}/{format_bytes(task.total)}"
+                    if task.total
+                    else format_bytes(task.completed)
+                )
                 if task.speed:
                     text += f" {format_bytes(task.speed)}/s"
             elif task.total:

@@ -77,7 +77,8 @@ class QualityReport(BaseModel):
     identical_continuations: float = Field(description="share of prompts whose greedy continuations match fully")
     mean_first_divergence: float
     mean_logprob_drop: float | None = Field(
-        None, description="mean (reference - candidate) log-probability of the reference's token, "
+        None,
+        description="mean (reference - candidate) log-probability of the reference's token, "
         "over positions where the candidate ranks it in its top 5",
     )
     positions_outside_top_k: int = 0
@@ -231,10 +232,15 @@ def greedy_reference(
             toks, probs, content = ref.greedy(ids, tokens)
             if len(toks) != tokens:
                 raise QualityCheckError(f"the reference produced {len(toks)} of {tokens} tokens")
-            out.append(ReferenceContinuation(
-                prompt=text, prompt_ids=ids, tokens=toks,
-                logprobs=[float(p["logprob"]) for p in probs], text=content,
-            ))
+            out.append(
+                ReferenceContinuation(
+                    prompt=text,
+                    prompt_ids=ids,
+                    tokens=toks,
+                    logprobs=[float(p["logprob"]) for p in probs],
+                    text=content,
+                )
+            )
         return out
     finally:
         ref.close()
@@ -247,9 +253,7 @@ def _logprob_of(entry: dict[str, Any], token: int) -> float | None:
     return None
 
 
-def compare_greedy(
-    ref: ReferenceContinuation, candidate: _LlamaServer
-) -> tuple[PromptAgreement, list[float], int]:
+def compare_greedy(ref: ReferenceContinuation, candidate: _LlamaServer) -> tuple[PromptAgreement, list[float], int]:
     """Score one prompt; returns the agreement, the log-prob drops, and positions outside top-k."""
     if candidate.tokenize(ref.prompt) != ref.prompt_ids:
         raise QualityCheckError(

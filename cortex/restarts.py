@@ -42,8 +42,10 @@ def dead_specs(folder: str | Path) -> dict[str, str]:
             continue
         last = next((r for r in replicas if r.name == record.replica), None)
         if last is None:
-            why = (f"its replica {record.replica} is gone: its engine died and the replica was cleaned "
-                   "up, or it was stopped outside Cortex")
+            why = (
+                f"its replica {record.replica} is gone: its engine died and the replica was cleaned "
+                "up, or it was stopped outside Cortex"
+            )
         else:
             try:
                 code = runtime.exit_code(last)

@@ -61,29 +61,84 @@ FIELDS: list[Field] = [
     Field("gateway_url", str, "http://127.0.0.1:8080", "Where clients and `cortex deploy` reach the gateway."),
     Field("gateway_host", str, "127.0.0.1", "Address `cortex gateway` binds to. Loopback by default."),
     Field("gateway_port", int, 8080, "Port `cortex gateway` listens on."),
-    Field("admin_token", str, None, "Token for the gateway's /admin API. Default: generated once into <home>/gateway/admin-token (mode 0600)."),
+    Field(
+        "admin_token",
+        str,
+        None,
+        "Token for the gateway's /admin API. Default: generated once into <home>/gateway/admin-token (mode 0600).",
+    ),
     Field("gateway_db", str, None, "SQLite registry of replicas and API keys. Default <home>/gateway/registry.db."),
-    Field("gateway_no_auth", _parse_bool, False, "Serve /v1 without client API keys. Only for a local, single-user gateway; never the default."),
+    Field(
+        "gateway_no_auth",
+        _parse_bool,
+        False,
+        "Serve /v1 without client API keys. Only for a local, single-user gateway; never the default.",
+    ),
     Field("gateway_max_body_bytes", int, 16 * 1024 * 1024, "Largest request body accepted; larger gets 413."),
     Field("gateway_health_interval", float, 2.0, "Seconds between health checks of each replica."),
     Field("gateway_health_timeout", float, 2.0, "Seconds a replica's /health may take before it counts as down."),
     Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
-    Field("gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."),
-    Field("gateway_max_header_bytes", int, 32 * 1024, "Largest request head (request line and headers) accepted; larger gets 431 and the connection is closed."),
-    Field("gateway_header_timeout", float, 10.0, "Seconds a client has to send a complete request head, from connecting or from its first byte on a kept-alive connection; then 408 and close."),
-    Field("gateway_body_timeout", float, 60.0, "Seconds a request body may stall (no byte arriving) before 408 and close."),
-    Field("gateway_send_timeout", float, 60.0, "Seconds a client may leave the response unread (the gateway cannot write) before its connection is closed."),
+    Field(
+        "gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."
+    ),
+    Field(
+        "gateway_max_header_bytes",
+        int,
+        32 * 1024,
+        "Largest request head (request line and headers) accepted; larger gets 431 and the connection is closed.",
+    ),
+    Field(
+        "gateway_header_timeout",
+        float,
+        10.0,
+        "Seconds a client has to send a complete request head, from connecting or from its first byte on a kept-alive connection; then 408 and close.",
+    ),
+    Field(
+        "gateway_body_timeout", float, 60.0, "Seconds a request body may stall (no byte arriving) before 408 and close."
+    ),
+    Field(
+        "gateway_send_timeout",
+        float,
+        60.0,
+        "Seconds a client may leave the response unread (the gateway cannot write) before its connection is closed.",
+    ),
     Field("gateway_keep_alive_timeout", int, 75, "Seconds an idle kept-alive client connection stays open."),
-    Field("gateway_max_connections_per_client", int, 512, "Open connections allowed from one client address; more get 429 and are closed. 0: no limit (behind a reverse proxy every client has its address)."),
-    Field("gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."),
+    Field(
+        "gateway_max_connections_per_client",
+        int,
+        512,
+        "Open connections allowed from one client address; more get 429 and are closed. 0: no limit (behind a reverse proxy every client has its address).",
+    ),
+    Field(
+        "gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."
+    ),
     Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
     Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
-    Field("docker_bind", str, "127.0.0.1", "Host address the docker runtime publishes engine ports on (a remote DOCKER_HOST needs a reachable one)."),
-    Field("deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."),
-    Field("restart_check_s", float, 10.0, "Seconds between `cortex serve`'s checks for applied specs whose engine died."),
-    Field("restart_backoff_s", float, 30.0, "Wait after a failed restart of a dead replica; doubles after each further failure."),
+    Field(
+        "docker_bind",
+        str,
+        "127.0.0.1",
+        "Host address the docker runtime publishes engine ports on (a remote DOCKER_HOST needs a reachable one).",
+    ),
+    Field(
+        "deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."
+    ),
+    Field(
+        "restart_check_s", float, 10.0, "Seconds between `cortex serve`'s checks for applied specs whose engine died."
+    ),
+    Field(
+        "restart_backoff_s",
+        float,
+        30.0,
+        "Wait after a failed restart of a dead replica; doubles after each further failure.",
+    ),
     Field("restart_backoff_max_s", float, 600.0, "Longest wait between restarts of a replica that keeps failing."),
-    Field("hf_token_block", str, "hf-token", "Prefect Secret block holding the Hugging Face token, used when HF_TOKEN is not set."),
+    Field(
+        "hf_token_block",
+        str,
+        "hf-token",
+        "Prefect Secret block holding the Hugging Face token, used when HF_TOKEN is not set.",
+    ),
 ]
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -132,9 +187,7 @@ class Settings:
                 raise SettingsError(f"{config_path}: expected a mapping of setting names to values")
             unknown = set(loaded) - set(_BY_NAME)
             if unknown:
-                raise SettingsError(
-                    f"{config_path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}"
-                )
+                raise SettingsError(f"{config_path}: unknown settings {sorted(unknown)}; known: {sorted(_BY_NAME)}")
             from_file = loaded
         values: dict[str, Any] = {}
         for f in FIELDS:

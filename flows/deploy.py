@@ -32,12 +32,22 @@ from cortex.gateway.client import gateway_client
 from cortex.runtime import Replica, Runtime, get_runtime, reachable_runtimes, runtime_class
 from cortex.runtime.base import engine_secrets
 from cortex.runtime.rollout import (
-    BenchmarkSummary, DeployResult, QualityRequest, RolloutRequest, dead_routes, rollout_request,
+    BenchmarkSummary,
+    DeployResult,
+    QualityRequest,
+    RolloutRequest,
+    dead_routes,
+    rollout_request,
 )
 from cortex.settings import Settings
 from tasks.deploy import (
-    compare_memory_with_plan, register_in_gateway, remove_dead_routes, retire_replica, smoke_test_replica,
-    start_replica, wait_until_ready,
+    compare_memory_with_plan,
+    register_in_gateway,
+    remove_dead_routes,
+    retire_replica,
+    smoke_test_replica,
+    start_replica,
+    wait_until_ready,
 )
 
 
@@ -128,9 +138,17 @@ def roll_out(request: RolloutRequest) -> DeployResult:
 
     stopped = [retire_replica(old, runtimes[old.runtime], drain_gateway=gw is not None) for old in previous]
     return DeployResult(
-        name=launch.model, engine=replica.engine, runtime=rt.kind, endpoint=replica.endpoint,
-        replica=replica.name, smoke=smoke, gateway=gateway_state, reused=reused, stopped=stopped,
-        since=replica.since, benchmark=bench,
+        name=launch.model,
+        engine=replica.engine,
+        runtime=rt.kind,
+        endpoint=replica.endpoint,
+        replica=replica.name,
+        smoke=smoke,
+        gateway=gateway_state,
+        reused=reused,
+        stopped=stopped,
+        since=replica.since,
+        benchmark=bench,
     )
 
 
@@ -142,8 +160,12 @@ def _benchmark(replica: Replica, request: RolloutRequest) -> BenchmarkSummary | 
     from tasks.benchmark import run_benchmark
 
     result = run_benchmark(
-        replica.endpoint, BenchmarkSettings.from_spec(request.benchmark, gpus=request.gpus), model=replica.model,
-        api_key=replica.api_key, gates=list(request.benchmark.gates), target=replica.name,
+        replica.endpoint,
+        BenchmarkSettings.from_spec(request.benchmark, gpus=request.gpus),
+        model=replica.model,
+        api_key=replica.api_key,
+        gates=list(request.benchmark.gates),
+        target=replica.name,
     )
     return BenchmarkSummary.of(result)
 
@@ -158,16 +180,27 @@ def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runti
     check = quality.check
     kld = None
     if check.measures_kld():  # before the reference starts: llama-perplexity has the CPU to itself
-        kld = kl_divergence(quality.reference_gguf, quality.candidate_gguf, candidate_label=quality.label,
-                            reference_sha256=quality.reference_sha256, max_kld=check.max_kld,
-                            min_same_top_p=check.min_same_top_p)
+        kld = kl_divergence(
+            quality.reference_gguf,
+            quality.candidate_gguf,
+            candidate_label=quality.label,
+            reference_sha256=quality.reference_sha256,
+            max_kld=check.max_kld,
+            min_same_top_p=check.min_same_top_p,
+        )
     reference = rt.start(quality.reference, engine_secrets())
     try:
         reference = rt.wait_ready(reference, timeout, progress=Reporter())
         quality_check(
-            reference.endpoint, replica.endpoint, prompts=quality.check.prompts, tokens=quality.check.tokens,
-            min_top1_agreement=quality.check.min_top1_agreement, candidate_label=quality.label,
-            api_key=replica.api_key, reference_api_key=reference.api_key, kld=kld,
+            reference.endpoint,
+            replica.endpoint,
+            prompts=quality.check.prompts,
+            tokens=quality.check.tokens,
+            min_top1_agreement=quality.check.min_top1_agreement,
+            candidate_label=quality.label,
+            api_key=replica.api_key,
+            reference_api_key=reference.api_key,
+            kld=kld,
         )
     finally:
         rt.stop(reference)
@@ -184,13 +217,21 @@ def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | Non
     with host_deploy_slot(kind):
         prepared = prepare_model(spec_path)
         request = rollout_request(
-            spec, prepared.plan, prepared.artifact_path, runtime=kind, source_revision=prepared.source_revision,
-            mount_root=prepared.mount_root, gateway=gateway,
+            spec,
+            prepared.plan,
+            prepared.artifact_path,
+            runtime=kind,
+            source_revision=prepared.source_revision,
+            mount_root=prepared.mount_root,
+            gateway=gateway,
         )
         if spec.benchmark and spec.benchmark.quality and request.quality is None:
             get_run_logger().warning(
                 "benchmark.quality needs a llama.cpp GGUF quantized from an HF checkpoint; this plan (%s %s) "
-                "has no F16 reference to compare with", prepared.plan.engine, prepared.plan.artifact.quantization)
+                "has no F16 reference to compare with",
+                prepared.plan.engine,
+                prepared.plan.artifact.quantization,
+            )
         return roll_out(request)
 
 
@@ -208,8 +249,9 @@ def retire_model(name: str, runtime: str | None = None) -> list[str]:
     if gw is not None:
         gw.close()  # it answers: drain there first
     runtimes = available_runtimes(runtime)
-    stopped = [retire_replica(replica, rt, drain_gateway=gw is not None)
-               for rt in runtimes for replica in rt.replicas_of(name)]
+    stopped = [
+        retire_replica(replica, rt, drain_gateway=gw is not None) for rt in runtimes for replica in rt.replicas_of(name)
+    ]
     unrouted: list[str] = []
     if gw is not None:
         with gateway_client(True) as client:

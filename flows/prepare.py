@@ -52,8 +52,13 @@ def prepare_model(spec_path: str) -> Prepared:
         facts = inspect_model(resolved)  # now with the weights: exact parameter counts and sizes
         replanned = plan_model(spec, facts, check_converter=False)
         if (replanned.engine, replanned.artifact.quantization) != (plan.engine, plan.artifact.quantization):
-            logger.warning("with the exact weights the plan changed from %s %s to %s %s", plan.engine,
-                           plan.artifact.quantization, replanned.engine, replanned.artifact.quantization)
+            logger.warning(
+                "with the exact weights the plan changed from %s %s to %s %s",
+                plan.engine,
+                plan.artifact.quantization,
+                replanned.engine,
+                replanned.artifact.quantization,
+            )
         plan = replanned
 
     downloaded = snapshot.downloaded_bytes if snapshot else 0
@@ -76,15 +81,33 @@ def prepare_model(spec_path: str) -> Prepared:
         loads = hf_checkpoint_files(resolved, snapshot)
 
     prepared = Prepared(
-        name=spec.name, engine=plan.engine, format=plan.artifact.format, quantization=quant,
-        source=resolved.provenance(), source_revision=resolved.source_id, artifact_path=loads.path,
-        files=loads.files, cached=downloaded == 0 and not built, downloaded_bytes=downloaded, resumed_bytes=resumed,
-        built=built, predicted_bytes=predicted, plan=plan, facts=facts.summary(), mount_root=loads.mount_root,
+        name=spec.name,
+        engine=plan.engine,
+        format=plan.artifact.format,
+        quantization=quant,
+        source=resolved.provenance(),
+        source_revision=resolved.source_id,
+        artifact_path=loads.path,
+        files=loads.files,
+        cached=downloaded == 0 and not built,
+        downloaded_bytes=downloaded,
+        resumed_bytes=resumed,
+        built=built,
+        predicted_bytes=predicted,
+        plan=plan,
+        facts=facts.summary(),
+        mount_root=loads.mount_root,
         build_steps=steps,
     )
     publish_report(prepared)
-    logger.info("prepared %s: %s %s at %s (%s)", spec.name, prepared.format, quant, loads.path,
-                "from the cache" if prepared.cached else f"downloaded {downloaded} bytes, built {built or 'nothing'}")
+    logger.info(
+        "prepared %s: %s %s at %s (%s)",
+        spec.name,
+        prepared.format,
+        quant,
+        loads.path,
+        "from the cache" if prepared.cached else f"downloaded {downloaded} bytes, built {built or 'nothing'}",
+    )
     return prepared
 
 

@@ -77,8 +77,13 @@ def _running_replica(name: str, runtime: str, replica_name: str | None = None):
 
 
 @flow(name="apply-spec")
-def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = None,
-               gateway: bool | None = None, restart: str | None = None) -> dict[str, Any]:
+def apply_spec(
+    spec_path: str,
+    scheduled: bool = False,
+    runtime: str | None = None,
+    gateway: bool | None = None,
+    restart: str | None = None,
+) -> dict[str, Any]:
     """Deploy the model the spec file at `spec_path` describes (see the module docstring).
 
     scheduled: a scheduled run; redeploy only if the source's commit changed, else benchmark
@@ -94,8 +99,11 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     if restart:
         logger.warning("replacing a crashed replica: %s", restart)
         _tag_run("restart")
-        create_markdown_artifact(key="replica-restart", markdown=f"## Replacing a crashed replica\n\n{restart}\n\n"
-                                 f"spec `{path}`; this run deploys it again.", description=restart[:200])
+        create_markdown_artifact(
+            key="replica-restart",
+            markdown=f"## Replacing a crashed replica\n\n{restart}\n\nspec `{path}`; this run deploys it again.",
+            description=restart[:200],
+        )
     spec = validate_spec(path)
     digest = spec_sha256(path)
     kind = runtime or spec.runtime
@@ -106,19 +114,29 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     if scheduled and previous is not None and previous.source_revision == resolved.source_id:
         replica = _running_replica(spec.name, previous.runtime, previous.replica)
         if replica is not None:
-            logger.info("%s still runs %s at source %s: benchmarking it again", spec.name,
-                        replica.name, resolved.source_id[:12])
+            logger.info(
+                "%s still runs %s at source %s: benchmarking it again", spec.name, replica.name, resolved.source_id[:12]
+            )
             _tag_run(f"engine:{replica.engine}")
             bench = benchmark_replica(replica, spec)
-            outcome = {"action": "benchmarked", "name": spec.name, "replica": replica.name,
-                       "endpoint": replica.endpoint, "source_revision": resolved.source_id,
-                       "benchmark": _bench_summary(bench)}
+            outcome = {
+                "action": "benchmarked",
+                "name": spec.name,
+                "replica": replica.name,
+                "endpoint": replica.endpoint,
+                "source_revision": resolved.source_id,
+                "benchmark": _bench_summary(bench),
+            }
             _publish_outcome(path, digest, outcome)
             return outcome
         logger.info("%s is not running any more: deploying it again", spec.name)
     elif scheduled and previous is not None:
-        logger.info("%s: source moved from %s to %s: preparing and redeploying", spec.name,
-                    previous.source_revision[:12], resolved.source_id[:12])
+        logger.info(
+            "%s: source moved from %s to %s: preparing and redeploying",
+            spec.name,
+            previous.source_revision[:12],
+            resolved.source_id[:12],
+        )
 
     result = deploy_spec(spec, path, kind, gateway)
     _tag_run(f"engine:{result['engine']}")
@@ -126,13 +144,30 @@ def apply_spec(spec_path: str, scheduled: bool = False, runtime: str | None = No
     bench = result.get("benchmark")
     if bench is None and replica is not None:  # the deploy flow did not benchmark: do it here
         bench = _bench_summary(benchmark_replica(replica, spec))
-    write_applied(AppliedSpec(
-        spec_path=path, spec_sha256=digest, name=spec.name, runtime=kind, source_revision=resolved.source_id,
-        replica=result["replica"], endpoint=result["endpoint"], applied_at=datetime.now(timezone.utc).isoformat(),
-    ))
-    outcome = {"action": "deployed", "name": spec.name, "replica": result["replica"], "endpoint": result["endpoint"],
-               "engine": result["engine"], "source_revision": resolved.source_id, "reused": result.get("reused", False),
-               "stopped": result.get("stopped", []), "gateway": result.get("gateway"), "benchmark": bench}
+    write_applied(
+        AppliedSpec(
+            spec_path=path,
+            spec_sha256=digest,
+            name=spec.name,
+            runtime=kind,
+            source_revision=resolved.source_id,
+            replica=result["replica"],
+            endpoint=result["endpoint"],
+            applied_at=datetime.now(timezone.utc).isoformat(),
+        )
+    )
+    outcome = {
+        "action": "deployed",
+        "name": spec.name,
+        "replica": result["replica"],
+        "endpoint": result["endpoint"],
+        "engine": result["engine"],
+        "source_revision": resolved.source_id,
+        "reused": result.get("reused", False),
+        "stopped": result.get("stopped", []),
+        "gateway": result.get("gateway"),
+        "benchmark": bench,
+    }
     _publish_outcome(path, digest, outcome, smoke=result.get("smoke"))
     return outcome
 
@@ -151,7 +186,8 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
     }
     with get_client(sync_client=True) as client:
         latest = client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=list(copies))))
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=list(copies)))
+        )
     for artifact in latest:
         key, kind = copies[artifact.key]
         description = f"{spec.name}: {artifact.description or key} (from the {kind} of a subflow)"
@@ -169,17 +205,22 @@ def _bench_summary(bench: Any) -> dict[str, Any] | None:
     if isinstance(bench, dict):
         return bench
     levels = getattr(bench, "levels", [])
-    return {"levels": [{"concurrency": lv.concurrency, "output_tokens_per_s": lv.output_tokens_per_s}
-                       for lv in levels]}
+    return {"levels": [{"concurrency": lv.concurrency, "output_tokens_per_s": lv.output_tokens_per_s} for lv in levels]}
 
 
 def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke: dict[str, Any] | None = None) -> None:
     rows = [f"| {k} | `{v}` |" for k, v in outcome.items() if k != "benchmark"]
     checks = ""
     if smoke:
-        checks = "\n\n### Smoke tests: " + ("passed" if smoke.get("passed") else "FAILED") + "\n\n| check | passed | detail |\n|---|---|---|\n"
-        checks += "\n".join(f"| {c.get('name')} | {'yes' if c.get('passed') else 'no'} | {str(c.get('detail', '')).replace('|', '/')} |"
-                             for c in smoke.get("checks", []))
+        checks = (
+            "\n\n### Smoke tests: "
+            + ("passed" if smoke.get("passed") else "FAILED")
+            + "\n\n| check | passed | detail |\n|---|---|---|\n"
+        )
+        checks += "\n".join(
+            f"| {c.get('name')} | {'yes' if c.get('passed') else 'no'} | {str(c.get('detail', '')).replace('|', '/')} |"
+            for c in smoke.get("checks", [])
+        )
     create_markdown_artifact(
         key="applied-spec",
         markdown=f"## {outcome['action']}: {outcome['name']}\n\nspec `{spec_path}` (sha256 `{digest[:16]}`)\n\n"
@@ -239,8 +280,16 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
         try:
             spec = load_spec(path)
         except SpecError as error:
-            rows.append({"spec": file.name, "model": "", "state": "invalid", "action": "none",
-                         "detail": str(error.problems[0]) + (f" (+{len(error.problems) - 1})" if len(error.problems) > 1 else "")})
+            rows.append(
+                {
+                    "spec": file.name,
+                    "model": "",
+                    "state": "invalid",
+                    "action": "none",
+                    "detail": str(error.problems[0])
+                    + (f" (+{len(error.problems) - 1})" if len(error.problems) > 1 else ""),
+                }
+            )
             continue
         declared.add(spec.name)
         record = read_applied(path)
@@ -258,15 +307,31 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
             action = "retired" if apply else "none"
             if apply:
                 retire_spec(record.spec_path)
-            rows.append({"spec": Path(record.spec_path).name, "model": record.name, "state": "spec deleted",
-                         "action": action, "detail": ""})
+            rows.append(
+                {
+                    "spec": Path(record.spec_path).name,
+                    "model": record.name,
+                    "state": "spec deleted",
+                    "action": action,
+                    "detail": "",
+                }
+            )
     running_rows = [
-        {"model": r.model, "replica": r.name, "engine": r.engine, "runtime": r.runtime, "endpoint": r.endpoint,
-         "declared": r.model in declared}
-        for rt in available_runtimes(runtime) for r in rt.list()
+        {
+            "model": r.model,
+            "replica": r.name,
+            "engine": r.engine,
+            "runtime": r.runtime,
+            "endpoint": r.endpoint,
+            "declared": r.model in declared,
+        }
+        for rt in available_runtimes(runtime)
+        for r in rt.list()
     ]
     create_table_artifact(key="declared-specs", table=rows, description=f"spec files in {folder}")
-    create_table_artifact(key="running-models", table=running_rows, description="what runs now, and whether a spec declares it")
+    create_table_artifact(
+        key="running-models", table=running_rows, description="what runs now, and whether a spec declares it"
+    )
     undeclared = [r["model"] for r in running_rows if not r["declared"]]
     if undeclared:
         logger.info("running but declared by no spec in %s: %s", folder, ", ".join(sorted(set(undeclared))))

@@ -65,7 +65,9 @@ def spec_schedules(folder: Path) -> tuple[dict[str, Any], set[str]]:
             continue
         if spec.schedule is not None:
             wanted[schedule_slug(path)] = Cron(
-                spec.schedule.cron, timezone=spec.schedule.timezone, slug=schedule_slug(path),
+                spec.schedule.cron,
+                timezone=spec.schedule.timezone,
+                slug=schedule_slug(path),
                 parameters={"spec_path": str(path), "scheduled": True},
             )
     return wanted, invalid
@@ -90,12 +92,15 @@ def sync_schedules(folder: str | Path, deployment: str = DEPLOY) -> dict[str, li
             cron = CronSchedule(cron=want.cron, timezone=want.timezone, day_or=want.day_or)
             existing = current.get(slug)
             if existing is None:
-                client.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(
-                    schedule=cron, active=True, parameters=want.parameters, slug=slug)])
+                client.create_deployment_schedules(
+                    dep.id,
+                    [DeploymentScheduleCreate(schedule=cron, active=True, parameters=want.parameters, slug=slug)],
+                )
                 done["created"].append(slug)
-            elif (existing.schedule != cron or existing.parameters != want.parameters or not existing.active):
-                client.update_deployment_schedule(dep.id, existing.id, schedule=cron, active=True,
-                                                  parameters=want.parameters)
+            elif existing.schedule != cron or existing.parameters != want.parameters or not existing.active:
+                client.update_deployment_schedule(
+                    dep.id, existing.id, schedule=cron, active=True, parameters=want.parameters
+                )
                 done["updated"].append(slug)
     for what, slugs in done.items():
         for slug in slugs:
@@ -123,32 +128,47 @@ def cortex_deployments(folder: str | Path) -> list[Any]:
     tags = ["cortex"]
     return [
         apply_spec.to_deployment(
-            name="deploy", tags=tags,
+            name="deploy",
+            tags=tags,
             description="Deploy the model a spec file describes. Started from this form, by a spec's "
             "schedule (scheduled=true: redeploy if the source commit changed, else re-benchmark) and "
             f"when a spec file in {folder} is saved.",
-            triggers=[DeploymentEventTrigger(
-                name="deploy on spec change", expect={SPEC_CHANGED}, match=in_folder,
-                parameters={"spec_path": "{{ event.resource.id }}"},
-            )],
+            triggers=[
+                DeploymentEventTrigger(
+                    name="deploy on spec change",
+                    expect={SPEC_CHANGED},
+                    match=in_folder,
+                    parameters={"spec_path": "{{ event.resource.id }}"},
+                )
+            ],
         ),
         prepare_model.to_deployment(
-            name="prepare", tags=tags,
+            name="prepare",
+            tags=tags,
             description="Only prepare the weights a spec needs (download, convert, quantize; cached).",
         ),
         retire_model.to_deployment(
-            name="retire", tags=tags, description="Drain a model from the gateway and stop every replica.",
+            name="retire",
+            tags=tags,
+            description="Drain a model from the gateway and stop every replica.",
         ),
         retire_spec.to_deployment(
-            name="retire-deleted", tags=tags,
+            name="retire-deleted",
+            tags=tags,
             description=f"Retire the model of a spec file deleted from {folder}.",
-            triggers=[DeploymentEventTrigger(
-                name="retire on spec delete", expect={SPEC_DELETED}, match=in_folder,
-                parameters={"spec_path": "{{ event.resource.id }}"},
-            )],
+            triggers=[
+                DeploymentEventTrigger(
+                    name="retire on spec delete",
+                    expect={SPEC_DELETED},
+                    match=in_folder,
+                    parameters={"spec_path": "{{ event.resource.id }}"},
+                )
+            ],
         ),
         reconcile_specs.to_deployment(
-            name="reconcile", tags=tags, parameters={"specs_dir": str(folder)},
+            name="reconcile",
+            tags=tags,
+            parameters={"specs_dir": str(folder)},
             description="Apply what changed in a folder of specs; report what runs against what they declare.",
         ),
     ]
@@ -169,8 +189,12 @@ def watch_replicas(folder: Path, stop: threading.Event, settings: Settings | Non
             busy = {path for path, state in states.items() if state is None or not state.is_final()}
             for restart in backoff.due(dead_specs(folder), busy):
                 log.warning("%s: %s; starting a deploy run", restart.spec_path, restart.describe())
-                run = run_deployment(DEPLOY, parameters={"spec_path": restart.spec_path, "restart": restart.describe()},
-                                     timeout=0, as_subflow=False)
+                run = run_deployment(
+                    DEPLOY,
+                    parameters={"spec_path": restart.spec_path, "restart": restart.describe()},
+                    timeout=0,
+                    as_subflow=False,
+                )
                 runs[restart.spec_path] = run.id
         except Exception:  # noqa: BLE001 - logged with its traceback; the next check must still run
             log.exception("checking for replicas whose engine died failed")
@@ -198,8 +222,9 @@ def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading
     stop = stop or threading.Event()
     SpecWatcher(folder, on_change).start(stop)
     # its own copy: one context cannot be entered by two threads at once
-    threading.Thread(target=contextvars.copy_context().run, args=(watch_replicas, folder, stop),
-                     name="replica-restarts", daemon=True).start()
+    threading.Thread(
+        target=contextvars.copy_context().run, args=(watch_replicas, folder, stop), name="replica-restarts", daemon=True
+    ).start()
     try:
         serve(*deployments, limit=limit, pause_on_shutdown=False, print_starting_message=False)
     finally:

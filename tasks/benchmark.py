@@ -83,7 +83,8 @@ def publish_benchmark(
     saved = f"\n\nSaved: `{files['json']}`, `{files['png']}`\n" if files else ""
     create_markdown_artifact(
         key=f"{key}-summary",
-        markdown=results_markdown(result, gates) + saved
+        markdown=results_markdown(result, gates)
+        + saved
         + f"\n![throughput and TTFT against concurrency]({png_data_uri(png)})\n",
         description=f"Benchmark summary of {result.model}{verdict}",
     )
@@ -110,21 +111,30 @@ def run_benchmark(
     logger = get_run_logger()
     logger.info(
         "benchmarking %s: concurrency %s, %d requests per level, %d in / %d out tokens",
-        base_url, settings.concurrency, settings.requests, settings.input_len, settings.output_len,
+        base_url,
+        settings.concurrency,
+        settings.requests,
+        settings.input_len,
+        settings.output_len,
     )
 
     def on_level(level) -> None:
         logger.info(
             "concurrency %d: %.1f out tok/s, TTFT p50 %s ms, %d errors",
-            level.concurrency, level.output_tokens_per_s,
-            "-" if level.ttft_ms.p50 is None else f"{level.ttft_ms.p50:.0f}", level.errors,
+            level.concurrency,
+            level.output_tokens_per_s,
+            "-" if level.ttft_ms.p50 is None else f"{level.ttft_ms.p50:.0f}",
+            level.errors,
         )
 
-    progress = ProgressArtifact(artifact_key(f"benchmark-{model or target or base_url}", "progress"),
-                                f"Benchmark of {model or base_url}: concurrency {settings.concurrency}, "
-                                f"{settings.requests} requests per level", parts=len(settings.concurrency))
-    result = benchmark(base_url, settings, model=model, api_key=api_key, target=target, on_level=on_level,
-                       progress=progress.reporter())
+    progress = ProgressArtifact(
+        artifact_key(f"benchmark-{model or target or base_url}", "progress"),
+        f"Benchmark of {model or base_url}: concurrency {settings.concurrency}, {settings.requests} requests per level",
+        parts=len(settings.concurrency),
+    )
+    result = benchmark(
+        base_url, settings, model=model, api_key=api_key, target=target, on_level=on_level, progress=progress.reporter()
+    )
     progress.finish(f"{len(result.levels)} levels measured")
     checked = evaluate_gates(result, gates) if gates else []
     folder = Path(results_dir) if results_dir is not None else default_results_dir(result.model)
@@ -141,8 +151,13 @@ def benchmark_replica(replica: Any, spec: Any, *, results_dir: str | Path | None
     section = getattr(spec, "benchmark", None)
     settings = BenchmarkSettings.from_spec(section, gpus=spec.resources.gpu_count)
     return run_benchmark(
-        replica.endpoint, settings, model=replica.model, api_key=getattr(replica, "api_key", None),
-        gates=list(getattr(section, "gates", None) or []), results_dir=results_dir, target=replica.name,
+        replica.endpoint,
+        settings,
+        model=replica.model,
+        api_key=getattr(replica, "api_key", None),
+        gates=list(getattr(section, "gates", None) or []),
+        results_dir=results_dir,
+        target=replica.name,
     )
 
 
@@ -158,11 +173,21 @@ def kl_divergence(
 ) -> KldReport:
     """llama-perplexity's KL-divergence of the candidate from its F16 reference (cached by
     `cortex.kld`), judged by the gates; enforced with the agreement by `quality_check`."""
-    report = measure_kld(reference_gguf, candidate_gguf, candidate_label=candidate_label,
-                         reference_sha256=reference_sha256, max_kld=max_kld, min_same_top_p=min_same_top_p)
+    report = measure_kld(
+        reference_gguf,
+        candidate_gguf,
+        candidate_label=candidate_label,
+        reference_sha256=reference_sha256,
+        max_kld=max_kld,
+        min_same_top_p=min_same_top_p,
+    )
     get_run_logger().info(
         "%s vs F16 by llama-perplexity: mean KLD %.6f, KLD p99 %.6f, PPL ratio %.6f, same top p %.3f%%",
-        candidate_label, report.mean_kld, report.kld_p99, report.ppl_ratio, 100 * report.same_top_p,
+        candidate_label,
+        report.mean_kld,
+        report.kld_p99,
+        report.ppl_ratio,
+        100 * report.same_top_p,
     )
     return report
 
@@ -186,9 +211,15 @@ def quality_check(
     `cortex.quality.greedy_reference`); publish, with `kld` (from `kl_divergence`) when given;
     fail when any gate is not met."""
     report = check_quant_quality(
-        reference, candidate_url, prompts=prompts, tokens=tokens,
-        min_top1_agreement=min_top1_agreement, candidate_label=candidate_label,
-        reference_label=reference_label, api_key=api_key, reference_api_key=reference_api_key,
+        reference,
+        candidate_url,
+        prompts=prompts,
+        tokens=tokens,
+        min_top1_agreement=min_top1_agreement,
+        candidate_label=candidate_label,
+        reference_label=reference_label,
+        api_key=api_key,
+        reference_api_key=reference_api_key,
     )
     if kld is not None:
         report = report.with_kld(kld)
@@ -204,6 +235,10 @@ def quality_check(
     )
     get_run_logger().info(
         "%s agrees with %s on %.1f%% of next tokens (%d/%d)",
-        candidate_label, reference_label, 100 * report.top1_agreement, report.agreements, report.positions,
+        candidate_label,
+        reference_label,
+        100 * report.top1_agreement,
+        report.agreements,
+        report.positions,
     )
     return enforce_quality(report)

@@ -33,8 +33,16 @@ class ProgressArtifact:
     (a build of two files, a benchmark of four levels). Its description is the latest bar's
     state: "download model.safetensors: 52.4 MB/98.0 MB (53%)"."""
 
-    def __init__(self, key: str, description: str, *, total: float | None = None, unit: str = "bytes",
-                 parts: int = 1, every_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        key: str,
+        description: str,
+        *,
+        total: float | None = None,
+        unit: str = "bytes",
+        parts: int = 1,
+        every_s: float = 1.0,
+    ) -> None:
         from prefect.artifacts import create_progress_artifact
 
         self.total, self.unit, self.parts, self.every_s = total, unit, max(1, parts), every_s
@@ -62,8 +70,9 @@ class ProgressArtifact:
 
     def percent(self) -> float:
         if self.total:
-            done = sum((e.total or e.done) if e.state == "done" else e.done
-                       for e in self.bars.values() if e.unit == self.unit)
+            done = sum(
+                (e.total or e.done) if e.state == "done" else e.done for e in self.bars.values() if e.unit == self.unit
+            )
             return 100.0 * done / self.total
         return 100.0 * sum(e.fraction or 0.0 for e in self.bars.values()) / max(self.parts, len(self.bars))
 

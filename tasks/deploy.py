@@ -15,7 +15,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.transactions import Transaction, get_transaction
 
-from cortex.actual import MemoryComparison, compare_memory, forget_memory_record, read_engine_report, write_memory_record
+from cortex.actual import (
+    MemoryComparison,
+    compare_memory,
+    forget_memory_record,
+    read_engine_report,
+    write_memory_record,
+)
 from cortex.launch import LaunchSpec
 from cortex.plan import DevicePlan
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
@@ -56,8 +62,9 @@ def wait_until_ready(replica: Replica, runtime: Runtime, timeout_s: float) -> Re
             last_report[0] = elapsed
             logger.info("%s not ready yet (%.0f s)", replica.name, elapsed)
 
-    progress = ProgressArtifact(artifact_key("start", replica.name),
-                                f"Start of {replica.engine} replica {replica.name} at {replica.endpoint}")
+    progress = ProgressArtifact(
+        artifact_key("start", replica.name), f"Start of {replica.engine} replica {replica.name} at {replica.endpoint}"
+    )
     runtime.wait_ready(replica, timeout_s, on_wait=report, progress=progress.reporter())
     progress.finish(f"{replica.name} ready")
     logger.info("%s is healthy", replica.name)
@@ -90,7 +97,7 @@ def compare_memory_with_plan(replica: Replica, runtime: Runtime, planned: list[D
         key=artifact_key(f"memory-{replica.model}"),
         table=comparison.table() or [{"problem": comparison.problem or "no device was planned"}],
         description=f"Memory of {replica.name} ({replica.engine}, {replica.runtime}): planned against what "
-                    f"the engine reports. " + ("; ".join(comparison.warnings) or "every term within 10% of the plan"),
+        f"the engine reports. " + ("; ".join(comparison.warnings) or "every term within 10% of the plan"),
     )
     if not comparison.warnings:
         logger.info("%s: memory as planned (every term within 10%%)", replica.name)
@@ -107,14 +114,19 @@ def _forget_memory_record(transaction: Transaction) -> None:
 @task(name="smoke-test", **TASK_OPTIONS)
 def smoke_test_replica(replica: Replica, request: SmokeRequest) -> SmokeResult:
     result = smoke_test(
-        replica.endpoint, replica.model, task=request.task, prompts=request.prompts,
-        max_tokens=request.max_tokens, api_key=replica.api_key, embedding_dim=request.embedding_dim,
+        replica.endpoint,
+        replica.model,
+        task=request.task,
+        prompts=request.prompts,
+        max_tokens=request.max_tokens,
+        api_key=replica.api_key,
+        embedding_dim=request.embedding_dim,
     )
     create_table_artifact(
         key=artifact_key(f"smoke-{replica.model}"),
         table=result.table(),
         description=f"Smoke tests of {replica.model} on {replica.name} ({replica.engine}, {replica.runtime}): "
-                    f"{'passed' if result.passed else 'FAILED'}",
+        f"{'passed' if result.passed else 'FAILED'}",
     )
     if not result.passed:
         raise SmokeTestFailed(result)
@@ -128,9 +140,16 @@ def register_in_gateway(replica: Replica, aliases: list[str]) -> dict[str, Any]:
 
     with GatewayClient() as client:
         registered = client.register(
-            replica.model, replica.endpoint, engine_api_key=replica.api_key, aliases=aliases,
+            replica.model,
+            replica.endpoint,
+            engine_api_key=replica.api_key,
+            aliases=aliases,
             replica_id=replica.name,
-            labels={"engine": replica.engine, "runtime": replica.runtime, "host": runtime_class(replica.runtime).host()},
+            labels={
+                "engine": replica.engine,
+                "runtime": replica.runtime,
+                "host": runtime_class(replica.runtime).host(),
+            },
         )
     transaction = get_transaction()
     if transaction is not None:

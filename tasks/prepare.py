@@ -46,7 +46,11 @@ def _retry_if_unreachable(task, task_run, state) -> bool:
     return False
 
 
-NETWORK: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _retry_if_unreachable}
+NETWORK: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": _retry_if_unreachable,
+}
 
 
 def hub_token() -> hub.HubToken | None:
@@ -90,13 +94,22 @@ def plan_model(spec: ModelSpec, facts: ModelFacts, *, check_converter: bool = Tr
     logger = get_run_logger()
     inventory = hardware.resolve(hardware.detect(), spec.resources.gpus, spec.resources.gpu_memory)
     plan = make_plan(spec, facts, inventory)
-    logger.info("plan: engine %s, %s %s, predicted %d bytes", plan.engine, plan.artifact.format,
-                plan.artifact.quantization, plan.artifact.predicted_bytes)
+    logger.info(
+        "plan: engine %s, %s %s, predicted %d bytes",
+        plan.engine,
+        plan.artifact.format,
+        plan.artifact.quantization,
+        plan.artifact.predicted_bytes,
+    )
     if check_converter and plan.artifact.convert_from == "hf":
         toolchain = find_toolchain()
         arch = gguf_architecture_for([facts.architecture], toolchain.version)
-        logger.info("convert_hf_to_gguf.py (llama.cpp %s) converts %s to GGUF architecture %r",
-                    toolchain.version, facts.architecture, arch)
+        logger.info(
+            "convert_hf_to_gguf.py (llama.cpp %s) converts %s to GGUF architecture %r",
+            toolchain.version,
+            facts.architecture,
+            arch,
+        )
     return plan
 
 
@@ -119,45 +132,67 @@ def download_weights(spec: ModelSpec, resolved: ResolvedSource) -> hub.RepoSnaps
     # the files still to fetch, whole: a resumed file's bar starts at the bytes already on disk
     todo = [f for f in wanted if hub.bytes_to_fetch(src.repo, resolved.commit, [f])]
     total = sum(f.size for f in todo)
-    progress = ProgressArtifact(artifact_key("prepare", spec.name, "download"),
-                                f"Download of {src.repo}@{resolved.commit[:12]}: {len(todo)} of {len(wanted)} "
-                                f"files to fetch ({total} bytes)", total=total, unit="bytes")
-    snap = hub.fetch(src.repo, resolved.commit, gguf=src.gguf, include=src.include, token=token,
-                     progress=progress.reporter())
-    progress.finish(f"{len(snap.files)} files verified; {snap.downloaded_bytes} bytes downloaded, "
-                    f"{snap.resumed_bytes} resumed")
+    progress = ProgressArtifact(
+        artifact_key("prepare", spec.name, "download"),
+        f"Download of {src.repo}@{resolved.commit[:12]}: {len(todo)} of {len(wanted)} files to fetch ({total} bytes)",
+        total=total,
+        unit="bytes",
+    )
+    snap = hub.fetch(
+        src.repo, resolved.commit, gguf=src.gguf, include=src.include, token=token, progress=progress.reporter()
+    )
+    progress.finish(
+        f"{len(snap.files)} files verified; {snap.downloaded_bytes} bytes downloaded, {snap.resumed_bytes} resumed"
+    )
     if snap.refetched:
         logger.warning("re-fetched after failing verification: %s", ", ".join(snap.refetched))
-    logger.info("%s@%s: %d files verified (%d bytes downloaded, %d resumed)", src.repo, resolved.commit[:12],
-                len(snap.files), snap.downloaded_bytes, snap.resumed_bytes)
+    logger.info(
+        "%s@%s: %d files verified (%d bytes downloaded, %d resumed)",
+        src.repo,
+        resolved.commit[:12],
+        len(snap.files),
+        snap.downloaded_bytes,
+        snap.resumed_bytes,
+    )
     return snap
 
 
 @task(name="build-gguf", **TASK_OPTIONS)  # no retries: a converter error repeats itself
-def build_gguf_artifacts(spec: ModelSpec, resolved: ResolvedSource, facts: ModelFacts, plan: Plan,
-                         predicted: dict[str, int]) -> tuple[list[Artifact], list[str]]:
+def build_gguf_artifacts(
+    spec: ModelSpec, resolved: ResolvedSource, facts: ModelFacts, plan: Plan, predicted: dict[str, int]
+) -> tuple[list[Artifact], list[str]]:
     """Convert (and quantize) the HF checkpoint into the artifact cache; cached artifacts are reused."""
     from cortex.toolchain import find_toolchain
 
     logger = get_run_logger()
     toolchain = find_toolchain()
     quant = plan.artifact.quantization.upper()
-    progress = ProgressArtifact(artifact_key("prepare", spec.name, "build"),
-                                f"GGUF {quant} for {spec.name} with llama.cpp {toolchain.version}",
-                                parts=len(gguf_build_types(quant)))
+    progress = ProgressArtifact(
+        artifact_key("prepare", spec.name, "build"),
+        f"GGUF {quant} for {spec.name} with llama.cpp {toolchain.version}",
+        parts=len(gguf_build_types(quant)),
+    )
     built: list[str] = []
 
     def on_step(name: str, artifact: Artifact, now: bool) -> None:
         if now:
             built.append(name)
-        logger.info("%s %s: %s (%d bytes)", "built" if now else "cached", name, artifact.model_file,
-                    artifact.total_bytes)
+        logger.info(
+            "%s %s: %s (%d bytes)", "built" if now else "cached", name, artifact.model_file, artifact.total_bytes
+        )
         if not now:
             progress.part_done(name, "from the cache")
 
-    artifacts = build_source_gguf(resolved, facts, quant, toolchain=toolchain, predicted_bytes=predicted,
-                                  log=lambda line: logger.info("%s", line), on_step=on_step,
-                                  progress=progress.reporter())
+    artifacts = build_source_gguf(
+        resolved,
+        facts,
+        quant,
+        toolchain=toolchain,
+        predicted_bytes=predicted,
+        log=lambda line: logger.info("%s", line),
+        on_step=on_step,
+        progress=progress.reporter(),
+    )
     progress.finish(f"{quant} ready")
     return artifacts, built
 
@@ -169,7 +204,7 @@ def publish_report(prepared: Prepared) -> None:
         key=artifact_key("prepare", prepared.name, "files"),
         table=[{"path": f["path"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in prepared.files],
         description=f"Files {prepared.name} loads ({prepared.engine}, {prepared.format} {prepared.quantization}); "
-                    f"source {prepared.source_revision}",
+        f"source {prepared.source_revision}",
     )
     create_markdown_artifact(
         key=artifact_key("prepare", prepared.name, "report"),

@@ -24,8 +24,9 @@ def linked_cortex_cache(tmp: Path) -> Path:
     return cache
 
 
-def smollm2_gguf_files(types: Sequence[str], toolchain: tc.Toolchain, vllm: tc.VllmInstall,
-                       test_model: tc.TestModel) -> dict[str, Path]:
+def smollm2_gguf_files(
+    types: Sequence[str], toolchain: tc.Toolchain, vllm: tc.VllmInstall, test_model: tc.TestModel
+) -> dict[str, Path]:
     """SmolLM2-135M-Instruct from its HF checkpoint as GGUF files of `types` ("F16", "Q8_0", ...):
     F16 by convert_hf_to_gguf.py, the others by llama-quantize from it. Each is built once per
     toolchain version in ``$CORTEX_CACHE/test-artifacts/`` and reused across sessions."""

@@ -31,15 +31,26 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # no test model, no Docker and no Prefect server. A test needs a part when it asks for one of
 # these fixtures (directly or through another fixture), or when its module says so with
 # `pytestmark = pytest.mark.parts` (a part used without a fixture, e.g. a flow run or the CLI).
-PART_FIXTURES = frozenset({
-    "toolchain", "vllm_install", "test_model", "llama_server", "start_llama_server", "start_vllm_server",
-    "smollm2_ggufs", "prefect_api", "prefect_server", "docker_runtime",
-})
+PART_FIXTURES = frozenset(
+    {
+        "toolchain",
+        "vllm_install",
+        "test_model",
+        "llama_server",
+        "start_llama_server",
+        "start_vllm_server",
+        "smollm2_ggufs",
+        "prefect_api",
+        "prefect_server",
+        "docker_runtime",
+    }
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "parts: needs an engine, the test model, Docker or a Prefect server (not in the fast tier)")
+        "markers", "parts: needs an engine, the test model, Docker or a Prefect server (not in the fast tier)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -137,8 +148,16 @@ def launch_llama_server(
     api_key = secrets.token_hex(16)
     log_path = log_dir / f"llama-server-{port}.log"
     cmd = [
-        str(toolchain.llama_server), "--model", str(model_path),
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key, *extra_args,
+        str(toolchain.llama_server),
+        "--model",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        api_key,
+        *extra_args,
     ]
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -146,8 +165,12 @@ def launch_llama_server(
         log.flush()
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     server = LlamaServer(
-        base_url=f"http://127.0.0.1:{port}", api_key=api_key, port=port,
-        model_path=Path(model_path), process=process, log_path=log_path,
+        base_url=f"http://127.0.0.1:{port}",
+        api_key=api_key,
+        port=port,
+        model_path=Path(model_path),
+        process=process,
+        log_path=log_path,
     )
     _wait_healthy(server, ready_timeout, "llama-server")
     server.startup_seconds = time.monotonic() - started
@@ -162,8 +185,7 @@ def _wait_healthy(server, ready_timeout: float, what: str) -> None:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(
-                f"{what} exited {server.process.returncode} before it was ready:\n"
-                f"{server.log()[-4000:]}"
+                f"{what} exited {server.process.returncode} before it was ready:\n{server.log()[-4000:]}"
             )
         try:
             status = httpx.get(f"{server.base_url}/health", timeout=2.0).status_code
@@ -174,8 +196,7 @@ def _wait_healthy(server, ready_timeout: float, what: str) -> None:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(
-        f"{what} was not healthy after {ready_timeout:.0f} s (last /health: {status}):\n"
-        f"{server.log()[-4000:]}"
+        f"{what} was not healthy after {ready_timeout:.0f} s (last /health: {status}):\n{server.log()[-4000:]}"
     )
 
 
@@ -201,9 +222,7 @@ def start_llama_server(
     log_dir = tmp_path_factory.mktemp("llama-server")
 
     def start(model_path: Path, *extra_args: str, ready_timeout: float = 180.0) -> LlamaServer:
-        server = launch_llama_server(
-            toolchain, model_path, *extra_args, log_dir=log_dir, ready_timeout=ready_timeout
-        )
+        server = launch_llama_server(toolchain, model_path, *extra_args, log_dir=log_dir, ready_timeout=ready_timeout)
         started.append(server)
         return server
 
@@ -228,8 +247,16 @@ def launch_vllm_server(
     api_key = secrets.token_hex(16)
     log_path = log_dir / f"vllm-{port}.log"
     cmd = [
-        *vllm.api_server_command(), "--model", str(model_path),
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key, *extra_args,
+        *vllm.api_server_command(),
+        "--model",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        api_key,
+        *extra_args,
     ]
     # A small KV cache (GiB) unless the caller says otherwise: the default takes 4 GiB.
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
@@ -239,8 +266,12 @@ def launch_vllm_server(
         log.flush()
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = VllmServer(
-        base_url=f"http://127.0.0.1:{port}", api_key=api_key, port=port,
-        model_path=Path(model_path), process=process, log_path=log_path,
+        base_url=f"http://127.0.0.1:{port}",
+        api_key=api_key,
+        port=port,
+        model_path=Path(model_path),
+        process=process,
+        log_path=log_path,
     )
     _wait_healthy(server, ready_timeout, "vLLM")
     server.startup_seconds = time.monotonic() - started
@@ -256,10 +287,12 @@ def start_vllm_server(
     started: list[VllmServer] = []
     log_dir = tmp_path_factory.mktemp("vllm")
 
-    def start(model_path: Path, *extra_args: str, env: dict[str, str] | None = None,
-              ready_timeout: float = 600.0) -> VllmServer:
-        server = launch_vllm_server(vllm_install, model_path, *extra_args, log_dir=log_dir,
-                                    env=env, ready_timeout=ready_timeout)
+    def start(
+        model_path: Path, *extra_args: str, env: dict[str, str] | None = None, ready_timeout: float = 600.0
+    ) -> VllmServer:
+        server = launch_vllm_server(
+            vllm_install, model_path, *extra_args, log_dir=log_dir, env=env, ready_timeout=ready_timeout
+        )
         started.append(server)
         return server
 
@@ -274,9 +307,7 @@ SMOLLM2_GGUF_TYPES = ("F16", "Q8_0", "Q4_K_M")
 
 
 @pytest.fixture(scope="session")
-def smollm2_ggufs(
-    toolchain: tc.Toolchain, vllm_install: tc.VllmInstall, test_model: tc.TestModel
-) -> dict[str, Path]:
+def smollm2_ggufs(toolchain: tc.Toolchain, vllm_install: tc.VllmInstall, test_model: tc.TestModel) -> dict[str, Path]:
     """SmolLM2 from its HF checkpoint as GGUF: {"F16": path, "Q8_0": path, "Q4_K_M": path}.
 
     F16 by convert_hf_to_gguf.py, the others by llama-quantize from it. Built once per

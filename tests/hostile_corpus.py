@@ -57,8 +57,9 @@ def file_case(name: str, make_path: Callable[[Path], Path], fragment: str) -> No
     CASES.append(case)
 
 
-def model_case(name: str, cls: str, source: str, write: Callable[[Path], None], reader: str, fragment: str,
-               command: str = "plan") -> None:
+def model_case(
+    name: str, cls: str, source: str, write: Callable[[Path], None], reader: str, fragment: str, command: str = "plan"
+) -> None:
     """A valid spec whose model file(s) are hostile; `write(folder)` writes them into `folder`."""
 
     def make(root: Path) -> None:
@@ -66,7 +67,8 @@ def model_case(name: str, cls: str, source: str, write: Callable[[Path], None], 
         folder.mkdir()
         write(folder)
         (root / f"{name}.yaml").write_text(
-            f"name: m\nsource:\n  {source}\nresources:\n  gpus: 1\n  gpu_memory: 24GiB\n")
+            f"name: m\nsource:\n  {source}\nresources:\n  gpus: 1\n  gpu_memory: 24GiB\n"
+        )
 
     CASES.append(Case(name, cls, command, fragment, reader=reader, spec=f"{name}.yaml", make=make))
 
@@ -88,6 +90,7 @@ def _link(name: str, target: str) -> Callable[[Path], Path]:
     def make(root: Path) -> Path:
         (root / name).symlink_to(target)
         return root / name
+
     return make
 
 
@@ -121,6 +124,7 @@ def _bytes(name: str, data: bytes) -> Callable[[Path], Path]:
     def make(root: Path) -> Path:
         (root / name).write_bytes(data)
         return root / name
+
     return make
 
 
@@ -140,26 +144,48 @@ file_case("spec-binary", _bytes("binary.yaml", bytes(range(256)) * 4), "UTF-8")
 
 for depth in (40, 100, 1000, 100_000):
     # past 1000 levels libyaml stops first ("exceeded maximum nesting depth"), also at the line
-    spec_case(f"yaml-flow-nesting-{depth}", "yaml", OK + "tests: " + "[" * depth + "]" * depth + "\n", "(yaml)",
-              "nest")
-spec_case("yaml-block-nesting-50", "yaml", OK + "".join("  " * i + f"k{i}:\n" for i in range(50)) + "  " * 50 + "x: 1\n",
-          "(yaml)", "levels deep")
-spec_case("yaml-mapping-nesting-5000", "yaml", OK + "tests: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "(yaml)",
-          "nest")
+    spec_case(f"yaml-flow-nesting-{depth}", "yaml", OK + "tests: " + "[" * depth + "]" * depth + "\n", "(yaml)", "nest")
+spec_case(
+    "yaml-block-nesting-50",
+    "yaml",
+    OK + "".join("  " * i + f"k{i}:\n" for i in range(50)) + "  " * 50 + "x: 1\n",
+    "(yaml)",
+    "levels deep",
+)
+spec_case(
+    "yaml-mapping-nesting-5000", "yaml", OK + "tests: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", "(yaml)", "nest"
+)
 _laughs = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
 spec_case("yaml-billion-laughs", "yaml", _laughs + OK, "(yaml)", "aliases expanded")
-spec_case("yaml-alias-fanout", "yaml", "x: &x [" + ",".join(["1"] * 200) + "]\ny: [" + ",".join(["*x"] * 60) + "]\n" + OK,
-          "(yaml)", "aliases expanded")
+spec_case(
+    "yaml-alias-fanout",
+    "yaml",
+    "x: &x [" + ",".join(["1"] * 200) + "]\ny: [" + ",".join(["*x"] * 60) + "]\n" + OK,
+    "(yaml)",
+    "aliases expanded",
+)
 spec_case("yaml-too-many-aliases", "yaml", "x: &x 1\ny: [" + ",".join(["*x"] * 150) + "]\n" + OK, "(yaml)", "aliases")
-spec_case("yaml-alias-deepens", "yaml", "d: &d " + "[" * 30 + "]" * 30 + "\ne: [[[[[[*d]]]]]]\n" + OK, "(yaml)",
-          "levels deep")
+spec_case(
+    "yaml-alias-deepens", "yaml", "d: &d " + "[" * 30 + "]" * 30 + "\ne: [[[[[[*d]]]]]]\n" + OK, "(yaml)", "levels deep"
+)
 spec_case("yaml-200k-prompts", "yaml", OK + "tests:\n  prompts: [" + "a," * 200_000 + "]\n", "(yaml)", "values")
-spec_case("yaml-100k-gpu-list", "yaml", OK + "resources:\n  gpus: [" + ",".join(map(str, range(100_000))) + "]\n",
-          "(yaml)", "values")
+spec_case(
+    "yaml-100k-gpu-list",
+    "yaml",
+    OK + "resources:\n  gpus: [" + ",".join(map(str, range(100_000))) + "]\n",
+    "(yaml)",
+    "values",
+)
 spec_case("yaml-5k-prompts", "yaml", OK + "tests:\n  prompts:\n" + "  - hi\n" * 5000, "tests.prompts", "at most 100")
-spec_case("yaml-300-gpu-list", "yaml", OK + "resources:\n  gpus: [" + ",".join(map(str, range(300))) + "]\n",
-          "resources.gpus[256]", "less than 256")
+spec_case(
+    "yaml-300-gpu-list",
+    "yaml",
+    OK + "resources:\n  gpus: [" + ",".join(map(str, range(300))) + "]\n",
+    "resources.gpus[256]",
+    "less than 256",
+)
 spec_case("yaml-flow-seq-key", "yaml", OK + "? [a, b]\n: 1\n", "(yaml)", "plain names")
 spec_case("yaml-mapping-key", "yaml", OK + "? {a: 1}\n: 1\n", "(yaml)", "plain names")
 spec_case("yaml-int-key", "yaml", OK + "1: x\n", "(yaml)", "not a name")
@@ -211,7 +237,12 @@ NUMBERS: list[tuple[str, str, str, str]] = [  # name, text, field, fragment
     ("split-nan", L + "  tensor_split: [.nan]\n", "llamacpp.tensor_split[0]", "finite"),
     ("split-huge", L + "  tensor_split: [1.0e300, 1]\n", "llamacpp.tensor_split[0]", "less than or equal"),
     ("split-negative-inf", L + "  tensor_split: [-.inf]\n", "llamacpp.tensor_split[0]", "finite"),
-    ("split-300-shares", L + "  tensor_split: [" + ",".join(["1"] * 300) + "]\n", "llamacpp.tensor_split", "at most 256"),
+    (
+        "split-300-shares",
+        L + "  tensor_split: [" + ",".join(["1"] * 300) + "]\n",
+        "llamacpp.tensor_split",
+        "at most 256",
+    ),
     ("batch-huge", L + "  batch_size: 10000000000\n", "llamacpp.batch_size", "less than or equal"),
     ("ubatch-huge", L + "  ubatch_size: 10000000000\n", "llamacpp.ubatch_size", "less than or equal"),
     ("threads-huge", L + "  threads: 10000000000\n", "llamacpp.threads", "less than or equal"),
@@ -229,14 +260,32 @@ NUMBERS: list[tuple[str, str, str, str]] = [  # name, text, field, fragment
     ("bench-duration-inf", B + "  max_duration_s: .inf\n", "benchmark.max_duration_s", "finite"),
     ("bench-price-nan", B + "  gpu_hour_price_usd: .nan\n", "benchmark.gpu_hour_price_usd", "finite"),
     ("bench-levels-huge", B + "  concurrency: [1, 1000000000]\n", "benchmark.concurrency[1]", "less than or equal"),
-    ("bench-levels-many", B + "  concurrency: [" + ",".join(["1"] * 100) + "]\n", "benchmark.concurrency", "at most 64"),
+    (
+        "bench-levels-many",
+        B + "  concurrency: [" + ",".join(["1"] * 100) + "]\n",
+        "benchmark.concurrency",
+        "at most 64",
+    ),
     ("slo-ttft-inf", B + "  goodput_slo:\n    ttft_ms: .inf\n", "benchmark.goodput_slo.ttft_ms", "finite"),
     ("gate-max-nan", B + "  gates:\n    - {metric: ttft_ms, max: .nan}\n", "benchmark.gates[0].max", "finite"),
-    ("gate-min-inf", B + "  gates:\n    - {metric: output_tokens_per_s, min: .inf}\n", "benchmark.gates[0].min", "finite"),
-    ("gate-level-huge", B + "  gates:\n    - {metric: ttft_ms, max: 1, concurrency: 10000000000}\n",
-     "benchmark.gates[0].concurrency", "less than or equal"),
-    ("quality-agreement-nan", B + "  quality:\n    min_top1_agreement: .nan\n", "benchmark.quality.min_top1_agreement",
-     "finite"),
+    (
+        "gate-min-inf",
+        B + "  gates:\n    - {metric: output_tokens_per_s, min: .inf}\n",
+        "benchmark.gates[0].min",
+        "finite",
+    ),
+    (
+        "gate-level-huge",
+        B + "  gates:\n    - {metric: ttft_ms, max: 1, concurrency: 10000000000}\n",
+        "benchmark.gates[0].concurrency",
+        "less than or equal",
+    ),
+    (
+        "quality-agreement-nan",
+        B + "  quality:\n    min_top1_agreement: .nan\n",
+        "benchmark.quality.min_top1_agreement",
+        "finite",
+    ),
     ("quality-tokens-huge", B + "  quality:\n    tokens: 1000000000000\n", "benchmark.quality.tokens", "less than"),
     ("smoke-max-tokens-huge", OK + "tests:\n  max_tokens: 1000000000000\n", "tests.max_tokens", "less than or equal"),
 ]
@@ -252,8 +301,13 @@ spec_case("nl-repo", "patterns", 'name: m\nsource:\n  repo: "org/model\\n"\n', "
 spec_case("nl-revision", "patterns", OK + '  revision: "main\\n"\n', "source.revision", "not a branch")
 spec_case("nl-quantization", "patterns", OK + 'quantization: "Q8_0\\n"\n', "quantization", "GGUF type")
 spec_case("nl-cron", "patterns", OK + 'schedule:\n  cron: "0 3 * * *\\n"\n', "schedule.cron", "five fields")
-spec_case("nl-timezone", "patterns", OK + 'schedule:\n  cron: "0 3 * * *"\n  timezone: "UTC\\n"\n', "schedule.timezone",
-          "timezone")
+spec_case(
+    "nl-timezone",
+    "patterns",
+    OK + 'schedule:\n  cron: "0 3 * * *"\n  timezone: "UTC\\n"\n',
+    "schedule.timezone",
+    "timezone",
+)
 spec_case("nl-gpu-memory", "patterns", OK + 'resources:\n  gpu_memory: "46GiB\\n\\n"\n', "resources.gpu_memory", "")
 spec_case("unicode-name", "patterns", "name: ｍｏｄｅｌ\nsource:\n  repo: a/b\n", "name", "DNS-safe")
 spec_case("unicode-repo", "patterns", "name: m\nsource:\n  repo: ｏｒｇ/model\n", "source.repo", "owner/name")
@@ -280,9 +334,15 @@ for _name, _cron, _frag in [
     ("cron-tab", "0\t3\t*\t*\t*", "five fields"),
 ]:
     spec_case(_name, "cron", S + f"  cron: {json.dumps(_cron)}\n", "schedule.cron", _frag)
-for _name, _tz in [("tz-america", "America"), ("tz-folder-slash", "America/"), ("tz-dotdot", "../../../etc/passwd"),
-                   ("tz-absolute", "/etc/localtime"), ("tz-empty", ""), ("tz-long", "Europe/" + "x" * 100),
-                   ("tz-dot", ".")]:
+for _name, _tz in [
+    ("tz-america", "America"),
+    ("tz-folder-slash", "America/"),
+    ("tz-dotdot", "../../../etc/passwd"),
+    ("tz-absolute", "/etc/localtime"),
+    ("tz-empty", ""),
+    ("tz-long", "Europe/" + "x" * 100),
+    ("tz-dot", "."),
+]:
     spec_case(_name, "timezone", S + f"  cron: '0 3 * * *'\n  timezone: {json.dumps(_tz)}\n", "schedule.timezone", "")
 
 # --------------------------------------------------------------------------- paths and secrets
@@ -294,12 +354,30 @@ def _loop_in(d: Path, name: str) -> None:
 
 # Symlink loops where a model file should be: `plan` names the file and the loop. (`validate`
 # reads no model file, so it has nothing to say about them.)
-model_case("path-symlink-loop", "paths", "path: path-symlink-loop/weights", lambda d: _loop_in(d, "weights"), "weights",
-           "symlink loop")
-model_case("gguf-symlink-loop", "paths", "gguf: gguf-symlink-loop/model.gguf", lambda d: _loop_in(d, "model.gguf"),
-           "model.gguf", "symlink loop")
-model_case("gguf-loop-in-folder", "paths", "gguf: gguf-loop-in-folder/sub/model.gguf", lambda d: _loop_in(d, "sub"),
-           "sub/model.gguf", "symlink loop")
+model_case(
+    "path-symlink-loop",
+    "paths",
+    "path: path-symlink-loop/weights",
+    lambda d: _loop_in(d, "weights"),
+    "weights",
+    "symlink loop",
+)
+model_case(
+    "gguf-symlink-loop",
+    "paths",
+    "gguf: gguf-symlink-loop/model.gguf",
+    lambda d: _loop_in(d, "model.gguf"),
+    "model.gguf",
+    "symlink loop",
+)
+model_case(
+    "gguf-loop-in-folder",
+    "paths",
+    "gguf: gguf-loop-in-folder/sub/model.gguf",
+    lambda d: _loop_in(d, "sub"),
+    "sub/model.gguf",
+    "symlink loop",
+)
 
 
 def _absolute_loop(d: Path) -> None:
@@ -313,9 +391,13 @@ model_case("gguf-two-link-loop", "paths", "gguf: gguf-two-link-loop/a.gguf", _ab
 spec_case("path-nul-byte", "paths", 'name: m\nsource:\n  path: "/tmp/a\\0b"\n', "source.path", "NUL")
 spec_case("gguf-nul-byte", "paths", 'name: m\nsource:\n  gguf: "/tmp/a\\0b.gguf"\n', "source.gguf", "NUL")
 spec_case("path-too-long", "paths", "name: m\nsource:\n  gguf: /" + "a/" * 3000 + "x.gguf\n", "source.gguf", "at most")
-for _name, _value in [("secret-hf-token", "/data/$HF_TOKEN.gguf"), ("secret-braced", "/data/${HF_TOKEN}.gguf"),
-                      ("secret-in-default", "${NO_SUCH_VAR_X:-/data/$HF_TOKEN}/m.gguf"),
-                      ("secret-api-key", "/data/$OPENAI_API_KEY/m.gguf"), ("secret-password", "$DB_PASSWORD.gguf")]:
+for _name, _value in [
+    ("secret-hf-token", "/data/$HF_TOKEN.gguf"),
+    ("secret-braced", "/data/${HF_TOKEN}.gguf"),
+    ("secret-in-default", "${NO_SUCH_VAR_X:-/data/$HF_TOKEN}/m.gguf"),
+    ("secret-api-key", "/data/$OPENAI_API_KEY/m.gguf"),
+    ("secret-password", "$DB_PASSWORD.gguf"),
+]:
     spec_case(_name, "secrets", f"name: m\nsource:\n  gguf: {_value}\n", "source.gguf", "secret")
 spec_case("secret-in-path", "secrets", "name: m\nsource:\n  path: /models/${HF_TOKEN}\n", "source.path", "secret")
 
@@ -328,16 +410,41 @@ _gguf_source(lambda d: os.mkfifo(d / "model.gguf"), "FIFO", "gguf-is-a-fifo")
 _gguf_source(lambda d: (d / "model.gguf").symlink_to("/dev/zero"), "character device", "gguf-is-dev-zero")
 _gguf_source(lambda d: (d / "model.gguf").mkdir(), "folder", "gguf-is-a-folder")
 _gguf_source(lambda d: None, "no such file", "gguf-missing")
-model_case("path-is-a-file", "paths", "path: path-is-a-file/weights.bin",
-           lambda d: (d / "weights.bin").write_bytes(b"x"), "weights.bin", "not a folder")
-model_case("config-is-a-fifo", "paths", "path: config-is-a-fifo", lambda d: os.mkfifo(d / "config.json"),
-           "config.json", "FIFO")
-model_case("config-is-dev-zero", "paths", "path: config-is-dev-zero",
-           lambda d: (d / "config.json").symlink_to("/dev/zero"), "config.json", "character device")
-model_case("config-is-a-folder", "paths", "path: config-is-a-folder", lambda d: (d / "config.json").mkdir(),
-           "config.json", "folder")
-model_case("config-symlink-loop", "paths", "path: config-symlink-loop",
-           lambda d: (d / "config.json").symlink_to(d / "config.json"), "config.json", "symlink loop")
+model_case(
+    "path-is-a-file",
+    "paths",
+    "path: path-is-a-file/weights.bin",
+    lambda d: (d / "weights.bin").write_bytes(b"x"),
+    "weights.bin",
+    "not a folder",
+)
+model_case(
+    "config-is-a-fifo", "paths", "path: config-is-a-fifo", lambda d: os.mkfifo(d / "config.json"), "config.json", "FIFO"
+)
+model_case(
+    "config-is-dev-zero",
+    "paths",
+    "path: config-is-dev-zero",
+    lambda d: (d / "config.json").symlink_to("/dev/zero"),
+    "config.json",
+    "character device",
+)
+model_case(
+    "config-is-a-folder",
+    "paths",
+    "path: config-is-a-folder",
+    lambda d: (d / "config.json").mkdir(),
+    "config.json",
+    "folder",
+)
+model_case(
+    "config-symlink-loop",
+    "paths",
+    "path: config-symlink-loop",
+    lambda d: (d / "config.json").symlink_to(d / "config.json"),
+    "config.json",
+    "symlink loop",
+)
 
 
 def _sparse_file(path: Path, size: int) -> None:
@@ -345,10 +452,22 @@ def _sparse_file(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-model_case("config-sparse-huge", "paths", "path: config-sparse-huge",
-           lambda d: _sparse_file(d / "config.json", 1 << 33), "config.json", "more than")
-model_case("gguf-sparse-huge", "paths", "gguf: gguf-sparse-huge/model.gguf",
-           lambda d: _sparse_file(d / "model.gguf", 1 << 34), "model.gguf", "bad magic")
+model_case(
+    "config-sparse-huge",
+    "paths",
+    "path: config-sparse-huge",
+    lambda d: _sparse_file(d / "config.json", 1 << 33),
+    "config.json",
+    "more than",
+)
+model_case(
+    "gguf-sparse-huge",
+    "paths",
+    "gguf: gguf-sparse-huge/model.gguf",
+    lambda d: _sparse_file(d / "model.gguf", 1 << 34),
+    "model.gguf",
+    "bad magic",
+)
 
 # --------------------------------------------------------------------------- GGUF headers
 
@@ -374,22 +493,41 @@ def _str(key: str, v: str) -> bytes:
 
 
 def _tensor(name: str, dims: tuple[int, ...], ttype: int = 0, offset: int = 0) -> bytes:
-    return _s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack(
-        "<IQ", ttype, offset)
+    return (
+        _s(name)
+        + struct.pack("<I", len(dims))
+        + b"".join(struct.pack("<Q", d) for d in dims)
+        + struct.pack("<IQ", ttype, offset)
+    )
 
 
 def _base_kvs(arch: str = "llama") -> list[bytes]:
-    return [_str("general.architecture", arch), _u32(f"{arch}.block_count", 2), _u32(f"{arch}.attention.head_count", 4),
-            _u32(f"{arch}.embedding_length", 64), _u32(f"{arch}.context_length", 256), _u32("general.file_type", 0),
-            _kv("tokenizer.ggml.tokens", ARR, struct.pack("<IQ", STR, 3) + _s("a") + _s("b") + _s("c"))]
+    return [
+        _str("general.architecture", arch),
+        _u32(f"{arch}.block_count", 2),
+        _u32(f"{arch}.attention.head_count", 4),
+        _u32(f"{arch}.embedding_length", 64),
+        _u32(f"{arch}.context_length", 256),
+        _u32("general.file_type", 0),
+        _kv("tokenizer.ggml.tokens", ARR, struct.pack("<IQ", STR, 3) + _s("a") + _s("b") + _s("c")),
+    ]
 
 
-def gguf_bytes(kvs: list[bytes] | None = None, tensors: list[bytes] | None = None, *, version: int = 3,
-               n_kv: int | None = None, n_tensors: int | None = None, magic: bytes = b"GGUF", pad: int = 4096) -> bytes:
+def gguf_bytes(
+    kvs: list[bytes] | None = None,
+    tensors: list[bytes] | None = None,
+    *,
+    version: int = 3,
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+    magic: bytes = b"GGUF",
+    pad: int = 4096,
+) -> bytes:
     kvs = _base_kvs() if kvs is None else kvs
     tensors = [_tensor("token_embd.weight", (64, 3))] if tensors is None else tensors
-    head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
-                               len(kvs) if n_kv is None else n_kv)
+    head = magic + struct.pack(
+        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     return head + b"".join(kvs) + b"".join(tensors) + b"\0" * pad
 
 
@@ -412,34 +550,69 @@ GGUF_CASES: list[tuple[str, bytes, str]] = [
     ("gguf-kv-count-past-end", gguf_bytes(n_kv=50_000, pad=0), "truncated"),
     ("gguf-duplicate-key", gguf_bytes(_base_kvs() + [_u32("llama.block_count", 3)]), "appears twice"),
     ("gguf-nested-arrays", gguf_bytes(_base_kvs() + [_kv("x.nested", ARR, _nested)]), "nests arrays"),
-    ("gguf-array-count-huge", gguf_bytes(_base_kvs() + [_kv("x.arr", ARR, struct.pack("<IQ", U32, 2**62))]),
-     "truncated"),
-    ("gguf-string-array-huge", gguf_bytes(_base_kvs() + [_kv("x.arr", ARR, struct.pack("<IQ", STR, 2**40))]),
-     "truncated"),
+    (
+        "gguf-array-count-huge",
+        gguf_bytes(_base_kvs() + [_kv("x.arr", ARR, struct.pack("<IQ", U32, 2**62))]),
+        "truncated",
+    ),
+    (
+        "gguf-string-array-huge",
+        gguf_bytes(_base_kvs() + [_kv("x.arr", ARR, struct.pack("<IQ", STR, 2**40))]),
+        "truncated",
+    ),
     ("gguf-unknown-value-type", gguf_bytes(_base_kvs() + [_kv("x.odd", 99, b"\0" * 8)]), "unknown value type"),
-    ("gguf-unknown-array-type", gguf_bytes(_base_kvs() + [_kv("x.odd", ARR, struct.pack("<IQ", 77, 1))]),
-     "unknown value type"),
+    (
+        "gguf-unknown-array-type",
+        gguf_bytes(_base_kvs() + [_kv("x.odd", ARR, struct.pack("<IQ", 77, 1))]),
+        "unknown value type",
+    ),
     ("gguf-huge-string-length", gguf_bytes([_kv("general.architecture", STR, struct.pack("<Q", 2**62))]), "truncated"),
     ("gguf-huge-key-length", gguf_bytes([struct.pack("<Q", 2**63)]), "truncated"),
     ("gguf-unknown-architecture", gguf_bytes([_str("general.architecture", "zzz-unknown")]), "zzz-unknown.block_count"),
     ("gguf-no-architecture", gguf_bytes([_u32("llama.block_count", 2)]), "general.architecture"),
     ("gguf-architecture-is-int", gguf_bytes([_u32("general.architecture", 5)]), "general.architecture"),
-    ("gguf-block-count-huge", gguf_bytes([_kv("general.architecture", STR, _s("llama")),
-                                          _kv("llama.block_count", U64, struct.pack("<Q", 10**12))] + _base_kvs()[2:]),
-     "block_count"),
-    ("gguf-zero-heads", gguf_bytes(_base_kvs()[:2] + [_u32("llama.attention.head_count", 0)] + _base_kvs()[3:]),
-     "head_count"),
-    ("gguf-heads-empty-list", gguf_bytes(_base_kvs()[:2] + [_kv("llama.attention.head_count", ARR,
-                                                                struct.pack("<IQ", U32, 0))] + _base_kvs()[3:]),
-     "head_count"),
-    ("gguf-heads-is-string", gguf_bytes(_base_kvs()[:2] + [_str("llama.attention.head_count", "four")] + _base_kvs()[3:]),
-     "head_count"),
-    ("gguf-embedding-nan", gguf_bytes(_base_kvs()[:3] + [_kv("llama.embedding_length", F32, struct.pack("<f", float("nan")))]
-                                      + _base_kvs()[4:]), "embedding_length"),
-    ("gguf-context-huge", gguf_bytes(_base_kvs()[:4] + [_kv("llama.context_length", U64, struct.pack("<Q", 2**62))]
-                                     + _base_kvs()[5:]), "context_length"),
-    ("gguf-file-type-string", gguf_bytes(_base_kvs()[:5] + [_str("general.file_type", "Q4")] + _base_kvs()[6:]),
-     "file_type"),
+    (
+        "gguf-block-count-huge",
+        gguf_bytes(
+            [_kv("general.architecture", STR, _s("llama")), _kv("llama.block_count", U64, struct.pack("<Q", 10**12))]
+            + _base_kvs()[2:]
+        ),
+        "block_count",
+    ),
+    (
+        "gguf-zero-heads",
+        gguf_bytes(_base_kvs()[:2] + [_u32("llama.attention.head_count", 0)] + _base_kvs()[3:]),
+        "head_count",
+    ),
+    (
+        "gguf-heads-empty-list",
+        gguf_bytes(
+            _base_kvs()[:2] + [_kv("llama.attention.head_count", ARR, struct.pack("<IQ", U32, 0))] + _base_kvs()[3:]
+        ),
+        "head_count",
+    ),
+    (
+        "gguf-heads-is-string",
+        gguf_bytes(_base_kvs()[:2] + [_str("llama.attention.head_count", "four")] + _base_kvs()[3:]),
+        "head_count",
+    ),
+    (
+        "gguf-embedding-nan",
+        gguf_bytes(
+            _base_kvs()[:3] + [_kv("llama.embedding_length", F32, struct.pack("<f", float("nan")))] + _base_kvs()[4:]
+        ),
+        "embedding_length",
+    ),
+    (
+        "gguf-context-huge",
+        gguf_bytes(_base_kvs()[:4] + [_kv("llama.context_length", U64, struct.pack("<Q", 2**62))] + _base_kvs()[5:]),
+        "context_length",
+    ),
+    (
+        "gguf-file-type-string",
+        gguf_bytes(_base_kvs()[:5] + [_str("general.file_type", "Q4")] + _base_kvs()[6:]),
+        "file_type",
+    ),
     ("gguf-tokens-not-list", gguf_bytes(_base_kvs()[:6] + [_str("tokenizer.ggml.tokens", "abc")]), "tokens"),
     ("gguf-alignment-zero", gguf_bytes(_base_kvs() + [_u32("general.alignment", 0)]), "alignment"),
     ("gguf-alignment-odd", gguf_bytes(_base_kvs() + [_u32("general.alignment", 3)]), "alignment"),
@@ -452,25 +625,69 @@ GGUF_CASES: list[tuple[str, bytes, str]] = [
 ]
 for _name, _data, _frag in GGUF_CASES:
     if _name == "gguf-split-part-zero":
-        model_case(_name, "gguf", f"gguf: {_name}/m-00000-of-00002.gguf",
-                   lambda d: (d / "m-00000-of-00002.gguf").write_bytes(gguf_bytes()), "m-00000-of-00002.gguf", _frag)
+        model_case(
+            _name,
+            "gguf",
+            f"gguf: {_name}/m-00000-of-00002.gguf",
+            lambda d: (d / "m-00000-of-00002.gguf").write_bytes(gguf_bytes()),
+            "m-00000-of-00002.gguf",
+            _frag,
+        )
         continue
     _gguf(_name, _data, _frag)
-model_case("gguf-split-missing-parts", "gguf", "gguf: gguf-split-missing-parts/m-00001-of-99999.gguf",
-           lambda d: (d / "m-00001-of-99999.gguf").write_bytes(gguf_bytes()), "m-00001-of-99999.gguf", "missing")
+model_case(
+    "gguf-split-missing-parts",
+    "gguf",
+    "gguf: gguf-split-missing-parts/m-00001-of-99999.gguf",
+    lambda d: (d / "m-00001-of-99999.gguf").write_bytes(gguf_bytes()),
+    "m-00001-of-99999.gguf",
+    "missing",
+)
 
 # --------------------------------------------------------------------------- config.json
 
-LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
-         "max_position_embeddings": 512, "torch_dtype": "bfloat16"}
-MIXTRAL = {**LLAMA, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
-           "num_experts_per_tok": 2}
-DEEPSEEK = {**LLAMA, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "kv_lora_rank": 64,
-            "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 8,
-            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_shared_experts": 1}
-GEMMA2 = {**LLAMA, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "sliding_window": 128,
-          "sliding_window_pattern": 2, "head_dim": 16}
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "torch_dtype": "bfloat16",
+}
+MIXTRAL = {
+    **LLAMA,
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+DEEPSEEK = {
+    **LLAMA,
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "kv_lora_rank": 64,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,
+    "n_shared_experts": 1,
+}
+GEMMA2 = {
+    **LLAMA,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "sliding_window": 128,
+    "sliding_window_pattern": 2,
+    "head_dim": 16,
+}
 QWEN_VL = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "text_config": {**LLAMA}}
 
 
@@ -493,10 +710,16 @@ CONFIG_CASES: list[tuple[str, object, str]] = [
     ("config-layers-bool", {**LLAMA, "num_hidden_layers": True}, "num_hidden_layers"),
     ("config-hidden-fraction", {**LLAMA, "hidden_size": 64.5}, "hidden_size"),
     # a family Cortex has no defaults for (a known family takes transformers' default instead)
-    ("config-hidden-missing", {**{k: v for k, v in LLAMA.items() if k != "hidden_size"}, "model_type": "acme"},
-     "hidden_size"),
-    ("config-vocab-missing", {**{k: v for k, v in LLAMA.items() if k != "vocab_size"}, "model_type": "acme"},
-     "vocab_size"),
+    (
+        "config-hidden-missing",
+        {**{k: v for k, v in LLAMA.items() if k != "hidden_size"}, "model_type": "acme"},
+        "hidden_size",
+    ),
+    (
+        "config-vocab-missing",
+        {**{k: v for k, v in LLAMA.items() if k != "vocab_size"}, "model_type": "acme"},
+        "vocab_size",
+    ),
     ("config-vocab-huge", {**LLAMA, "vocab_size": 10**12}, "vocab_size"),
     ("config-head-dim-zero", {**LLAMA, "head_dim": 0}, "head_dim"),
     ("config-context-huge", {**LLAMA, "max_position_embeddings": 10**30}, "max_position_embeddings"),
@@ -505,7 +728,11 @@ CONFIG_CASES: list[tuple[str, object, str]] = [
     ("config-architectures-string", {**LLAMA, "architectures": "LlamaForCausalLM"}, "architectures"),
     ("config-architectures-ints", {**LLAMA, "architectures": [1, 2]}, "architectures"),
     ("config-text-config-list", {**QWEN_VL, "text_config": [LLAMA]}, "text_config"),
-    ("config-qwen-vl-zero-heads", {**QWEN_VL, "text_config": {**LLAMA, "num_attention_heads": 0}}, "num_attention_heads"),
+    (
+        "config-qwen-vl-zero-heads",
+        {**QWEN_VL, "text_config": {**LLAMA, "num_attention_heads": 0}},
+        "num_attention_heads",
+    ),
     ("config-quant-config-list", {**LLAMA, "quantization_config": ["awq"]}, "quantization_config"),
     ("config-mixtral-experts-huge", {**MIXTRAL, "num_local_experts": 10**9}, "num_local_experts"),
     ("config-mixtral-experts-float", {**MIXTRAL, "num_local_experts": 8.5}, "num_local_experts"),
@@ -545,8 +772,9 @@ for _name, _tok, _frag in [
 ]:
     _with_config(_name, lambda d, t=_tok: (d / "tokenizer.json").write_bytes(t), "tokenizer.json", _frag)
 _with_config("tokenizer-fifo", lambda d: os.mkfifo(d / "tokenizer.json"), "tokenizer.json", "FIFO")
-_with_config("tokenizer-sparse-huge", lambda d: _sparse_file(d / "tokenizer.json", 1 << 34), "tokenizer.json",
-             "more than")
+_with_config(
+    "tokenizer-sparse-huge", lambda d: _sparse_file(d / "tokenizer.json", 1 << 34), "tokenizer.json", "more than"
+)
 
 
 def _safetensors(header: bytes, length: int | None = None) -> bytes:
@@ -561,18 +789,29 @@ for _name, _st, _frag in [
     ("safetensors-header-list", _safetensors(b"[1, 2, 3]"), "not an object"),
     ("safetensors-header-not-json", _safetensors(b"{{{{"), "not valid JSON"),
     ("safetensors-shape-string", _safetensors(json.dumps({"w": {"dtype": "F16", "shape": "big"}}).encode()), "shape"),
-    ("safetensors-shape-negative", _safetensors(json.dumps({"w": {"dtype": "F16", "shape": [-1, 4]}}).encode()), "shape"),
+    (
+        "safetensors-shape-negative",
+        _safetensors(json.dumps({"w": {"dtype": "F16", "shape": [-1, 4]}}).encode()),
+        "shape",
+    ),
     ("safetensors-shape-huge", _safetensors(json.dumps({"w": {"dtype": "F16", "shape": [10**15]}}).encode()), "shape"),
     ("safetensors-entry-list", _safetensors(json.dumps({"w": [1, 2]}).encode()), "shape"),
     ("safetensors-deep", _safetensors(b"[" * 100_000 + b"]" * 100_000), "nested too deeply"),
 ]:
     _with_config(_name, lambda d, b=_st: (d / "model.safetensors").write_bytes(b), "model.safetensors", _frag)
 _with_config("safetensors-fifo", lambda d: os.mkfifo(d / "model.safetensors"), "model.safetensors", "FIFO")
-_with_config("safetensors-index-list", lambda d: (d / "model.safetensors.index.json").write_text("[]"),
-             "model.safetensors.index.json", "not an object")
-_with_config("safetensors-index-size-huge",
-             lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 10**30}})),
-             "model.safetensors.index.json", "total_size")
+_with_config(
+    "safetensors-index-list",
+    lambda d: (d / "model.safetensors.index.json").write_text("[]"),
+    "model.safetensors.index.json",
+    "not an object",
+)
+_with_config(
+    "safetensors-index-size-huge",
+    lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 10**30}})),
+    "model.safetensors.index.json",
+    "total_size",
+)
 
 
 # --------------------------------------------------------------------------- building
@@ -595,7 +834,8 @@ def write_valid_gguf(path: Path) -> None:
 def write_valid_hf_dir(folder: Path, config: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config or LLAMA))
-    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}, "merges": ["a b"]},
-                                                       "added_tokens": [{"content": "<s>"}]}))
+    (folder / "tokenizer.json").write_text(
+        json.dumps({"model": {"vocab": {"a": 0, "b": 1}, "merges": ["a b"]}, "added_tokens": [{"content": "<s>"}]})
+    )
     header = json.dumps({"w": {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
     (folder / "model.safetensors").write_bytes(_safetensors(header) + b"\0" * 32)

@@ -249,7 +249,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path = url.path
             query = parse_qs(url.query)
             if path.startswith("/api/models/"):
-                self._api(req, path[len("/api/models/"):], query)
+                self._api(req, path[len("/api/models/") :], query)
             else:
                 self._resolve(req, path.lstrip("/"))
 
@@ -269,16 +269,19 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return
             files = repo.commits[sha]
             if kind == "tree":
-                self._json(req, [
-                    {
-                        "type": "file",
-                        "oid": f.blob_id,
-                        "size": f.size,
-                        "path": f.path,
-                        **({"lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}} if f.sha256 else {}),
-                    }
-                    for f in files.values()
-                ])
+                self._json(
+                    req,
+                    [
+                        {
+                            "type": "file",
+                            "oid": f.blob_id,
+                            "size": f.size,
+                            "path": f.path,
+                            **({"lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}} if f.sha256 else {}),
+                        }
+                        for f in files.values()
+                    ],
+                )
                 return
             with_blobs = query.get("blobs", ["false"])[0].lower() == "true"
             siblings = []
@@ -289,8 +292,16 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     if f.sha256:
                         entry["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
                 siblings.append(entry)
-            self._json(req, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": hub.token is not None,
-                             "siblings": siblings})
+            self._json(
+                req,
+                {
+                    "id": repo.repo_id,
+                    "modelId": repo.repo_id,
+                    "sha": sha,
+                    "private": hub.token is not None,
+                    "siblings": siblings,
+                },
+            )
 
         def _resolve(self, req: Request, rest: str) -> None:
             repo, tail = self._split_repo(rest)
@@ -308,8 +319,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if entry is None:
                 self._error(req, 404, "EntryNotFound", f"{file_path} does not exist", sha=sha)
                 return
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "X-Repo-Commit": sha,
+                "ETag": f'"{entry.etag}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             if entry.sha256:
                 headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
             start, end = 0, entry.size - 1
@@ -373,8 +388,12 @@ def main() -> None:
     parser.add_argument("--throttle", type=int, help="bytes per second per transfer")
     args = parser.parse_args()
     token = os.environ[args.token_env] if args.token_env else None
-    hub = HubServer([HubRepo.from_folder(args.repo_id, args.folder)], token=token,
-                    throttle_bytes_per_s=args.throttle, port=args.port)
+    hub = HubServer(
+        [HubRepo.from_folder(args.repo_id, args.folder)],
+        token=token,
+        throttle_bytes_per_s=args.throttle,
+        port=args.port,
+    )
     print(f"HF_ENDPOINT={hub.url}", flush=True)
     hub._httpd.serve_forever()
 

@@ -13,15 +13,32 @@ from cortex.launch import LaunchSpec, Mount
 
 
 def llamacpp_launch(
-    gguf: Path, model: str = "smollm2", *extra: str, image: str = "cortex/llamacpp-server:0.3.36-cpu",
+    gguf: Path,
+    model: str = "smollm2",
+    *extra: str,
+    image: str = "cortex/llamacpp-server:0.3.36-cpu",
     model_target: str | None = None,
 ) -> LaunchSpec:
     """llama-server serving `gguf` (mounted read-only at /models) under the name `model`."""
     gguf = Path(gguf)
     target = model_target or f"/models/{gguf.name}"
     command = [
-        "llama-server", "-m", target, "--host", "0.0.0.0", "--port", "8080",
-        "--alias", model, "-c", "1024", "-np", "1", "-t", "2", *extra,
+        "llama-server",
+        "-m",
+        target,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--alias",
+        model,
+        "-c",
+        "1024",
+        "-np",
+        "1",
+        "-t",
+        "2",
+        *extra,
     ]
     digest = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:8]
     return LaunchSpec(

@@ -33,8 +33,10 @@ VLLM_TP2 = """\
 
 
 def _gpu_plan(weights: float, kv: float, overhead: float, capacity: float) -> list[DevicePlan]:
-    return [DevicePlan(f"cuda:{i}", int(weights * GiB), int(kv * GiB), int(overhead * GiB), int(capacity * GiB))
-            for i in range(2)]
+    return [
+        DevicePlan(f"cuda:{i}", int(weights * GiB), int(kv * GiB), int(overhead * GiB), int(capacity * GiB))
+        for i in range(2)
+    ]
 
 
 def test_vllm_gpu_workers_become_devices_with_weights_kv_and_derived_overhead() -> None:
@@ -72,12 +74,18 @@ def test_vllm_cpu_reports_its_kv_cache_and_checkpoint() -> None:
     assert [(r.term, r.off) for r in comparison.rows] == [("weights", False), ("kv_cache", False), ("overhead", False)]
 
 
-@pytest.mark.parametrize("engine,log", [
-    ("vllm", VLLM_TP2.replace("Model loading took", "Loaded model in").replace("Available KV cache memory", "KV memory")),
-    ("vllm", ""),
-    ("llamacpp", "\x00\xff garbage\nload_tensors:   CPU_Mapped model buffer size = lots MiB\n"),
-    ("sglang", "anything"),
-])
+@pytest.mark.parametrize(
+    "engine,log",
+    [
+        (
+            "vllm",
+            VLLM_TP2.replace("Model loading took", "Loaded model in").replace("Available KV cache memory", "KV memory"),
+        ),
+        ("vllm", ""),
+        ("llamacpp", "\x00\xff garbage\nload_tensors:   CPU_Mapped model buffer size = lots MiB\n"),
+        ("sglang", "anything"),
+    ],
+)
 def test_an_unreadable_report_is_a_typed_result_and_one_warning(engine: str, log: str) -> None:
     report = read_engine_report(engine, log)
     assert not report.readable and report.problem and report.devices == ()
@@ -89,6 +97,7 @@ def test_an_unreadable_report_is_a_typed_result_and_one_warning(engine: str, log
 
 
 def test_llamacpp_buffer_types_map_to_plan_devices() -> None:
-    assert [llamacpp_device(b) for b in ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host", "CUDA0", "CUDA1", "ROCm2",
-                                          "Vulkan0")] == ["cpu", "cpu", "cpu", "cpu", "cuda:0", "cuda:1", "cuda:2",
-                                                          "vulkan0"]
+    assert [
+        llamacpp_device(b)
+        for b in ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host", "CUDA0", "CUDA1", "ROCm2", "Vulkan0")
+    ] == ["cpu", "cpu", "cpu", "cpu", "cuda:0", "cuda:1", "cuda:2", "vulkan0"]

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from cortex.applied import AppliedSpec, all_applied, applied_dir, forget_applied, read_applied, spec_sha256, write_applied
+from cortex.applied import (
+    AppliedSpec,
+    all_applied,
+    applied_dir,
+    forget_applied,
+    read_applied,
+    spec_sha256,
+    write_applied,
+)
 
 
 @pytest.fixture
@@ -17,9 +25,16 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _record(spec: Path, **changes: str) -> AppliedSpec:
-    fields = dict(spec_path=str(spec.absolute()), spec_sha256=spec_sha256(spec), name="smollm2", runtime="process",
-                  source_revision="a" * 40, replica="smollm2-1", endpoint="http://127.0.0.1:8001",
-                  applied_at="2025-01-01T00:00:00+00:00")
+    fields = dict(
+        spec_path=str(spec.absolute()),
+        spec_sha256=spec_sha256(spec),
+        name="smollm2",
+        runtime="process",
+        source_revision="a" * 40,
+        replica="smollm2-1",
+        endpoint="http://127.0.0.1:8001",
+        applied_at="2025-01-01T00:00:00+00:00",
+    )
     return AppliedSpec(**{**fields, **changes})
 
 

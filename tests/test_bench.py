@@ -101,10 +101,12 @@ class FakeEngine:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        return Starlette(routes=[
-            Route("/v1/models", models),
-            Route("/v1/completions", completions, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/v1/models", models),
+                Route("/v1/completions", completions, methods=["POST"]),
+            ]
+        )
 
 
 class ServerThread:
@@ -115,8 +117,9 @@ class ServerThread:
         sock.close()
         # The stdlib loop: its timers never fire early (uvloop's have millisecond ticks and can),
         # so the fake engine's sleeps are lower bounds of what a client measures.
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                                loop="asyncio")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", loop="asyncio"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -257,15 +260,22 @@ def test_unreachable_endpoint_says_so():
 
 
 def rec(ttft, latency, out, itl=None, success=True, prompt=10):
-    return RequestRecord(success=success, ttft=ttft, latency=latency, output_tokens=out,
-                         itl=itl or [], prompt_tokens=prompt, output_tokens_from_usage=True)
+    return RequestRecord(
+        success=success,
+        ttft=ttft,
+        latency=latency,
+        output_tokens=out,
+        itl=itl or [],
+        prompt_tokens=prompt,
+        output_tokens_from_usage=True,
+    )
 
 
 def test_metrics_follow_vllms_definitions():
     records = [
-        rec(0.1, 1.1, 11, itl=[0.1] * 10),   # TPOT (1.1-0.1)/10 = 0.1
-        rec(0.2, 0.6, 5, itl=[0.1] * 4),     # TPOT 0.4/4 = 0.1
-        rec(0.3, 0.3, 1),                    # one token: no TPOT sample
+        rec(0.1, 1.1, 11, itl=[0.1] * 10),  # TPOT (1.1-0.1)/10 = 0.1
+        rec(0.2, 0.6, 5, itl=[0.1] * 4),  # TPOT 0.4/4 = 0.1
+        rec(0.3, 0.3, 1),  # one token: no TPOT sample
         rec(0, 0, 0, success=False),
     ]
     s = BenchmarkSettings(goodput_slo=GoodputSLO(ttft_ms=250))
@@ -316,10 +326,12 @@ def test_arrivals_closed_loop_poisson_and_gamma():
     assert arrival_offsets(50, 5.0, 1.0, rng=np.random.default_rng(1)) == poisson
     even = arrival_offsets(4, 2.0, float("inf"))
     assert even == pytest.approx([0.5, 1.0, 1.5, 2.0])
+
     # lower burstiness -> burstier: larger spread of gaps
     def spread(b):
         o = np.diff([0.0] + arrival_offsets(2000, 10.0, b, rng=np.random.default_rng(3)))
         return float(np.std(o))
+
     assert spread(0.25) > spread(1.0) > spread(8.0)
 
 
@@ -382,8 +394,9 @@ def test_a_gate_never_passes_for_lack_of_data():
     result = two_level_result()
     checked = evaluate_gates(result, [{"metric": "requests_per_s", "min": 0.1, "concurrency": 16}])
     assert not checked[0].passed and "not measured" in checked[0].message
-    result.levels[0] = compute_level_metrics([rec(0, 0, 0, success=False)], 1.0, concurrency=1,
-                                             settings=result.settings)
+    result.levels[0] = compute_level_metrics(
+        [rec(0, 0, 0, success=False)], 1.0, concurrency=1, settings=result.settings
+    )
     checked = evaluate_gates(result, [{"metric": "tpot_ms", "max": 1e9, "concurrency": 1}])
     assert not checked[0].passed and "no value" in checked[0].message
     with pytest.raises(ValueError, match="not one of"):
@@ -413,15 +426,20 @@ def test_a_connection_closed_before_any_response_is_sent_again():
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen["connections"] += 1
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int([h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1])
+        length = int(
+            [h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1]
+        )
         await reader.readexactly(length)
         if seen["connections"] == 1:
             writer.close()
             return
         msg = {"choices": [{"text": "hi", "index": 0}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
         body = f"data: {json.dumps(msg)}\n\ndata: [DONE]\n\n".encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
-                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         await writer.drain()
         writer.close()
 
@@ -440,7 +458,8 @@ def _stream_from(handle):
         port = server.sockets[0].getsockname()[1]
         async with server, httpx.AsyncClient() as client:
             return await send_streaming_request(
-                client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {})
+                client, f"http://127.0.0.1:{port}/v1/completions", {"prompt": [1, 2, 3]}, {}
+            )
 
     return asyncio.run(scenario())
 
@@ -451,14 +470,21 @@ def test_sse_comments_and_event_lines_are_not_token_events():
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int([h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1])
+        length = int(
+            [h for h in head.decode().split("\r\n") if h.lower().startswith("content-length")][0].split(":")[1]
+        )
         await reader.readexactly(length)
         first = {"choices": [{"text": "a", "index": 0}]}
         last = {"choices": [{"text": "b", "index": 0}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
-        body = (f": ping\n\nevent: message\ndata: {json.dumps(first)}\n\n: ping\n\n"
-                f"data:{json.dumps(last)}\n\ndata: [DONE]\n\n").encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
-                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        body = (
+            f": ping\n\nevent: message\ndata: {json.dumps(first)}\n\n: ping\n\n"
+            f"data:{json.dumps(last)}\n\ndata: [DONE]\n\n"
+        ).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         await writer.drain()
         writer.close()
 

@@ -64,9 +64,7 @@ def test_rejects_a_bad_concurrency_list(capsys):
 
 def make_result(tok_s: float, ttft: float, target: str) -> BenchmarkResult:
     s = BenchmarkSettings(concurrency=[1, 4])
-    levels = [
-        compute_level_metrics([rec(ttft, 1.0, int(tok_s))], 1.0, concurrency=c, settings=s) for c in (1, 4)
-    ]
+    levels = [compute_level_metrics([rec(ttft, 1.0, int(tok_s))], 1.0, concurrency=c, settings=s) for c in (1, 4)]
     return BenchmarkResult(target=target, base_url=target, model="m", started_at="t", settings=s, levels=levels)
 
 
@@ -86,8 +84,25 @@ def test_compare_files_side_by_side_with_ratios(tmp_path, capsys):
 
 def test_compare_a_file_with_a_live_target(fake, tmp_path, capsys):
     a = make_result(100, 0.1, "http://old").save(tmp_path / "a.json")
-    assert cli(["compare", str(a), fake.base_url, "--concurrency", "1", "--requests", "2",
-                "--input-len", "4", "--output-len", "3", "--json"]) == 0
+    assert (
+        cli(
+            [
+                "compare",
+                str(a),
+                fake.base_url,
+                "--concurrency",
+                "1",
+                "--requests",
+                "2",
+                "--input-len",
+                "4",
+                "--output-len",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert [r["concurrency"] for r in out["levels"]] == [1]
 

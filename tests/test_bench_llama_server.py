@@ -43,5 +43,6 @@ def test_a_wrong_api_key_is_reported_by_the_first_request(llama_server):
     from cortex.bench import BenchmarkError
 
     with pytest.raises(BenchmarkError, match="401"):
-        benchmark(llama_server.base_url, BenchmarkSettings(concurrency=[1], requests=1),
-                  api_key="wrong", model="smollm2")
+        benchmark(
+            llama_server.base_url, BenchmarkSettings(concurrency=[1], requests=1), api_key="wrong", model="smollm2"
+        )

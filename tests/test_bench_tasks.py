@@ -47,8 +47,9 @@ SETTINGS = BenchmarkSettings(concurrency=[1, 2], requests=4, input_len=8, output
 def test_benchmark_task_publishes_table_summary_chart_and_files(prefect_api, fake, tmp_path: Path):
     @flow
     def bench_flow() -> BenchmarkResult:
-        return run_benchmark(fake.base_url, SETTINGS, results_dir=tmp_path,
-                             gates=[Gate(metric="requests_per_s", min=0.001)])
+        return run_benchmark(
+            fake.base_url, SETTINGS, results_dir=tmp_path, gates=[Gate(metric="requests_per_s", min=0.001)]
+        )
 
     result = bench_flow()
     assert [lv.completed for lv in result.levels] == [4, 4]
@@ -70,8 +71,13 @@ def test_benchmark_task_publishes_table_summary_chart_and_files(prefect_api, fak
 def test_a_failed_gate_fails_the_task_after_publishing_the_numbers(prefect_api, fake, tmp_path: Path):
     @flow
     def bench_flow() -> BenchmarkResult:
-        return run_benchmark(fake.base_url, SETTINGS, results_dir=tmp_path, target="impossible",
-                             gates=[Gate(metric="ttft_ms", stat="p50", max=0.001, concurrency=2)])
+        return run_benchmark(
+            fake.base_url,
+            SETTINGS,
+            results_dir=tmp_path,
+            target="impossible",
+            gates=[Gate(metric="ttft_ms", stat="p50", max=0.001, concurrency=2)],
+        )
 
     with pytest.raises(GatesFailed, match=r"ttft_ms.p50 at concurrency 2 = \d+\.\d+; must be <= 0.001"):
         bench_flow()
@@ -79,8 +85,7 @@ def test_a_failed_gate_fails_the_task_after_publishing_the_numbers(prefect_api, 
     assert "Gates: FAILED" in latest("benchmark-fake-model-summary").data
 
 
-def test_the_benchmark_task_keeps_a_progress_artifact_and_prints_plain_lines(prefect_api, fake, tmp_path: Path,
-                                                                               capfd):
+def test_the_benchmark_task_keeps_a_progress_artifact_and_prints_plain_lines(prefect_api, fake, tmp_path: Path, capfd):
     """The same progress events feed the Prefect progress artifact (one part per level) and, off
     a terminal, plain lines on stderr."""
     from prefect.client.schemas.filters import ArtifactFilterFlowRunId
@@ -93,7 +98,9 @@ def test_the_benchmark_task_keeps_a_progress_artifact_and_prints_plain_lines(pre
 
     run_id = bench_flow()
     with get_client(sync_client=True) as client:
-        of_run = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        of_run = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     progress = [a for a in of_run if a.key == "benchmark-fake-model-progress"]
     assert len(progress) == 1 and progress[0].type == "progress"
     assert float(progress[0].data) == 100.0 and progress[0].description == "2 levels measured"

@@ -9,9 +9,18 @@ import pytest
 from cortex.decide import DecisionError, DecisionInput, decide, load_rules, vllm_architectures
 from cortex.facts import facts_from_config
 
-LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
-             num_attention_heads=32, num_hidden_layers=32, num_key_value_heads=8, vocab_size=128256,
-             max_position_embeddings=8192, torch_dtype="bfloat16")
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_hidden_layers=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    torch_dtype="bfloat16",
+)
 
 
 def inputs(config=LLAMA, *, concurrency=4, fits=True, gguf=False) -> DecisionInput:
@@ -76,7 +85,9 @@ def test_an_operator_can_change_a_rule_without_code(tmp_path: Path) -> None:
 
 def test_bad_rules_are_refused(tmp_path: Path) -> None:
     bad = tmp_path / "r.yaml"
-    bad.write_text("rules:\n  - id: x\n    if: {moon_phase: full}\n    then: vllm\n  - id: d\n    if: {}\n    then: vllm\n")
+    bad.write_text(
+        "rules:\n  - id: x\n    if: {moon_phase: full}\n    then: vllm\n  - id: d\n    if: {}\n    then: vllm\n"
+    )
     with pytest.raises(DecisionError, match="unknown condition moon_phase"):
         load_rules(bad)
     bad.write_text("rules:\n  - id: x\n    if: {source_format: gguf}\n    then: llamacpp\n")
@@ -88,4 +99,6 @@ def test_architecture_list_matches_installed_vllm(vllm_install) -> None:
     from cortex.engines.registry import live_vllm_architectures
 
     live = set(live_vllm_architectures(vllm_install.python))
-    assert live == set(vllm_architectures(vllm_install.version)), "stale: run cortex.engines.registry.write_vllm_architectures"
+    assert live == set(vllm_architectures(vllm_install.version)), (
+        "stale: run cortex.engines.registry.write_vllm_architectures"
+    )

@@ -16,15 +16,20 @@ from cortex.net import free_port
 
 
 def _cortex(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_demo_answers_through_the_gateway(tmp_path: Path, toolchain, test_model) -> None:
     port = free_port()
     env = dict(os.environ)
-    env.update(CORTEX_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-               CORTEX_GATEWAY_URL=f"http://127.0.0.1:{port}", CORTEX_GATEWAY_PORT=str(port))
+    env.update(
+        CORTEX_HOME=str(tmp_path / "home"),
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        CORTEX_GATEWAY_URL=f"http://127.0.0.1:{port}",
+        CORTEX_GATEWAY_PORT=str(port),
+    )
     for name in ("PREFECT_API_URL", "CORTEX_ADMIN_TOKEN"):
         env.pop(name, None)
     done = None
@@ -32,8 +37,15 @@ def test_the_demo_answers_through_the_gateway(tmp_path: Path, toolchain, test_mo
         done = _cortex("demo", env=env, timeout=1500)
         assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
         out = done.stdout
-        for step in ("==> validate", "==> plan every example", "==> gateway at", "==> Prefect at",
-                     "==> prepare", "==> deploy", "==> ask smollm2-135m-instruct through the gateway"):
+        for step in (
+            "==> validate",
+            "==> plan every example",
+            "==> gateway at",
+            "==> Prefect at",
+            "==> prepare",
+            "==> deploy",
+            "==> ask smollm2-135m-instruct through the gateway",
+        ):
             assert step in out, f"missing {step!r} in:\n{out}"
         assert "smoke tests passed" in out
         assert re.search(r"benchmark c=\d+ .* errors 0", out), out

@@ -59,7 +59,9 @@ def _planned_request(gguf: Path) -> RolloutRequest:
     """The request deploy_model makes for a SmolLM2 GGUF spec, planned for this CPU-only host."""
     spec = parse_spec_text(
         f"name: smollm2\nsource:\n  gguf: {gguf}\nresources:\n  concurrency: 1\n  context_length: 1024\n"
-        "tests:\n  max_tokens: 8\n", "smollm2.yaml")
+        "tests:\n  max_tokens: 8\n",
+        "smollm2.yaml",
+    )
     plan = make_plan(spec, gguf_facts(gguf), Inventory([], 2, 16 * 2**30))
     return rollout_request(spec, plan, gguf, runtime="process", source_revision="test")
 
@@ -72,8 +74,12 @@ def _memory_table(model: str) -> list[dict]:
 
 
 def _status_json(name: str) -> list[dict]:
-    shown = subprocess.run([sys.executable, "-m", "cli", "status", name, "--json", "--runtime", "process"],
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "status", name, "--json", "--runtime", "process"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     return json.loads(shown.stdout)
 
@@ -83,8 +89,19 @@ def test_redeploys_replace_the_replica_and_failed_ones_roll_back(cortex_home: Pa
     first = roll_out(request)
     assert first.smoke.passed and first.gateway == "not running"
     assert first.endpoint.startswith("http://127.0.0.1:") and first.stopped == []
-    assert list(first.to_json()) == ["name", "engine", "runtime", "endpoint", "replica", "smoke", "gateway",
-                                     "reused", "stopped", "since", "benchmark"]  # `cortex deploy --json`
+    assert list(first.to_json()) == [
+        "name",
+        "engine",
+        "runtime",
+        "endpoint",
+        "replica",
+        "smoke",
+        "gateway",
+        "reused",
+        "stopped",
+        "since",
+        "benchmark",
+    ]  # `cortex deploy --json`
     old = _serving(first.replica)
 
     # Planned against actual: llama-server's own buffer sizes next to the plan's CPU device.

@@ -21,7 +21,11 @@ SETUP = "run `scripts/docker-setup` (installs docker.io, starts dockerd, builds 
 
 def cortex(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -68,7 +72,8 @@ def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, 
         answer = httpx.post(
             result["endpoint"] + "/v1/chat/completions",
             json={"model": "smollm2-cli", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
-            headers={"Authorization": f"Bearer {_engine_key(env, result['replica'])}"}, timeout=60,
+            headers={"Authorization": f"Bearer {_engine_key(env, result['replica'])}"},
+            timeout=60,
         ).json()
         assert answer["choices"][0]["message"]["content"].strip()
 
@@ -82,9 +87,13 @@ def test_deploy_status_switch_runtime_and_retire(tmp_path: Path, env: dict[str, 
         failed = cortex("deploy", str(broken), env=env)
         assert failed.returncode == 1
         assert "deploy of" in failed.stderr and "exited with code 1 before it became ready" in failed.stderr
-        assert "hint: unknown flag or value" in failed.stderr and 'handling argument "--reasoning-format"' in failed.stderr
+        assert (
+            "hint: unknown flag or value" in failed.stderr and 'handling argument "--reasoning-format"' in failed.stderr
+        )
         status = json.loads(cortex("status", "--json", env=env).stdout)
-        assert [(r["replica"], r["health"]) for r in status if r["name"] == "smollm2-cli"] == [(result["replica"], "ok")]
+        assert [(r["replica"], r["health"]) for r in status if r["name"] == "smollm2-cli"] == [
+            (result["replica"], "ok")
+        ]
 
         moved = cortex("deploy", str(spec), "--runtime", "docker", "--json", env=env)
         assert moved.returncode == 0, moved.stderr[-3000:]

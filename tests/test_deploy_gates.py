@@ -45,8 +45,13 @@ async def _artifact_keys() -> set[str]:
 
 
 def test_impossible_slo_fails_the_deploy_and_keeps_the_old_replica(cortex_home: Path, test_model) -> None:
-    first = roll_out(RolloutRequest(launch=llamacpp_launch(test_model.gguf, "gated"), smoke=SmokeRequest(max_tokens=4),
-                                    benchmark=BenchmarkSpec(**SMALL)))
+    first = roll_out(
+        RolloutRequest(
+            launch=llamacpp_launch(test_model.gguf, "gated"),
+            smoke=SmokeRequest(max_tokens=4),
+            benchmark=BenchmarkSpec(**SMALL),
+        )
+    )
     assert first.benchmark.levels[0].output_tokens_per_s > 0
     assert first.to_json()["benchmark"]["levels"][0]["concurrency"] == 1
     keys = asyncio.run(_artifact_keys())
@@ -55,8 +60,13 @@ def test_impossible_slo_fails_the_deploy_and_keeps_the_old_replica(cortex_home: 
 
     impossible = BenchmarkSpec(**SMALL, gates=[{"metric": "ttft_ms", "stat": "p99", "max": 0.001}])
     with pytest.raises(GatesFailed) as failure:
-        roll_out(RolloutRequest(launch=llamacpp_launch(test_model.gguf, "gated", "-b", "256"),
-                                smoke=SmokeRequest(max_tokens=4), benchmark=impossible))
+        roll_out(
+            RolloutRequest(
+                launch=llamacpp_launch(test_model.gguf, "gated", "-b", "256"),
+                smoke=SmokeRequest(max_tokens=4),
+                benchmark=impossible,
+            )
+        )
     message = str(failure.value)
     assert "ttft_ms" in message and "0.001" in message  # the measured number and the bound
     [still] = get_runtime("process").list()

@@ -49,8 +49,11 @@ def test_deploys_hand_over_to_the_gateway_and_retire_takes_the_route_away(gatewa
     assert _routes("smollm2") == [first.replica]
     result = smoke_test(gateway.url, "smollm2", max_tokens=4)  # the same smoke tests, through the gateway
     assert result.passed, result.summary()
-    via_alias = httpx.post(gateway.url + "/v1/chat/completions", timeout=60, json={
-        "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    via_alias = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     assert via_alias.status_code == 200, via_alias.text
 
     second = _roll_out(llamacpp_launch(test_model.gguf, "smollm2", "-b", "256"), max_tokens=8)
@@ -65,6 +68,9 @@ def test_deploys_hand_over_to_the_gateway_and_retire_takes_the_route_away(gatewa
 
     assert retire_model("smollm2") == [second.replica]
     assert _routes("smollm2") == []
-    gone = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
-        "model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    gone = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     assert gone.status_code in (404, 503), gone.text

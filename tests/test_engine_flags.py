@@ -21,9 +21,19 @@ from cortex.facts import facts_from_config
 from cortex.plan import make_plan
 from cortex.specfile import parse_spec_text
 
-SMOL_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
-                   num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3, vocab_size=49152,
-                   max_position_embeddings=8192, tie_word_embeddings=True, torch_dtype="bfloat16")
+SMOL_CONFIG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_hidden_layers=30,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,11 @@ def live_vllm(vllm_install):
 
 
 def test_every_llamacpp_table_flag_exists(live_llama) -> None:
-    emitted = [m.flag for m in llamacpp.FLAGS] + flag_names(
-        llamacpp.server_args(model_path="/m.gguf", served_name="x", port=8080, embed=True)) + llamacpp.RESERVED
+    emitted = (
+        [m.flag for m in llamacpp.FLAGS]
+        + flag_names(llamacpp.server_args(model_path="/m.gguf", served_name="x", port=8080, embed=True))
+        + llamacpp.RESERVED
+    )
     unknown = [f for f in emitted if f not in live_llama]
     assert not unknown, f"llama-server {live_llama.version} does not accept {unknown}"
 
@@ -57,7 +70,8 @@ def test_removed_vllm_flags_really_are_gone(live_vllm) -> None:
 
 
 def test_full_llamacpp_launch_is_accepted(live_llama, test_model) -> None:
-    spec = parse_spec_text(f"""
+    spec = parse_spec_text(
+        f"""
 name: every-flag
 source: {{gguf: {test_model.gguf}}}
 task: embed
@@ -80,14 +94,34 @@ llamacpp:
   cache_type_v: q8_0
   pooling: mean
   extra_args: ["--temp", "0.5"]
-""", "every-flag.yaml")
+""",
+        "every-flag.yaml",
+    )
     from cortex.facts import gguf_facts
 
     plan = make_plan(spec, gguf_facts(test_model.gguf), Inventory([Gpu(0, 8 * 2**30), Gpu(1, 8 * 2**30)], 2, 2**34))
     launch = build_launch(spec, plan)
     used = flag_names(launch.command[1:])
-    assert {"-ngl", "-ts", "-sm", "-c", "-np", "-b", "-ub", "-t", "-fa", "-lm", "--numa", "-ctk", "-ctv",
-            "--rope-freq-base", "--rope-freq-scale", "--embeddings", "--pooling", "--temp"} <= set(used)
+    assert {
+        "-ngl",
+        "-ts",
+        "-sm",
+        "-c",
+        "-np",
+        "-b",
+        "-ub",
+        "-t",
+        "-fa",
+        "-lm",
+        "--numa",
+        "-ctk",
+        "-ctv",
+        "--rope-freq-base",
+        "--rope-freq-scale",
+        "--embeddings",
+        "--pooling",
+        "--temp",
+    } <= set(used)
     assert [f for f in used if f not in live_llama] == []
     cmd = launch.command
     assert cmd[cmd.index("-lm") + 1] == "mlock"  # mlock + no_mmap, translated for this llama.cpp
@@ -97,7 +131,8 @@ def test_full_vllm_launch_is_accepted(live_vllm, tmp_path: Path) -> None:
     import json
 
     (tmp_path / "config.json").write_text(json.dumps(SMOL_CONFIG))
-    spec = parse_spec_text(f"""
+    spec = parse_spec_text(
+        f"""
 name: every-flag
 source: {{path: {tmp_path}}}
 engine: vllm
@@ -118,13 +153,24 @@ vllm:
   max_num_seqs: 8
   trust_remote_code: true
   extra_args: ["--seed", "1"]
-""", "every-flag.yaml")
+""",
+        "every-flag.yaml",
+    )
     facts = facts_from_config(SMOL_CONFIG)
     plan = make_plan(spec, facts, Inventory([Gpu(0, 8 * 2**30)], 2, 2**34))
     launch = build_launch(spec, plan)
     used = flag_names(launch.command[3:])
-    assert {"--no-enforce-eager", "--enable-prefix-caching", "--no-enable-chunked-prefill", "--cudagraph-capture-sizes",
-            "--runner", "--gpu-memory-utilization", "--kv-cache-dtype", "--trust-remote-code", "--seed"} <= set(used)
+    assert {
+        "--no-enforce-eager",
+        "--enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--cudagraph-capture-sizes",
+        "--runner",
+        "--gpu-memory-utilization",
+        "--kv-cache-dtype",
+        "--trust-remote-code",
+        "--seed",
+    } <= set(used)
     assert [f for f in used if f not in live_vllm] == []
 
 
@@ -134,7 +180,9 @@ def test_swap_space_is_a_clear_error_for_vllm_0_32(tmp_path: Path) -> None:
     from cortex.engines import FlagError
 
     (tmp_path / "config.json").write_text(json.dumps(SMOL_CONFIG))
-    spec = parse_spec_text(f"name: s\nsource: {{path: {tmp_path}}}\nengine: vllm\nvllm:\n  swap_space_gb: 4\n", "s.yaml")
+    spec = parse_spec_text(
+        f"name: s\nsource: {{path: {tmp_path}}}\nengine: vllm\nvllm:\n  swap_space_gb: 4\n", "s.yaml"
+    )
     plan = make_plan(spec, facts_from_config(SMOL_CONFIG), Inventory([Gpu(0, 8 * 2**30)], 2, 2**34))
     with pytest.raises(FlagError, match="removed --swap-space"):
         build_launch(spec, plan)
@@ -147,14 +195,18 @@ def _cortex(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("section,args,klass", [
-    ("llamacpp", "['--log-file', '/etc/cron.d/x']", "file-write"),
-    ("llamacpp", "['--tools', 'all']", "tool-execution"),
-    ("llamacpp", "['--rpc', '10.0.0.9:50052']", "remote-backend"),
-    ("llamacpp", "['other.gguf']", "bare positional"),
-])
-def test_validate_and_plan_refuse_the_issues_examples(test_model, tmp_path: Path, section: str, args: str,
-                                                      klass: str) -> None:
+@pytest.mark.parametrize(
+    "section,args,klass",
+    [
+        ("llamacpp", "['--log-file', '/etc/cron.d/x']", "file-write"),
+        ("llamacpp", "['--tools', 'all']", "tool-execution"),
+        ("llamacpp", "['--rpc', '10.0.0.9:50052']", "remote-backend"),
+        ("llamacpp", "['other.gguf']", "bare positional"),
+    ],
+)
+def test_validate_and_plan_refuse_the_issues_examples(
+    test_model, tmp_path: Path, section: str, args: str, klass: str
+) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(f"name: bad\nsource:\n  gguf: {test_model.gguf}\n{section}:\n  extra_args: {args}\n")
     for command in ("validate", "plan"):
@@ -175,8 +227,10 @@ def test_vllm_config_file_indirection_is_refused_by_validate(tmp_path: Path) -> 
 
 def test_unsafe_extra_args_passes_with_a_loud_plan_and_the_flags_reach_argv(test_model, tmp_path: Path) -> None:
     spec = tmp_path / "risky.yaml"
-    spec.write_text(f"name: risky\nsource:\n  gguf: {test_model.gguf}\nllamacpp:\n  unsafe_extra_args: true\n"
-                    "  extra_args: ['--log-file', '/tmp/risky.log', '--temp', '0.5']\n")
+    spec.write_text(
+        f"name: risky\nsource:\n  gguf: {test_model.gguf}\nllamacpp:\n  unsafe_extra_args: true\n"
+        "  extra_args: ['--log-file', '/tmp/risky.log', '--temp', '0.5']\n"
+    )
     proc = _cortex("plan", str(spec))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("!! UNSAFE: llamacpp.unsafe_extra_args is true") == 2  # first and last
@@ -197,12 +251,28 @@ def test_the_prepare_report_shows_unsafe_extra_args_first(test_model, tmp_path: 
     from cortex.facts import gguf_facts
     from cortex.prepared import Prepared, render_report
 
-    spec = parse_spec_text(f"name: risky\nsource: {{gguf: {test_model.gguf}}}\nllamacpp:\n"
-                           "  unsafe_extra_args: true\n  extra_args: ['--tools', 'all']\n", "risky.yaml")
+    spec = parse_spec_text(
+        f"name: risky\nsource: {{gguf: {test_model.gguf}}}\nllamacpp:\n"
+        "  unsafe_extra_args: true\n  extra_args: ['--tools', 'all']\n",
+        "risky.yaml",
+    )
     plan = make_plan(spec, gguf_facts(test_model.gguf), Inventory([], 2, 2**34))
-    prepared = Prepared(name="risky", engine="llamacpp", format="gguf", quantization="Q4_1", source={"kind": "gguf_file"},
-                        source_revision="x", artifact_path=test_model.gguf, files=[], cached=True,
-                        downloaded_bytes=0, resumed_bytes=0, built=[], predicted_bytes={}, plan=plan)
+    prepared = Prepared(
+        name="risky",
+        engine="llamacpp",
+        format="gguf",
+        quantization="Q4_1",
+        source={"kind": "gguf_file"},
+        source_revision="x",
+        artifact_path=test_model.gguf,
+        files=[],
+        cached=True,
+        downloaded_bytes=0,
+        resumed_bytes=0,
+        built=[],
+        predicted_bytes={},
+        plan=plan,
+    )
     report = render_report(prepared).splitlines()
     assert report[2] == "## ⚠️ UNSAFE extra_args"
     assert any(line.startswith("- **`--tools`** (tool-execution:") for line in report[3:8])

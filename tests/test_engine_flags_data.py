@@ -101,9 +101,7 @@ def test_llama_server_table_matches_the_built_server(toolchain: tc.Toolchain) ->
     committed = introspect.load_flag_table(LLAMA_SERVER, toolchain.version)
     live = introspect.llama_server_table(toolchain)
     differences = introspect.table_differences(committed, live)
-    assert not differences, f"stale llama-server flag table; {REFRESH}:\n" + "\n".join(
-        differences
-    )
+    assert not differences, f"stale llama-server flag table; {REFRESH}:\n" + "\n".join(differences)
 
 
 def test_vllm_table_matches_vllms_own_parser(vllm_install: tc.VllmInstall) -> None:
@@ -150,17 +148,20 @@ def test_every_allowed_vllm_flag_exists_in_vllms_own_parser(vllm_install: tc.Vll
     assert policy_problems(live) == [], f"allow-list out of step with vLLM's parser; {REFRESH}"
 
 
-@pytest.mark.parametrize("engine,args,klass", [
-    ("llamacpp", ["--log-file", "/tmp/x"], "file-write"),
-    ("llamacpp", ["--slot-save-path", "/tmp"], "file-write"),
-    ("llamacpp", ["--tools", "all"], "tool-execution"),
-    ("llamacpp", ["--rpc", "10.0.0.9:50052"], "remote-backend"),
-    ("llamacpp", ["--lora", "/x.gguf"], "file-read"),
-    ("vllm", ["--config", "/x.yaml"], "config-file"),
-    ("vllm", ["--chat-template", "/x.jinja"], "file-read"),
-    ("vllm", ["--middleware", "evil.Mw"], "tool-execution"),
-    ("vllm", ["--compilation-config", '{"mode": 3, "cache_dir": "/x"}'], "unreviewed"),
-])
+@pytest.mark.parametrize(
+    "engine,args,klass",
+    [
+        ("llamacpp", ["--log-file", "/tmp/x"], "file-write"),
+        ("llamacpp", ["--slot-save-path", "/tmp"], "file-write"),
+        ("llamacpp", ["--tools", "all"], "tool-execution"),
+        ("llamacpp", ["--rpc", "10.0.0.9:50052"], "remote-backend"),
+        ("llamacpp", ["--lora", "/x.gguf"], "file-read"),
+        ("vllm", ["--config", "/x.yaml"], "config-file"),
+        ("vllm", ["--chat-template", "/x.jinja"], "file-read"),
+        ("vllm", ["--middleware", "evil.Mw"], "tool-execution"),
+        ("vllm", ["--compilation-config", '{"mode": 3, "cache_dir": "/x"}'], "unreviewed"),
+    ],
+)
 def test_each_dangerous_class_needs_the_escape(engine: str, args: list[str], klass: str) -> None:
     from cortex.engines import FlagError
     from cortex.engines.extra_args import check_extra_args
@@ -174,7 +175,19 @@ def test_each_dangerous_class_needs_the_escape(engine: str, args: list[str], kla
 def test_safe_flags_values_and_json_keys_pass() -> None:
     from cortex.engines.extra_args import check_extra_args
 
-    assert not check_extra_args(["--temp", "0.5", "--seed", "-1", "--jinja", "--chat-template", "chatml"],
-                                "llamacpp").unsafe
-    assert not check_extra_args(["--compilation-config", '{"mode": 3}', "--generation-config", "vllm",
-                                 "--load-format=safetensors", "--ignore-patterns", "a", "b"], "vllm").unsafe
+    assert not check_extra_args(
+        ["--temp", "0.5", "--seed", "-1", "--jinja", "--chat-template", "chatml"], "llamacpp"
+    ).unsafe
+    assert not check_extra_args(
+        [
+            "--compilation-config",
+            '{"mode": 3}',
+            "--generation-config",
+            "vllm",
+            "--load-format=safetensors",
+            "--ignore-patterns",
+            "a",
+            "b",
+        ],
+        "vllm",
+    ).unsafe

@@ -8,11 +8,27 @@ from pathlib import Path
 from cortex.facts import facts_from_config, gguf_facts, gguf_header_facts, gguf_split_set, hf_dir_facts
 
 DEEPSEEK_V2_LITE = dict(  # MLA + MoE with shared experts (deepseek-ai/DeepSeek-V2-Lite config.json)
-    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
-    moe_intermediate_size=1408, num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=27,
-    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
-    q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=102400,
-    max_position_embeddings=163840, tie_word_embeddings=False, torch_dtype="bfloat16",
+    architectures=["DeepseekV2ForCausalLM"],
+    model_type="deepseek_v2",
+    hidden_size=2048,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_hidden_layers=27,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    first_k_dense_replace=1,
+    kv_lora_rank=512,
+    q_lora_rank=None,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    vocab_size=102400,
+    max_position_embeddings=163840,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
 )
 
 
@@ -29,7 +45,15 @@ def test_header_alone_gives_the_same_facts(test_model, tmp_path: Path) -> None:
     head = tmp_path / "x.gguf.header"
     head.write_bytes(test_model.gguf.read_bytes()[: full.metadata_bytes])
     f = gguf_header_facts(head, "x.gguf")
-    for field in ("params_total", "n_layers", "n_kv_heads", "head_dim", "dtype", "weights_bytes_on_disk", "max_context"):
+    for field in (
+        "params_total",
+        "n_layers",
+        "n_kv_heads",
+        "head_dim",
+        "dtype",
+        "weights_bytes_on_disk",
+        "max_context",
+    ):
         assert getattr(f, field) == getattr(full, field), field
 
 
@@ -56,10 +80,22 @@ def test_moe_and_mla() -> None:
 
 
 def test_sliding_window_layers_hold_at_most_the_window() -> None:
-    cfg = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=2880, intermediate_size=2880,
-               num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_hidden_layers=36, num_local_experts=32,
-               num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
-               layer_types=["sliding_attention", "full_attention"] * 18, max_position_embeddings=131072)
+    cfg = dict(
+        architectures=["GptOssForCausalLM"],
+        model_type="gpt_oss",
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_hidden_layers=36,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        vocab_size=201088,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 18,
+        max_position_embeddings=131072,
+    )
     f = facts_from_config(cfg)
     assert f.sliding_layers == 18
     per = 2 * 8 * 64 * 2

@@ -37,7 +37,9 @@ SPECS_HUB = Path(__file__).resolve().parent.parent / "specs" / "hub"
 
 def config(name: str) -> dict:
     if name == "Mistral-7B-Instruct-v0.3":
-        return json.loads(next(SPECS_HUB.glob("models--mistralai--Mistral-7B-Instruct-v0.3/snapshots/*/config.json")).read_text())
+        return json.loads(
+            next(SPECS_HUB.glob("models--mistralai--Mistral-7B-Instruct-v0.3/snapshots/*/config.json")).read_text()
+        )
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
@@ -89,17 +91,34 @@ def test_a_field_set_to_null_is_not_replaced_by_the_family_default() -> None:
     f = facts_from_config(cfg)
     assert not any("attn_q_a" in t.name for t in f.tensors)
     without = {k: v for k, v in cfg.items() if k != "q_lora_rank"}  # left out: the family default applies
-    assert any(t.name == "blk.0.attn_q_a.weight" and t.shape == (2048, 1536) for t in facts_from_config(without).tensors)
+    assert any(
+        t.name == "blk.0.attn_q_a.weight" and t.shape == (2048, 1536) for t in facts_from_config(without).tensors
+    )
 
 
 def test_family_defaults_fill_what_the_config_leaves_out() -> None:
     mistral = facts_from_config({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000})
-    assert (mistral.hidden_size, mistral.n_layers, mistral.n_kv_heads, mistral.intermediate_size) == (4096, 32, 8, 14336)
+    assert (mistral.hidden_size, mistral.n_layers, mistral.n_kv_heads, mistral.intermediate_size) == (
+        4096,
+        32,
+        8,
+        14336,
+    )
     assert mistral.sliding_window == 4096 and mistral.max_context == 131072
-    unknown = facts_from_config({"architectures": ["XForCausalLM"], "model_type": "x", "hidden_size": 4096,
-                                 "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000})
+    unknown = facts_from_config(
+        {
+            "architectures": ["XForCausalLM"],
+            "model_type": "x",
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "vocab_size": 32000,
+        }
+    )
     assert unknown.n_kv_heads == 32 and unknown.sliding_window is None and unknown.max_context == 2048
-    assert unknown.intermediate_size is None and any(t.name == "blk.0.ffn_up.weight" and t.shape == (4096, 4 * 4096) for t in unknown.tensors)
+    assert unknown.intermediate_size is None and any(
+        t.name == "blk.0.ffn_up.weight" and t.shape == (4096, 4 * 4096) for t in unknown.tensors
+    )
 
 
 def test_sliding_layers_follow_the_family_rule() -> None:

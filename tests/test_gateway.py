@@ -25,8 +25,12 @@ from cortex.settings import Settings, SettingsError
 
 # Frequent health checks, but generous timeouts: a dead fake engine refuses at once or answers
 # 503, so only a busy machine would ever run into them, and that must not take a replica out.
-FAST = {"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "30",
-        "CORTEX_GATEWAY_CONNECT_TIMEOUT": "30", "CORTEX_GATEWAY_MAX_BODY_BYTES": "100000"}
+FAST = {
+    "CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3",
+    "CORTEX_GATEWAY_HEALTH_TIMEOUT": "30",
+    "CORTEX_GATEWAY_CONNECT_TIMEOUT": "30",
+    "CORTEX_GATEWAY_MAX_BODY_BYTES": "100000",
+}
 
 
 @pytest.fixture
@@ -65,8 +69,12 @@ def new_key(gw: GatewayProcess, **kwargs) -> str:
 
 def chat(gw: GatewayProcess, key: str | None, model: str, **body) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], **body})
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers,
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], **body},
+    )
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -87,10 +95,16 @@ def test_routes_by_name_and_alias_and_passes_body_through_unchanged(gateway, eng
     with gw.client() as c:
         c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
     key = new_key(gw)
-    raw = (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
-           b'"top_k": 7, "repeat_penalty": 1.3, "mirostat": 2, "logit_bias": {"15": -100}}')
-    r = httpx.post(gw.url + "/v1/chat/completions", content=raw, timeout=10,
-                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    raw = (
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+        b'"top_k": 7, "repeat_penalty": 1.3, "mirostat": 2, "logit_bias": {"15": -100}}'
+    )
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=raw,
+        timeout=10,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "Hello from the fake engine."
     last = httpx.get(engine.base_url + "/_last").json()
@@ -113,8 +127,15 @@ def test_the_engines_hop_by_hop_headers_stay_between_gateway_and_engine(gateway,
     gw, engine = gateway(), engines()
     with gw.client() as c:
         c.register("smol", engine.base_url, engine_api_key="engine-secret")
-    hop = {"connection": "close", "keep-alive": "timeout=1", "proxy-connection": "close", "upgrade": "h2c",
-           "te": "trailers", "trailer": "x-sum", "server": "fake-engine/1"}
+    hop = {
+        "connection": "close",
+        "keep-alive": "timeout=1",
+        "proxy-connection": "close",
+        "upgrade": "h2c",
+        "te": "trailers",
+        "trailer": "x-sum",
+        "server": "fake-engine/1",
+    }
     r = chat(gw, new_key(gw), "smol", fake_headers={**hop, "x-engine-note": "kept"})
     assert r.status_code == 200, r.text
     assert r.headers["x-engine-note"] == "kept"
@@ -133,8 +154,16 @@ def test_models_lists_registered_healthy_models_without_urls(gateway, engines):
     assert sorted(m["id"] for m in r.json()["data"]) == ["a1", "alpha", "beta"]
     assert "127.0.0.1" not in r.text
     b.healthy = False
-    wait_until(lambda: [m["id"] for m in httpx.get(gw.url + "/v1/models", headers={
-        "Authorization": f"Bearer {key}"}).json()["data"]] == ["alpha", "a1"], what="beta to leave /v1/models")
+    wait_until(
+        lambda: (
+            [
+                m["id"]
+                for m in httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+            ]
+            == ["alpha", "a1"]
+        ),
+        what="beta to leave /v1/models",
+    )
     assert httpx.get(gw.url + "/health").json()["status"] == "ok"
 
 
@@ -204,7 +233,8 @@ def test_client_keys_hashed_limited_expiring_revocable(gateway, engines):
 
     # Only hashes are stored.
     db = (gw.home / "gateway" / "registry.db").read_bytes() + b"".join(
-        p.read_bytes() for p in (gw.home / "gateway").glob("registry.db-*"))
+        p.read_bytes() for p in (gw.home / "gateway").glob("registry.db-*")
+    )
     for k in (everything, only_alpha, short):
         assert k["key"].encode() not in db
     rows = sqlite3.connect(gw.home / "gateway" / "registry.db").execute("SELECT key_hash FROM api_keys").fetchall()
@@ -238,9 +268,19 @@ def test_streaming_passes_events_through_as_they_arrive(gateway, engines):
     # held events back (until more came, or the end) would leave the client waiting forever.
     engine.release("step", 1)
     try:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                          timeout=30, json={"model": "smol", "stream": True, "fake_chunks": 5, "fake_hold": "step",
-                                            "stream_options": {"include_usage": True}}) as r:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+            json={
+                "model": "smol",
+                "stream": True,
+                "fake_chunks": 5,
+                "fake_hold": "step",
+                "stream_options": {"include_usage": True},
+            },
+        ) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -259,8 +299,12 @@ def test_client_disconnect_cancels_upstream_request(gateway, engines):
     with gw.client() as c:
         c.register("smol", engine.base_url, engine_api_key="engine-secret")
     key = new_key(gw)
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                      json={"model": "smol", "stream": True, "fake_chunks": 100, "fake_delay": 0.1}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "smol", "stream": True, "fake_chunks": 100, "fake_delay": 0.1},
+    ) as r:
         next(r.iter_lines())
     # The client closed its connection after one event; the engine must see its request end.
     wait_until(lambda: engine.cancelled == 1, what="the engine's stream to be cancelled")
@@ -274,9 +318,10 @@ def test_client_disconnect_cancels_a_slow_non_streaming_request(gateway, engines
     key = new_key(gw)
     body = json.dumps({"model": "smol", "messages": [], "fake_delay": 600}).encode()  # a long generation
     with socket.create_connection(("127.0.0.1", gw.port)) as client:
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
-                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                       % (key.encode(), len(body), body))
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+        )
         # The client gives up and closes once the engine is working on its request.
         wait_until(lambda: "fake_delay" in engine.last.get("body", ""), what="the request to reach the engine")
     wait_until(lambda: engine.cancelled == 1, what="the engine's request to be cancelled")
@@ -289,15 +334,21 @@ def test_client_disconnect_cancels_a_slow_non_streaming_request(gateway, engines
 
 def _stream_in_background(gw, key, model, results, hold: str, chunks=10):
     """A stream the engine holds open until the test calls `engine.release(hold)`."""
+
     def run():
         try:
-            with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60,
-                              headers={"Authorization": f"Bearer {key}"},
-                              json={"model": model, "stream": True, "fake_chunks": chunks, "fake_hold": hold}) as r:
+            with httpx.stream(
+                "POST",
+                gw.url + "/v1/chat/completions",
+                timeout=60,
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": model, "stream": True, "fake_chunks": chunks, "fake_hold": hold},
+            ) as r:
                 events = [line for line in r.iter_lines() if line.startswith("data: ")]
                 results.append((r.status_code, events, r.headers.get("x-cortex-replica")))
         except httpx.HTTPError as exc:
             results.append(("error", repr(exc), None))
+
     t = threading.Thread(target=run)
     t.start()
     return t
@@ -315,8 +366,9 @@ def test_least_in_flight_spreads_concurrent_requests(gateway, engines):
         threads.append(_stream_in_background(gw, key, "smol", results, hold="spread"))
         # Held open, and the next one sent only once this one counts: each request sees the loads
         # the ones before it left, however slow the machine.
-        wait_until(lambda k=k: sum(r["in_flight"] for r in gw.client().list()["replicas"]) == k,
-                   what=f"{k} streams in flight")
+        wait_until(
+            lambda k=k: sum(r["in_flight"] for r in gw.client().list()["replicas"]) == k, what=f"{k} streams in flight"
+        )
     for engine in (a, b):
         engine.release("spread")
     for t in threads:
@@ -367,8 +419,13 @@ def test_engine_killed_mid_stream_gives_error_event_then_failover_then_503(gatew
     events = []
     for engine in (a, b):
         engine.release("victim", 3)  # three events, then the stream waits: it dies mid-response, not after it
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                      timeout=30, json={"model": "smol", "stream": True, "fake_chunks": 50, "fake_hold": "victim"}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+        json={"model": "smol", "stream": True, "fake_chunks": 50, "fake_hold": "victim"},
+    ) as r:
         victim = a if r.headers["x-cortex-replica"] == ra["id"] else b
         survivor = b if victim is a else a
         for line in r.iter_lines():
@@ -407,8 +464,10 @@ def test_drain_finishes_in_flight_requests_then_removes_replica(gateway, engines
         assert r_old["id"] in [x["id"] for x in c.list()["replicas"]]  # still finishing its stream (held open)
         old.release("drain")
         # a draining replica leaves by itself once its last request ends
-        wait_until(lambda: [x["id"] for x in c.list()["replicas"]] == [r_new["id"]],
-                   what="the drained replica to leave after its stream ended")
+        wait_until(
+            lambda: [x["id"] for x in c.list()["replicas"]] == [r_new["id"]],
+            what="the drained replica to leave after its stream ended",
+        )
     t.join()
     status, events, replica = results[0]
     assert status == 200 and replica == r_old["id"] and events[-1] == "data: [DONE]" and len(events) == 11
@@ -551,8 +610,11 @@ def test_metrics_and_access_log_without_prompts(gateway, engines):
         rep = c.register("smol", engine.base_url, engine_api_key="engine-secret")
     key = new_key(gw)
     secret_prompt = "the-password-is-swordfish-4711"
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                   json={"model": "smol", "messages": [{"role": "user", "content": secret_prompt}]})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "smol", "messages": [{"role": "user", "content": secret_prompt}]},
+    )
     assert r.status_code == 200
     chat(gw, key, "nope")
     chat(gw, key, "smol", fake_status=500)
@@ -564,10 +626,10 @@ def test_metrics_and_access_log_without_prompts(gateway, engines):
     assert "nope" not in text  # an unknown name a client sent never becomes a series
     assert f'cortex_gateway_tokens_total{{{labels},type="prompt"}} 7' in text
     assert f'cortex_gateway_errors_total{{{labels},kind="upstream_status_5xx"}} 1' in text
-    assert f'cortex_gateway_in_flight{{{labels}}} 0' in text
-    assert f'cortex_gateway_request_duration_seconds_count{{{labels}}} 2' in text
+    assert f"cortex_gateway_in_flight{{{labels}}} 0" in text
+    assert f"cortex_gateway_request_duration_seconds_count{{{labels}}} 2" in text
     assert f'cortex_gateway_time_to_first_byte_seconds_bucket{{{labels},le="+Inf"}} 2' in text
-    assert f'cortex_gateway_overhead_seconds_count{{{labels}}} 2' in text
+    assert f"cortex_gateway_overhead_seconds_count{{{labels}}} 2" in text
     wait_until(lambda: gw.log().count('"path":"/v1/chat/completions"') >= 2, what="access log lines")
     log = gw.log()
     assert secret_prompt not in log
@@ -582,7 +644,9 @@ def test_metrics_and_access_log_without_prompts(gateway, engines):
 def test_settings_precedence_env_then_file_then_default(tmp_path):
     home = tmp_path / "h"
     home.mkdir()
-    (home / "config.yaml").write_text("gateway_url: http://gw.internal:9000\ngateway_port: 9000\nadmin_token: from-file\n")
+    (home / "config.yaml").write_text(
+        "gateway_url: http://gw.internal:9000\ngateway_port: 9000\nadmin_token: from-file\n"
+    )
     s = Settings.load(env={"CORTEX_HOME": str(home), "CORTEX_GATEWAY_PORT": "7000"})
     assert s.gateway_url == "http://gw.internal:9000"
     assert s.gateway_port == 7000

@@ -100,15 +100,17 @@ def test_a_head_over_the_limit_gets_431_and_the_connection_is_closed(gateway, en
     # A small head whose body arrives in the same packet as the head is not mistaken for a big head.
     body = json.dumps({"model": "smol", "messages": [], "pad": "x" * 60_000}).encode()
     with connect(gw) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                     % (key.encode(), len(body), body))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (key.encode(), len(body), body)
+        )
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     # The limit holds for the next head on a kept-alive connection too, also after a request
     # the gateway answered (401) before its body was in.
     with connect(gw) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 20\r\n\r\n{\"mod")
+        sock.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 20\r\n\r\n{"mod')
         first = b""
         while b"invalid_api_key" not in first:
             chunk = sock.recv(65536)
@@ -155,8 +157,10 @@ def test_a_stalled_body_is_closed_after_the_body_timeout(gateway, engine):
         c.register("smol", engine.base_url, engine_api_key="engine-secret")
         key = c.create_key()["key"]
     with connect(gw) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"model\": " % key.encode())
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b'Content-Length: 100\r\n\r\n{"model": ' % key.encode()
+        )
         status, error = status_and_error(read_until_closed(sock))
     assert status == 408 and error["code"] == "body_timeout", error
     assert 'reason="body_timeout"' in httpx.get(gw.url + "/metrics").text
@@ -180,8 +184,10 @@ def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(gateway, 
     try:
         # About 30 MB of events, far more than the socket buffers between the two hold.
         body = json.dumps({"model": "smol", "stream": True, "fake_chunks": 200_000}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+        )
         wait_for(lambda: 'reason="send_timeout"' in httpx.get(gw.url + "/metrics").text, "the send timeout")
         # The engine's stream is cancelled with the connection: the replica has nothing in flight.
         with gw.client() as c:
@@ -264,8 +270,11 @@ def test_an_endless_header_neither_stalls_keyed_requests_nor_takes_a_replica_out
             # Enough requests to overlap many attacking connections, each one checked.
             while len(statuses) < 30 or seen["closed"] < 5:
                 assert time.monotonic() < deadline, f"attack never got going: {seen}"
-                r = client.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                json={"model": "smol", "messages": [{"role": "user", "content": "hi"}]})
+                r = client.post(
+                    gw.url + "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "smol", "messages": [{"role": "user", "content": "hi"}]},
+                )
                 statuses.append(r.status_code)
                 healthy_throughout &= all(rep["healthy"] for rep in admin.list()["replicas"])
             rss_during = gw.rss_bytes()

@@ -21,9 +21,14 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    g = GatewayProcess(tmp_path_factory.mktemp("gateway-home"),
-                       env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "30",
-                            "CORTEX_GATEWAY_MAX_BODY_BYTES": "200000"}).start()
+    g = GatewayProcess(
+        tmp_path_factory.mktemp("gateway-home"),
+        env={
+            "CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5",
+            "CORTEX_GATEWAY_HEALTH_TIMEOUT": "30",
+            "CORTEX_GATEWAY_MAX_BODY_BYTES": "200000",
+        },
+    ).start()
     yield g
     g.stop()
 
@@ -74,8 +79,14 @@ def test_chat_and_completions_match_the_engine(gateway, routed, llama_server):
 def test_streaming_with_usage_matches_the_engine(gateway, routed, llama_server):
     def collect(client, model):
         text, usage, chunks = "", None, 0
-        for chunk in client.chat.completions.create(model=model, messages=MESSAGES, stream=True, extra_body=NO_CACHE,
-                                                    stream_options={"include_usage": True}, **GREEDY):
+        for chunk in client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            stream=True,
+            extra_body=NO_CACHE,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        ):
             chunks += 1
             if chunk.choices and chunk.choices[0].delta.content:
                 text += chunk.choices[0].delta.content
@@ -132,8 +143,14 @@ def test_engine_killed_mid_stream_gives_clean_error_then_503(tmp_path, start_lla
         received = 0
         # ignore_eos and room for thousands of tokens: the answer cannot be over by the third chunk.
         with pytest.raises(openai.APIError) as err:
-            for chunk in g.chat.completions.create(model="smollm2", messages=MESSAGES, stream=True,
-                                                   max_tokens=4096, temperature=0, extra_body={"ignore_eos": True}):
+            for chunk in g.chat.completions.create(
+                model="smollm2",
+                messages=MESSAGES,
+                stream=True,
+                max_tokens=4096,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            ):
                 received += 1
                 if received == 3:
                     victim.process.kill()
@@ -151,8 +168,9 @@ def test_engine_killed_mid_stream_gives_clean_error_then_503(tmp_path, start_lla
 def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test_model):
     # No health checks during the test: under 20 clients a slow /health must not take a replica
     # out. Registration marks a replica healthy, and the drain is what is tested.
-    gw = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "3600",
-                                                "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}).start()
+    gw = GatewayProcess(
+        tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_INTERVAL": "3600", "CORTEX_GATEWAY_HEALTH_TIMEOUT": "5"}
+    ).start()
     try:
         old = start_llama_server(test_model.gguf, "--alias", "smollm2")
         with gw.client() as c:
@@ -167,7 +185,8 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
             while not stop.is_set():
                 try:
                     resp = g.chat.completions.with_raw_response.create(
-                        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+                        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+                    )
                     resp.parse()
                     served.append(resp.headers["x-cortex-replica"])
                 except Exception as exc:  # any failure is the test's finding
@@ -178,7 +197,9 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
             t.start()
         # Traffic on the old replica first (counted, not slept for: a slow machine serves less in 3 s).
         wait_until(lambda: len(served) >= 20 or errors, "20 requests served by the old replica")
-        new = start_llama_server(test_model.gguf, "--alias", "smollm2")  # the new replica comes up while the old one serves
+        new = start_llama_server(
+            test_model.gguf, "--alias", "smollm2"
+        )  # the new replica comes up while the old one serves
         with gw.client() as c:
             r_new = c.register("smollm2", new.base_url, engine_api_key=new.api_key)
             c.drain(r_old["id"], wait=True, timeout=600)
@@ -191,8 +212,10 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
         assert errors == [], errors[:5]
         assert served.count(r_old["id"]) > 0 and served.count(r_new["id"]) > 0
         # Once drained, no request went to the old one (20 may still be on their way to the list).
-        assert r_old["id"] not in served[drained_at + 20:]
-        print(f"\nredeploy under 20 clients: {len(served)} requests, 0 errors "
-              f"({served.count(r_old['id'])} old, {served.count(r_new['id'])} new)")
+        assert r_old["id"] not in served[drained_at + 20 :]
+        print(
+            f"\nredeploy under 20 clients: {len(served)} requests, 0 errors "
+            f"({served.count(r_old['id'])} old, {served.count(r_new['id'])} new)"
+        )
     finally:
         gw.stop()

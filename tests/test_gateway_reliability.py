@@ -60,11 +60,14 @@ HOLD = "thousand"  # the engine holds every stream before its first event until 
 
 
 async def _one_stream(port: int, key: str, results: list) -> None:
-    body = json.dumps({"model": "smol", "stream": True, "fake_chunks": CHUNKS, "fake_delay": 0.4,
-                       "fake_hold": HOLD}).encode()
+    body = json.dumps(
+        {"model": "smol", "stream": True, "fake_chunks": CHUNKS, "fake_delay": 0.4, "fake_hold": HOLD}
+    ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+    )
     data = b""
     while b"data: [DONE]" not in data:
         chunk = await reader.read(65536)
@@ -107,24 +110,33 @@ def test_thousand_concurrent_streams_with_bounded_memory(gateway, engine):
         key = c.create_key()["key"]
     # Warm up: imports, first connections, metrics series.
     for _ in range(20):
-        assert httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": "smol", "stream": True, "fake_chunks": 2}).status_code == 200
+        assert (
+            httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "smol", "stream": True, "fake_chunks": 2},
+            ).status_code
+            == 200
+        )
     baseline = gw.rss_bytes()
     t0 = time.monotonic()
     peak = asyncio.run(_hold_streams(gw, engine, key, gw.admin_token()))
     elapsed = time.monotonic() - t0
     growth = peak["rss"] - baseline
-    print(f"\n{STREAMS} streams x {CHUNKS} events in {elapsed:.1f} s: {peak['ok']} complete, "
-          f"peak in flight {peak['in_flight']}, gateway RSS {baseline / 2**20:.1f} MiB idle -> "
-          f"{peak['rss'] / 2**20:.1f} MiB peak (+{growth / 2**20:.1f} MiB, "
-          f"{growth / STREAMS / 1024:.1f} KiB per stream)")
+    print(
+        f"\n{STREAMS} streams x {CHUNKS} events in {elapsed:.1f} s: {peak['ok']} complete, "
+        f"peak in flight {peak['in_flight']}, gateway RSS {baseline / 2**20:.1f} MiB idle -> "
+        f"{peak['rss'] / 2**20:.1f} MiB peak (+{growth / 2**20:.1f} MiB, "
+        f"{growth / STREAMS / 1024:.1f} KiB per stream)"
+    )
     assert peak["ok"] == STREAMS
     assert peak["in_flight"] == STREAMS, "the streams were not held open at the same time"
     assert growth < 150 * 2**20, f"gateway memory grew by {growth / 2**20:.0f} MiB for {STREAMS} streams"
     with gw.client() as c:
         assert c.list()["replicas"][0]["in_flight"] == 0
     assert 'kind="' not in "\n".join(
-        line for line in httpx.get(gw.url + "/metrics").text.splitlines() if line.startswith("cortex_gateway_errors"))
+        line for line in httpx.get(gw.url + "/metrics").text.splitlines() if line.startswith("cortex_gateway_errors")
+    )
 
 
 # --- schema fuzz ---------------------------------------------------------------------------------
@@ -144,8 +156,9 @@ def test_fuzzed_requests_never_get_a_500(gw, engine):
         secret = token if operation.path.startswith("/admin") else key
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                  derandomize=True)
+        @settings(
+            max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def check(case) -> None:
             response = case.call(base_url=gw.url, headers={"Authorization": f"Bearer {secret}"}, timeout=15)
             seen[f"{case.method} {case.path} {response.status_code}"] = 1
@@ -174,8 +187,7 @@ def test_every_admin_route_requires_the_admin_token(gw, engine):
     with gw.client() as c:
         c.register("smol", engine.base_url, engine_api_key="engine-secret")
         client_key = c.create_key()["key"]
-    documented = {(m.upper(), p) for p, ops in openapi.schema()["paths"].items() if p.startswith("/admin")
-                  for m in ops}
+    documented = {(m.upper(), p) for p, ops in openapi.schema()["paths"].items() if p.startswith("/admin") for m in ops}
     routed = {(r.method, r.path) for r in ADMIN_ROUTES}
     assert documented == routed, "an admin route is missing from ADMIN_ROUTES or from the OpenAPI schema"
     assert len(routed) >= 7
@@ -183,13 +195,19 @@ def test_every_admin_route_requires_the_admin_token(gw, engine):
     for method, path in sorted(routed) + [("GET", "/admin"), ("GET", "/admin/unknown"), ("PUT", "/admin/replicas")]:
         for auth in wrong:
             headers = {"Authorization": auth} if auth else {}
-            r = httpx.request(method, gw.url + _concrete(path), headers=headers, json={"model": "x", "url": "http://h:1"})
+            r = httpx.request(
+                method, gw.url + _concrete(path), headers=headers, json={"model": "x", "url": "http://h:1"}
+            )
             assert r.status_code == 401, (method, path, auth, r.status_code)
             assert r.json()["error"]["code"] == "invalid_admin_token"
     # And with the token each route answers something other than 401.
     token = gw.admin_token()
     valid = {"/admin/replicas": {"model": "x", "url": "http://127.0.0.1:1"}, "/admin/keys": {"name": "k"}}
     for method, path in sorted(routed):
-        r = httpx.request(method, gw.url + _concrete(path), headers={"Authorization": f"Bearer {token}"},
-                          json=valid.get(path) if method == "POST" else None)
+        r = httpx.request(
+            method,
+            gw.url + _concrete(path),
+            headers={"Authorization": f"Bearer {token}"},
+            json=valid.get(path) if method == "POST" else None,
+        )
         assert r.status_code in (200, 201, 404), (method, path, r.status_code, r.text)

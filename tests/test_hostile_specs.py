@@ -79,8 +79,20 @@ def check(case: Case, path: Path, code: int, out: str, err: str) -> None:
 def test_corpus_has_every_class_and_over_a_hundred_files() -> None:
     assert len(CASES) >= 100
     assert len({c.name for c in CASES}) == len(CASES)
-    assert {c.cls for c in CASES} >= {"file", "yaml", "numbers", "patterns", "cron", "timezone", "paths", "secrets", "gguf",
-                                      "config", "tokenizer", "safetensors"}
+    assert {c.cls for c in CASES} >= {
+        "file",
+        "yaml",
+        "numbers",
+        "patterns",
+        "cron",
+        "timezone",
+        "paths",
+        "secrets",
+        "gguf",
+        "config",
+        "tokenizer",
+        "safetensors",
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -104,8 +116,9 @@ def _one_per_class(command: str) -> list[Case]:
 
 def _process(args: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          timeout=PROCESS_GUARD_S, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=PROCESS_GUARD_S, env=env, cwd=ROOT
+    )
 
 
 def test_one_spec_per_class_through_the_real_validate(corpus: Path) -> None:

@@ -81,8 +81,9 @@ def test_fetch_pins_the_commit_and_fetches_only_what_is_needed(repo_folder, hub_
         (hub_env / "extra").mkdir()
         changed = {p.name: p for p in repo_folder.iterdir()}
         changed["config.json"] = hub_env / "extra" / "config.json"
-        changed["config.json"].write_text(json.dumps({**json.loads((repo_folder / "config.json").read_text()),
-                                                       "comment": "second commit"}))
+        changed["config.json"].write_text(
+            json.dumps({**json.loads((repo_folder / "config.json").read_text()), "comment": "second commit"})
+        )
         second = repo.commit(changed)
         assert hub.resolve_revision(REPO, "main") == second
         pinned = hub.fetch(REPO, first)
@@ -201,11 +202,12 @@ def test_not_enough_space_is_a_clear_error_before_any_byte_moves(repo_folder, hu
     The HF cache sits on a real 20 MB tmpfs, smaller than the 270 MB checkpoint."""
     mount = hub_env / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     assert result.returncode == 0, (
-        f"this test needs a 20 MB tmpfs (run the tests as root, or in a container with "
-        f"CAP_SYS_ADMIN): {result.stderr}")
+        f"this test needs a 20 MB tmpfs (run the tests as root, or in a container with CAP_SYS_ADMIN): {result.stderr}"
+    )
     server, _ = _serve(repo_folder)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(mount / "hf"))
@@ -290,13 +292,19 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _start_fetch(extra: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _FETCH, REPO], env=_child_env(extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _FETCH, REPO],
+        env=_child_env(extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run_fetch(extra: dict[str, str], check: bool = True):
-    proc = subprocess.run([sys.executable, "-c", _FETCH, REPO], env=_child_env(extra),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FETCH, REPO], env=_child_env(extra), capture_output=True, text=True, timeout=300
+    )
     if not check:
         return proc
     assert proc.returncode == 0, proc.stderr

@@ -27,8 +27,14 @@ from cortex.spec import QualityCheck
 # What llama-perplexity --kl-divergence printed for SmolLM2-135M-Instruct Q4_K_M against its
 # F16 over cortex/data/kld-corpus.txt (stdout and stderr, as Cortex reads them).
 PRINTED = Path(__file__).parent / "data" / "llama-perplexity-kld-q4_k_m.txt"
-FACTS = dict(candidate_label="Q4_K_M", corpus="kld-corpus.txt", corpus_sha256="c" * 64, reference_sha256="r" * 64,
-             candidate_sha256="q" * 64, toolchain_version=tc.TOOLCHAIN_VERSION)
+FACTS = dict(
+    candidate_label="Q4_K_M",
+    corpus="kld-corpus.txt",
+    corpus_sha256="c" * 64,
+    reference_sha256="r" * 64,
+    candidate_sha256="q" * 64,
+    toolchain_version=tc.TOOLCHAIN_VERSION,
+)
 
 
 def printed_lines(report: KldReport) -> list[str]:
@@ -83,9 +89,19 @@ def test_kld_gates_judge_the_report() -> None:
 
 
 def test_a_failed_kld_gate_fails_the_quality_check_with_the_numbers() -> None:
-    agreement = QualityReport(reference_label="F16", candidate_label="Q4_K_M", prompts=1, tokens_per_prompt=4,
-                              positions=4, agreements=4, top1_agreement=1.0, identical_continuations=1.0,
-                              mean_first_divergence=4.0, min_top1_agreement=0.5, passed=True)
+    agreement = QualityReport(
+        reference_label="F16",
+        candidate_label="Q4_K_M",
+        prompts=1,
+        tokens_per_prompt=4,
+        positions=4,
+        agreements=4,
+        top1_agreement=1.0,
+        identical_continuations=1.0,
+        mean_first_divergence=4.0,
+        min_top1_agreement=0.5,
+        passed=True,
+    )
     kld = KldReport.from_output(PRINTED.read_text(), **FACTS)
     passing = agreement.with_kld(kld.with_gates(max_kld=kld.mean_kld * 2, min_same_top_p=None))
     assert passing.passed is True and enforce_quality(passing) is passing
@@ -98,10 +114,18 @@ def test_a_failed_kld_gate_fails_the_quality_check_with_the_numbers() -> None:
     assert "Gates: mean KLD <= " in failing.markdown() and "FAILED" in failing.markdown()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_kld", math.nan), ("max_kld", math.inf), ("max_kld", 0), ("max_kld", -0.1),
-    ("min_same_top_p", 1.5), ("min_same_top_p", -0.1), ("min_same_top_p", math.nan),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_kld", math.nan),
+        ("max_kld", math.inf),
+        ("max_kld", 0),
+        ("max_kld", -0.1),
+        ("min_same_top_p", 1.5),
+        ("min_same_top_p", -0.1),
+        ("min_same_top_p", math.nan),
+    ],
+)
 def test_kld_gates_in_the_spec_are_finite_and_in_range(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         QualityCheck(**{field: value})
@@ -128,8 +152,9 @@ def test_cortex_reports_what_llama_perplexity_prints(toolchain, smollm2_ggufs, t
     q4_report = measure_kld(f16, q4, candidate_label="Q4_K_M", toolchain=toolchain, cache=tmp_path)
     [folder] = [p for p in tmp_path.iterdir() if p.is_dir()]
     base = folder / BASE_FILE
-    by_hand = subprocess.run(kld_command(toolchain, q4, base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, check=True).stdout
+    by_hand = subprocess.run(
+        kld_command(toolchain, q4, base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True
+    ).stdout
     for line in printed_lines(q4_report):
         assert line in by_hand, f"{line!r} is not what llama-perplexity printed:\n{by_hand[-2500:]}"
     assert q4_report.printed in by_hand
@@ -155,6 +180,12 @@ def test_a_corpus_under_two_chunks_is_refused_with_the_reason(toolchain, smollm2
     short = tmp_path / "short.txt"
     short.write_text("A few words are not enough to measure anything.\n")
     with pytest.raises(KldError, match="at least 512 tokens"):
-        measure_kld(smollm2_ggufs["F16"], smollm2_ggufs["Q8_0"], candidate_label="Q8_0", corpus=short,
-                    toolchain=toolchain, cache=tmp_path / "kld")
+        measure_kld(
+            smollm2_ggufs["F16"],
+            smollm2_ggufs["Q8_0"],
+            candidate_label="Q8_0",
+            corpus=short,
+            toolchain=toolchain,
+            cache=tmp_path / "kld",
+        )
     assert not list((tmp_path / "kld").rglob("*.kld"))  # nothing half-saved is left to be reused

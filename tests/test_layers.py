@@ -24,9 +24,12 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 def test_the_core_imports_no_prefect_flows_tasks_or_cli() -> None:
     files = sorted(CORE.rglob("*.py"))
     assert len(files) > 40  # the scan really reads the core
-    offending = [f"{path.relative_to(CORE.parent)}:{line}: import {name}"
-                 for path in files for line, name in _imports(path)
-                 if name.split(".")[0] in FORBIDDEN]
+    offending = [
+        f"{path.relative_to(CORE.parent)}:{line}: import {name}"
+        for path in files
+        for line, name in _imports(path)
+        if name.split(".")[0] in FORBIDDEN
+    ]
     assert offending == [], "\n".join(offending)
 
 
@@ -55,6 +58,9 @@ def test_the_runtime_never_imports_the_test_support_package() -> None:
             elif isinstance(node, ast.ImportFrom):
                 module = _absolute(path, node)
                 names = [module] + [f"{module}.{alias.name}" for alias in node.names]
-            offending += [f"{path.relative_to(CORE.parent)}:{node.lineno}: {name}" for name in names
-                          if name == "cortex.testing" or name.startswith("cortex.testing.")]
+            offending += [
+                f"{path.relative_to(CORE.parent)}:{node.lineno}: {name}"
+                for name in names
+                if name == "cortex.testing" or name.startswith("cortex.testing.")
+            ]
     assert offending == [], "\n".join(offending)

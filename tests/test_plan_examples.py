@@ -59,7 +59,12 @@ def test_llama_3_70b_is_vllm_tp4_and_fits_barely() -> None:
 
 
 def test_vllm_pinned_on_too_few_gpus_says_what_would_fit(tmp_path: Path) -> None:
-    text = (SPECS / "llama-3-70b-instruct.yaml").read_text().replace("engine: auto", "engine: vllm").replace("gpus: 4", "gpus: 2")
+    text = (
+        (SPECS / "llama-3-70b-instruct.yaml")
+        .read_text()
+        .replace("engine: auto", "engine: vllm")
+        .replace("gpus: 4", "gpus: 2")
+    )
     (tmp_path / "hub").symlink_to(SPECS / "hub")
     (tmp_path / "s.yaml").write_text(text)
     m = plan_spec_file(tmp_path / "s.yaml")
@@ -129,25 +134,63 @@ def test_smollm2_gguf_local_file(test_model) -> None:
 
 def test_plan_json_contract(test_model) -> None:
     for name in ("gpt-oss-120b", "llama-3-8b-instruct", "smollm2-135m-instruct-gguf"):
-        proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / f"{name}.yaml"), "--json"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", "plan", str(SPECS / f"{name}.yaml"), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["engine"] in ("vllm", "llamacpp")
         assert all({"rule", "matched", "reason"} <= set(t) for t in out["trace"])
-        for key in ("quantization", "tensor_parallel_size", "ngl", "tensor_split", "context", "parallel", "devices", "fits"):
+        for key in (
+            "quantization",
+            "tensor_parallel_size",
+            "ngl",
+            "tensor_split",
+            "context",
+            "parallel",
+            "devices",
+            "fits",
+        ):
             assert key in out["plan"]
         for d in out["plan"]["devices"]:
             assert set(d) >= {"weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes", "capacity_bytes"}
         assert set(out["artifact"]) >= {"format", "quantization", "predicted_bytes"}
-        assert set(out["launch"]) >= {"image", "name", "command", "env", "mounts", "gpus", "port", "health_path", "stop_timeout_s"}
+        assert set(out["launch"]) >= {
+            "image",
+            "name",
+            "command",
+            "env",
+            "mounts",
+            "gpus",
+            "port",
+            "health_path",
+            "stop_timeout_s",
+        }
         assert isinstance(out["launch"]["command"], list)
         assert all(isinstance(v, str) or set(v) == {"secret"} for v in out["launch"]["env"].values())
 
 
 def test_plan_gpu_override_on_the_command_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / "llama-3-8b-instruct.yaml"),
-                           "--gpus", "2", "--gpu-memory", "24GiB", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "plan",
+            str(SPECS / "llama-3-8b-instruct.yaml"),
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "24GiB",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["plan"]["devices"]) >= 1
@@ -155,8 +198,12 @@ def test_plan_gpu_override_on_the_command_line() -> None:
 
 
 def test_plan_text_explains_the_trace() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cli", "plan", str(SPECS / "gpt-oss-120b.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "plan", str(SPECS / "gpt-oss-120b.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "=> gpt-oss" in proc.stdout and "policy:" in proc.stdout
     assert "vLLM was not chosen" in proc.stdout

@@ -26,8 +26,9 @@ MiB = 2**20
 @pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
 def test_predicted_gguf_size_within_2_percent(quant: str, test_model, smollm2_ggufs) -> None:
     facts = hf_dir_facts(test_model.hf_dir)
-    predicted = predict_gguf_bytes(facts.tensors, quant, metadata_bytes=facts.metadata_bytes,
-                                   n_gqa=facts.n_gqa, n_expert=1)
+    predicted = predict_gguf_bytes(
+        facts.tensors, quant, metadata_bytes=facts.metadata_bytes, n_gqa=facts.n_gqa, n_expert=1
+    )
     real = smollm2_ggufs[quant].stat().st_size
     assert abs(predicted - real) / real < 0.02, f"{quant}: predicted {predicted:,} vs real {real:,}"
 
@@ -54,13 +55,17 @@ def test_hf_checkpoint_and_its_gguf_agree_on_facts(test_model, smollm2_ggufs) ->
 
 
 def _reported_kv_mib(log: str) -> float:
-    m = re.search(r"llama_kv_cache\w*:\s+size =\s+([\d.]+) MiB", log) or re.search(r"KV (?:self )?size\s*=\s*([\d.]+) MiB", log)
+    m = re.search(r"llama_kv_cache\w*:\s+size =\s+([\d.]+) MiB", log) or re.search(
+        r"KV (?:self )?size\s*=\s*([\d.]+) MiB", log
+    )
     assert m, "llama-server did not report a KV cache size:\n" + log[-3000:]
     return float(m.group(1))
 
 
 @pytest.mark.parametrize("ctx,slots,ctk", [(2048, 1, None), (4096, 2, None), (8192, 4, "q8_0")])
-def test_planned_kv_cache_equals_llama_server(ctx: int, slots: int, ctk: str | None, test_model, start_llama_server) -> None:
+def test_planned_kv_cache_equals_llama_server(
+    ctx: int, slots: int, ctk: str | None, test_model, start_llama_server
+) -> None:
     extra = f"\n  cache_type_k: {ctk}\n  cache_type_v: {ctk}" if ctk else ""
     spec = parse_spec_text(
         f"name: kv\nsource:\n  gguf: {test_model.gguf}\nllamacpp:\n  context_size: {ctx}\n  parallel: {slots}{extra}\n",
@@ -85,7 +90,11 @@ def test_planned_kv_cache_equals_llama_server(ctx: int, slots: int, ctk: str | N
     assert cpu.weights_bytes / MiB == pytest.approx(plan.devices[0].weights_bytes / MiB, abs=0.01)
     assert cpu.overhead_bytes and any("compute buffer size" in line for line in report.lines)
     rows = {r.term: r for r in compare_memory(plan.devices, report).rows}
-    assert not rows["weights"].off and not rows["kv_cache"].off and rows["kv_cache"].deviation == pytest.approx(0, abs=1e-3)
+    assert (
+        not rows["weights"].off
+        and not rows["kv_cache"].off
+        and rows["kv_cache"].deviation == pytest.approx(0, abs=1e-3)
+    )
 
     # The same log in a wording this reader does not know: a typed "could not read", no exception.
     garbled = read_llamacpp_report(log.replace("model buffer size", "model buffer bytes"))

@@ -46,8 +46,13 @@ def _env(prefect_api: str, tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PREFECT_"))}
     # The toolchain and test model stay where `./dev setup` put them; only the artifact cache,
     # stamps and Hub listings of this test go to a fresh CORTEX_CACHE that links to them.
-    env.update(PREFECT_API_URL=prefect_api, CORTEX_CACHE=str(linked_cortex_cache(tmp)), HF_HUB_CACHE=str(tmp / "hf"),
-               HF_HUB_DISABLE_TELEMETRY="1", PREFECT_LOGGING_LEVEL="INFO")
+    env.update(
+        PREFECT_API_URL=prefect_api,
+        CORTEX_CACHE=str(linked_cortex_cache(tmp)),
+        HF_HUB_CACHE=str(tmp / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
     env.update(extra)
     return env
 
@@ -55,8 +60,14 @@ def _env(prefect_api: str, tmp: Path, **extra: str) -> dict[str, str]:
 def _write_spec(tmp: Path, source: dict, name: str = NAME, **more) -> Path:
     import yaml
 
-    spec = {"name": name, "source": source, "engine": "auto", "runtime": "process",
-            "resources": {"concurrency": 2, "context_length": 2048}, **more}
+    spec = {
+        "name": name,
+        "source": source,
+        "engine": "auto",
+        "runtime": "process",
+        "resources": {"concurrency": 2, "context_length": 2048},
+        **more,
+    }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -75,7 +86,9 @@ class CommandLineWatch:
             for pid in os.listdir("/proc"):
                 if pid.isdigit():
                     try:
-                        self.seen.add(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                        self.seen.add(
+                            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        )
                     except OSError:
                         pass
             time.sleep(0.02)
@@ -90,11 +103,16 @@ class CommandLineWatch:
 
 
 def _prepare(spec: Path, env: dict[str, str], check: bool = True) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = subprocess.run([sys.executable, "-m", "cli", "prepare", str(spec), "--json"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "prepare", str(spec), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout[proc.stdout.index("{"):]) if "{" in proc.stdout else {}
+    out = json.loads(proc.stdout[proc.stdout.index("{") :]) if "{" in proc.stdout else {}
     return out, proc
 
 
@@ -129,7 +147,8 @@ async def _all_artifacts_and_logs():
 
 
 def test_prepare_hf_repo_to_verified_f16_and_q8_0_then_cached_then_offline(
-        prefect_api, hub_repo, toolchain, vllm_install, tmp_path):
+    prefect_api, hub_repo, toolchain, vllm_install, tmp_path
+):
     """Client paths: resolve_revision + model_info + snapshot_download(config/tokenizer) first,
     then http_get (weights, with the token), all through HF_ENDPOINT; the converter and
     llama-quantize of the pinned toolchain; Prefect artifacts and logs read back via the API.
@@ -159,8 +178,11 @@ def test_prepare_hf_repo_to_verified_f16_and_q8_0_then_cached_then_offline(
         assert first["artifact_path"] == ggufs["Q8_0.gguf"]["path"]
         # Off a terminal (the command's stderr is a pipe) each long step is a few plain lines.
         said = [line for line in proc1.stderr.splitlines() if line.startswith("cortex: ")]
-        for label, end in ((f"download {weights.path}", "(100%), done ("), ("convert ", ", done ("),
-                           ("quantize ", "tensors, done (")):
+        for label, end in (
+            (f"download {weights.path}", "(100%), done ("),
+            ("convert ", ", done ("),
+            ("quantize ", "tensors, done ("),
+        ):
             lines = [line for line in said if line.startswith(f"cortex: {label}")]
             assert lines and lines[0].endswith("started (0 s)") and end in lines[-1], (label, said)
             assert len(lines) <= 13, lines  # start, tenths, a phase, end: not a line per tensor or chunk
@@ -172,7 +194,9 @@ def test_prepare_hf_repo_to_verified_f16_and_q8_0_then_cached_then_offline(
         table = _read(_artifacts(f"prepare-{NAME}-files"))
         assert table and {row["sha256"] for row in json.loads(table[0].data)} == {f["sha256"] for f in first["files"]}
         report = _read(_artifacts(f"prepare-{NAME}-report"))
-        assert report and "## Decision" in report[0].data and "## Plan" in report[0].data and "## Facts" in report[0].data
+        assert (
+            report and "## Decision" in report[0].data and "## Plan" in report[0].data and "## Facts" in report[0].data
+        )
         for key in (f"prepare-{NAME}-download", f"prepare-{NAME}-build"):
             progress = _read(_artifacts(key))
             assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0, key
@@ -225,8 +249,9 @@ def test_prepare_gguf_file_uses_it_as_is(prefect_api, test_model, tmp_path):
     out, _ = _prepare(spec, _env(prefect_api, tmp_path))
     assert out["engine"] == "llamacpp" and out["format"] == "gguf" and out["built"] == []
     assert out["source_revision"] == sha256_file(Path(test_model.gguf))
-    assert out["files"] == [{"path": str(test_model.gguf), "bytes": Path(test_model.gguf).stat().st_size,
-                             "sha256": out["source_revision"]}]
+    assert out["files"] == [
+        {"path": str(test_model.gguf), "bytes": Path(test_model.gguf).stat().st_size, "sha256": out["source_revision"]}
+    ]
     assert _read(_artifacts("prepare-smollm2-gguf-prep-files"))
 
 
@@ -239,8 +264,9 @@ def test_prepare_gguf_repo_fetches_only_that_file(prefect_api, test_model, tmp_p
     (folder / "SmolLM2-135M-Instruct.Q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
     (folder / "README.md").write_text("two quants\n")
     repo = HubRepo.from_folder("acme/smollm2-gguf", folder)
-    spec = _write_spec(tmp_path, {"repo": "acme/smollm2-gguf", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-                       name="smollm2-ggufrepo-prep")
+    spec = _write_spec(
+        tmp_path, {"repo": "acme/smollm2-gguf", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"}, name="smollm2-ggufrepo-prep"
+    )
     with HubServer([repo]) as server:
         out, _ = _prepare(spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url))
         assert server.gets_of("SmolLM2-135M-Instruct.Q8_0.gguf") == [] and server.gets_of("README.md") == []
@@ -270,8 +296,9 @@ def test_an_architecture_the_converter_does_not_know_fails_before_the_download(p
 def test_offline_with_a_cold_cache_says_so(prefect_api, tmp_path):
     """Client path: HfApi.resolve_revision(local_files_only=True) with nothing cached."""
     spec = _write_spec(tmp_path, {"repo": REPO}, name="cold-prep")
-    out, proc = _prepare(spec, _env(prefect_api, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"),
-                         check=False)
+    out, proc = _prepare(
+        spec, _env(prefect_api, tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"), check=False
+    )
     assert proc.returncode != 0
     assert "OfflineCacheMiss" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr, proc.stderr[-2000:]
 
@@ -286,8 +313,9 @@ def test_prepare_for_vllm_is_the_verified_snapshot_with_the_token_from_a_secret_
     Secret(value=secret).save("cortex-test-hf-token", overwrite=True)
     spec = _write_spec(tmp_path, {"repo": REPO}, name="smollm2-vllm-prep", engine="vllm")
     with HubServer([hub_repo], token=secret) as server:
-        out, proc = _prepare(spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url,
-                                        CORTEX_HF_TOKEN_BLOCK="cortex-test-hf-token"))
+        out, proc = _prepare(
+            spec, _env(prefect_api, tmp_path, HF_ENDPOINT=server.url, CORTEX_HF_TOKEN_BLOCK="cortex-test-hf-token")
+        )
         assert all(r.authorized for r in server.requests if REPO in r.path)
     _, logs, runs, _ = _read(_all_artifacts_and_logs())
     assert secret not in "\n".join(log.message for log in logs) + json.dumps([r.parameters for r in runs])
@@ -336,8 +364,9 @@ def test_no_room_for_download_plus_conversion_fails_before_the_download(prefect_
     450 MB tmpfs: the 270 MB download fits, the download plus the F16 and Q8_0 files do not."""
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450M", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=450M", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     assert result.returncode == 0, f"this test needs a tmpfs mount (root or CAP_SYS_ADMIN): {result.stderr}"
     try:
         spec = _write_spec(tmp_path, {"repo": REPO}, name="full-prep", quantization="Q8_0")
@@ -358,8 +387,13 @@ def test_a_killed_prepare_resumes_its_download(prefect_api, hub_repo, tmp_path):
     size = next(f.size for f in hub_repo.commits[hub_repo.refs["main"]].values() if f.path == "model.safetensors")
     with HubServer([hub_repo], throttle_bytes_per_s=30_000_000) as server:
         env = _env(prefect_api, tmp_path, HF_ENDPOINT=server.url)
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "prepare", str(spec), "--json"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "prepare", str(spec), "--json"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         kept = 0
         while time.monotonic() < deadline and kept < size // 4:
@@ -376,4 +410,8 @@ def test_a_killed_prepare_resumes_its_download(prefect_api, hub_repo, tmp_path):
     assert [g.range for g in gets] == [None, f"bytes={kept}-"]
     assert out["resumed_bytes"] == kept and out["cached"] is False
     weights = next(f for f in out["files"] if f["path"].endswith("model.safetensors"))
-    assert sha256_file(Path(weights["path"])) == weights["sha256"] == hub_repo.commits[hub_repo.refs["main"]]["model.safetensors"].sha256
+    assert (
+        sha256_file(Path(weights["path"]))
+        == weights["sha256"]
+        == hub_repo.commits[hub_repo.refs["main"]]["model.safetensors"].sha256
+    )

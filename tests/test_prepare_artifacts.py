@@ -37,10 +37,12 @@ def tmpfs(tmp_path):
     def mount(size: str) -> Path:
         where = tmp_path / f"tmpfs-{len(mounted)}"
         where.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         assert result.returncode == 0, (
-            f"this test needs a tmpfs mount (run as root, or with CAP_SYS_ADMIN): {result.stderr}")
+            f"this test needs a tmpfs mount (run as root, or with CAP_SYS_ADMIN): {result.stderr}"
+        )
         mounted.append(where)
         return where
 
@@ -53,10 +55,19 @@ def _build(test_model, toolchain, store, quant="Q8_0", **kw):
     steps: list[tuple[str, bool]] = []
     lines: list[str] = []
     result = art.build_gguf(
-        Path(test_model.hf_dir), source_id=SOURCE_ID, quantization=quant, toolchain=toolchain,
-        model_name="SmolLM2-135M-Instruct", architecture="llama", source={"kind": "hf_dir"},
-        weights_bytes=(Path(test_model.hf_dir) / "model.safetensors").stat().st_size, store=store,
-        log=lines.append, on_step=lambda name, a, built: steps.append((name, built)), **kw)
+        Path(test_model.hf_dir),
+        source_id=SOURCE_ID,
+        quantization=quant,
+        toolchain=toolchain,
+        model_name="SmolLM2-135M-Instruct",
+        architecture="llama",
+        source={"kind": "hf_dir"},
+        weights_bytes=(Path(test_model.hf_dir) / "model.safetensors").stat().st_size,
+        store=store,
+        log=lines.append,
+        on_step=lambda name, a, built: steps.append((name, built)),
+        **kw,
+    )
     return result, steps, lines
 
 
@@ -65,7 +76,8 @@ def test_the_converter_table_is_what_the_installed_converter_registers(toolchain
     parsed = art.read_converter_architectures(toolchain.convert_script.parent)
     assert parsed == art.converter_architectures(toolchain.version), (
         "cortex/data/converter-architectures.json is stale for this toolchain; regenerate it with "
-        "python -c 'from cortex.artifacts import write_converter_table; write_converter_table()'")
+        "python -c 'from cortex.artifacts import write_converter_table; write_converter_table()'"
+    )
     assert parsed["LlamaForCausalLM"] == "llama" and parsed["GptOssForCausalLM"] == "gpt-oss"
     with pytest.raises(art.UnsupportedArchitecture, match="CortexNovelForCausalLM.*vLLM"):
         art.gguf_architecture_for(["CortexNovelForCausalLM"], toolchain.version)
@@ -101,12 +113,17 @@ def test_convert_quantize_verify_then_reuse(test_model, toolchain, vllm_install,
     assert steps == [("Q8_0", False)] and again[0].files == q8.files
     assert lines == [] and q8.model_file.stat().st_mtime_ns == mtime  # nothing logged, nothing rewritten
 
-    listing = subprocess.run([sys.executable, "-m", "cli", "cache", "list", "--json"],
-                             capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        [sys.executable, "-m", "cli", "cache", "list", "--json"], capture_output=True, text=True, check=True
+    )
     rows = json.loads(listing.stdout)["artifacts"]
     assert {(r["quantization"], r["bytes"]) for r in rows} == {("F16", f16.total_bytes), ("Q8_0", q8.total_bytes)}
-    subprocess.run([sys.executable, "-m", "cli", "cache", "prune", "--key", f16.key.digest[:10]],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "cli", "cache", "prune", "--key", f16.key.digest[:10]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert [a.key.quantization for a in store.list()] == ["Q8_0"]
 
 
@@ -131,8 +148,9 @@ def test_too_little_space_is_refused_before_the_converter_runs(test_model, toolc
     assert list(store.root.iterdir()) == []
 
 
-def test_a_disk_that_fills_up_during_conversion_leaves_nothing_behind(test_model, toolchain, vllm_install,
-                                                                       tmpfs, cortex_cache):
+def test_a_disk_that_fills_up_during_conversion_leaves_nothing_behind(
+    test_model, toolchain, vllm_install, tmpfs, cortex_cache
+):
     """The space check passes (400 MB free), then another writer fills the disk while the
     converter writes: it fails with ENOSPC, the build folder goes, the cache stays empty."""
     store = art.ArtifactStore(tmpfs("400M"))
@@ -171,8 +189,12 @@ art.build_gguf(Path(m.hf_dir), source_id=sys.argv[1], quantization="F16", toolch
 def test_a_killed_build_leaves_no_artifact_and_prune_clears_it(test_model, toolchain, vllm_install, cortex_cache):
     """SIGKILL to the building process (and its converter) while the GGUF is being written."""
     store = art.ArtifactStore()
-    proc = subprocess.Popen([sys.executable, "-c", _BUILD, SOURCE_ID], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD, SOURCE_ID],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         partial = list(store.root.glob(".build-*/*.gguf"))
@@ -185,7 +207,8 @@ def test_a_killed_build_leaves_no_artifact_and_prune_clears_it(test_model, toolc
     proc.wait()
     assert store.list() == [] and store.get(art.ArtifactKey(SOURCE_ID, "F16", toolchain.version)) is None
     assert len(store.stale_builds()) == 1
-    out = subprocess.run([sys.executable, "-m", "cli", "cache", "prune", "--stale-builds"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "cache", "prune", "--stale-builds"], capture_output=True, text=True, check=True
+    )
     assert "leftover build" in out.stdout
     assert not list(store.root.glob(".build-*"))

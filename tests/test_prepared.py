@@ -58,7 +58,8 @@ def _spec(source: dict, **more) -> ModelSpec:
 
 
 def test_a_hub_repo_is_pinned_with_its_small_files_and_the_space_counts_download_and_builds(
-        test_model, toolchain, caches, monkeypatch):
+    test_model, toolchain, caches, monkeypatch
+):
     """Client paths: resolve_revision, model_info and snapshot_download of the small files only;
     the weights stay on the server until the download step."""
     folder = _linked_checkpoint(Path(test_model.hf_dir), caches / "repo")
@@ -140,20 +141,48 @@ def test_prepared_to_json_and_the_report(test_model, tmp_path):
     facts = gguf_facts(gguf)
     plan = make_plan(_spec({"gguf": str(gguf)}), facts, CPU)
     resolved = ResolvedSource("gguf_file", None, None, None, "f" * 64, None, [str(gguf)])
-    files = [{"path": str(tmp_path / "smollm2-F16.gguf"), "bytes": 1010, "sha256": "a" * 64},
-             {"path": str(tmp_path / "smollm2-Q8_0.gguf"), "bytes": 495, "sha256": "b" * 64}]
+    files = [
+        {"path": str(tmp_path / "smollm2-F16.gguf"), "bytes": 1010, "sha256": "a" * 64},
+        {"path": str(tmp_path / "smollm2-Q8_0.gguf"), "bytes": 495, "sha256": "b" * 64},
+    ]
     parts = [tmp_path / "x-00001-of-00002.gguf", tmp_path / "x-00002-of-00002.gguf"]
     prepared = Prepared(
-        name="smollm2", engine=plan.engine, format="gguf", quantization="Q8_0", source=resolved.provenance(),
-        source_revision=resolved.source_id, artifact_path=parts, files=files, cached=False, downloaded_bytes=0,
-        resumed_bytes=0, built=["F16", "Q8_0"], predicted_bytes={"F16": 1000, "Q8_0": 500}, plan=plan,
-        facts=facts.summary(), build_steps=[{"what": "llama-quantize", "command": ["llama-quantize"], "exit_code": 0,
-                                              "seconds": 1.5}],
+        name="smollm2",
+        engine=plan.engine,
+        format="gguf",
+        quantization="Q8_0",
+        source=resolved.provenance(),
+        source_revision=resolved.source_id,
+        artifact_path=parts,
+        files=files,
+        cached=False,
+        downloaded_bytes=0,
+        resumed_bytes=0,
+        built=["F16", "Q8_0"],
+        predicted_bytes={"F16": 1000, "Q8_0": 500},
+        plan=plan,
+        facts=facts.summary(),
+        build_steps=[{"what": "llama-quantize", "command": ["llama-quantize"], "exit_code": 0, "seconds": 1.5}],
     )
     out = json.loads(json.dumps(prepared.to_json()))
-    assert list(out) == ["name", "engine", "format", "quantization", "source", "source_revision", "artifact_path",
-                         "mount_root", "files", "cached", "downloaded_bytes", "resumed_bytes", "built", "build_steps",
-                         "predicted_bytes", "plan"]
+    assert list(out) == [
+        "name",
+        "engine",
+        "format",
+        "quantization",
+        "source",
+        "source_revision",
+        "artifact_path",
+        "mount_root",
+        "files",
+        "cached",
+        "downloaded_bytes",
+        "resumed_bytes",
+        "built",
+        "build_steps",
+        "predicted_bytes",
+        "plan",
+    ]
     assert out["source"] == {"kind": "gguf_file", "source_id": "f" * 64, "gguf_files": [str(gguf)]}
     assert out["artifact_path"] == [str(p) for p in parts] and out["mount_root"] is None
     assert out["build_steps"][0]["exit_code"] == 0 and out["files"] == files

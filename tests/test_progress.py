@@ -105,8 +105,10 @@ def test_a_terminal_gets_live_bars_shared_by_threads(monkeypatch) -> None:
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=("download a.safetensors", "bytes")),
-               threading.Thread(target=work, args=("quantize a F16 -> Q8_0", "tensors"))]
+    threads = [
+        threading.Thread(target=work, args=("download a.safetensors", "bytes")),
+        threading.Thread(target=work, args=("quantize a F16 -> Q8_0", "tensors")),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -167,9 +169,18 @@ def test_conversion_and_quantization_move_their_bars(test_model, toolchain, tmp_
     out, reporter = _plain()
     seen: list[ProgressEvent] = []
     weights = sum(p.stat().st_size for p in Path(test_model.hf_dir).glob("*.safetensors"))
-    build_gguf(Path(test_model.hf_dir), source_id="progress-test", quantization="Q8_0", toolchain=toolchain,
-               model_name="SmolLM2", architecture="llama", source={"test": True}, weights_bytes=weights,
-               store=ArtifactStore(tmp_path / "artifacts"), progress=reporter.with_sink(seen.append))
+    build_gguf(
+        Path(test_model.hf_dir),
+        source_id="progress-test",
+        quantization="Q8_0",
+        toolchain=toolchain,
+        model_name="SmolLM2",
+        architecture="llama",
+        source={"test": True},
+        weights_bytes=weights,
+        store=ArtifactStore(tmp_path / "artifacts"),
+        progress=reporter.with_sink(seen.append),
+    )
     convert = _lines(out, "convert SmolLM2 to F16")
     assert convert[0].endswith("started (0 s)") and ", done (" in convert[-1]
     assert any(", writing" in line for line in convert)  # the writer's phase, then its bytes
@@ -187,9 +198,11 @@ def test_converter_and_quantize_lines_as_the_tools_print_them() -> None:
     seen: list[ProgressEvent] = []
     with Reporter(display=False, sinks=[seen.append]).task("convert", unit="bytes") as bar:
         on_line = converter_progress(bar)
-        for line in ["INFO:hf-to-gguf:blk.0.attn_k.weight,         torch.bfloat16 --> F16, shape = {576, 192}",
-                     "INFO:gguf.gguf_writer:/tmp/f16.gguf: n_tensors = 272, total_size = 269.1M",
-                     "Writing:  21%|██        | 56.6M/269M [00:00<00:02, 99.5Mbyte/s]"]:
+        for line in [
+            "INFO:hf-to-gguf:blk.0.attn_k.weight,         torch.bfloat16 --> F16, shape = {576, 192}",
+            "INFO:gguf.gguf_writer:/tmp/f16.gguf: n_tensors = 272, total_size = 269.1M",
+            "Writing:  21%|██        | 56.6M/269M [00:00<00:02, 99.5Mbyte/s]",
+        ]:
             on_line(line)
     assert seen[1].note == "1 tensors read"
     assert (seen[-2].done, seen[-2].total, seen[-2].note) == (56.6e6, 269.1e6, "writing")
@@ -223,10 +236,13 @@ def test_llama_server_and_vllm_log_lines_name_their_phase() -> None:
     assert startup_phase("llamacpp", "0.00.012 I srv    load_model: loading model '/m.gguf'\n") == "loading model"
     assert startup_phase("llamacpp", "x\n0.02.858 I srv  llama_server: model loaded\n") == "model loaded"
     assert startup_phase("llamacpp", "nothing yet") is None
-    assert startup_phase("vllm", "INFO 01-01 [gpu_model_runner.py:5040] Starting to load model /m...") == \
-        "loading weights"
-    assert startup_phase("vllm", "INFO [core.py] init engine (profile, create kv cache, warmup model) took 3.2 s") \
+    assert (
+        startup_phase("vllm", "INFO 01-01 [gpu_model_runner.py:5040] Starting to load model /m...") == "loading weights"
+    )
+    assert (
+        startup_phase("vllm", "INFO [core.py] init engine (profile, create kv cache, warmup model) took 3.2 s")
         == "engine initialized"
+    )
 
 
 def test_a_benchmark_of_two_levels_shows_requests_per_level(llama_server) -> None:

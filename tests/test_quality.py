@@ -48,15 +48,22 @@ def fake_llama_server(next_token, *, vocab_shift: int = 0, token_delay: float = 
 
     def entry(tok: int) -> dict:
         other = (tok - 1) % VOCAB  # the noisy model's runner-up is the reference's token
-        return {"id": tok, "token": str(tok), "logprob": -0.1,
-                "top_logprobs": [{"id": tok, "token": str(tok), "logprob": -0.1},
-                                 {"id": other, "token": str(other), "logprob": -2.5}]}
+        return {
+            "id": tok,
+            "token": str(tok),
+            "logprob": -0.1,
+            "top_logprobs": [
+                {"id": tok, "token": str(tok), "logprob": -0.1},
+                {"id": other, "token": str(other), "logprob": -2.5},
+            ],
+        }
 
     async def completion(request: Request):
         body = await request.json()
         calls["completion"] += 1
         prompt = list(body["prompt"])
         if body.get("stream"):
+
             async def events():
                 for _ in range(body["n_predict"]):
                     if token_delay:
@@ -66,6 +73,7 @@ def fake_llama_server(next_token, *, vocab_shift: int = 0, token_delay: float = 
                     calls["generated"] += 1
                     yield f"data: {json.dumps({'content': str(tok), 'stop': False, 'completion_probabilities': [entry(tok)]})}\n\n"
                 yield f"data: {json.dumps({'content': '', 'stop': True})}\n\n"
+
             return StreamingResponse(events(), media_type="text/event-stream")
         probs = []
         for _ in range(body["n_predict"]):
@@ -73,11 +81,17 @@ def fake_llama_server(next_token, *, vocab_shift: int = 0, token_delay: float = 
             calls["generated"] += 1
             probs.append(entry(tok))
             prompt.append(tok)
-        return JSONResponse({"content": " ".join(p["token"] for p in probs),
-                             "tokens": [p["id"] for p in probs], "completion_probabilities": probs})
+        return JSONResponse(
+            {
+                "content": " ".join(p["token"] for p in probs),
+                "tokens": [p["id"] for p in probs],
+                "completion_probabilities": probs,
+            }
+        )
 
-    app = Starlette(routes=[Route("/tokenize", tokenize, methods=["POST"]),
-                            Route("/completion", completion, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/tokenize", tokenize, methods=["POST"]), Route("/completion", completion, methods=["POST"])]
+    )
     return app, calls
 
 
@@ -99,8 +113,7 @@ def test_rollouts_with_restarts_equal_per_position_teacher_forcing():
     ref_app, _ = fake_llama_server(ref_next)
     cand_app, calls = fake_llama_server(lambda p: noisy_next(p, 20), token_delay=0.01)
     with ServerThread(ref_app) as ref, ServerThread(cand_app) as cand:
-        report = check_quant_quality(ref.base_url, cand.base_url, prompts=prompts, tokens=24,
-                                     candidate_label="noisy")
+        report = check_quant_quality(ref.base_url, cand.base_url, prompts=prompts, tokens=24, candidate_label="noisy")
     expected = teacher_forced_agreement(prompts, 24, 20)
     assert 0.5 < expected < 0.95
     assert report.top1_agreement == pytest.approx(expected)
@@ -132,8 +145,9 @@ def test_a_failed_quality_gate_raises_with_the_numbers():
     ref_app, _ = fake_llama_server(ref_next)
     cand_app, _ = fake_llama_server(lambda p: noisy_next(p, 50))
     with ServerThread(ref_app) as ref, ServerThread(cand_app) as cand:
-        report = check_quant_quality(ref.base_url, cand.base_url, prompts=2, tokens=16,
-                                     min_top1_agreement=0.9, candidate_label="Q2_K")
+        report = check_quant_quality(
+            ref.base_url, cand.base_url, prompts=2, tokens=16, min_top1_agreement=0.9, candidate_label="Q2_K"
+        )
     assert report.passed is False
     with pytest.raises(QualityGateFailed, match=r"Q2_K agrees with F16 on .*below the minimum 90.0%"):
         enforce_quality(report)

@@ -18,7 +18,10 @@ def test_lower_quant_agrees_less_with_f16(smollm2_ggufs, start_llama_server):
     reports = {}
     for label, server in (("Q8_0", q8), ("Q4_K_M", q4)):
         reports[label] = check_quant_quality(
-            reference, server.base_url, candidate_label=label, api_key=server.api_key,
+            reference,
+            server.base_url,
+            candidate_label=label,
+            api_key=server.api_key,
             min_top1_agreement=0.5,
         )
         print(reports[label].markdown())

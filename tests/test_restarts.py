@@ -31,7 +31,10 @@ def test_restarts_back_off_exponentially_per_spec_and_start_over_once_it_runs() 
     clock.now += 9
     assert backoff.due(down, busy=set()) == []
     clock.now += 1
-    assert [(r.spec_path, r.attempt) for r in backoff.due(down, busy=set())] == [("/specs/a.yaml", 2), ("/specs/b.yaml", 2)]
+    assert [(r.spec_path, r.attempt) for r in backoff.due(down, busy=set())] == [
+        ("/specs/a.yaml", 2),
+        ("/specs/b.yaml", 2),
+    ]
 
     # b runs again: it starts over; a keeps failing: 20 s, then the cap of 35 s.
     clock.now += 19

@@ -125,8 +125,9 @@ def test_a_missing_image_says_how_to_get_it(runtime: DockerRuntime, test_model) 
     assert launch.name not in [c.name for c in runtime.client.containers.list(all=True)]
 
 
-def test_the_container_env_is_only_what_the_launch_names(runtime: DockerRuntime, test_model,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_container_env_is_only_what_the_launch_names(
+    runtime: DockerRuntime, test_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The deploying shell's HF_TOKEN and a canary never reach the container (docker inspect's
     Config.Env): only the image's own variables, the API key and the launch's env."""
     monkeypatch.setenv("HF_TOKEN", "hf_canary_token_must_not_leak")

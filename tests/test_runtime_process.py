@@ -46,9 +46,23 @@ def test_command_is_translated_to_local_paths_program_and_loopback_port(tmp_path
 
 def test_vllm_module_command_keeps_its_arguments_after_the_venv_python(tmp_path: Path) -> None:
     launch = dataclasses.replace(
-        llamacpp_launch(tmp_path / "m.gguf"), name="vllm-model-x", engine="vllm", port=8000,
-        command=["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/smol",
-                 "--served-model-name", "smol", "--host", "0.0.0.0", "--port", "8000"],
+        llamacpp_launch(tmp_path / "m.gguf"),
+        name="vllm-model-x",
+        engine="vllm",
+        port=8000,
+        command=[
+            "python3",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            "/models/smol",
+            "--served-model-name",
+            "smol",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8000",
+        ],
         mounts=[Mount(str(tmp_path / "hf"), "/models/smol")],
     )
     argv = translate_command(launch, 5000, program=lambda cmd: ["/venv/bin/python", "-m", cmd[2]])
@@ -235,7 +249,10 @@ def _environ_of(pid: int) -> dict[str, str]:
 
 
 def test_a_real_llama_server_gets_a_minimal_environment_and_the_safe_extra_flag(
-    runtime: ProcessRuntime, test_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    runtime: ProcessRuntime,
+    test_model,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The deploying shell's HF_TOKEN, a canary variable and a LLAMA_ARG_* setting never reach the
     engine; its API key, PATH and what the spec's engine env names do; a safe extra flag is in
@@ -259,9 +276,23 @@ def test_a_real_llama_server_gets_a_minimal_environment_and_the_safe_extra_flag(
     assert env["LLAMA_API_KEY"] == SECRETS["engine_api_key"]
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "PATH" in env
-    assert set(env) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
-                        "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-                        "LLAMA_API_KEY", "OMP_WAIT_POLICY"} | {k for k in env if k.startswith("LC_")}, sorted(env)
+    assert set(env) <= {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "XDG_CACHE_HOME",
+        "CUDA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "LLAMA_API_KEY",
+        "OMP_WAIT_POLICY",
+    } | {k for k in env if k.startswith("LC_")}, sorted(env)
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     assert argv[argv.index("--temp") + 1] == "0.25"
     result = smoke_test(replica.endpoint, "envtest", api_key=replica.api_key, max_tokens=4)

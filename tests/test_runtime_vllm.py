@@ -29,10 +29,23 @@ def vllm_launch(hf_dir: Path, model: str = "smollm2-vllm") -> LaunchSpec:
         name=f"vllm-model-{model}-test",
         model=model,
         command=[
-            "python3", "-m", "vllm.entrypoints.openai.api_server",
-            "--model", f"/models/{model}", "--host", "0.0.0.0", "--port", "8000",
-            "--served-model-name", model, "--dtype", "bfloat16", "--max-model-len", "512",
-            "--max-num-seqs", "4",
+            "python3",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            f"/models/{model}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8000",
+            "--served-model-name",
+            model,
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "4",
         ],
         env={"VLLM_API_KEY": {"secret": "engine_api_key"}, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
         mounts=[Mount(str(hf_dir), f"/models/{model}")],
@@ -51,8 +64,11 @@ def test_vllm_cpu_deploys_through_the_flow_and_passes_the_smoke_tests(
     monkeypatch.setenv("CORTEX_GATEWAY_URL", "http://127.0.0.1:9")  # no gateway here
     with prefect_test_harness(server_startup_timeout=120):
         try:
-            result = roll_out(RolloutRequest(launch=vllm_launch(test_model.hf_dir), smoke=SmokeRequest(max_tokens=8),
-                                             ready_timeout=900))
+            result = roll_out(
+                RolloutRequest(
+                    launch=vllm_launch(test_model.hf_dir), smoke=SmokeRequest(max_tokens=8), ready_timeout=900
+                )
+            )
             assert (result.engine, result.runtime) == ("vllm", "process")
             assert result.smoke.passed, result.smoke
             assert [c.name for c in result.smoke.checks] == ["models", "chat", "completion", "stream"]
@@ -67,12 +83,16 @@ def test_vllm_cpu_deploys_through_the_flow_and_passes_the_smoke_tests(
     assert get_runtime("process").list() == []
 
 
-def test_vllm_rejecting_a_removed_flag_fails_with_the_unknown_flag_hint(tmp_path: Path, vllm_install, test_model) -> None:
+def test_vllm_rejecting_a_removed_flag_fails_with_the_unknown_flag_hint(
+    tmp_path: Path, vllm_install, test_model
+) -> None:
     from cortex.runtime import EngineNotReady
 
     runtime = ProcessRuntime(state_dir=tmp_path / "state")
     launch = vllm_launch(test_model.hf_dir)
-    launch = dataclasses.replace(launch, command=[*launch.command, "--swap-space", "4"])  # the seed's flag; vLLM 0.32 removed it
+    launch = dataclasses.replace(
+        launch, command=[*launch.command, "--swap-space", "4"]
+    )  # the seed's flag; vLLM 0.32 removed it
     replica = runtime.start(launch, SECRETS)
     with pytest.raises(EngineNotReady) as failure:
         runtime.wait_ready(replica, timeout_s=300)

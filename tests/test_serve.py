@@ -59,12 +59,19 @@ def start_prefect_server(home: Path, timeout_s: float = 180) -> PrefectServer:
     log_path = home / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     # --port alone leaves the UI calling the API at the default port 4200: name it for the UI too
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_UI_API_URL=url)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_API_URL=url,
+    )
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     server = PrefectServer(url, home, proc, log_path)
     deadline = time.monotonic() + timeout_s
@@ -132,8 +139,11 @@ def flow_runs(deployment: str) -> list[Any]:
 
     with client() as c:
         dep = c.read_deployment_by_name(deployment)
-        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                                sort=FlowRunSort.START_TIME_DESC, limit=50)
+        runs = c.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=50,
+        )
     return [r for r in runs if not r.auto_scheduled]
 
 
@@ -149,8 +159,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Calla
 
 def wait_for_new_run(deployment: str, known: set, timeout: float, log: Callable[[], str]) -> Any:
     """The first run of `deployment` not in `known`, once it has finished."""
-    run = wait_for(lambda: next((r for r in flow_runs(deployment) if r.id not in known), None), 90,
-                   f"no new run of {deployment}", log)
+    run = wait_for(
+        lambda: next((r for r in flow_runs(deployment) if r.id not in known), None),
+        90,
+        f"no new run of {deployment}",
+        log,
+    )
 
     def finished():
         with client() as c:
@@ -222,13 +236,22 @@ def cortex_serve(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPat
     specs, home = root / "specs", root / "cortex-home"
     specs.mkdir()
     log_path = root / "serve.log"
-    env = prefect_server.env(CORTEX_HOME=str(home), CORTEX_GATEWAY_URL="http://127.0.0.1:9",
-                             CORTEX_DEPLOY_LOCK_TIMEOUT_S="600", PYTHONUNBUFFERED="1",
-                             CORTEX_RESTART_CHECK_S="1", CORTEX_RESTART_BACKOFF_S="5")
+    env = prefect_server.env(
+        CORTEX_HOME=str(home),
+        CORTEX_GATEWAY_URL="http://127.0.0.1:9",
+        CORTEX_DEPLOY_LOCK_TIMEOUT_S="600",
+        PYTHONUNBUFFERED="1",
+        CORTEX_RESTART_CHECK_S="1",
+        CORTEX_RESTART_BACKOFF_S="5",
+    )
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--prefect-url", prefect_server.api_url],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
         )
     serve = Serve(specs, home, proc, log_path)
 
@@ -277,8 +300,13 @@ def test_cortex_serve_registers_typed_deployments(cortex_serve: Serve) -> None:
         deploy = c.read_deployment_by_name("apply-spec/deploy")
         names = {f"{c.read_flow(d.flow_id).name}/{d.name}" for d in c.read_deployments()}
         automations = {a.name: a for a in c.read_automations()}
-    assert {"apply-spec/deploy", "prepare-model/prepare", "retire-model/retire", "retire-spec/retire-deleted",
-            "reconcile-specs/reconcile"} <= names
+    assert {
+        "apply-spec/deploy",
+        "prepare-model/prepare",
+        "retire-model/retire",
+        "retire-spec/retire-deleted",
+        "reconcile-specs/reconcile",
+    } <= names
     props = deploy.parameter_openapi_schema["properties"]
     assert props["spec_path"]["type"] == "string" and props["scheduled"]["type"] == "boolean"
     assert deploy.parameter_openapi_schema["required"] == ["spec_path"]
@@ -341,7 +369,9 @@ def test_spec_edits_deploy_schedules_follow_and_delete_retires(cortex_serve: Ser
     assert run.state.type.value == "FAILED"
     problem = "resources.concurency: unknown key 'concurency'; did you mean 'concurrency'?"
     assert problem in run.state.message
-    wait_for(lambda: problem in run_logs(run.id), 30, "the run's log does not name the problem")  # logs arrive after the state
+    wait_for(
+        lambda: problem in run_logs(run.id), 30, "the run's log does not name the problem"
+    )  # logs arrive after the state
     assert [r.name for r in replicas(cortex_serve)] == [second.name]
     assert httpx.get(second.endpoint + "/health", timeout=5).status_code == 200
 
@@ -369,7 +399,9 @@ def test_a_replica_whose_engine_is_killed_is_replaced_by_a_run_that_says_so(cort
     restart = wait_for_new_run(deploy, known, 600, cortex_serve.log)
     assert restart.state.type.value == "COMPLETED", run_logs(restart.id)[-4000:]
     assert restart.parameters["spec_path"] == str(spec_path)
-    assert restart.parameters["restart"].startswith(f"restart 1: smollm2-crashy is not running: the engine of {first.name}")
+    assert restart.parameters["restart"].startswith(
+        f"restart 1: smollm2-crashy is not running: the engine of {first.name}"
+    )
     assert "restart" in restart.tags
     assert "replica-restart" in {a.key for a in run_artifacts(restart.id)}
     wait_for(lambda: "replacing a crashed replica" in run_logs(restart.id), 30, "the run's log does not say why")
@@ -388,9 +420,12 @@ def test_a_replica_whose_engine_is_killed_is_replaced_by_a_run_that_says_so(cort
 
 
 def prefect_cli(server: PrefectServer, *args: str, env: dict[str, str], timeout: float = 300) -> str:
-    done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (
+        f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 
@@ -408,8 +443,11 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
         queue = c.read_work_queue_by_name("gpu-host-1", work_pool_name="cortex")
         dep = c.read_deployment_by_name("prepare-model/prepare-gpu-host-1")
         pooled = {(d.name, d.work_queue_name) for d in c.read_deployments() if d.work_pool_name == "cortex"}
-    assert pooled == {(f"{flow}-gpu-host-{n}", f"gpu-host-{n}") for flow in ("deploy", "prepare", "retire", "reconcile")
-                      for n in (1, 2)}
+    assert pooled == {
+        (f"{flow}-gpu-host-{n}", f"gpu-host-{n}")
+        for flow in ("deploy", "prepare", "retire", "reconcile")
+        for n in (1, 2)
+    }
     assert queue.concurrency_limit == 1
     assert dep.work_pool_name == "cortex" and dep.work_queue_name == "gpu-host-1"
     assert dep.entrypoint == "flows.prepare.prepare_model" and not dep.pull_steps
@@ -423,9 +461,14 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
     with open(log_path, "w") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cortex", "--work-queue", "gpu-host-1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
         )
     try:
+
         def finished():
             with client() as c:
                 r = c.read_flow_run(run.id)
@@ -435,8 +478,12 @@ def test_a_worker_on_a_gpu_host_queue_runs_a_deployment_from_prefect_yaml(
         assert done.state.type.value == "COMPLETED", run_logs(run.id)[-4000:] + log_path.read_text()[-3000:]
         # The run's process sends its last logs after its final state; stopping the worker
         # before that would lose them.
-        wait_for(lambda: "prepared smollm2-served: gguf" in run_logs(run.id), 60,
-                 "the run's log lacks the prepare summary", lambda: log_path.read_text())
+        wait_for(
+            lambda: "prepared smollm2-served: gguf" in run_logs(run.id),
+            60,
+            "the run's log lacks the prepare summary",
+            lambda: log_path.read_text(),
+        )
     finally:
         stop_process(worker)
     assert done.work_queue_name == "gpu-host-1"
@@ -448,20 +495,33 @@ def test_cortex_serve_without_a_server_starts_one_and_says_where_the_ui_is(tmp_p
     specs.mkdir()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), CORTEX_HOME=str(tmp_path / "cortex-home"),
-               PYTHONUNBUFFERED="1")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), CORTEX_HOME=str(tmp_path / "cortex-home"), PYTHONUNBUFFERED="1"
+    )
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
         )
     try:
-        wait_for(lambda: "watching" in log_path.read_text() or proc.poll() is not None, 240,
-                 "cortex serve did not come up", log_path.read_text)
+        wait_for(
+            lambda: "watching" in log_path.read_text() or proc.poll() is not None,
+            240,
+            "cortex serve did not come up",
+            log_path.read_text,
+        )
         assert f"Prefect UI: http://127.0.0.1:{port}\n" in log_path.read_text(), log_path.read_text()
-        ui = wait_for(lambda: (r := httpx.get(f"http://127.0.0.1:{port}/", timeout=10)).status_code == 200 and r, 60,
-                      "the Prefect UI did not answer", log_path.read_text)
+        ui = wait_for(
+            lambda: (r := httpx.get(f"http://127.0.0.1:{port}/", timeout=10)).status_code == 200 and r,
+            60,
+            "the Prefect UI did not answer",
+            log_path.read_text,
+        )
         assert "<html" in ui.text.lower()
 
         def registered():
@@ -508,8 +568,13 @@ def test_reconcile_applies_what_changed_reports_declared_against_running_and_ret
 
         (specs / "smollm2.yaml").unlink()
         third = reconcile_specs(str(specs))
-        assert by_spec(third)["smollm2.yaml"] == {"spec": "smollm2.yaml", "model": "smollm2-served",
-                                                  "state": "spec deleted", "action": "retired", "detail": ""}
+        assert by_spec(third)["smollm2.yaml"] == {
+            "spec": "smollm2.yaml",
+            "model": "smollm2-served",
+            "state": "spec deleted",
+            "action": "retired",
+            "detail": "",
+        }
         assert ours(third) == []
     finally:
         runtime = get_runtime("process")

@@ -35,8 +35,20 @@ BAD: list[tuple[str, str, int, str, str]] = [
     ("gguf-not-gguf", "name: m\nsource:\n  gguf: model.bin\n", 3, "source.gguf", ".gguf"),
     ("include-without-repo", "name: m\nsource:\n  path: /x\n  include: ['*.json']\n", 2, "source", "include"),
     ("unknown-top-key", OK + "engin: vllm\n", 4, "engin", "did you mean 'engine'"),
-    ("unknown-nested-key", OK + "resources:\n  gpu_memmory: 46GiB\n", 5, "resources.gpu_memmory", "did you mean 'gpu_memory'"),
-    ("unknown-source-key", "name: m\nsource:\n  repo: a/b\n  revison: main\n", 4, "source.revison", "did you mean 'revision'"),
+    (
+        "unknown-nested-key",
+        OK + "resources:\n  gpu_memmory: 46GiB\n",
+        5,
+        "resources.gpu_memmory",
+        "did you mean 'gpu_memory'",
+    ),
+    (
+        "unknown-source-key",
+        "name: m\nsource:\n  repo: a/b\n  revison: main\n",
+        4,
+        "source.revison",
+        "did you mean 'revision'",
+    ),
     ("name-not-dns", "name: My_Model\nsource:\n  repo: a/b\n", 1, "name", "DNS-safe"),
     ("name-too-long", "name: " + "a" * 70 + "\nsource:\n  repo: a/b\n", 1, "name", "DNS-safe"),
     ("name-number", "name: 42\nsource:\n  repo: a/b\n", 1, "name", "string"),
@@ -50,10 +62,22 @@ BAD: list[tuple[str, str, int, str, str]] = [
     ("negative-memory", OK + "resources:\n  gpu_memory: -5GB\n", 5, "resources.gpu_memory", "not a size"),
     ("memory-no-unit", OK + "resources:\n  gpu_memory: 46.5\n", 5, "resources.gpu_memory", "unit"),
     ("concurrency-word", OK + "resources:\n  concurrency: many\n", 5, "resources.concurrency", "integer"),
-    ("concurrency-zero", OK + "resources:\n  concurrency: 0\n", 5, "resources.concurrency", "greater than or equal to 1"),
+    (
+        "concurrency-zero",
+        OK + "resources:\n  concurrency: 0\n",
+        5,
+        "resources.concurrency",
+        "greater than or equal to 1",
+    ),
     ("duplicate-gpu-ids", OK + "resources:\n  gpus: [0, 0]\n", 5, "resources.gpus", "twice"),
     ("bad-runtime", OK + "runtime: k8s\n", 4, "runtime", "docker"),
-    ("util-over-one", OK + "vllm:\n  gpu_memory_utilization: 1.5\n", 5, "vllm.gpu_memory_utilization", "less than or equal to 1"),
+    (
+        "util-over-one",
+        OK + "vllm:\n  gpu_memory_utilization: 1.5\n",
+        5,
+        "vllm.gpu_memory_utilization",
+        "less than or equal to 1",
+    ),
     ("tp-zero", OK + "vllm:\n  tensor_parallel_size: 0\n", 5, "vllm.tensor_parallel_size", "greater than or equal"),
     ("bad-block-size", OK + "vllm:\n  block_size: 7\n", 5, "vllm.block_size", "16"),
     ("enforce-eager-word", OK + "vllm:\n  enforce_eager: maybe\n", 5, "vllm.enforce_eager", "boolean"),
@@ -64,25 +88,97 @@ BAD: list[tuple[str, str, int, str, str]] = [
     ("extra-arg-api-key", OK + "vllm:\n  extra_args: ['--api-key=x']\n", 5, "vllm.extra_args", "set by Cortex"),
     ("extra-arg-host", OK + "vllm:\n  extra_args: ['--host', '0.0.0.0']\n", 5, "vllm.extra_args", "set by Cortex"),
     ("extra-arg-unknown", OK + "vllm:\n  extra_args: ['--turbo']\n", 5, "vllm.extra_args", "not a flag of vLLM"),
-    ("extra-arg-typo", OK + "llamacpp:\n  extra_args: ['--ctx-sizee', '4']\n", 5, "llamacpp.extra_args", "did you mean --ctx-size"),
-    ("extra-arg-has-setting", OK + "llamacpp:\n  extra_args: ['-ngl', '4']\n", 5, "llamacpp.extra_args", "llamacpp.ngl"),
-    ("extra-arg-swap-removed", OK + "vllm:\n  extra_args: ['--swap-space', '4']\n", 5, "vllm.extra_args", "not a flag of vLLM"),
+    (
+        "extra-arg-typo",
+        OK + "llamacpp:\n  extra_args: ['--ctx-sizee', '4']\n",
+        5,
+        "llamacpp.extra_args",
+        "did you mean --ctx-size",
+    ),
+    (
+        "extra-arg-has-setting",
+        OK + "llamacpp:\n  extra_args: ['-ngl', '4']\n",
+        5,
+        "llamacpp.extra_args",
+        "llamacpp.ngl",
+    ),
+    (
+        "extra-arg-swap-removed",
+        OK + "vllm:\n  extra_args: ['--swap-space', '4']\n",
+        5,
+        "vllm.extra_args",
+        "not a flag of vLLM",
+    ),
     # issue 15 section 3: each dangerous class is refused with its class and the way out
-    ("extra-arg-log-file", OK + "llamacpp:\n  extra_args: ['--log-file', '/etc/passwd']\n", 5, "llamacpp.extra_args", "file-write"),
-    ("extra-arg-tools", OK + "llamacpp:\n  extra_args: ['--tools', 'all']\n", 5, "llamacpp.extra_args", "tool-execution"),
-    ("extra-arg-rpc", OK + "llamacpp:\n  extra_args: ['--rpc', '10.0.0.9:50052']\n", 5, "llamacpp.extra_args", "remote-backend"),
-    ("extra-arg-vllm-config", OK + "vllm:\n  extra_args: ['--config', '/tmp/c.yaml']\n", 5, "vllm.extra_args", "config-file"),
-    ("extra-arg-positional", OK + "llamacpp:\n  extra_args: ['other.gguf']\n", 5, "llamacpp.extra_args", "bare positional"),
-    ("extra-arg-template-file", OK + "llamacpp:\n  extra_args: ['--chat-template-file', '/x.jinja']\n", 5, "llamacpp.extra_args", "unsafe_extra_args: true"),
-    ("extra-arg-unsafe-port", OK + "llamacpp:\n  unsafe_extra_args: true\n  extra_args: ['--port', '1']\n", 6, "llamacpp.extra_args", "set by Cortex"),
+    (
+        "extra-arg-log-file",
+        OK + "llamacpp:\n  extra_args: ['--log-file', '/etc/passwd']\n",
+        5,
+        "llamacpp.extra_args",
+        "file-write",
+    ),
+    (
+        "extra-arg-tools",
+        OK + "llamacpp:\n  extra_args: ['--tools', 'all']\n",
+        5,
+        "llamacpp.extra_args",
+        "tool-execution",
+    ),
+    (
+        "extra-arg-rpc",
+        OK + "llamacpp:\n  extra_args: ['--rpc', '10.0.0.9:50052']\n",
+        5,
+        "llamacpp.extra_args",
+        "remote-backend",
+    ),
+    (
+        "extra-arg-vllm-config",
+        OK + "vllm:\n  extra_args: ['--config', '/tmp/c.yaml']\n",
+        5,
+        "vllm.extra_args",
+        "config-file",
+    ),
+    (
+        "extra-arg-positional",
+        OK + "llamacpp:\n  extra_args: ['other.gguf']\n",
+        5,
+        "llamacpp.extra_args",
+        "bare positional",
+    ),
+    (
+        "extra-arg-template-file",
+        OK + "llamacpp:\n  extra_args: ['--chat-template-file', '/x.jinja']\n",
+        5,
+        "llamacpp.extra_args",
+        "unsafe_extra_args: true",
+    ),
+    (
+        "extra-arg-unsafe-port",
+        OK + "llamacpp:\n  unsafe_extra_args: true\n  extra_args: ['--port', '1']\n",
+        6,
+        "llamacpp.extra_args",
+        "set by Cortex",
+    ),
     ("engine-env-token", OK + "llamacpp:\n  env: {HF_TOKEN: hf_x}\n", 5, "llamacpp.env", "secrets"),
     ("engine-env-preload", OK + "vllm:\n  env: {LD_PRELOAD: /x.so}\n", 5, "vllm.env", "not a variable a spec may give"),
     ("engine-env-llama-arg", OK + "llamacpp:\n  env: {LLAMA_ARG_LOG_FILE: /x}\n", 5, "llamacpp.env", "extra_args"),
     ("bad-cron", OK + "schedule:\n  cron: '99 * * *'\n", 5, "schedule.cron", "cron"),
     ("cron-missing", OK + "schedule:\n  timezone: UTC\n", 4, "schedule.cron", "required"),
-    ("bad-timezone", OK + "schedule:\n  cron: '0 3 * * *'\n  timezone: Mars/Olympus\n", 6, "schedule.timezone", "timezone"),
+    (
+        "bad-timezone",
+        OK + "schedule:\n  cron: '0 3 * * *'\n  timezone: Mars/Olympus\n",
+        6,
+        "schedule.timezone",
+        "timezone",
+    ),
     ("gate-without-bound", OK + "benchmark:\n  gates:\n    - metric: ttft_ms\n", 6, "benchmark.gates[0]", "max"),
-    ("gate-bad-metric", OK + "benchmark:\n  gates:\n    - {metric: vibes, max: 1}\n", 6, "benchmark.gates[0].metric", "ttft_ms"),
+    (
+        "gate-bad-metric",
+        OK + "benchmark:\n  gates:\n    - {metric: vibes, max: 1}\n",
+        6,
+        "benchmark.gates[0].metric",
+        "ttft_ms",
+    ),
     ("bench-negative-requests", OK + "benchmark:\n  requests: -3\n", 5, "benchmark.requests", "greater than or equal"),
     ("bench-empty-levels", OK + "benchmark:\n  concurrency: []\n", 5, "benchmark.concurrency", "at least 1"),
     ("tests-empty-prompt", OK + "tests:\n  prompts: ['']\n", 5, "tests.prompts[0]", "at least 1"),
@@ -94,7 +190,9 @@ def test_there_are_at_least_30_malformed_specs() -> None:
 
 
 @pytest.mark.parametrize("name,text,line,field,fragment", BAD, ids=[b[0] for b in BAD])
-def test_malformed_spec_names_file_line_field(tmp_path: Path, name: str, text: str, line: int, field: str, fragment: str) -> None:
+def test_malformed_spec_names_file_line_field(
+    tmp_path: Path, name: str, text: str, line: int, field: str, fragment: str
+) -> None:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     with pytest.raises(SpecError) as info:
@@ -111,8 +209,9 @@ def test_validate_command_exit_code_and_format(tmp_path: Path) -> None:
     for name, text, *_ in BAD:
         (tmp_path / f"{name}.yaml").write_text(text)
     (tmp_path / "good.yaml").write_text(OK)
-    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "validate", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     pattern = re.compile(r"^(?P<file>/\S+\.yaml):(?P<line>\d+): (?P<field>\S+): (?P<msg>.+)$")
@@ -126,21 +225,29 @@ def test_validate_command_exit_code_and_format(tmp_path: Path) -> None:
 
 
 def test_examples_are_valid() -> None:
-    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(SPECS)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "validate", str(SPECS)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(spec_files([SPECS])) >= 7
 
 
 def test_missing_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cli", "validate", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "validate", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "nope.yaml:1: (file): no such file" in proc.stderr
 
 
 def test_argparse_spellings_of_known_flags_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
-    path.write_text(OK + "vllm:\n  extra_args: ['--seed', '1', '--disable_log_stats', '--compilation-config.mode', '3']\n")
+    path.write_text(
+        OK + "vllm:\n  extra_args: ['--seed', '1', '--disable_log_stats', '--compilation-config.mode', '3']\n"
+    )
     assert load_spec(path).vllm.extra_args[0] == "--seed"
     path.write_text(OK + "vllm:\n  extra_args: ['--max_num_seqs', '4']\n")
     with pytest.raises(SpecError, match="vllm.max_num_seqs"):

@@ -44,8 +44,11 @@ class Impostor:
                 length = int(self.headers.get("content-length") or 0)
                 if length:
                     self.rfile.read(length)
-                body = json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]} if "models" in self.path
-                                  else {"status": "ok"}).encode()
+                body = json.dumps(
+                    {"object": "list", "data": [{"id": model, "object": "model"}]}
+                    if "models" in self.path
+                    else {"status": "ok"}
+                ).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -95,11 +98,16 @@ def _health_passes(n: int) -> None:
 
 
 def _chat(gw: GatewayProcess, model: str) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
-        "model": model, "messages": [{"role": "user", "content": "a secret prompt"}], "max_tokens": 4})
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": model, "messages": [{"role": "user", "content": "a secret prompt"}], "max_tokens": 4},
+    )
 
 
-def test_a_killed_engines_port_taken_by_another_process_gets_no_request_and_no_key(gateway: GatewayProcess, test_model) -> None:
+def test_a_killed_engines_port_taken_by_another_process_gets_no_request_and_no_key(
+    gateway: GatewayProcess, test_model
+) -> None:
     victim = _deploy(test_model.gguf, "victim")
     assert victim.gateway == "registered"
     [replica] = get_runtime("process").replicas_of("victim")
@@ -122,8 +130,12 @@ def test_a_killed_engines_port_taken_by_another_process_gets_no_request_and_no_k
         # A route the cleanup could not remove (the gateway was down then, or it restarted from
         # its registry): the gateway health-checks the port, but tells the impostor from the engine.
         Registry(gateway.settings.gateway_db).register(
-            "victim", replica.endpoint, engine_key, replica_id=victim.replica,
-            labels={"engine": "llamacpp", "runtime": "process"})
+            "victim",
+            replica.endpoint,
+            engine_key,
+            replica_id=victim.replica,
+            labels={"engine": "llamacpp", "runtime": "process"},
+        )
         deadline = time.monotonic() + 60
         while not any(path == "/v1/models" for _, path, _ in impostor.requests):
             assert time.monotonic() < deadline, "the gateway never checked the stale route"
@@ -135,7 +147,9 @@ def test_a_killed_engines_port_taken_by_another_process_gets_no_request_and_no_k
         assert refused.status_code == 503, refused.text
         assert _chat(gateway, "other").status_code == 200  # the real one still serves
 
-        assert [path for method, path, _ in impostor.requests if method != "GET" or path not in ("/health", "/v1/models")] == []
+        assert [
+            path for method, path, _ in impostor.requests if method != "GET" or path not in ("/health", "/v1/models")
+        ] == []
         for _, path, headers in impostor.requests:
             assert engine_key not in json.dumps(headers), f"the engine key reached the impostor on {path}"
             if path == "/health":
@@ -144,8 +158,14 @@ def test_a_killed_engines_port_taken_by_another_process_gets_no_request_and_no_k
         # `cortex retire` removes the stale route; `cortex gateway replicas` lists it no more.
         assert retire_model("victim") == [victim.replica]
         env = {**os.environ, "CORTEX_HOME": str(gateway.home), "CORTEX_GATEWAY_URL": gateway.url}
-        listed = subprocess.run([sys.executable, "-m", "cli", "gateway", "replicas", "--json"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
+        listed = subprocess.run(
+            [sys.executable, "-m", "cli", "gateway", "replicas", "--json"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert listed.returncode == 0, listed.stderr
         assert [r["model"] for r in json.loads(listed.stdout)["replicas"]] == ["other"]
         seen = len(impostor.requests)

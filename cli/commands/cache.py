@@ -54,9 +54,20 @@ def _render_list(listing: dict) -> list:
     rows = listing["artifacts"]
     if not rows:
         return [f"no artifacts in {listing['root']}"]
-    artifacts = table(("key", "quant", "bytes", "last used", "source"), (
-        (r["key"][:12], r["quantization"], r["bytes"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])),
-         f"{r['source']}@{r['source_id'][:12]}") for r in rows), right=("bytes",))
+    artifacts = table(
+        ("key", "quant", "bytes", "last used", "source"),
+        (
+            (
+                r["key"][:12],
+                r["quantization"],
+                r["bytes"],
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])),
+                f"{r['source']}@{r['source_id'][:12]}",
+            )
+            for r in rows
+        ),
+        right=("bytes",),
+    )
     return [artifacts, f"{len(rows)} artifacts, {sum(r['bytes'] for r in rows)} bytes in {listing['root']}"]
 
 
@@ -76,11 +87,18 @@ def run_prune(
     store = ArtifactStore()
     removed, stale = store.prune(
         unused_for_s=unused_for * 86400 if unused_for is not None else None,
-        keys=key or [], everything=everything, dry_run=dry_run,
+        keys=key or [],
+        everything=everything,
+        dry_run=dry_run,
     )
     verb = "would remove" if dry_run else "removed"
-    result = {"dry_run": dry_run, "artifacts": [_row(store, a) | {"last_used": None} for a in removed]
-              if dry_run else [a.key.digest for a in removed], "stale_builds": [str(p) for p in stale]}
+    result = {
+        "dry_run": dry_run,
+        "artifacts": [_row(store, a) | {"last_used": None} for a in removed]
+        if dry_run
+        else [a.key.digest for a in removed],
+        "stale_builds": [str(p) for p in stale],
+    }
 
     def render(_: dict) -> list[str]:
         lines = [f"{verb} {a.key.digest[:12]} {a.key.quantization} ({a.total_bytes} bytes)" for a in removed]

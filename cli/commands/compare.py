@@ -34,10 +34,14 @@ COLUMNS: list[tuple[str, Any, bool]] = [
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, takes_load(run), "compare",
-                short_help="two benchmark results (files or targets) side by side, with ratios",
-                help="Compare two deployments of a model. A and B are results JSON files or "
-                "targets to benchmark now with the same load (base URL or gateway model name).")
+    add_command(
+        app,
+        takes_load(run),
+        "compare",
+        short_help="two benchmark results (files or targets) side by side, with ratios",
+        help="Compare two deployments of a model. A and B are results JSON files or "
+        "targets to benchmark now with the same load (base URL or gateway model name).",
+    )
 
 
 def load_or_measure(ref: str, load: Load) -> BenchmarkResult:
@@ -80,7 +84,9 @@ def _cell(v: float | None) -> str:
 def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[str, Any]]) -> list[RenderableType]:
     lines = [f"A: {a.target} ({a.model}, {a.tool})", f"B: {b.target} ({b.model}, {b.tool})"]
     if (a.settings.input_len, a.settings.output_len, a.settings.prompts) != (
-        b.settings.input_len, b.settings.output_len, b.settings.prompts
+        b.settings.input_len,
+        b.settings.output_len,
+        b.settings.prompts,
     ):
         lines.append("warning: A and B were measured with different prompt or output lengths")
     table = []
@@ -91,10 +97,16 @@ def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[st
             verdict = ""
             if ratio is not None and label != "errors" and abs(ratio - 1) >= 0.05:
                 verdict = "B better" if (ratio > 1) == higher_better else "B worse"
-            table.append({
-                "conc": row["concurrency"], "metric": label, "A": _cell(cell["a"]), "B": _cell(cell["b"]),
-                "B/A": "-" if ratio is None else f"{ratio:.2f}x", "": verdict,
-            })
+            table.append(
+                {
+                    "conc": row["concurrency"],
+                    "metric": label,
+                    "A": _cell(cell["a"]),
+                    "B": _cell(cell["b"]),
+                    "B/A": "-" if ratio is None else f"{ratio:.2f}x",
+                    "": verdict,
+                }
+            )
     lines.append("(B better / B worse: by 5% or more)")
     return [*lines, dict_table(table, right=("conc", "A", "B", "B/A")) if table else "(no concurrency level in common)"]
 
@@ -118,6 +130,9 @@ def run(
         from cortex.charts import save_chart
 
         save_chart([result_a, result_b], chart, title=f"A: {result_a.target}  vs  B: {result_b.target}")
-    output({"a": result_a.summary(), "b": result_b.summary(), "levels": rows}, as_json,
-           lambda _: format_comparison(result_a, result_b, rows))
+    output(
+        {"a": result_a.summary(), "b": result_b.summary(), "levels": rows},
+        as_json,
+        lambda _: format_comparison(result_a, result_b, rows),
+    )
     return 0 if rows else 1

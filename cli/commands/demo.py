@@ -32,8 +32,9 @@ DEFAULT_SPEC = "smollm2-135m-instruct.yaml"  # its source is replaced by the loc
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "demo",
-                help="plan the examples, deploy SmolLM2 locally and ask it something through the gateway")
+    add_command(
+        app, run, "demo", help="plan the examples, deploy SmolLM2 locally and ask it something through the gateway"
+    )
 
 
 def _say(text: str) -> None:
@@ -41,10 +42,13 @@ def _say(text: str) -> None:
 
 
 def run(
-    specs: Annotated[Path, typer.Option(help="folder of example specs (default: the repo's specs/)",
-                                        show_default=False)] = REPO_SPECS,
-    spec: Annotated[Optional[Path], typer.Option(
-        help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC} from the test model's local HF checkpoint)")] = None,
+    specs: Annotated[
+        Path, typer.Option(help="folder of example specs (default: the repo's specs/)", show_default=False)
+    ] = REPO_SPECS,
+    spec: Annotated[
+        Optional[Path],
+        typer.Option(help=f"spec to deploy (default: SPECS/{DEFAULT_SPEC} from the test model's local HF checkpoint)"),
+    ] = None,
     prompt: Annotated[str, typer.Option()] = "Say hello in one short sentence.",
 ) -> int:
     from cortex.pipeline import plan_spec_file
@@ -65,11 +69,17 @@ def run(
     for f in files:
         m = plan_spec_file(f)
         p = m.plan
-        how = (f"TP {p.tensor_parallel_size}" if p.engine == "vllm"
-               else f"{p.quantization}, ngl {p.ngl}" + (f", split {','.join(f'{x:g}' for x in p.tensor_split)}" if p.tensor_split else ""))
+        how = (
+            f"TP {p.tensor_parallel_size}"
+            if p.engine == "vllm"
+            else f"{p.quantization}, ngl {p.ngl}"
+            + (f", split {','.join(f'{x:g}' for x in p.tensor_split)}" if p.tensor_split else "")
+        )
         per = max(d.weights_bytes for d in p.devices)
-        print(f"  {m.spec.name:<30} {p.engine:<9} {how:<34} weights/device {format_bytes(per):>10}  "
-              f"{'fits' if p.fits else 'DOES NOT FIT'}")
+        print(
+            f"  {m.spec.name:<30} {p.engine:<9} {how:<34} weights/device {format_bytes(per):>10}  "
+            f"{'fits' if p.fits else 'DOES NOT FIT'}"
+        )
 
     from cortex.settings import Settings
 
@@ -103,12 +113,16 @@ def run(
         return outcome.exit_code
     result = outcome.result.to_json()
     _print_steps(outcome.flow_run_id)
-    print(f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}"
-          + (" (the same launch was already serving: tested again)" if result.get("reused") else ""))
+    print(
+        f"  deployed {result['name']} ({result['engine']}) as {result['replica']}, engine at {result['endpoint']}"
+        + (" (the same launch was already serving: tested again)" if result.get("reused") else "")
+    )
     print(f"  smoke tests {'passed' if result['smoke']['passed'] else 'FAILED'}")
     for level in (result.get("benchmark") or {}).get("levels", []):
-        print(f"  benchmark c={level['concurrency']:<3} {level['output_tokens_per_s']:>8.1f} output tok/s  "
-              f"TTFT p50 {level['ttft_ms_p50']:.0f} ms  errors {level['errors']}")
+        print(
+            f"  benchmark c={level['concurrency']:<3} {level['output_tokens_per_s']:>8.1f} output tok/s  "
+            f"TTFT p50 {level['ttft_ms_p50']:.0f} ms  errors {level['errors']}"
+        )
 
     _say(f"ask {result['name']} through the gateway")
     started = time.monotonic()
@@ -119,9 +133,9 @@ def run(
 The model keeps serving. Talk to it:
   curl {settings.gateway_url}/v1/chat/completions -H 'Authorization: Bearer {key}' \\
        -H 'Content-Type: application/json' \\
-       -d '{{"model": "{result['name']}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+       -d '{{"model": "{result["name"]}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
   cortex status            # what runs
-  cortex retire {result['name']}
+  cortex retire {result["name"]}
 """)
     return 0
 
@@ -145,7 +159,8 @@ def _local_checkpoint_spec(example: Path, folder: Path) -> Path | None:
     path.write_text(
         f"# Written by `cortex demo`: {example.name} with its Hub source replaced by the test model's\n"
         "# local HF checkpoint (no Hub needed). The pipeline converts and quantizes it as it would a download.\n"
-        + yaml.safe_dump(data, sort_keys=False))
+        + yaml.safe_dump(data, sort_keys=False)
+    )
     print(f"  spec {path}: {example.name} from the local checkpoint {model.hf_dir}")
     return path
 
@@ -167,23 +182,31 @@ def _flow_tree(flow_run_id) -> list[tuple[str, float, list[tuple[str, float, str
     are listed under it)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}), \
-            get_client(sync_client=True) as client:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         frontier = [flow_run_id]
         while frontier:
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
             flows += children
             frontier = [c.id for c in children]
         placeholders = {f.parent_task_run_id for f in flows}
         names = {f.flow_id: client.read_flow(f.flow_id).name for f in flows}
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flows])))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flows]))
+        )
 
     def started(run):
         return run.start_time or run.expected_start_time or run.created
@@ -215,8 +238,14 @@ def _ensure_gateway(settings) -> None:
     log = Path(settings.home).expanduser() / "gateway" / "gateway.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway"], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "gateway"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=os.environ.copy(),
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if _gateway_up(url):
@@ -235,9 +264,11 @@ def _ask(settings, model: str, prompt: str) -> tuple[str, str]:
 
     with GatewayClient(settings) as gw:
         key = gw.create_key(name="demo", models=[model])["key"]
-    r = httpx.post(f"{settings.gateway_url}/v1/chat/completions", timeout=120,
-                   headers={"Authorization": f"Bearer {key}"},
-                   json={"model": model, "max_tokens": 48, "temperature": 0,
-                         "messages": [{"role": "user", "content": prompt}]})
+    r = httpx.post(
+        f"{settings.gateway_url}/v1/chat/completions",
+        timeout=120,
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "max_tokens": 48, "temperature": 0, "messages": [{"role": "user", "content": prompt}]},
+    )
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"].strip(), key

@@ -1,8 +1,8 @@
 """`cortex gateway`: run the OpenAI-compatible gateway, and look at what it routes.
 
-    cortex gateway [--host H] [--port P] [--no-auth]     serve (uvicorn; 127.0.0.1:8080 by default)
-    cortex gateway replicas [--json]                     replicas, health and in-flight requests
-    cortex gateway settings                              every setting, its variable and default
+cortex gateway [--host H] [--port P] [--no-auth]     serve (uvicorn; 127.0.0.1:8080 by default)
+cortex gateway replicas [--json]                     replicas, health and in-flight requests
+cortex gateway settings                              every setting, its variable and default
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def run_serve(
     ctx: typer.Context,
     host: Annotated[Optional[str], typer.Option(help="bind address (default: CORTEX_GATEWAY_HOST, 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: CORTEX_GATEWAY_PORT, 8080)")] = None,
-    no_auth: Annotated[bool, typer.Option(
-        "--no-auth", help="serve /v1 without client API keys (local, single-user only)")] = False,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="serve /v1 without client API keys (local, single-user only)")
+    ] = False,
 ) -> None:
     """`cortex gateway` alone serves; with an action (replicas, settings) it only runs that."""
     if ctx.invoked_subcommand is not None:
@@ -45,11 +46,17 @@ def run_serve(
 
     settings = Settings.load(gateway_no_auth=True if no_auth else None)
     if settings.gateway_no_auth:
-        print("WARNING: client authentication is OFF (no-auth mode): anyone who reaches "
-              f"{host or settings.gateway_host} can use every model.", flush=True)
+        print(
+            "WARNING: client authentication is OFF (no-auth mode): anyone who reaches "
+            f"{host or settings.gateway_host} can use every model.",
+            flush=True,
+        )
     token_source = "CORTEX_ADMIN_TOKEN" if settings.admin_token else str(settings.admin_token_path)
-    print(f"cortex gateway on http://{host or settings.gateway_host}:{port or settings.gateway_port} "
-          f"(registry {settings.gateway_db}, admin token from {token_source})", flush=True)
+    print(
+        f"cortex gateway on http://{host or settings.gateway_host}:{port or settings.gateway_port} "
+        f"(registry {settings.gateway_db}, admin token from {token_source})",
+        flush=True,
+    )
     try:
         serve(settings, host, port)
     except KeyboardInterrupt:
@@ -66,9 +73,20 @@ def run_replicas(as_json: JsonFlag = False) -> int:
         aliases: dict[str, list[str]] = {}
         for alias, model in listing["aliases"].items():
             aliases.setdefault(model, []).append(alias)
-        return table(("MODEL", "REPLICA", "STATE", "HEALTHY", "IN-FLIGHT", "URL"), (
-            (r["model"] + (f" ({', '.join(aliases[r['model']])})" if r["model"] in aliases else ""),
-             r["id"], r["state"], r["healthy"], r["in_flight"], r["url"]) for r in listing["replicas"]))
+        return table(
+            ("MODEL", "REPLICA", "STATE", "HEALTHY", "IN-FLIGHT", "URL"),
+            (
+                (
+                    r["model"] + (f" ({', '.join(aliases[r['model']])})" if r["model"] in aliases else ""),
+                    r["id"],
+                    r["state"],
+                    r["healthy"],
+                    r["in_flight"],
+                    r["url"],
+                )
+                for r in listing["replicas"]
+            ),
+        )
 
     output(listing, as_json, render)
     return 0

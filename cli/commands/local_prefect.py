@@ -34,10 +34,13 @@ STATE_FILE = "server.json"
 
 
 def register(app: typer.Typer) -> None:
-    prefect = group(app, "prefect",
-                    short_help="Cortex's local Prefect server (kept running across commands): status, stop",
-                    help="Flow commands use PREFECT_API_URL when set; otherwise Cortex's own local "
-                    "Prefect server, started on first use and kept running (database in <CORTEX_HOME>/prefect).")
+    prefect = group(
+        app,
+        "prefect",
+        short_help="Cortex's local Prefect server (kept running across commands): status, stop",
+        help="Flow commands use PREFECT_API_URL when set; otherwise Cortex's own local "
+        "Prefect server, started on first use and kept running (database in <CORTEX_HOME>/prefect).",
+    )
     add_command(prefect, run_status, "status", help="where the local server is and whether it answers")
     add_command(prefect, run_stop, "stop", help="stop the local server")
 
@@ -71,8 +74,12 @@ def ensure_api() -> str:
         if state is None or not healthy(state["url"]):
             port = free_port()
             log = folder / "server.log"
-            print(f"cortex: starting the local Prefect server on 127.0.0.1:{port} (log {log}; "
-                  "it keeps running: `cortex prefect stop`)", file=sys.stderr, flush=True)
+            print(
+                f"cortex: starting the local Prefect server on 127.0.0.1:{port} (log {log}; "
+                "it keeps running: `cortex prefect stop`)",
+                file=sys.stderr,
+                flush=True,
+            )
             proc, url = start_local_server(port, log, env={"PREFECT_HOME": str(folder)})
             state = {"url": url, "pid": proc.pid, "port": port, "home": str(folder)}
             atomic_write_json(folder / STATE_FILE, state, newline=True)
@@ -87,8 +94,14 @@ class FlowOutcome:
     flow_run_id: Any  # the run's id in Prefect (its UI page, its task runs)
 
 
-def run_flow(what: str, flow: Callable[..., Any], *args: Any, json_errors: bool = False,
-             context: dict[str, Any] | None = None, **kwargs: Any) -> FlowOutcome:
+def run_flow(
+    what: str,
+    flow: Callable[..., Any],
+    *args: Any,
+    json_errors: bool = False,
+    context: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> FlowOutcome:
     """Run `flow(*args, **kwargs)` against the Prefect API (`ensure_api`). A failed run says
     `<what> failed: <error>` on stderr (and prints a JSON error object, with `context`'s fields,
     when `json_errors`), and its outcome has exit code 1."""
@@ -112,9 +125,13 @@ def run_status(as_json: JsonFlag = False) -> int:
 
     folder = _folder()
     state = _read_state(folder) or {}
-    report = {"home": str(folder), "url": state.get("url"), "pid": state.get("pid"),
-              "running": bool(state) and healthy(state["url"]),
-              "env_override": os.environ.get("PREFECT_API_URL")}
+    report = {
+        "home": str(folder),
+        "url": state.get("url"),
+        "pid": state.get("pid"),
+        "running": bool(state) and healthy(state["url"]),
+        "env_override": os.environ.get("PREFECT_API_URL"),
+    }
 
     def render(report: dict) -> str:
         if report["running"]:

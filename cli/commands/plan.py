@@ -23,9 +23,14 @@ from cortex.specfile import SpecError
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "plan", short_help="explain the engine choice, memory plan and launch for a spec",
-                help="Decide the engine, plan memory per device and build the launch spec. "
-                "No download, no container; no network for local sources or a warm Hub cache.")
+    add_command(
+        app,
+        run,
+        "plan",
+        short_help="explain the engine choice, memory plan and launch for a spec",
+        help="Decide the engine, plan memory per device and build the launch spec. "
+        "No download, no container; no network for local sources or a warm Hub cache.",
+    )
 
 
 def _size(text: str) -> int:
@@ -40,9 +45,13 @@ def _size(text: str) -> int:
 
 def run(
     spec: SpecArgument,
-    gpus: Annotated[Optional[int], typer.Option(min=0, max=MAX_GPUS, help="plan for N GPUs (overrides resources.gpus)")] = None,
-    gpu_memory: Annotated[Optional[int], typer.Option(
-        parser=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)")] = None,
+    gpus: Annotated[
+        Optional[int], typer.Option(min=0, max=MAX_GPUS, help="plan for N GPUs (overrides resources.gpus)")
+    ] = None,
+    gpu_memory: Annotated[
+        Optional[int],
+        typer.Option(parser=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)"),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> int:
     try:
@@ -68,14 +77,21 @@ def render(m: PlannedModel) -> list[RenderableType]:
     moe = f", MoE {f.n_experts_active}/{f.n_experts} experts" if f.is_moe else ""
     swa = f", sliding window {f.sliding_window} on {f.sliding_layers}/{f.n_layers} layers" if f.sliding_window else ""
     mla = f", MLA latent {f.mla_kv_lora_rank}" if f.is_mla else ""
-    out.append(f"model: {f.architecture} ({f.source_format}), {f.params_total / 1e9:.2f}B params"
-               f"{f' ({f.params_active / 1e9:.2f}B active)' if f.is_moe else ''}, {f.n_layers} layers, "
-               f"{f.n_heads} heads / {f.n_kv_heads} KV heads (GQA {f.n_gqa}) x {f.head_dim}{moe}{swa}{mla}, "
-               f"context {f.max_context}, {f.dtype}{', tied embeddings' if f.tie_embeddings else ''}")
+    out.append(
+        f"model: {f.architecture} ({f.source_format}), {f.params_total / 1e9:.2f}B params"
+        f"{f' ({f.params_active / 1e9:.2f}B active)' if f.is_moe else ''}, {f.n_layers} layers, "
+        f"{f.n_heads} heads / {f.n_kv_heads} KV heads (GQA {f.n_gqa}) x {f.head_dim}{moe}{swa}{mla}, "
+        f"context {f.max_context}, {f.dtype}{', tied embeddings' if f.tie_embeddings else ''}"
+    )
     gpus = ", ".join(f"cuda:{g.index} {format_bytes(g.memory_bytes)}" for g in m.inventory.gpus) or "none"
-    out.append(f"hardware ({m.inventory.source}): GPUs {gpus}; {m.inventory.cpu_cores} CPU cores, "
-               f"{format_bytes(m.inventory.ram_bytes)} RAM available")
-    out += ["", f"## engine: {ENGINE_NAMES[p.engine]} {p.engine_version}" + (" (pinned by spec)" if p.decision.pinned else "")]
+    out.append(
+        f"hardware ({m.inventory.source}): GPUs {gpus}; {m.inventory.cpu_cores} CPU cores, "
+        f"{format_bytes(m.inventory.ram_bytes)} RAM available"
+    )
+    out += [
+        "",
+        f"## engine: {ENGINE_NAMES[p.engine]} {p.engine_version}" + (" (pinned by spec)" if p.decision.pinned else ""),
+    ]
     for r in p.decision.trace:
         mark = "=>" if r.decided else ("+ " if r.matched else "- ")
         out.append(f"  {mark} {r.rule:<18} {r.question}  [{ENGINE_NAMES[r.engine]}]")
@@ -84,27 +100,50 @@ def render(m: PlannedModel) -> list[RenderableType]:
             out.append(f"       policy: {r.policy}")
     out.append(f"  {p.decision.why_not}")
     out += ["", "## plan"]
-    settings = [("artifact", f"{p.artifact.format} {p.artifact.quantization}, {format_bytes(p.artifact.predicted_bytes)}"
-                 + (" (converted from the HF checkpoint)" if p.artifact.convert_from else ""))]
+    settings = [
+        (
+            "artifact",
+            f"{p.artifact.format} {p.artifact.quantization}, {format_bytes(p.artifact.predicted_bytes)}"
+            + (" (converted from the HF checkpoint)" if p.artifact.convert_from else ""),
+        )
+    ]
     if p.engine == "vllm":
-        settings += [("tensor parallel", p.tensor_parallel_size), ("pipeline parallel", p.pipeline_parallel_size),
-                     ("gpu memory utilization", p.gpu_memory_utilization), ("max model len", p.max_model_len),
-                     ("sequences in KV pool", p.parallel)]
+        settings += [
+            ("tensor parallel", p.tensor_parallel_size),
+            ("pipeline parallel", p.pipeline_parallel_size),
+            ("gpu memory utilization", p.gpu_memory_utilization),
+            ("max model len", p.max_model_len),
+            ("sequences in KV pool", p.parallel),
+        ]
         if p.cpu_kv_cache_gib:
             settings.append(("CPU KV cache space", f"{p.cpu_kv_cache_gib} GiB"))
     else:
-        settings += [("quantization", p.quantization), ("ngl", p.ngl),
-                     ("tensor split", ",".join(f"{x:g}" for x in p.tensor_split) if p.tensor_split else "-"),
-                     ("context", f"{p.context_total} total = {p.parallel} slots x {p.context}"),
-                     ("KV cache type", p.kv_cache_type)]
+        settings += [
+            ("quantization", p.quantization),
+            ("ngl", p.ngl),
+            ("tensor split", ",".join(f"{x:g}" for x in p.tensor_split) if p.tensor_split else "-"),
+            ("context", f"{p.context_total} total = {p.parallel} slots x {p.context}"),
+            ("KV cache type", p.kv_cache_type),
+        ]
     for k, v in settings:
         if v is not None:
             out.append(f"  {k:<24} {v}")
     devices = table(
         ("device", "weights", "KV cache", "overhead", "total", "capacity", "fits"),
-        ((d.device, format_bytes(d.weights_bytes), format_bytes(d.kv_cache_bytes), format_bytes(d.overhead_bytes),
-          format_bytes(d.total_bytes), format_bytes(d.capacity_bytes), "yes" if d.fits else "NO") for d in p.devices),
-        right=("weights", "KV cache", "overhead", "total", "capacity"))
+        (
+            (
+                d.device,
+                format_bytes(d.weights_bytes),
+                format_bytes(d.kv_cache_bytes),
+                format_bytes(d.overhead_bytes),
+                format_bytes(d.total_bytes),
+                format_bytes(d.capacity_bytes),
+                "yes" if d.fits else "NO",
+            )
+            for d in p.devices
+        ),
+        right=("weights", "KV cache", "overhead", "total", "capacity"),
+    )
     rest: list[str] = []
     for w in p.warnings:
         rest.append(f"  warning: {w}")
@@ -113,15 +152,24 @@ def render(m: PlannedModel) -> list[RenderableType]:
         for s in p.suggestions:
             rest.append(f"    would fit: {s}")
     L = m.launch
-    rest += ["", "## launch",
-            f"  image        {L.image}", f"  name         {L.name}",
-            f"  command      {shlex.join(L.command)}",
-            "  env          " + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
-            ]
+    rest += [
+        "",
+        "## launch",
+        f"  image        {L.image}",
+        f"  name         {L.name}",
+        f"  command      {shlex.join(L.command)}",
+        "  env          "
+        + ", ".join(f"{k}={'<secret:' + v['secret'] + '>' if isinstance(v, dict) else v}" for k, v in L.env.items()),
+    ]
     for mnt in L.mounts:
-        rest.append(f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})")
-    rest += [f"  gpus         {L.gpus or 'none'}", f"  port         {L.port}  health {L.health_path}",
-            f"  stop timeout {L.stop_timeout_s} s"]
+        rest.append(
+            f"  mount        {mnt.source or '(made by prepare)'} -> {mnt.target} ({'ro' if mnt.read_only else 'rw'})"
+        )
+    rest += [
+        f"  gpus         {L.gpus or 'none'}",
+        f"  port         {L.port}  health {L.health_path}",
+        f"  stop timeout {L.stop_timeout_s} s",
+    ]
     parts: list[RenderableType] = ["\n".join(out), _indent(devices), "\n".join(rest)]
     if p.unsafe_extra_args:  # loud, first and last: someone chose to pass flags the allow-list refuses
         banner = unsafe_banner(m)
@@ -133,8 +181,10 @@ def unsafe_banner(m: PlannedModel) -> RenderableType:
     from rich.text import Text
 
     section = "vllm" if m.plan.engine == "vllm" else "llamacpp"
-    lines = [f"!! UNSAFE: {section}.unsafe_extra_args is true, so these extra_args pass although the "
-             "allow-list refuses them:"]
+    lines = [
+        f"!! UNSAFE: {section}.unsafe_extra_args is true, so these extra_args pass although the "
+        "allow-list refuses them:"
+    ]
     lines += [f"!!   {flag}" for flag in m.plan.unsafe_extra_args]
     lines.append("!! Review them before deploying; remove them, or unsafe_extra_args, to go back to the allow-list.")
     return Text("\n".join(lines), style="bold red")

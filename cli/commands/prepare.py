@@ -18,11 +18,15 @@ from cli.output import JsonFlag, output, table
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "prepare",
-                short_help="download, convert and quantize a spec's model into the cache (verified)",
-                help="Run the prepare-model flow on SPEC: resolve the source to a commit, plan, "
-                "download only the needed files (resumable, sha256-verified), convert and quantize with "
-                "the pinned llama.cpp tools when the plan needs a GGUF. A second run reuses the cache.")
+    add_command(
+        app,
+        run,
+        "prepare",
+        short_help="download, convert and quantize a spec's model into the cache (verified)",
+        help="Run the prepare-model flow on SPEC: resolve the source to a commit, plan, "
+        "download only the needed files (resumable, sha256-verified), convert and quantize with "
+        "the pinned llama.cpp tools when the plan needs a GGUF. A second run reuses the cache.",
+    )
 
 
 def run(
@@ -44,8 +48,9 @@ def _render(result: dict) -> list:
 
     from cortex.artifacts import source_origin
 
-    files = table(("path", "bytes", "sha256"), ((f["path"], f["bytes"], f["sha256"]) for f in result["files"]),
-                  right=("bytes",))
+    files = table(
+        ("path", "bytes", "sha256"), ((f["path"], f["bytes"], f["sha256"]) for f in result["files"]), right=("bytes",)
+    )
     return [
         f"prepared {result['name']} for {result['engine']}: {result['format']} {result['quantization']}",
         f"  source    {source_origin(result['source'])} -> {result['source_revision']}",

@@ -12,10 +12,15 @@ from cli.output import JsonFlag, output
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "retire", short_help="stop and remove every replica of a model",
-                help="Run the retire-model flow: drain NAME's replicas from the gateway (if one "
-                "runs), stop them gracefully and remove them; remove the gateway routes of NAME's replicas "
-                "whose engine already died.")
+    add_command(
+        app,
+        run,
+        "retire",
+        short_help="stop and remove every replica of a model",
+        help="Run the retire-model flow: drain NAME's replicas from the gateway (if one "
+        "runs), stop them gracefully and remove them; remove the gateway routes of NAME's replicas "
+        "whose engine already died.",
+    )
 
 
 def run(
@@ -26,10 +31,14 @@ def run(
     from cli.commands.local_prefect import run_flow
     from flows.deploy import retire_model
 
-    outcome = run_flow(f"retire {name}", retire_model, name, runtime=runtime,
-                       json_errors=as_json, context={"name": name})
+    outcome = run_flow(
+        f"retire {name}", retire_model, name, runtime=runtime, json_errors=as_json, context={"name": name}
+    )
     if outcome.exit_code:
         return outcome.exit_code
-    output({"name": name, "stopped": outcome.result}, as_json,
-           lambda result: [f"retired {replica}" for replica in result["stopped"]])
+    output(
+        {"name": name, "stopped": outcome.result},
+        as_json,
+        lambda result: [f"retired {replica}" for replica in result["stopped"]],
+    )
     return 0

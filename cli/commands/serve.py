@@ -24,11 +24,15 @@ from cli.commands import add_command
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "serve",
-                short_help="serve Cortex's Prefect deployments; watch a specs folder; keep spec schedules",
-                help="Register the deploy, prepare, retire and reconcile deployments on a Prefect "
-                "server, turn each spec's `schedule` into a schedule, and deploy a spec when its file in "
-                "--specs is saved (retire its model when it is deleted). Runs until interrupted.")
+    add_command(
+        app,
+        run,
+        "serve",
+        short_help="serve Cortex's Prefect deployments; watch a specs folder; keep spec schedules",
+        help="Register the deploy, prepare, retire and reconcile deployments on a Prefect "
+        "server, turn each spec's `schedule` into a schedule, and deploy a spec when its file in "
+        "--specs is saved (retire its model when it is deleted). Runs until interrupted.",
+    )
 
 
 def api_url(url: str) -> str:
@@ -45,7 +49,10 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def start_local_server(
-    port: int, log_path: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None,
+    port: int,
+    log_path: Path,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`prefect server start` on 127.0.0.1:port (in its own session, with `env` added to this
     process's environment); returns once /api/health answers."""
@@ -59,7 +66,10 @@ def start_local_server(
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=server_env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env,
+            start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,9 +84,13 @@ def start_local_server(
 
 def run(
     specs: Annotated[str, typer.Option(help="folder of spec files to watch")] = "specs",
-    prefect_url: Annotated[Optional[str], typer.Option(
-        help="Prefect API URL, e.g. http://prefect.example:4200/api (default: $PREFECT_API_URL, "
-        "else start a local server)")] = None,
+    prefect_url: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Prefect API URL, e.g. http://prefect.example:4200/api (default: $PREFECT_API_URL, "
+            "else start a local server)"
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="port of the local Prefect server, if one is started")] = 4200,
     limit: Annotated[Optional[int], typer.Option(help="most flow runs at once in this process")] = None,
 ) -> int:
@@ -91,8 +105,11 @@ def run(
     if url:
         url = api_url(url)
         if not healthy(url, timeout=10):
-            print(f"cortex serve: no Prefect server answers at {url}/health; start one with "
-                  "`prefect server start`, or leave out --prefect-url to let cortex start one", file=sys.stderr)
+            print(
+                f"cortex serve: no Prefect server answers at {url}/health; start one with "
+                "`prefect server start`, or leave out --prefect-url to let cortex start one",
+                file=sys.stderr,
+            )
             return 1
     else:
         log_path = Path(Settings.load().home) / "prefect-server.log"
@@ -106,6 +123,7 @@ def run(
     print(f"Prefect UI: {ui}", flush=True)
     print(f"  deployments: {ui}/deployments   (Run > Custom run on 'apply-spec/deploy' starts a deploy)", flush=True)
     print(f"watching {folder} for spec changes; Ctrl-C stops", flush=True)
+
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM stops like Ctrl-C: the server it started too
 

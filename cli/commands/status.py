@@ -17,10 +17,15 @@ from cortex.runtime import get_runtime, reachable_runtimes
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "status", short_help="list the engines Cortex runs, with their health",
-                help="Every replica Cortex started, in the process runtime and (if a Docker "
-                "daemon answers) the docker runtime, with a live health check; NAME shows one model's. "
-                "--json adds each replica's memory: the plan's bytes per device against the engine's report.")
+    add_command(
+        app,
+        run,
+        "status",
+        short_help="list the engines Cortex runs, with their health",
+        help="Every replica Cortex started, in the process runtime and (if a Docker "
+        "daemon answers) the docker runtime, with a live health check; NAME shows one model's. "
+        "--json adds each replica's memory: the plan's bytes per device against the engine's report.",
+    )
 
 
 def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
@@ -32,11 +37,18 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
     for rt in runtimes.values():
         for replica in rt.list():
             health = rt.health(replica) if rt.is_running(replica) else "exited"
-            rows.append({
-                "name": replica.model, "replica": replica.name, "engine": replica.engine,
-                "runtime": replica.runtime, "endpoint": replica.endpoint, "health": health,
-                "since": replica.since, "memory": read_memory_record(replica.name),
-            })
+            rows.append(
+                {
+                    "name": replica.model,
+                    "replica": replica.name,
+                    "engine": replica.engine,
+                    "runtime": replica.runtime,
+                    "endpoint": replica.endpoint,
+                    "health": health,
+                    "since": replica.since,
+                    "memory": read_memory_record(replica.name),
+                }
+            )
     return rows, notes
 
 
@@ -56,8 +68,11 @@ def run(
             return 1
 
     def render(rows: list[dict]) -> list:
-        listing = (table([c.upper() for c in COLUMNS], ([r[c] for c in COLUMNS] for r in rows)) if rows
-                   else "Cortex runs no engine.")
+        listing = (
+            table([c.upper() for c in COLUMNS], ([r[c] for c in COLUMNS] for r in rows))
+            if rows
+            else "Cortex runs no engine."
+        )
         return [listing, *(f"({note})" for note in notes)]
 
     output(rows, as_json, render)

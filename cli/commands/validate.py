@@ -12,8 +12,13 @@ from cortex.specfile import SpecError, load_spec, spec_files
 
 
 def register(app: typer.Typer) -> None:
-    add_command(app, run, "validate", short_help="check spec files (exit 2 if any is invalid)",
-                help="Check spec files or folders of specs. Exit 0 when all are valid, 2 otherwise.")
+    add_command(
+        app,
+        run,
+        "validate",
+        short_help="check spec files (exit 2 if any is invalid)",
+        help="Check spec files or folders of specs. Exit 0 when all are valid, 2 otherwise.",
+    )
 
 
 def run(

@@ -257,27 +257,27 @@ async def run_benchmark(
             probe = make_prompts(settings, 1, seed=settings.seed + 7919)[0]
             rec = await send_streaming_request(client, url, _payload(model, probe, settings), headers)
             if not rec.success:
-                raise BenchmarkError(
-                    f"the first test request to {url} (model {model!r}) failed: {rec.error}"
-                )
+                raise BenchmarkError(f"the first test request to {url} (model {model!r}) failed: {rec.error}")
         levels: list[LevelResult] = []
         for i, conc in enumerate(settings.concurrency):
             seed = settings.seed + 1000 * (i + 1)
             prompts = make_prompts(settings, settings.requests, seed=seed)
             arrivals = arrival_offsets(
-                settings.requests, settings.request_rate, settings.burstiness,
+                settings.requests,
+                settings.request_rate,
+                settings.burstiness,
                 rng=np.random.default_rng(seed),
             )
-            with (progress or SILENT).task(f"benchmark concurrency {conc}", total=len(prompts),
-                                           unit="requests") as bar:
+            with (progress or SILENT).task(f"benchmark concurrency {conc}", total=len(prompts), unit="requests") as bar:
                 errors = [0]
 
                 def ended(record: RequestRecord) -> None:
                     errors[0] += not record.success
                     bar.update(bar.done + 1, note=f"{errors[0]} failed" if errors[0] else None)
 
-                level = await run_level(client, url, model, prompts, conc, settings, headers, arrivals=arrivals,
-                                        on_request=ended)
+                level = await run_level(
+                    client, url, model, prompts, conc, settings, headers, arrivals=arrivals, on_request=ended
+                )
             levels.append(level)
             if on_level is not None:
                 on_level(level)

@@ -70,16 +70,29 @@ def evaluate_gates(results: BenchmarkResult, gates: Sequence[Any]) -> list[GateR
         )
         levels = results.levels if conc is None else [results.level(conc)]
         if conc is not None and levels[0] is None:
-            out.append(GateResult(metric, shown_stat, conc, None, vmax, vmin, False,
-                                  f"{name} at concurrency {conc}: level not measured "
-                                  f"(measured: {[lv.concurrency for lv in results.levels]}); must be {bound}"))
+            out.append(
+                GateResult(
+                    metric,
+                    shown_stat,
+                    conc,
+                    None,
+                    vmax,
+                    vmin,
+                    False,
+                    f"{name} at concurrency {conc}: level not measured "
+                    f"(measured: {[lv.concurrency for lv in results.levels]}); must be {bound}",
+                )
+            )
             continue
         for lv in levels:
             assert lv is not None
             value = lv.value(metric, stat)
             where = f"{name} at concurrency {lv.concurrency}"
             if value is None:
-                passed, msg = False, f"{where}: no value ({lv.completed} of {lv.requests_planned} requests completed); must be {bound}"
+                passed, msg = (
+                    False,
+                    f"{where}: no value ({lv.completed} of {lv.requests_planned} requests completed); must be {bound}",
+                )
             else:
                 passed = (vmax is None or value <= vmax) and (vmin is None or value >= vmin)
                 msg = f"{where} = {value:.2f}; must be {bound}: {'ok' if passed else 'FAILED'}"

@@ -92,9 +92,7 @@ class LevelResult(BaseModel):
             return getattr(self, metric).get(stat)
         if metric in RATE_METRICS:
             return getattr(self, metric)
-        raise ValueError(
-            f"unknown metric {metric!r}; use one of {', '.join(LATENCY_METRICS + RATE_METRICS)}"
-        )
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(LATENCY_METRICS + RATE_METRICS)}")
 
 
 class BenchmarkResult(BaseModel):
@@ -159,7 +157,6 @@ class BenchmarkResult(BaseModel):
         return {"target": self.target, "model": self.model, "levels": levels}
 
 
-
 @dataclass
 class RequestRecord:
     """What the client saw of one streamed request. Times are seconds (perf_counter)."""
@@ -176,9 +173,7 @@ class RequestRecord:
     text: str = ""
 
 
-def cost_per_1m_output_tokens(
-    output_tokens_per_s: float, gpu_hour_price_usd: float | None, gpus: int
-) -> float | None:
+def cost_per_1m_output_tokens(output_tokens_per_s: float, gpu_hour_price_usd: float | None, gpus: int) -> float | None:
     """USD per million output tokens at a measured throughput (the seed's cost analysis)."""
     if gpu_hour_price_usd is None or output_tokens_per_s <= 0:
         return None
@@ -260,10 +255,7 @@ def compute_level_metrics(
         tpot_ms=Stats.of_seconds(tpots),
         itl_ms=Stats.of_seconds(itls),
         e2el_ms=Stats.of_seconds(e2els),
-        cost_per_1m_output_tokens_usd=cost_per_1m_output_tokens(
-            out_tps, settings.gpu_hour_price_usd, settings.gpus
-        ),
+        cost_per_1m_output_tokens_usd=cost_per_1m_output_tokens(out_tps, settings.gpu_hour_price_usd, settings.gpus),
         output_tokens_counted_by=counted_by,
         error_samples=samples,
     )
-

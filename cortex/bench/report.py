@@ -61,7 +61,8 @@ def results_markdown(results: BenchmarkResult, gates: Sequence[GateResult] | Non
     """A markdown summary: load, the table, and the gates with their measured values."""
     s = results.settings
     load = (
-        "closed loop" if s.request_rate is None
+        "closed loop"
+        if s.request_rate is None
         else f"{s.request_rate:g} req/s ({'Poisson' if s.burstiness == 1.0 else f'gamma, burstiness {s.burstiness:g}'})"
     )
     parts = [
@@ -81,6 +82,7 @@ def results_markdown(results: BenchmarkResult, gates: Sequence[GateResult] | Non
         parts.append("\n## Errors (samples)\n" + "\n".join(f"- `{e[:200]}`" for e in errors[:5]))
     if gates:
         verdict = "all passed" if all(g.passed for g in gates) else "FAILED"
-        parts.append(f"\n## Gates: {verdict}\n" + "\n".join(
-            f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates))
+        parts.append(
+            f"\n## Gates: {verdict}\n" + "\n".join(f"- {'✅' if g.passed else '❌'} {g.message}" for g in gates)
+        )
     return "\n".join(parts) + "\n"

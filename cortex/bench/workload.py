@@ -75,4 +75,3 @@ def make_prompts(settings: BenchmarkSettings, n: int, *, seed: int) -> list[Prom
     rng = np.random.default_rng(seed)
     ids = rng.integers(settings.token_id_low, settings.token_id_high, size=(n, settings.input_len))
     return [Prompt([int(t) for t in row], settings.input_len) for row in ids]
-

@@ -4,6 +4,7 @@ with its tokenizer, checks what the copy must keep, and prints its facts as JSON
 Runs with the vLLM virtualenv's Python, which has torch, transformers and gguf
 (cortex/toolchain.py: install_test_model).
 """
+
 import json
 import sys
 from pathlib import Path
@@ -39,5 +40,12 @@ assert tied == (embed.data_ptr() == head.data_ptr()), "tie_word_embeddings disag
 assert torch.equal(head, loaded.get_output_embeddings().weight), "lm_head changed in the copy"
 template = AutoTokenizer.from_pretrained(out).chat_template
 assert template and template == tokenizer.chat_template, "the chat template did not survive"
-print(json.dumps({"tie_word_embeddings": tied, "architectures": saved.get("architectures"),
-                  "parameters": sum(p.numel() for p in reloaded.parameters())}))
+print(
+    json.dumps(
+        {
+            "tie_word_embeddings": tied,
+            "architectures": saved.get("architectures"),
+            "parameters": sum(p.numel() for p in reloaded.parameters()),
+        }
+    )
+)

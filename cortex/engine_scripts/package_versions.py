@@ -3,10 +3,10 @@
 
 Runs with the vLLM virtualenv's Python (cortex/toolchain.py: install_vllm).
 """
+
 import importlib.metadata as m
 import json
 import sys
-
 
 
 def installed(name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 Runs with the vLLM virtualenv's Python (cortex/engines/registry.py).
 """
+
 import json
 
 from vllm.model_executor.models.registry import ModelRegistry

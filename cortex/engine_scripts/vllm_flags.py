@@ -2,6 +2,7 @@
 
 Runs with the vLLM virtualenv's Python (cortex/engines/introspect.py: vllm_table).
 """
+
 import json
 import sys
 
@@ -25,14 +26,16 @@ for action in parser._actions:
     if isinstance(metavar, tuple):
         metavar = " ".join(metavar)
     first_line = (action.help or "").strip().split("\n\n")[0]
-    flags.append({
-        "names": list(action.option_strings),
-        "takes_value": takes_value,
-        "value_optional": optional,
-        "metavar": metavar if metavar is None else str(metavar),
-        "choices": choices,
-        "nargs": None if nargs is None else str(nargs),
-        "env": None,
-        "help": " ".join(first_line.split())[:300],
-    })
+    flags.append(
+        {
+            "names": list(action.option_strings),
+            "takes_value": takes_value,
+            "value_optional": optional,
+            "metavar": metavar if metavar is None else str(metavar),
+            "choices": choices,
+            "nargs": None if nargs is None else str(nargs),
+            "env": None,
+            "help": " ".join(first_line.split())[:300],
+        }
+    )
 print(json.dumps(flags))

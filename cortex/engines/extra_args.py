@@ -122,8 +122,12 @@ def load_policy(engine: str, version: str) -> ExtraArgsPolicy:
         if klass not in CLASSES:
             raise ValueError(f"{path}: {name}: unknown class {klass!r}; one of {', '.join(CLASSES)}")
         keys, values = entry.get("safe_keys"), entry.get("safe_values")
-        flags[name] = FlagPolicy(klass, entry.get("why", ""), tuple(keys) if keys is not None else None,
-                                 tuple(values) if values is not None else None)
+        flags[name] = FlagPolicy(
+            klass,
+            entry.get("why", ""),
+            tuple(keys) if keys is not None else None,
+            tuple(values) if values is not None else None,
+        )
     return ExtraArgsPolicy(engine=data["engine"], version=str(data["version"]), flags=flags)
 
 
@@ -163,11 +167,13 @@ def draft_policy(table: FlagTable) -> ExtraArgsPolicy:
     newest reviewed file of the same engine; flags neither knows come out `unreviewed`."""
     previous: dict[str, FlagPolicy] = {}
     own = policy_path(table.engine, table.version)
-    sources = [own] if own.is_file() else sorted(
-        FLAGS_DATA_DIR.glob(f"{table.engine}-*.extra-args.yaml"), key=lambda p: p.stat().st_mtime
-    )[-1:]
+    sources = (
+        [own]
+        if own.is_file()
+        else sorted(FLAGS_DATA_DIR.glob(f"{table.engine}-*.extra-args.yaml"), key=lambda p: p.stat().st_mtime)[-1:]
+    )
     for path in sources:
-        version = path.name[len(table.engine) + 1: -len(".extra-args.yaml")]
+        version = path.name[len(table.engine) + 1 : -len(".extra-args.yaml")]
         previous = load_policy(table.engine, version).flags
     flags = {f.canonical: previous.get(f.canonical, FlagPolicy("unreviewed")) for f in table.flags}
     return ExtraArgsPolicy(table.engine, table.version, flags)
@@ -182,9 +188,13 @@ def policy_problems(table: FlagTable) -> list[str]:
         return [str(e)]
     names = {f.canonical for f in table.flags}
     problems = [f"{n}: not classified" for n in sorted(names - policy.flags.keys())]
-    problems += [f"{n}: unreviewed" for n in sorted(names & policy.flags.keys()) if policy.flags[n].klass == "unreviewed"]
-    problems += [f"{n}: classified, but {table.engine} {table.version} has no such flag"
-                 for n in sorted(policy.flags.keys() - names)]
+    problems += [
+        f"{n}: unreviewed" for n in sorted(names & policy.flags.keys()) if policy.flags[n].klass == "unreviewed"
+    ]
+    problems += [
+        f"{n}: classified, but {table.engine} {table.version} has no such flag"
+        for n in sorted(policy.flags.keys() - names)
+    ]
     return problems
 
 
@@ -200,10 +210,7 @@ def check_extra_args(args: list[str], engine: str, *, unsafe: bool = False) -> C
     module = engine_module(engine)
     problems = list(checked.errors)
     if checked.unsafe and not unsafe:
-        problems += [
-            f"{r.arg} is refused: {r.klass}: {r.reason}"
-            for r in checked.unsafe
-        ]
+        problems += [f"{r.arg} is refused: {r.klass}: {r.reason}" for r in checked.unsafe]
         problems.append(
             f"remove {'it' if len(checked.unsafe) == 1 else 'them'}, or set "
             f"{module.SECTION}.unsafe_extra_args: true to pass {'it' if len(checked.unsafe) == 1 else 'them'} anyway "
@@ -250,11 +257,15 @@ def classify_extra_args(args: list[str], engine: str) -> CheckedArgs:
             out.errors.append(f"{written} needs a value ({info.metavar or 'VALUE'})")
             continue
         if name in reserved:
-            out.errors.append(f"{written} is set by Cortex (host, port, API key, model and name come from the spec "
-                              "and plan); remove it")
+            out.errors.append(
+                f"{written} is set by Cortex (host, port, API key, model and name come from the spec "
+                "and plan); remove it"
+            )
             continue
         if name in mapped:
-            out.errors.append(f"{written} has a spec setting: use {module.SECTION}.{mapped[name]} instead of extra_args")
+            out.errors.append(
+                f"{written} has a spec setting: use {module.SECTION}.{mapped[name]} instead of extra_args"
+            )
             continue
         p = policy.of(info)
         if p.klass in ALWAYS_REFUSED:
@@ -262,11 +273,14 @@ def classify_extra_args(args: list[str], engine: str) -> CheckedArgs:
         elif p.safe_keys is not None:
             bad = _unsafe_keys(key, values, p.safe_keys)
             if bad:
-                out.unsafe.append(Refusal(
-                    arg, p.klass if p.klass != "safe" else "unreviewed",
-                    f"only these keys of {info.canonical} are reviewed as safe: {', '.join(p.safe_keys)}; "
-                    f"this sets {', '.join(bad)}" + (f" ({p.reason})" if p.klass != "safe" else ""),
-                ))
+                out.unsafe.append(
+                    Refusal(
+                        arg,
+                        p.klass if p.klass != "safe" else "unreviewed",
+                        f"only these keys of {info.canonical} are reviewed as safe: {', '.join(p.safe_keys)}; "
+                        f"this sets {', '.join(bad)}" + (f" ({p.reason})" if p.klass != "safe" else ""),
+                    )
+                )
         elif p.safe_values is not None and values and all(v in p.safe_values for v in values):
             pass
         elif p.klass != "safe":
@@ -301,7 +315,7 @@ def _values(info: FlagInfo, args: list[str], i: int, inline: str | None) -> tupl
     count = int(nargs) if nargs and nargs.isdigit() else 1
     if i + count > len(args):
         return None, len(args)
-    return args[i:i + count], i + count
+    return args[i : i + count], i + count
 
 
 def _unsafe_keys(key: str | None, values: list[str], safe: tuple[str, ...]) -> list[str]:
@@ -360,8 +374,7 @@ def _mapped_settings(module: ModuleType, table: FlagTable) -> dict[str, str]:
 # What a spec's engine `env` may set: tuning variables of the engine and the libraries it runs
 # on. The engine otherwise starts with a minimal environment (cortex.runtime.base:
 # engine_environment), so these are the only variables of the operator's choosing it sees.
-ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "OPENBLAS_", "GOMP_", "NCCL_", "CUDA_", "GGML_", "VLLM_",
-                "TORCH_", "PYTORCH_")
+ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "OPENBLAS_", "GOMP_", "NCCL_", "CUDA_", "GGML_", "VLLM_", "TORCH_", "PYTORCH_")
 ENV_NAMES = {"TZ"}
 # Inside those prefixes, refused: what Cortex sets, and what loads code, opens the network or
 # reads or writes files the spec names (vLLM's plugins, dev endpoints, ports, config and caches).
@@ -394,16 +407,22 @@ def check_engine_env(env: dict[str, str]) -> dict[str, str]:
         if not _ENV_NAME.fullmatch(name):
             problems.append(f"{name!r} is not an environment variable name (letters, digits, _)")
         elif any(word in name.upper() for word in ("TOKEN", "SECRET", "PASSWORD")):
-            problems.append(f"{name}: secrets do not belong in a spec, and the engine needs none: it serves the "
-                            "files `cortex prepare` made (no Hub token)")
+            problems.append(
+                f"{name}: secrets do not belong in a spec, and the engine needs none: it serves the "
+                "files `cortex prepare` made (no Hub token)"
+            )
         elif name in ENV_REFUSED:
             problems.append(f"{name}: {ENV_REFUSED[name]}")
         elif name.startswith("LLAMA_ARG_"):
-            problems.append(f"{name} is a llama-server flag by another name: write the flag in extra_args, "
-                            "where the allow-list checks it")
+            problems.append(
+                f"{name} is a llama-server flag by another name: write the flag in extra_args, "
+                "where the allow-list checks it"
+            )
         elif not (name in ENV_NAMES or name.startswith(ENV_PREFIXES)):
-            problems.append(f"{name} is not a variable a spec may give the engine (allowed: TZ and names "
-                            f"starting {', '.join(ENV_PREFIXES)})")
+            problems.append(
+                f"{name} is not a variable a spec may give the engine (allowed: TZ and names "
+                f"starting {', '.join(ENV_PREFIXES)})"
+            )
     if problems:
         raise FlagError("; ".join(problems))
     return env

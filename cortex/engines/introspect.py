@@ -169,16 +169,18 @@ def parse_llama_server_help(text: str) -> list[FlagInfo]:
             help_text = " ".join(current["help"]).strip()
             env = _ENV.search(help_text)
             metavar = current["metavar"]
-            flags.append(FlagInfo(
-                names=tuple(current["names"]),
-                takes_value=metavar is not None,
-                # llama.cpp's "[on|off|auto]" lists choices; every value is required.
-                value_optional=False,
-                metavar=metavar,
-                choices=_choices_in(metavar) if metavar else None,
-                env=env.group(1) if env else None,
-                help=_ENV.sub("", help_text).strip(),
-            ))
+            flags.append(
+                FlagInfo(
+                    names=tuple(current["names"]),
+                    takes_value=metavar is not None,
+                    # llama.cpp's "[on|off|auto]" lists choices; every value is required.
+                    value_optional=False,
+                    metavar=metavar,
+                    choices=_choices_in(metavar) if metavar else None,
+                    env=env.group(1) if env else None,
+                    help=_ENV.sub("", help_text).strip(),
+                )
+            )
 
     for line in text.splitlines():
         parsed = _parse_flag_line(line) if line.startswith("-") else None
@@ -204,13 +206,9 @@ def _choices_in(metavar: str) -> tuple[str, ...] | None:
 
 
 def llama_server_help(toolchain: Toolchain) -> str:
-    result = subprocess.run(
-        [str(toolchain.llama_server), "--help"], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([str(toolchain.llama_server), "--help"], capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise RuntimeError(
-            f"{toolchain.llama_server} --help exited {result.returncode}: {result.stderr[-2000:]}"
-        )
+        raise RuntimeError(f"{toolchain.llama_server} --help exited {result.returncode}: {result.stderr[-2000:]}")
     return result.stdout
 
 
@@ -229,16 +227,13 @@ def llama_server_table(toolchain: Toolchain) -> FlagTable:
 # --- vLLM ------------------------------------------------------------------------------
 
 
-
 def vllm_table(vllm: VllmInstall) -> FlagTable:
     """The flag table of the installed vLLM, from its own argument parser."""
     result = subprocess.run(
         [str(vllm.python), str(script_path("vllm_flags"))], capture_output=True, text=True, timeout=300
     )
     if result.returncode != 0:
-        raise RuntimeError(
-            f"dumping vLLM's argument parser with {vllm.python} failed: {result.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"dumping vLLM's argument parser with {vllm.python} failed: {result.stderr[-3000:]}")
     flags = json.loads(result.stdout.strip().splitlines()[-1])
     return FlagTable(
         engine=VLLM,

@@ -35,13 +35,18 @@ FLAGS: list[FlagMap] = [
     FlagMap("rope_freq_scale", "--rope-freq-scale"),
     FlagMap("flash_attention", "-fa"),
     # the seed's --mlock / --no-mmap are one flag in this llama.cpp: -lm/--load-mode
-    FlagMap("mlock", "-lm", derive=lambda s: load_mode(s.mlock, s.no_mmap),
-            note="mlock and no_mmap become --load-mode (mmap+mlock, mlock, none)"),
+    FlagMap(
+        "mlock",
+        "-lm",
+        derive=lambda s: load_mode(s.mlock, s.no_mmap),
+        note="mlock and no_mmap become --load-mode (mmap+mlock, mlock, none)",
+    ),
     FlagMap("numa", "--numa"),
     FlagMap("cache_type_k", "-ctk"),
     FlagMap("cache_type_v", "-ctv"),
     FlagMap("pooling", "--pooling"),
 ]
+
 
 def load_mode(mlock: bool | None, no_mmap: bool | None) -> str | None:
     """The seed's two switches as llama-server's --load-mode value (None: leave the default)."""
@@ -60,8 +65,19 @@ def server_args(*, model_path: str, served_name: str, port: int, embed: bool) ->
     # --verbosity 4: this llama-server writes its buffer sizes (model, KV, compute), which
     # cortex.actual compares with the plan, only from level 4 ("trace"); it adds about 25 lines
     # per request to the log, none with the prompt or the answer.
-    args = ["-m", model_path, "--host", "0.0.0.0", "--port", str(port), "--alias", served_name, "--metrics",
-            "--verbosity", "4"]
+    args = [
+        "-m",
+        model_path,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--alias",
+        served_name,
+        "--metrics",
+        "--verbosity",
+        "4",
+    ]
     if embed:
         args.append("--embeddings")
     return args

@@ -16,10 +16,11 @@ from cortex.engine_scripts import script_path
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
-
 def live_vllm_architectures(python: Path) -> list[str]:
     """Every architecture the vLLM installed under `python` supports (its ModelRegistry)."""
-    out = subprocess.run([str(python), str(script_path("vllm_architectures"))], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(python), str(script_path("vllm_architectures"))], capture_output=True, text=True, timeout=300
+    )
     if out.returncode != 0:
         raise RuntimeError(f"vLLM's model registry could not be read: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -32,6 +33,9 @@ def architectures_path(version: str) -> Path:
 def write_vllm_architectures(python: Path, version: str) -> Path:
     archs = live_vllm_architectures(python)
     path = architectures_path(version)
-    path.write_text(f"# HF architectures vLLM {version} supports (vllm ModelRegistry.get_supported_archs())\n"
-                    + "\n".join(archs) + "\n")
+    path.write_text(
+        f"# HF architectures vLLM {version} supports (vllm ModelRegistry.get_supported_archs())\n"
+        + "\n".join(archs)
+        + "\n"
+    )
     return path

@@ -37,10 +37,12 @@ class Registration(Body):
     model: Name = Field(description="The served model name clients put in `model`.")
     url: str = Field(description="The engine's base URL, http://host:port.")
     engine_api_key: Annotated[str, Field(pattern=r"^[^\r\n]*$")] | None = Field(
-        None, description="The key the engine requires; sent by the gateway, never shown.")
+        None, description="The key the engine requires; sent by the gateway, never shown."
+    )
     aliases: list[Name] | None = Field(None, description="Other names routed to this model.")
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = Field(
-        None, description="Replica id (1-128 letters, digits or ._:-); default: <model>-<random>.")
+        None, description="Replica id (1-128 letters, digits or ._:-); default: <model>-<random>."
+    )
     labels: dict[str, Any] | None = Field(None, description="Free-form labels shown in listings.")
 
 
@@ -50,7 +52,8 @@ class NewKey(Body):
     name: str = Field("", description="A name for people; not a secret.")
     models: list[Name] | None = Field(None, description="Models the key may use; null for all.")
     expires_at: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
-        None, description="Unix time in seconds after which the key is refused.")
+        None, description="Unix time in seconds after which the key is refused."
+    )
 
 
 # --- handlers: (gateway, body or None, **path params) -> JSON result -------------------------------
@@ -61,8 +64,9 @@ def list_replicas(gw: Gateway, body: None) -> Any:
 
 
 def register(gw: Gateway, body: Registration) -> Any:
-    record = gw.registry.register(body.model, body.url, body.engine_api_key, body.aliases or [], body.id,
-                                  body.labels or {})
+    record = gw.registry.register(
+        body.model, body.url, body.engine_api_key, body.aliases or [], body.id, body.labels or {}
+    )
     gw.reload()
     replica = gw.table.replicas[record.id]
     # the deploy flow registers only replicas that passed their smoke test; the next health pass
@@ -137,14 +141,19 @@ class AdminRoute:
 # Every admin route. The test suite enumerates this table, so a new route cannot skip auth.
 ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("GET", "/admin/replicas", list_replicas, "List replicas and aliases"),
-    AdminRoute("POST", "/admin/replicas", register,
-               "Register a replica (registering the same model and url again updates it)",
-               body=Registration, status=201, errors=(409,)),
+    AdminRoute(
+        "POST",
+        "/admin/replicas",
+        register,
+        "Register a replica (registering the same model and url again updates it)",
+        body=Registration,
+        status=201,
+        errors=(409,),
+    ),
     AdminRoute("POST", "/admin/replicas/{id}/drain", drain, "Drain a replica (no new requests; removed when idle)"),
     AdminRoute("DELETE", "/admin/replicas/{id}", deregister, "Deregister a replica now"),
     AdminRoute("GET", "/admin/keys", list_keys, "List API keys (no secrets)"),
-    AdminRoute("POST", "/admin/keys", create_key, "Create an API key (the key is shown once)",
-               body=NewKey, status=201),
+    AdminRoute("POST", "/admin/keys", create_key, "Create an API key (the key is shown once)", body=NewKey, status=201),
     AdminRoute("DELETE", "/admin/keys/{id}", revoke_key, "Revoke an API key"),
 )
 
@@ -172,8 +181,13 @@ def _invalid_body(exc: ValidationError) -> tuple[str, str, str | None]:
 async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     # The token is checked before the route is looked up, so no admin path answers without it.
     if not authorized(scope, gw.admin_token):
-        await send_error(send, 401, "admin API: send 'Authorization: Bearer <admin token>' "
-                         "(CORTEX_ADMIN_TOKEN or the gateway's admin-token file)", "invalid_admin_token")
+        await send_error(
+            send,
+            401,
+            "admin API: send 'Authorization: Bearer <admin token>' "
+            "(CORTEX_ADMIN_TOKEN or the gateway's admin-token file)",
+            "invalid_admin_token",
+        )
         return
     method, path = scope["method"], scope["path"]
     for route in ADMIN_ROUTES:
@@ -188,8 +202,9 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
             except ClientGone:
                 return
             except BodyTooLarge:
-                await send_error(send, 413, f"admin request body larger than {ADMIN_MAX_BODY} bytes",
-                                 "request_too_large")
+                await send_error(
+                    send, 413, f"admin request body larger than {ADMIN_MAX_BODY} bytes", "request_too_large"
+                )
                 return
             except ValidationError as exc:
                 message, code, param = _invalid_body(exc)
@@ -212,4 +227,3 @@ def body_schemas() -> dict[str, dict]:
         if route.body is not None:
             schemas[route.body.__name__] = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
     return schemas
-

@@ -56,8 +56,26 @@ class ProxyCall:
     watcher shares its flags (`done`, `client_gone`, `conn`)."""
 
     __slots__ = (
-        "t0", "key", "served", "replicas", "streaming", "done", "client_gone", "conn", "timer", "watcher",
-        "replica", "attempts", "t_sent", "status", "sse", "overhead", "ttfb", "prev", "last", "error_kind",
+        "t0",
+        "key",
+        "served",
+        "replicas",
+        "streaming",
+        "done",
+        "client_gone",
+        "conn",
+        "timer",
+        "watcher",
+        "replica",
+        "attempts",
+        "t_sent",
+        "status",
+        "sse",
+        "overhead",
+        "ttfb",
+        "prev",
+        "last",
+        "error_kind",
     )
 
     replica: Replica  # set by _connect
@@ -93,8 +111,13 @@ class ProxyCall:
 class Gateway:
     """The ASGI application. `settings` decides auth mode, limits and the registry file."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None,
-                 access_log: AccessLog | None = None, connections: ConnectionGuard | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        access_log: AccessLog | None = None,
+        connections: ConnectionGuard | None = None,
+    ) -> None:
         self.settings = settings
         self.connections = connections  # the server's client-connection limits, for /metrics
         self.registry = registry or Registry(settings.gateway_db)
@@ -245,14 +268,21 @@ class Gateway:
         lag = self.lag.worst_since(since)
         if lag <= LAG_EXCUSES * (self.loop.time() - since):
             return False
-        log.warning("not counting a timeout of replica %s (%s): this gateway's event loop was %.2f s behind "
-                    "while it waited (%s)", replica.id, replica.model, lag, failure)
+        log.warning(
+            "not counting a timeout of replica %s (%s): this gateway's event loop was %.2f s behind "
+            "while it waited (%s)",
+            replica.id,
+            replica.model,
+            lag,
+            failure,
+        )
         self.metrics.error(self.table.canonical.get(replica.model, replica.model), replica.id, "timeout_while_busy")
         return True
 
     def _mark_failed(self, replica: Replica, error: UpstreamError) -> None:
         if isinstance(error, ConnectTimeout) and self._gateway_was_busy(
-                replica, self.loop.time() - self.settings.gateway_connect_timeout, str(error)):
+            replica, self.loop.time() - self.settings.gateway_connect_timeout, str(error)
+        ):
             return
         if replica.healthy:
             log.warning("replica %s (%s) taken out after a failed request: %s", replica.id, replica.model, error)
@@ -277,8 +307,13 @@ class Gateway:
                 await send_json(send, 200, {"status": "ok", "models": len(self.table.available_models())})
             elif path == "/metrics" and scope["method"] == "GET":
                 body = self.metrics.render(self.table.replicas.values(), self.connections)
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
             elif path == "/openapi.json" and scope["method"] == "GET":
                 await send_json(send, 200, openapi.schema())
@@ -374,14 +409,20 @@ class Gateway:
         model = payload.get("model") if type(payload) is dict else None
         if type(model) is not str:
             self.metrics.error("", "", "bad_request")
-            await send_error(send, 400, "request body must be a JSON object with a string 'model'", "invalid_request",
-                             param="model")
+            await send_error(
+                send, 400, "request body must be a JSON object with a string 'model'", "invalid_request", param="model"
+            )
             return None
         replicas = self.table.models.get(model)
         if replicas is None:
             self.metrics.error("", "", "unknown_model")  # not the name: clients must not mint series
-            await send_error(send, 404, f"The model '{model[:200]}' does not exist; GET /v1/models lists the served models",
-                             "model_not_found", param="model")
+            await send_error(
+                send,
+                404,
+                f"The model '{model[:200]}' does not exist; GET /v1/models lists the served models",
+                "model_not_found",
+                param="model",
+            )
             return None
         served = self.table.canonical[model]
         if key is not True and key.models is not None and served not in key.models and model not in key.models:
@@ -410,8 +451,11 @@ class Gateway:
                 call.stop_watching()
                 self.metrics.error(served, "", "no_replica")
                 await send_error(
-                    send, 503, f"no healthy replica of model '{served}' is available; retry shortly",
-                    "no_healthy_replica", [(b"retry-after", self.retry_after)],
+                    send,
+                    503,
+                    f"no healthy replica of model '{served}' is available; retry shortly",
+                    "no_healthy_replica",
+                    [(b"retry-after", self.retry_after)],
                 )
                 return False
             call.attempts += 1
@@ -475,9 +519,15 @@ class Gateway:
                     call.error_kind = exc.kind
                     self._mark_failed(replica, exc)
                     if sse:
-                        event = b"data: " + error_body(
-                            f"the replica serving '{call.served}' failed mid-response: {exc}", "server_error",
-                            "upstream_error") + b"\n\n"
+                        event = (
+                            b"data: "
+                            + error_body(
+                                f"the replica serving '{call.served}' failed mid-response: {exc}",
+                                "server_error",
+                                "upstream_error",
+                            )
+                            + b"\n\n"
+                        )
                         await send({"type": "http.response.body", "body": event, "more_body": False})
                         return
                     raise AbortResponse(str(exc)) from exc
@@ -528,23 +578,25 @@ class Gateway:
                 completion_tokens = int(found.group(1))
                 metrics.tokens[(served, replica.id, "completion")] += completion_tokens
         if self.access_log is not None:
-            self.access_log.write({
-                "ts": time.time(),
-                "path": scope["path"],
-                "model": served,
-                "replica": replica.id,
-                "key": None if call.key is True else call.key.id,
-                "client": scope["client"][0] if scope.get("client") else None,
-                "status": status,
-                "stream": call.streaming,
-                "error": error_kind,
-                "attempts": call.attempts,
-                "duration_ms": round(elapsed * 1000, 3),
-                "ttfb_ms": None if call.ttfb is None else round(call.ttfb * 1000, 3),
-                "overhead_ms": round(call.overhead * 1000, 3),
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-            })
+            self.access_log.write(
+                {
+                    "ts": time.time(),
+                    "path": scope["path"],
+                    "model": served,
+                    "replica": replica.id,
+                    "key": None if call.key is True else call.key.id,
+                    "client": scope["client"][0] if scope.get("client") else None,
+                    "status": status,
+                    "stream": call.streaming,
+                    "error": error_kind,
+                    "attempts": call.attempts,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "ttfb_ms": None if call.ttfb is None else round(call.ttfb * 1000, 3),
+                    "overhead_ms": round(call.overhead * 1000, 3),
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                }
+            )
 
     def _start_watch(self, receive: Receive, state: ProxyCall) -> None:
         if not state.done:

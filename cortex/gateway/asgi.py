@@ -41,8 +41,9 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-async def send_error(send: Send, status: int, message: str, code: str, extra_headers: list | None = None,
-                     param: str | None = None) -> None:
+async def send_error(
+    send: Send, status: int, message: str, code: str, extra_headers: list | None = None, param: str | None = None
+) -> None:
     body = error_body(message, ERROR_TYPES.get(status, "server_error"), code, param)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if extra_headers:
@@ -53,11 +54,13 @@ async def send_error(send: Send, status: int, message: str, code: str, extra_hea
 
 async def send_json(send: Send, status: int, payload: Any) -> None:
     body = orjson.dumps(payload)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

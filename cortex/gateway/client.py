@@ -1,10 +1,10 @@
 """The admin client the deploy flow and `cortex keys` use to talk to a running gateway.
 
-    client = GatewayClient(Settings.load())   # or gateway_client(mode): None where none is used
-    replica = client.register("smollm2", "http://127.0.0.1:8081", engine_api_key=key, aliases=["small"])
-    client.drain(old_replica_id)          # waits until its in-flight requests finished
-    client.deregister(replica_id)
-    client.remove_route(dead_replica_id)  # False if it had none
+client = GatewayClient(Settings.load())   # or gateway_client(mode): None where none is used
+replica = client.register("smollm2", "http://127.0.0.1:8081", engine_api_key=key, aliases=["small"])
+client.drain(old_replica_id)          # waits until its in-flight requests finished
+client.deregister(replica_id)
+client.remove_route(dead_replica_id)  # False if it had none
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ class GatewayError(Exception):
 
 
 class GatewayClient:
-    def __init__(self, settings: Settings | None = None, *, url: str | None = None, admin_token: str | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        url: str | None = None,
+        admin_token: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         settings = settings or Settings.load()
         self.url = (url or settings.gateway_url).rstrip("/")
         token = admin_token or settings.resolve_admin_token()
-        self._http = httpx.Client(base_url=self.url, timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:
         self._http.close()
@@ -48,8 +53,10 @@ class GatewayClient:
         try:
             response = self._http.request(method, path, json=json)
         except httpx.HTTPError as exc:
-            raise GatewayError(f"gateway at {self.url} unreachable ({type(exc).__name__}: {exc}); "
-                               f"is `cortex gateway` running and CORTEX_GATEWAY_URL right?") from exc
+            raise GatewayError(
+                f"gateway at {self.url} unreachable ({type(exc).__name__}: {exc}); "
+                f"is `cortex gateway` running and CORTEX_GATEWAY_URL right?"
+            ) from exc
         if response.status_code >= 400:
             try:
                 message = response.json()["error"]["message"]
@@ -60,13 +67,24 @@ class GatewayClient:
 
     # --- replicas -----------------------------------------------------------------------------
 
-    def register(self, model: str, replica_url: str, engine_api_key: str | None = None,
-                 aliases: list[str] | tuple[str, ...] = (), replica_id: str | None = None,
-                 labels: dict | None = None) -> dict:
+    def register(
+        self,
+        model: str,
+        replica_url: str,
+        engine_api_key: str | None = None,
+        aliases: list[str] | tuple[str, ...] = (),
+        replica_id: str | None = None,
+        labels: dict | None = None,
+    ) -> dict:
         """Route `model` (and its aliases) to the engine at `replica_url`. Returns the replica,
         whose "id" later goes to drain/deregister. Registering the same model+url again updates it."""
-        body: dict[str, Any] = {"model": model, "url": replica_url, "engine_api_key": engine_api_key,
-                                "aliases": list(aliases), "labels": labels or {}}
+        body: dict[str, Any] = {
+            "model": model,
+            "url": replica_url,
+            "engine_api_key": engine_api_key,
+            "aliases": list(aliases),
+            "labels": labels or {},
+        }
         if replica_id:
             body["id"] = replica_id
         return self._call("POST", "/admin/replicas", body)
@@ -107,7 +125,9 @@ class GatewayClient:
 
     # --- client API keys ----------------------------------------------------------------------
 
-    def create_key(self, name: str = "", models: builtins.list[str] | None = None, expires_at: float | None = None) -> dict:
+    def create_key(
+        self, name: str = "", models: builtins.list[str] | None = None, expires_at: float | None = None
+    ) -> dict:
         """A new client key; the returned "key" is the only time the secret is shown."""
         return self._call("POST", "/admin/keys", {"name": name, "models": models, "expires_at": expires_at})
 

@@ -190,9 +190,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self.head_since = self.loop.time()  # a connection that sends nothing times out too
         if not self.guard.admit(self):
-            self.reject(429, f"too many connections from {self.client[0] if self.client else 'this client'} "
-                        f"(at most {self.guard.limits.max_per_client}); reuse connections or retry later",
-                        "too_many_connections")
+            self.reject(
+                429,
+                f"too many connections from {self.client[0] if self.client else 'this client'} "
+                f"(at most {self.guard.limits.max_per_client}); reuse connections or retry later",
+                "too_many_connections",
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.forget(self)
@@ -282,8 +285,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.abort()  # mid-response: there is no room for another answer
             return
         body = error_body(message, ERROR_TYPES[status], code)
-        transport.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                        % (STATUS_LINE[status], len(body), body))
+        transport.write(
+            b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (STATUS_LINE[status], len(body), body)
+        )
         if busy:
             transport.close()  # its body stalled; connection_lost tells the app the client is gone
             return
@@ -297,5 +302,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def protocol_class(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to pass as uvicorn's `http=`: one per guard (uvicorn makes one
     instance per connection and gives it no other way to reach shared state)."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
-                {"guard": guard, "max_head": guard.limits.max_header_bytes})
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"guard": guard, "max_head": guard.limits.max_header_bytes},
+    )

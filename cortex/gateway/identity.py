@@ -62,18 +62,26 @@ async def verify_replica(client: httpx.AsyncClient, url: str, model: str, engine
         if health.status_code != 200:
             return Verdict(False, f"/health answered {health.status_code}")
         if engine_key:
-            decoy = await client.get(url + "/v1/models", headers={"Authorization": f"Bearer {secrets.token_urlsafe(24)}"})
+            decoy = await client.get(
+                url + "/v1/models", headers={"Authorization": f"Bearer {secrets.token_urlsafe(24)}"}
+            )
             if decoy.status_code != 401:
-                return Verdict(False, f"not the registered engine: /v1/models answered {decoy.status_code} to a wrong "
-                               "key (an engine started with a key answers 401); its key was not sent", impostor=True)
+                return Verdict(
+                    False,
+                    f"not the registered engine: /v1/models answered {decoy.status_code} to a wrong "
+                    "key (an engine started with a key answers 401); its key was not sent",
+                    impostor=True,
+                )
         headers = {"Authorization": f"Bearer {engine_key}"} if engine_key else {}
         listing = await client.get(url + "/v1/models", headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-        return Verdict(False, f"unreachable: {type(exc).__name__}: {exc}",
-                       timed_out=isinstance(exc, httpx.TimeoutException))
+        return Verdict(
+            False, f"unreachable: {type(exc).__name__}: {exc}", timed_out=isinstance(exc, httpx.TimeoutException)
+        )
     if listing.status_code in (401, 403):
-        return Verdict(False, f"not the registered engine: it refuses this replica's key ({listing.status_code})",
-                       impostor=True)
+        return Verdict(
+            False, f"not the registered engine: it refuses this replica's key ({listing.status_code})", impostor=True
+        )
     if listing.status_code != 200:
         return Verdict(False, f"/v1/models answered {listing.status_code}")
     try:

@@ -77,29 +77,67 @@ class Metrics:
                 base = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(labels, key))
                 out.append(f"{name}{{{base}}} {value}")
 
-        counter("cortex_gateway_requests_total", "Requests answered, by status code.",
-                ("model", "replica", "status"), self.requests)
-        counter("cortex_gateway_errors_total", "Failed requests by kind of failure.",
-                ("model", "replica", "kind"), self.errors)
-        counter("cortex_gateway_tokens_total", "Tokens reported in responses' usage.",
-                ("model", "replica", "type"), self.tokens)
-        counter("cortex_gateway_in_flight", "Requests in flight.", ("model", "replica"),
-                {(r.model, r.id): r.in_flight for r in replicas}, "gauge")
-        counter("cortex_gateway_replica_healthy", "1 when the replica passes its health check.",
-                ("model", "replica"), {(r.model, r.id): int(r.healthy) for r in replicas}, "gauge")
-        counter("cortex_gateway_replica_draining", "1 while the replica is being drained.",
-                ("model", "replica"), {(r.model, r.id): int(r.state == "draining") for r in replicas}, "gauge")
+        counter(
+            "cortex_gateway_requests_total",
+            "Requests answered, by status code.",
+            ("model", "replica", "status"),
+            self.requests,
+        )
+        counter(
+            "cortex_gateway_errors_total",
+            "Failed requests by kind of failure.",
+            ("model", "replica", "kind"),
+            self.errors,
+        )
+        counter(
+            "cortex_gateway_tokens_total",
+            "Tokens reported in responses' usage.",
+            ("model", "replica", "type"),
+            self.tokens,
+        )
+        counter(
+            "cortex_gateway_in_flight",
+            "Requests in flight.",
+            ("model", "replica"),
+            {(r.model, r.id): r.in_flight for r in replicas},
+            "gauge",
+        )
+        counter(
+            "cortex_gateway_replica_healthy",
+            "1 when the replica passes its health check.",
+            ("model", "replica"),
+            {(r.model, r.id): int(r.healthy) for r in replicas},
+            "gauge",
+        )
+        counter(
+            "cortex_gateway_replica_draining",
+            "1 while the replica is being drained.",
+            ("model", "replica"),
+            {(r.model, r.id): int(r.state == "draining") for r in replicas},
+            "gauge",
+        )
         if connections is not None:
             out.append("# HELP cortex_gateway_client_connections Client connections open.")
             out.append("# TYPE cortex_gateway_client_connections gauge")
             out.append(f"cortex_gateway_client_connections {len(connections.open)}")
-            counter("cortex_gateway_connections_refused_total",
-                    "Client connections answered with an error and closed, by reason (the error code).",
-                    ("reason",), {(reason,): n for reason, n in connections.rejected.items()})
+            counter(
+                "cortex_gateway_connections_refused_total",
+                "Client connections answered with an error and closed, by reason (the error code).",
+                ("reason",),
+                {(reason,): n for reason, n in connections.rejected.items()},
+            )
         for name, help_, hist in (
             ("cortex_gateway_request_duration_seconds", "Time from request to last byte.", self.latency),
-            ("cortex_gateway_time_to_first_byte_seconds", "Time from request to the replica's first body byte.", self.ttfb),
-            ("cortex_gateway_overhead_seconds", "Time spent in the gateway itself before the response starts.", self.overhead),
+            (
+                "cortex_gateway_time_to_first_byte_seconds",
+                "Time from request to the replica's first body byte.",
+                self.ttfb,
+            ),
+            (
+                "cortex_gateway_overhead_seconds",
+                "Time spent in the gateway itself before the response starts.",
+                self.overhead,
+            ),
         ):
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} histogram")

@@ -30,12 +30,16 @@ def _proxy(summary: str) -> dict:
             "security": [{"apiKey": []}],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {
-                    "type": "object",
-                    "required": ["model"],
-                    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
-                    "additionalProperties": True,
-                }}},
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["model"],
+                            "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+                            "additionalProperties": True,
+                        }
+                    }
+                },
             },
             "responses": _responses("the engine's answer, passed through", 400, 401, 403, 404, 413, 502, 503),
         }
@@ -46,12 +50,15 @@ def _admin_operation(route: AdminRoute) -> dict:
     errors = {401, *route.errors}
     operation: dict = {"summary": route.summary, "security": _ADMIN}
     if route.params:
-        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                   for name in route.params]
+        operation["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.params
+        ]
         errors.add(404)
     if route.body is not None:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}}}
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}},
+        }
         errors |= {400, 413}
     operation["responses"] = _responses(route.summary, *errors, ok_status=route.status)
     return operation
@@ -63,8 +70,13 @@ def schema() -> dict:
         "/v1/chat/completions": _proxy("Chat completion, routed by model"),
         "/v1/completions": _proxy("Text completion, routed by model"),
         "/v1/embeddings": _proxy("Embeddings, routed by model"),
-        "/v1/models": {"get": {"summary": "Models with a healthy replica", "security": [{"apiKey": []}],
-                               "responses": _responses("model list", 401)}},
+        "/v1/models": {
+            "get": {
+                "summary": "Models with a healthy replica",
+                "security": [{"apiKey": []}],
+                "responses": _responses("model list", 401),
+            }
+        },
         "/health": {"get": {"summary": "The gateway is up", "responses": _responses("ok")}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": _responses("metrics")}},
     }
@@ -82,10 +94,18 @@ def schema() -> dict:
                 "Error": {
                     "type": "object",
                     "required": ["error"],
-                    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
-                        "message": {"type": "string"}, "type": {"type": "string"},
-                        "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]},
-                    }}},
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "code": {"type": ["string", "null"]},
+                                "param": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
                 },
                 **body_schemas(),
             },

@@ -122,8 +122,10 @@ def validate_replica_url(url: str) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise RegistryError(f"replica url {url!r}: expected http://host:port (the engine's base URL)")
     if parts.query or parts.fragment or parts.path.strip("/"):
-        raise RegistryError(f"replica url {url!r}: give the engine's base URL, http://host:port, "
-                            "without a path (the gateway adds /v1/...)")
+        raise RegistryError(
+            f"replica url {url!r}: give the engine's base URL, http://host:port, "
+            "without a path (the gateway adds /v1/...)"
+        )
     return url.rstrip("/")
 
 

@@ -19,8 +19,20 @@ class Replica:
     """One engine endpoint serving one model, as the router sees it."""
 
     __slots__ = (
-        "id", "model", "url", "host", "port", "state", "healthy", "in_flight", "pool",
-        "request_head", "labels", "engine_api_key", "removed", "reason",
+        "id",
+        "model",
+        "url",
+        "host",
+        "port",
+        "state",
+        "healthy",
+        "in_flight",
+        "pool",
+        "request_head",
+        "labels",
+        "engine_api_key",
+        "removed",
+        "reason",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float) -> None:

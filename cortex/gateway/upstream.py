@@ -51,9 +51,24 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; it carries one request at a time."""
 
     __slots__ = (
-        "pool", "transport", "parser", "status", "headers", "chunks", "buffered", "waiter",
-        "headers_done", "complete", "error", "received", "paused", "closed", "framed",
-        "last_activity", "reused", "keep_alive",
+        "pool",
+        "transport",
+        "parser",
+        "status",
+        "headers",
+        "chunks",
+        "buffered",
+        "waiter",
+        "headers_done",
+        "complete",
+        "error",
+        "received",
+        "paused",
+        "closed",
+        "framed",
+        "last_activity",
+        "reused",
+        "keep_alive",
     )
 
     def __init__(self, pool: "ConnectionPool") -> None:

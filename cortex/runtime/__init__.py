@@ -53,6 +53,17 @@ def reachable_runtimes(required: str | None = None) -> tuple[dict[str, Runtime],
 
 
 __all__ = [
-    "EngineNotReady", "LaunchError", "Replica", "ReplicaError", "ReplicaNotFound", "Runtime", "RuntimeKind",
-    "RUNTIMES", "failure_hint", "get_runtime", "reachable_runtimes", "ready_timeout_s", "runtime_class",
+    "EngineNotReady",
+    "LaunchError",
+    "Replica",
+    "ReplicaError",
+    "ReplicaNotFound",
+    "Runtime",
+    "RuntimeKind",
+    "RUNTIMES",
+    "failure_hint",
+    "get_runtime",
+    "reachable_runtimes",
+    "ready_timeout_s",
+    "runtime_class",
 ]

@@ -147,8 +147,21 @@ def resolve_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> dict[str,
 # it: where programs and libraries are, whose home, the locale, the temp folder and the GPUs the
 # operator made visible. Nothing else: not the Hub token, not cloud or Cortex credentials, not
 # llama.cpp's LLAMA_ARG_* (flags that would bypass the extra_args allow-list).
-INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
-                 "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "XDG_CACHE_HOME")
+INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "XDG_CACHE_HOME",
+)
 INHERITED_ENV_PREFIXES = ("LC_",)
 
 
@@ -187,29 +200,40 @@ def api_key_from_env(env: Mapping[str, Any], secrets: Mapping[str, str]) -> str 
 # specific patterns come first. Checked against real llama-server and vLLM output.
 FAILURE_HINTS: list[tuple[re.Pattern[str], str]] = [
     (
-        re.compile(r"out of memory|OutOfMemoryError|cudaMalloc failed|failed to allocate|"
-                   r"unable to allocate|insufficient memory|std::bad_alloc|Cannot allocate memory|OOMKilled", re.I),
+        re.compile(
+            r"out of memory|OutOfMemoryError|cudaMalloc failed|failed to allocate|"
+            r"unable to allocate|insufficient memory|std::bad_alloc|Cannot allocate memory|OOMKilled",
+            re.I,
+        ),
         "out of memory: lower the context length or parallel slots, pick a smaller "
         "quantization, or give the model more (or larger) GPUs",
     ),
     (
-        re.compile(r"address already in use|couldn't bind|could not bind|failed to bind|"
-                   r"errno 98", re.I),
-        "port in use: another process listens on the engine's port; stop it or let Cortex "
-        "pick a free port",
+        re.compile(
+            r"address already in use|couldn't bind|could not bind|failed to bind|"
+            r"errno 98",
+            re.I,
+        ),
+        "port in use: another process listens on the engine's port; stop it or let Cortex pick a free port",
     ),
     (
-        re.compile(r"error: invalid argument|unrecognized arguments?|unknown argument|"
-                   r"invalid choice|error: unknown option|unknown value for|"
-                   r"error while handling argument", re.I),
+        re.compile(
+            r"error: invalid argument|unrecognized arguments?|unknown argument|"
+            r"invalid choice|error: unknown option|unknown value for|"
+            r"error while handling argument",
+            re.I,
+        ),
         "unknown flag or value: the engine version in the image rejects a flag (or its value) "
         "in the launch command; check the spec's engine settings and extra_args against this "
         "engine version (`cortex engines`)",
     ),
     (
-        re.compile(r"no such file or directory|failed to load model|failed to open|"
-                   r"does not exist|not a valid model|can't find|cannot find|"
-                   r"is not a local folder|gguf_init_from_file", re.I),
+        re.compile(
+            r"no such file or directory|failed to load model|failed to open|"
+            r"does not exist|not a valid model|can't find|cannot find|"
+            r"is not a local folder|gguf_init_from_file",
+            re.I,
+        ),
         "missing file: the model path inside the engine does not exist or is not readable; "
         "check the prepared artifact and the mount (models are mounted read-only)",
     ),
@@ -221,8 +245,10 @@ def failure_hint(logs: str, exit_code: int | None = None) -> str | None:
         if pattern.search(logs):
             return hint
     if exit_code in (137, -9):
-        return ("the engine was killed (SIGKILL, exit 137): often the kernel's OOM killer; "
-                "check memory, or whether someone stopped it")
+        return (
+            "the engine was killed (SIGKILL, exit 137): often the kernel's OOM killer; "
+            "check memory, or whether someone stopped it"
+        )
     return None
 
 
@@ -309,7 +335,7 @@ class Runtime(abc.ABC):
         return removed
 
     def health(self, replica: Replica, timeout: float = 2.0) -> str:
-        """"ok", "loading" (503) or "down" (no answer, or the engine is not running)."""
+        """ "ok", "loading" (503) or "down" (no answer, or the engine is not running)."""
         return probe_health(replica, timeout=timeout)
 
     def wait_ready(
@@ -329,8 +355,14 @@ class Runtime(abc.ABC):
         with (progress or SILENT).task(f"engine {replica.name}", done_word="ready") as bar:
             return self._wait_healthy(replica, timeout_s, poll_s, on_wait, bar if progress else None)
 
-    def _wait_healthy(self, replica: Replica, timeout_s: float, poll_s: float,
-                      on_wait: Callable[[float], None] | None, bar: Bar | None) -> Replica:
+    def _wait_healthy(
+        self,
+        replica: Replica,
+        timeout_s: float,
+        poll_s: float,
+        on_wait: Callable[[float], None] | None,
+        bar: Bar | None,
+    ) -> Replica:
         deadline = time.monotonic() + timeout_s
         next_look = time.monotonic()
         started = time.monotonic()
@@ -339,9 +371,10 @@ class Runtime(abc.ABC):
                 code = self.exit_code(replica)
             except ReplicaNotFound:
                 raise EngineNotReady(
-                    f"{replica.engine} replica {replica.name} disappeared while starting "
-                    "(removed by someone else?)",
-                    replica=replica, logs="", hint=None,
+                    f"{replica.engine} replica {replica.name} disappeared while starting (removed by someone else?)",
+                    replica=replica,
+                    logs="",
+                    hint=None,
                 ) from None
             if code is not None:
                 logs = self.logs(replica, lines=40)
@@ -349,7 +382,9 @@ class Runtime(abc.ABC):
                 raise EngineNotReady(
                     f"{replica.engine} replica {replica.name} exited with code {code} before it "
                     f"became ready ({time.monotonic() - started:.0f} s after start)",
-                    replica=replica, logs=logs, hint=failure_hint(logs, code),
+                    replica=replica,
+                    logs=logs,
+                    hint=failure_hint(logs, code),
                 )
             if probe_health(replica, timeout=2.0) == "ok":
                 return replica
@@ -359,7 +394,9 @@ class Runtime(abc.ABC):
                 raise EngineNotReady(
                     f"{replica.engine} replica {replica.name} was not healthy at "
                     f"{replica.endpoint}{replica.health_path} after {timeout_s:.0f} s; it was stopped",
-                    replica=replica, logs=logs, hint=failure_hint(logs),
+                    replica=replica,
+                    logs=logs,
+                    hint=failure_hint(logs),
                 )
             if on_wait:
                 on_wait(time.monotonic() - started)

@@ -145,13 +145,15 @@ class DockerRuntime(Runtime):
                 raise LaunchError(f"{name} is already running; stop it first")
             existing.remove(force=True)  # a dead leftover of the same launch
         labels = {str(k): str(v) for k, v in launch.labels.items()}
-        labels.update({
-            MANAGED_LABEL: "true",
-            LABEL_MODEL: launch.model,
-            LABEL_ENGINE: launch.engine,
-            LABEL_SINCE: utc_now(),
-            LABEL_LAUNCH: json.dumps(launch.to_json(), sort_keys=True),
-        })
+        labels.update(
+            {
+                MANAGED_LABEL: "true",
+                LABEL_MODEL: launch.model,
+                LABEL_ENGINE: launch.engine,
+                LABEL_SINCE: utc_now(),
+                LABEL_LAUNCH: json.dumps(launch.to_json(), sort_keys=True),
+            }
+        )
         mounts = [
             docker.types.Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
             for m in launch.mounts

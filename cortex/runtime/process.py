@@ -71,7 +71,7 @@ def host_path(arg: str, mounts: Sequence[Mount]) -> str:
         if arg == target:
             return str(mount.source)
         if arg.startswith(target + "/"):
-            return str(mount.source).rstrip("/") + arg[len(target):]
+            return str(mount.source).rstrip("/") + arg[len(target) :]
         # --flag=/models/x form
         if "=" in arg:
             flag, _, value = arg.partition("=")
@@ -88,7 +88,7 @@ def translate_command(
     command = [str(a) for a in launch.command]
     if "--port" not in command:
         raise LaunchError(f"launch {launch.name} has no --port in its command; cannot run it locally")
-    args = [host_path(a, launch.mounts) for a in command[_program_prefix_len(command):]]
+    args = [host_path(a, launch.mounts) for a in command[_program_prefix_len(command) :]]
     for flag, value in (("--host", "127.0.0.1"), ("--port", str(host_port))):
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -172,8 +172,12 @@ class ProcessRuntime(Runtime):
             log.flush()
             try:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True,  # own process group: stop reaches its children
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # own process group: stop reaches its children
                 )
             except OSError as exc:
                 raise LaunchError(f"cannot run {argv[0]}: {exc}") from exc

@@ -73,7 +73,9 @@ class RolloutRequest(BaseModel):
         return self.ready_timeout if self.ready_timeout is not None else ready_timeout_s(self.launch.engine)
 
 
-def quality_request(spec: ModelSpec, plan: Plan, source_revision: str, candidate: Path | list[Path]) -> QualityRequest | None:
+def quality_request(
+    spec: ModelSpec, plan: Plan, source_revision: str, candidate: Path | list[Path]
+) -> QualityRequest | None:
     """The spec's comparison with the F16 reference. None when it asks for none, or when the
     plan has no F16 reference (see cortex.artifacts.f16_reference); ArtifactError when the
     reference should be cached and is not."""
@@ -83,10 +85,14 @@ def quality_request(spec: ModelSpec, plan: Plan, source_revision: str, candidate
     reference = f16_reference(plan, source_revision)
     if reference is None:
         return None
-    return QualityRequest(reference=build_launch(spec, plan, reference.model_file), check=check,
-                          label=plan.artifact.quantization.upper(), reference_gguf=reference.model_file,
-                          reference_sha256=reference.files[0].sha256,
-                          candidate_gguf=candidate[0] if isinstance(candidate, list) else candidate)
+    return QualityRequest(
+        reference=build_launch(spec, plan, reference.model_file),
+        check=check,
+        label=plan.artifact.quantization.upper(),
+        reference_gguf=reference.model_file,
+        reference_sha256=reference.files[0].sha256,
+        candidate_gguf=candidate[0] if isinstance(candidate, list) else candidate,
+    )
 
 
 def rollout_request(
@@ -104,10 +110,16 @@ def rollout_request(
     launch = build_launch(spec, plan, artifact, mount_root)
     weights = sum(path_size(p) for p in (artifact if isinstance(artifact, list) else [artifact]))
     return RolloutRequest(
-        launch=launch, runtime=runtime, smoke=SmokeRequest(task=spec.task, **spec.tests.model_dump()),
-        benchmark=spec.benchmark, gpus=spec.resources.gpu_count,
-        quality=quality_request(spec, plan, source_revision, artifact), aliases=list(spec.aliases),
-        ready_timeout=ready_timeout_s(launch.engine, weights), gateway=gateway, memory_plan=list(plan.devices),
+        launch=launch,
+        runtime=runtime,
+        smoke=SmokeRequest(task=spec.task, **spec.tests.model_dump()),
+        benchmark=spec.benchmark,
+        gpus=spec.resources.gpu_count,
+        quality=quality_request(spec, plan, source_revision, artifact),
+        aliases=list(spec.aliases),
+        ready_timeout=ready_timeout_s(launch.engine, weights),
+        gateway=gateway,
+        memory_plan=list(plan.devices),
     )
 
 
@@ -126,11 +138,18 @@ class BenchmarkSummary(BaseModel):
 
     @classmethod
     def of(cls, result: BenchmarkResult) -> "BenchmarkSummary":
-        return cls(levels=[
-            LevelSummary(concurrency=lv.concurrency, output_tokens_per_s=lv.output_tokens_per_s,
-                         requests_per_s=lv.requests_per_s, ttft_ms_p50=lv.ttft_ms.p50, errors=lv.errors)
-            for lv in result.levels
-        ])
+        return cls(
+            levels=[
+                LevelSummary(
+                    concurrency=lv.concurrency,
+                    output_tokens_per_s=lv.output_tokens_per_s,
+                    requests_per_s=lv.requests_per_s,
+                    ttft_ms_p50=lv.ttft_ms.p50,
+                    errors=lv.errors,
+                )
+                for lv in result.levels
+            ]
+        )
 
 
 class DeployResult(BaseModel):

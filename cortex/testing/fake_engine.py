@@ -23,28 +23,46 @@ import orjson
 
 
 def _chat_json(model: str) -> bytes:
-    return orjson.dumps({
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake engine."},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13},
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello from the fake engine."},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13},
+        }
+    )
 
 
 def _completion_json(model: str) -> bytes:
-    return orjson.dumps({
-        "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
-        "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
-    })
+    return orjson.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": 1700000000,
+            "model": model,
+            "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        }
+    )
 
 
 def _embedding_json(model: str) -> bytes:
-    return orjson.dumps({
-        "object": "list", "model": model,
-        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
-        "usage": {"prompt_tokens": 3, "total_tokens": 3},
-    })
+    return orjson.dumps(
+        {
+            "object": "list",
+            "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        }
+    )
 
 
 def _chunk(model: str, i: int, chat: bool) -> bytes:
@@ -54,8 +72,13 @@ def _chunk(model: str, i: int, chat: bool) -> bytes:
     else:
         choice = {"index": 0, "text": f"t{i} ", "finish_reason": None}
         obj = "text_completion"
-    return b"data: " + orjson.dumps({"id": "chatcmpl-fake", "object": obj, "created": 1700000000,
-                                     "model": model, "choices": [choice]}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {"id": "chatcmpl-fake", "object": obj, "created": 1700000000, "model": model, "choices": [choice]}
+        )
+        + b"\n\n"
+    )
 
 
 class _Gate:
@@ -141,8 +164,15 @@ class _Conn(asyncio.Protocol):
             if self.engine.api_key and headers.get("authorization") != f"Bearer {self.engine.api_key}":
                 self._send(401, b'{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}')
                 return
-            self._send(200, orjson.dumps({"object": "list", "data": [
-                {"id": m, "object": "model", "owned_by": "fake"} for m in self.engine.models]}))
+            self._send(
+                200,
+                orjson.dumps(
+                    {
+                        "object": "list",
+                        "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.engine.models],
+                    }
+                ),
+            )
             return
         self.engine.last = {"body": body.decode(errors="replace"), "headers": headers, "path": url.decode()}
         if self.engine.api_key and headers.get("authorization") != f"Bearer {self.engine.api_key}":
@@ -169,9 +199,16 @@ class _Conn(asyncio.Protocol):
                 usage = bool((request.get("stream_options") or {}).get("include_usage"))
                 hold = request.get("fake_hold")
                 self.streaming = True
-                self.task = asyncio.get_running_loop().create_task(self._stream(
-                    model, n, float(request.get("fake_delay", 0)), chat, usage,
-                    self.engine.gate(str(hold)) if hold is not None else None))
+                self.task = asyncio.get_running_loop().create_task(
+                    self._stream(
+                        model,
+                        n,
+                        float(request.get("fake_delay", 0)),
+                        chat,
+                        usage,
+                        self.engine.gate(str(hold)) if hold is not None else None,
+                    )
+                )
             elif request.get("fake_delay"):
                 # A slow non-streaming answer (a long generation); cancelled if the caller leaves.
                 self.streaming = True
@@ -192,7 +229,9 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None  # a request came in on it
         self.transport.write(
             b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
-            % (status, len(body), extra_headers) + body)
+            % (status, len(body), extra_headers)
+            + body
+        )
 
     async def _stream(self, model: str, n: int, delay: float, chat: bool, usage: bool, gate: _Gate | None) -> None:
         t = self.transport
@@ -208,9 +247,20 @@ class _Conn(asyncio.Protocol):
             # Yield so each event is its own write, as an engine emitting tokens does.
             await asyncio.sleep(delay)
         if usage:
-            data = b"data: " + orjson.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
-                                             "model": model, "choices": [],
-                                             "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}}) + b"\n\n"
+            data = (
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 1700000000,
+                        "model": model,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n},
+                    }
+                )
+                + b"\n\n"
+            )
             t.write(b"%x\r\n%s\r\n" % (len(data), data))
         done = b"data: [DONE]\n\n"
         t.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
@@ -222,8 +272,9 @@ class FakeEngine:
     """Serve on 127.0.0.1:`port` (0 picks one) in a background thread; `kill()` drops every
     connection at once, as a crashed engine does."""
 
-    def __init__(self, port: int = 0, api_key: str | None = None, chunks: int = 20,
-                 models: tuple[str, ...] = ("fake",)) -> None:
+    def __init__(
+        self, port: int = 0, api_key: str | None = None, chunks: int = 20, models: tuple[str, ...] = ("fake",)
+    ) -> None:
         self.port = port
         self.api_key = api_key
         self.models = models  # what GET /v1/models lists (it answers any model name in requests)
@@ -257,8 +308,9 @@ class FakeEngine:
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(lambda: _Conn(self), "127.0.0.1", self.port, backlog=4096,
-                                                      reuse_address=True)
+        self._server = await self._loop.create_server(
+            lambda: _Conn(self), "127.0.0.1", self.port, backlog=4096, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def start(self) -> "FakeEngine":
@@ -287,6 +339,7 @@ class FakeEngine:
                 assert conn.transport is not None  # connection_made added it to the set
                 conn.transport.abort()
             done.set()
+
         self._running_loop().call_soon_threadsafe(do)
         if not done.wait(120):
             raise RuntimeError("fake engine did not close its connections")
@@ -306,7 +359,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--api-key")
     parser.add_argument("--chunks", type=int, default=20)
-    parser.add_argument("--model", action="append", help="a model name GET /v1/models lists (repeatable; default: fake)")
+    parser.add_argument(
+        "--model", action="append", help="a model name GET /v1/models lists (repeatable; default: fake)"
+    )
     args = parser.parse_args()
     engine = FakeEngine(args.port, args.api_key, args.chunks, tuple(args.model or ["fake"]))
 

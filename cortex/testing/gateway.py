@@ -18,9 +18,15 @@ from ..settings import Settings
 class GatewayProcess:
     """`python -m cortex.gateway` on a free port with its state under `home`."""
 
-    def __init__(self, home: str | os.PathLike, port: int | None = None, no_auth: bool = False,
-                 env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
-                 command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        home: str | os.PathLike,
+        port: int | None = None,
+        no_auth: bool = False,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         # Default: the module behind `cortex gateway`; tests of the CLI pass ["cortex", "gateway"].
         self.command = command or [sys.executable, "-m", "cortex.gateway"]
         self.home = Path(home)
@@ -47,13 +53,14 @@ class GatewayProcess:
     def start(self, timeout: float = 120.0) -> "GatewayProcess":
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}; log: {self.log_path}:\n"
-                                   + self.log_path.read_text()[-3000:])
+                raise RuntimeError(
+                    f"gateway exited with {self.proc.returncode}; log: {self.log_path}:\n"
+                    + self.log_path.read_text()[-3000:]
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
