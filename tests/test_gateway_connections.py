@@ -28,7 +28,7 @@ GUARD = 60.0  # seconds: a hang guard, not an expectation
 
 @pytest.fixture
 def engine():
-    e = FakeEngine(api_key="engine-secret").start()
+    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
     yield e
     e.stop()
 
