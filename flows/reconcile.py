@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCol
 from prefect.context import get_run_context
 
 from cortex.applied import AppliedSpec, all_applied, forget_applied, read_applied, spec_sha256, write_applied
+from cortex.runtime.rollout import BenchmarkSummary
 from cortex.specfile import SpecError, load_spec, spec_files
 from tasks.common import TASK_OPTIONS, artifact_key
 
@@ -125,7 +126,7 @@ def apply_spec(
                 "replica": replica.name,
                 "endpoint": replica.endpoint,
                 "source_revision": resolved.source_id,
-                "benchmark": _bench_summary(bench),
+                "benchmark": BenchmarkSummary.of(bench).model_dump(),
             }
             _publish_outcome(path, digest, outcome)
             return outcome
@@ -143,7 +144,7 @@ def apply_spec(
     replica = _running_replica(spec.name, kind, result["replica"])
     bench = result.get("benchmark")
     if bench is None and replica is not None:  # the deploy flow did not benchmark: do it here
-        bench = _bench_summary(benchmark_replica(replica, spec))
+        bench = BenchmarkSummary.of(benchmark_replica(replica, spec)).model_dump()
     write_applied(
         AppliedSpec(
             spec_path=path,
@@ -197,15 +198,6 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
         else:
             create_markdown_artifact(key=artifact_key(key), markdown=str(artifact.data), description=description)
     return result
-
-
-def _bench_summary(bench: Any) -> dict[str, Any] | None:
-    if bench is None:
-        return None
-    if isinstance(bench, dict):
-        return bench
-    levels = getattr(bench, "levels", [])
-    return {"levels": [{"concurrency": lv.concurrency, "output_tokens_per_s": lv.output_tokens_per_s} for lv in levels]}
 
 
 def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke: dict[str, Any] | None = None) -> None:
