@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from cortex.gateway.client import GatewayError
 from cortex.net import free_port
 from cortex.testing.gateway import GatewayProcess
 
@@ -64,11 +65,14 @@ class Attacker(threading.Thread):
                     except socket.timeout:  # the gateway reads slowly: keep pushing
                         continue
             except (BrokenPipeError, ConnectionResetError):
-                pass
+                # the gateway closed this connection: counted and its answer read below
+                self.closed_by_gateway += 1
+            else:  # stopped by us
+                sock.close()
+                return
             if self.stop.is_set():
                 sock.close()
                 return
-            self.closed_by_gateway += 1
             try:
                 status = sock.recv(64).split(b"\r\n", 1)[0].decode("latin-1") or "closed"
             except OSError as exc:
@@ -106,6 +110,7 @@ class Sampler(threading.Thread):
         self.gw, self.stop = gw, stop
         self.peak_rss = 0
         self.unhealthy = False
+        self.admin_failures: list[str] = []  # admin calls a starved gateway did not answer
 
     def run(self) -> None:
         with self.gw.client() as admin:
@@ -114,8 +119,8 @@ class Sampler(threading.Thread):
                 try:
                     if any(r["healthy"] is False for r in admin.list()["replicas"]):
                         self.unhealthy = True
-                except Exception:  # a starved gateway may not answer the admin call in time
-                    pass
+                except (httpx.HTTPError, GatewayError) as exc:  # a starved gateway may not answer in time
+                    self.admin_failures.append(type(exc).__name__)
                 self.stop.wait(0.5)
 
 
@@ -141,6 +146,7 @@ def phase(gw: GatewayProcess, key: str, seconds: float, attack: bool) -> dict:
         "max": ordered[-1] if ordered else float("nan"),
         "rss": sampler.peak_rss,
         "unhealthy": sampler.unhealthy,
+        "admin_failures": len(sampler.admin_failures),
         "attacker": attacker,
     }
 
@@ -148,18 +154,20 @@ def phase(gw: GatewayProcess, key: str, seconds: float, attack: bool) -> dict:
 def slow_heads(gw: GatewayProcess, count: int, wait: float) -> int:
     """Open `count` connections that trickle a head one byte a second; how many are still open
     after `wait` seconds."""
-    socks = []
+    socks: list[socket.socket] = []
+    closed: list[socket.socket] = []
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", gw.port))
         s.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\n")
         socks.append(s)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        for s in socks:
+        for s in list(socks):
             try:
                 s.sendall(b"X")
-            except OSError:
-                pass
+            except OSError:  # the gateway closed it: it is checked (and counted closed) below
+                closed.append(s)
+                socks.remove(s)
         time.sleep(1.0)
     still_open = 0
     for s in socks:
@@ -172,6 +180,8 @@ def slow_heads(gw: GatewayProcess, count: int, wait: float) -> int:
         except OSError:
             alive = False
         still_open += alive
+        s.close()
+    for s in closed:
         s.close()
     return still_open
 
@@ -222,13 +232,13 @@ def main() -> int:
         f"gateway RSS idle {idle_rss / 2**20:.0f} MiB.\n"
     )
     print(
-        "| phase | keyed requests | failed | p50 ms | p99 ms | max ms | gateway peak RSS MiB | replica marked unhealthy |"
+        "| phase | keyed requests | failed | p50 ms | p99 ms | max ms | gateway peak RSS MiB | replica marked unhealthy | admin calls unanswered |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in (("quiet", quiet), ("endless header", endless)):
         print(
             f"| {name} | {r['requests']} | {r['failures']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} | "
-            f"{r['rss'] / 2**20:.0f} | {'yes' if r['unhealthy'] else 'no'} |"
+            f"{r['rss'] / 2**20:.0f} | {'yes' if r['unhealthy'] else 'no'} | {r['admin_failures']} |"
         )
     attacker = endless["attacker"]
     print(

@@ -58,7 +58,7 @@ def test_the_demo_answers_through_the_gateway(tmp_path: Path, toolchain, test_mo
         if started:
             try:
                 os.killpg(int(started.group(1)), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            except ProcessLookupError:  # it already exited: nothing left to stop
+                started = None
         stopped = _cortex("prefect", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
