@@ -16,7 +16,7 @@ targets interleaved in rounds so drift hits all alike; the median over rounds is
 Time to first byte: sequential requests on one keep-alive connection (c=1). Proxy CPU: the
 proxy's process tree's utime+stime from /proc, divided by the requests wrk completed.
 
-    apt-get install wrk nginx-light      # or nginx
+    (wrk and nginx-light are installed by scripts/apt-install when missing)
     python3 -m venv ~/.cache/cortex/bench/litellm-venv && \\
         ~/.cache/cortex/bench/litellm-venv/bin/pip install 'litellm[proxy]'
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
@@ -166,7 +166,7 @@ class Nginx(Target):
     def __init__(self, workdir: Path, upstream: Upstream) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
-            raise RuntimeError("nginx not installed: apt-get install nginx-light")
+            raise RuntimeError("nginx not installed: scripts/apt-install nginx=nginx-light")
         port = free_port()
         prefix = workdir / "nginx"
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
@@ -364,8 +364,12 @@ def main() -> int:
         help="also measure the gateway of this checkout (target cortex-base), interleaved with the rest",
     )
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
+    # wrk drives the load, nginx is a target: installed through the project's own apt helper
+    # (only what is missing, .debs cached in CORTEX_CACHE), not by hand.
+    needed = ["wrk=wrk"] + (["nginx=nginx-light"] if "nginx" in args.targets.split(",") else [])
+    installed = subprocess.run([str(Path(__file__).resolve().parents[1] / "scripts" / "apt-install"), *needed])
+    if installed.returncode != 0 or not shutil.which("wrk"):
+        print("wrk is missing and scripts/apt-install could not install it (see above)", file=sys.stderr)
         return 2
     levels = [int(c) for c in args.concurrency.split(",")]
     wanted = args.targets.split(",")
