@@ -58,6 +58,12 @@ class ResolvedSource:
     def on_hub(self) -> bool:
         return self.kind in ("hf_repo", "gguf_repo")
 
+    def hub_pin(self) -> tuple[str, str]:
+        """(repo, commit) of a Hub source: what every download and cache lookup is keyed by."""
+        if not self.on_hub or self.repo is None or self.commit is None:
+            raise ValueError(f"this {self.kind} source is not a Hub repo pinned to a commit")
+        return self.repo, self.commit
+
     def provenance(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, [])}
 
@@ -121,10 +127,9 @@ def space_needed(
 
     needs = []
     if resolved.on_hub:
-        if source.repo is None or resolved.commit is None:
-            raise ValueError("a Hub source needs its repo and pinned commit")
-        wanted = hub_files_needed(source, resolved.commit)
-        needs.append((hub.hub_cache_dir(), hub.bytes_to_fetch(source.repo, resolved.commit, wanted), "the download"))
+        repo, commit = resolved.hub_pin()
+        wanted = hub_files_needed(source, commit)
+        needs.append((hub.hub_cache_dir(), hub.bytes_to_fetch(repo, commit, wanted), "the download"))
     if plan.artifact.convert_from == "hf":
         store, version = ArtifactStore(), find_toolchain().version
         for q, size in predict_build_bytes(facts, plan.artifact.quantization).items():

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -389,7 +390,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     return parse_spec_text(text, str(path), base=Path(os.path.realpath(path)).parent)
 
 
-def spec_files(paths: list[str | Path]) -> list[Path]:
+def spec_files(paths: Sequence[str | Path]) -> list[Path]:
     """Spec files named directly, or found in named folders (*.yaml, *.yml; not recursing into hub/)."""
     out: list[Path] = []
     for p in map(Path, paths):

@@ -20,6 +20,7 @@ one slot per host keeps two deploys from fighting over the same GPUs.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -29,7 +30,7 @@ from prefect.transactions import transaction
 
 from cortex.applied import all_applied, forget_applied
 from cortex.gateway.client import gateway_client
-from cortex.runtime import Replica, Runtime, get_runtime, reachable_runtimes, runtime_class
+from cortex.runtime import Replica, Runtime, RuntimeKind, get_runtime, reachable_runtimes, runtime_class
 from cortex.runtime.base import engine_secrets
 from cortex.runtime.rollout import (
     BenchmarkSummary,
@@ -67,12 +68,12 @@ def host_deploy_slot(runtime: str, timeout_s: float | None = None):
 class _Slot:
     def __init__(self, name: str, timeout_s: float):
         self.name, self.timeout_s = name, timeout_s
-        self._cm = None
+        self._cm: AbstractContextManager[None] | None = None
 
     def __enter__(self) -> "_Slot":
-        self._cm = concurrency(self.name, occupy=1, timeout_seconds=self.timeout_s, strict=True)
+        self._cm = cm = concurrency(self.name, occupy=1, timeout_seconds=self.timeout_s, strict=True)
         try:
-            self._cm.__enter__()
+            cm.__enter__()
         except TimeoutError as exc:
             raise DeployBusy(
                 f"another deploy holds {self.name} (global concurrency limit) for more than "
@@ -207,7 +208,7 @@ def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runti
 
 
 @flow(name="deploy-model")
-def deploy_model(spec_path: str, runtime: str | None = None, gateway: bool | None = None) -> DeployResult:
+def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bool | None = None) -> DeployResult:
     """Deploy the model a spec file describes; see the module docstring for the steps."""
     from cortex.specfile import load_spec
     from flows.prepare import prepare_model

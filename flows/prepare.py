@@ -42,6 +42,7 @@ def prepare_model(spec_path: str) -> Prepared:
     snapshot = None
     if resolved.kind == "gguf_repo":  # the facts are in the file itself: fetch it first
         snapshot = download_weights(spec, resolved)
+        assert snapshot is not None, "a Hub source always has a snapshot"
         resolved.gguf_files = [str(snapshot.path(f.path)) for f in snapshot.files]
     facts = inspect_model(resolved)
     plan = plan_model(spec, facts)

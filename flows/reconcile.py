@@ -29,10 +29,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext
 
 from cortex.applied import AppliedSpec, all_applied, forget_applied, read_applied, spec_sha256, write_applied
 from cortex.runtime.rollout import BenchmarkSummary
+from cortex.runtime import RuntimeKind
+from cortex.spec import ModelSpec
 from cortex.specfile import SpecError, load_spec, spec_files
 from tasks.common import TASK_OPTIONS, artifact_key
 
@@ -41,7 +43,7 @@ from tasks.common import TASK_OPTIONS, artifact_key
 
 
 @task(name="validate-spec", **TASK_OPTIONS)
-def validate_spec(spec_path: str):
+def validate_spec(spec_path: str) -> ModelSpec:
     """The spec, or a failed task whose message and markdown artifact list every problem."""
     try:
         return load_spec(spec_path)
@@ -58,7 +60,10 @@ def validate_spec(spec_path: str):
 
 def _tag_run(*tags: str) -> None:
     """Add tags (model name, engine) to the running flow run, so the UI can filter by them."""
-    run = get_run_context().flow_run
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    if run is None:  # not inside a flow run: nothing to tag
+        return
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(run.id).tags
         client.update_flow_run(run.id, tags=sorted(set(current) | set(tags)))
@@ -81,7 +86,7 @@ def _running_replica(name: str, runtime: str, replica_name: str | None = None):
 def apply_spec(
     spec_path: str,
     scheduled: bool = False,
-    runtime: str | None = None,
+    runtime: RuntimeKind | None = None,
     gateway: bool | None = None,
     restart: str | None = None,
 ) -> dict[str, Any]:
@@ -119,14 +124,14 @@ def apply_spec(
                 "%s still runs %s at source %s: benchmarking it again", spec.name, replica.name, resolved.source_id[:12]
             )
             _tag_run(f"engine:{replica.engine}")
-            bench = benchmark_replica(replica, spec)
+            measured = benchmark_replica(replica, spec)
             outcome = {
                 "action": "benchmarked",
                 "name": spec.name,
                 "replica": replica.name,
                 "endpoint": replica.endpoint,
                 "source_revision": resolved.source_id,
-                "benchmark": BenchmarkSummary.of(bench).model_dump(),
+                "benchmark": BenchmarkSummary.of(measured).model_dump(),
             }
             _publish_outcome(path, digest, outcome)
             return outcome
@@ -173,7 +178,7 @@ def apply_spec(
     return outcome
 
 
-def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -> dict[str, Any]:
+def deploy_spec(spec: ModelSpec, spec_path: str, runtime: RuntimeKind, gateway: bool | None) -> dict[str, Any]:
     """Run flows.deploy.deploy_model as a subflow, and copy its subflows' prepare report (source,
     files, facts, decision trace, plan) and benchmark table and summary (with the chart) onto
     this run: its page is the one an operator opens, and the UI lists only a run's own artifacts."""
@@ -193,7 +198,7 @@ def deploy_spec(spec: Any, spec_path: str, runtime: str, gateway: bool | None) -
         key, kind = copies[artifact.key]
         description = f"{spec.name}: {artifact.description or key} (from the {kind} of a subflow)"
         if kind == "table":
-            data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+            data: Any = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
             create_table_artifact(key=artifact_key(key), table=data, description=description)
         else:
             create_markdown_artifact(key=artifact_key(key), markdown=str(artifact.data), description=description)
@@ -324,7 +329,7 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
     create_table_artifact(
         key="running-models", table=running_rows, description="what runs now, and whether a spec declares it"
     )
-    undeclared = [r["model"] for r in running_rows if not r["declared"]]
+    undeclared = [str(r["model"]) for r in running_rows if not r["declared"]]
     if undeclared:
         logger.info("running but declared by no spec in %s: %s", folder, ", ".join(sorted(set(undeclared))))
     failed = [r for r in rows if r["action"] == "failed"]

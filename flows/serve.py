@@ -83,10 +83,10 @@ def sync_schedules(folder: str | Path, deployment: str = DEPLOY) -> dict[str, li
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(deployment)
         current = {s.slug: s for s in client.read_deployment_schedules(dep.id) if s.slug}
-        for slug, existing in current.items():
+        for slug, old in current.items():
             if not slug.startswith(SCHEDULE_SLUG_PREFIX) or slug in wanted or slug in invalid:
                 continue
-            client.delete_deployment_schedule(dep.id, existing.id)
+            client.delete_deployment_schedule(dep.id, old.id)
             done["deleted"].append(slug)
         for slug, want in wanted.items():
             cron = CronSchedule(cron=want.cron, timezone=want.timezone, day_or=want.day_or)
@@ -195,7 +195,7 @@ def watch_replicas(folder: Path, stop: threading.Event, settings: Settings | Non
                     timeout=0,
                     as_subflow=False,
                 )
-                runs[restart.spec_path] = run.id
+                runs[restart.spec_path] = run.id  # type: ignore[union-attr]  # sync here; typed as maybe async
         except Exception:  # noqa: BLE001 - logged with its traceback; the next check must still run
             log.exception("checking for replicas whose engine died failed")
 

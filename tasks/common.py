@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.cache_policies import NO_CACHE
 
@@ -48,7 +49,8 @@ class ProgressArtifact:
         self.total, self.unit, self.parts, self.every_s = total, unit, max(1, parts), every_s
         self.bars: dict[str, ProgressEvent] = {}
         self.last_sent = 0.0
-        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        # called from sync code, so the id itself (Prefect's dispatch types it as maybe a coroutine)
+        self.id = cast(UUID, create_progress_artifact(progress=0.0, key=key, description=description))
 
     def reporter(self) -> Reporter:
         """A reporter that shows bars on stderr (live or plain lines) and feeds this artifact."""

@@ -11,7 +11,7 @@ parameter, so Prefect records it nowhere, and nothing here logs it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -62,7 +62,8 @@ def hub_token() -> hub.HubToken | None:
 
     name = Settings.load().hf_token_block
     try:
-        value = Secret.load(name, _sync=True).get()
+        block = cast(Secret, Secret.load(name, _sync=True))  # type: ignore[call-arg]  # sync in a task thread
+        value = block.get()
     except ValueError:  # no such block: public repos need no token
         return None
     return hub.HubToken(str(value), f"Prefect Secret block {name!r}") if value else None
@@ -127,20 +128,19 @@ def download_weights(spec: ModelSpec, resolved: ResolvedSource) -> hub.RepoSnaps
         return None
     logger = get_run_logger()
     src = spec.source
+    repo, commit = resolved.hub_pin()
     token = hub_token()
-    wanted = hub_files_needed(src, resolved.commit, token=token)
+    wanted = hub_files_needed(src, commit, token=token)
     # the files still to fetch, whole: a resumed file's bar starts at the bytes already on disk
-    todo = [f for f in wanted if hub.bytes_to_fetch(src.repo, resolved.commit, [f])]
+    todo = [f for f in wanted if hub.bytes_to_fetch(repo, commit, [f])]
     total = sum(f.size for f in todo)
     progress = ProgressArtifact(
         artifact_key("prepare", spec.name, "download"),
-        f"Download of {src.repo}@{resolved.commit[:12]}: {len(todo)} of {len(wanted)} files to fetch ({total} bytes)",
+        f"Download of {repo}@{commit[:12]}: {len(todo)} of {len(wanted)} files to fetch ({total} bytes)",
         total=total,
         unit="bytes",
     )
-    snap = hub.fetch(
-        src.repo, resolved.commit, gguf=src.gguf, include=src.include, token=token, progress=progress.reporter()
-    )
+    snap = hub.fetch(repo, commit, gguf=src.gguf, include=src.include, token=token, progress=progress.reporter())
     progress.finish(
         f"{len(snap.files)} files verified; {snap.downloaded_bytes} bytes downloaded, {snap.resumed_bytes} resumed"
     )
@@ -148,8 +148,8 @@ def download_weights(spec: ModelSpec, resolved: ResolvedSource) -> hub.RepoSnaps
         logger.warning("re-fetched after failing verification: %s", ", ".join(snap.refetched))
     logger.info(
         "%s@%s: %d files verified (%d bytes downloaded, %d resumed)",
-        src.repo,
-        resolved.commit[:12],
+        repo,
+        commit[:12],
         len(snap.files),
         snap.downloaded_bytes,
         snap.resumed_bytes,

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.commands import add_command
-from cli.options import SpecArgument, runtime_option
+from cli.options import SpecArgument
+from cortex.runtime import RuntimeKind
 from cli.output import JsonFlag, output
 
 
@@ -28,7 +29,9 @@ def register(app: typer.Typer) -> None:
 
 def run(
     spec: SpecArgument,
-    runtime: runtime_option("where the engine runs (default: the spec's `runtime`)") = None,
+    runtime: Annotated[
+        Optional[RuntimeKind], typer.Option(help="where the engine runs (default: the spec's `runtime`)")
+    ] = None,
     gateway: Annotated[
         Optional[bool],
         typer.Option(

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from cli.commands import add_command
 from cli.output import JsonFlag, output, table
@@ -69,7 +70,7 @@ def run_replicas(as_json: JsonFlag = False) -> int:
     with GatewayClient(Settings.load()) as client:
         listing = client.list()
 
-    def render(listing: dict) -> object:
+    def render(listing: dict) -> Table:
         aliases: dict[str, list[str]] = {}
         for alias, model in listing["aliases"].items():
             aliases.setdefault(model, []).append(alias)

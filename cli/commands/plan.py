@@ -100,7 +100,7 @@ def render(m: PlannedModel) -> list[RenderableType]:
             out.append(f"       policy: {r.policy}")
     out.append(f"  {p.decision.why_not}")
     out += ["", "## plan"]
-    settings = [
+    settings: list[tuple[str, object]] = [
         (
             "artifact",
             f"{p.artifact.format} {p.artifact.quantization}, {format_bytes(p.artifact.predicted_bytes)}"

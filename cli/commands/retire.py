@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from cli.commands import add_command
-from cli.options import runtime_option
+from cortex.runtime import RuntimeKind
 from cli.output import JsonFlag, output
 
 
@@ -25,7 +25,10 @@ def register(app: typer.Typer) -> None:
 
 def run(
     name: Annotated[str, typer.Argument(metavar="NAME", help="the served model name (see `cortex status`)")],
-    runtime: runtime_option("look only in this runtime (default: process, and docker if a daemon answers)") = None,
+    runtime: Annotated[
+        Optional[RuntimeKind],
+        typer.Option(help="look only in this runtime (default: process, and docker if a daemon answers)"),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> int:
     from cli.commands.local_prefect import run_flow

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from cli.commands import add_command
-from cli.options import runtime_option
+from cortex.runtime import RuntimeKind
 from cli.output import JsonFlag, output, table
 from cortex.actual import read_memory_record
 from cortex.runtime import get_runtime, reachable_runtimes
@@ -57,7 +57,7 @@ COLUMNS = ("name", "engine", "runtime", "endpoint", "health", "since", "replica"
 
 def run(
     name: Annotated[str | None, typer.Argument(metavar="NAME", help="only this model (its served name)")] = None,
-    runtime: runtime_option("only this runtime") = None,
+    runtime: Annotated[Optional[RuntimeKind], typer.Option(help="only this runtime")] = None,
     as_json: JsonFlag = False,
 ) -> int:
     rows, notes = collect(runtime)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -138,6 +138,10 @@ class GatewayClient:
         return self._call("DELETE", f"/admin/keys/{key_id}")
 
 
+@overload
+def gateway_client(mode: Literal[True]) -> GatewayClient: ...
+@overload
+def gateway_client(mode: bool | None) -> GatewayClient | None: ...
 def gateway_client(mode: bool | None) -> GatewayClient | None:
     """The admin client of the gateway a deploy registers with, or None where none is to be used.
 
