@@ -349,10 +349,11 @@ def llamacpp_compute_bytes(
         return math.ceil(m.host_bytes_per_token_hidden * ubatch * facts.hidden_size)
     inter = facts.intermediate_size or 4 * facts.hidden_size
     per_token = m.bytes_per_token_intermediate * inter + m.bytes_per_token_hidden * facts.hidden_size
-    total = ubatch * per_token + m.mask_bytes * ubatch * n_kv
-    if not flash_attention:  # the f32 KQ matrix of every head
-        total += 4 * ubatch * n_kv * facts.n_heads
-    return math.ceil(total)
+    if flash_attention:
+        return math.ceil(ubatch * per_token + m.mask_bytes * ubatch * n_kv)
+    # without flash attention the f32 KQ matrix of every head (and its mask) dominates; the
+    # allocator reuses half the FFN's room for it
+    return math.ceil(ubatch * n_kv * (4 * facts.n_heads + 2 * m.mask_bytes) + ubatch * per_token / 2)
 
 
 def llamacpp_output_bytes(facts: ModelFacts, n_seq: int) -> int:
