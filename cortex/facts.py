@@ -131,6 +131,8 @@ class ModelFacts:
     weights_bytes_on_disk: int | None = None  # sum of the weight files, when known
     metadata_bytes: int | None = None  # GGUF: header + metadata; HF: estimated for conversion
     tensors: list[TensorInfo] = field(default_factory=list, repr=False)
+    # GGUF source: each tensor's ggml type (GGMLQuantizationType value) by name, for placement per device
+    tensor_types: dict[str, int] = field(default_factory=dict, repr=False)
     files: list[str] = field(default_factory=list)  # weight files (GGUF: the split set, in order)
     notes: list[str] = field(default_factory=list)
 
@@ -164,7 +166,7 @@ class ModelFacts:
         return int(total)
 
     def summary(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("tensors",)}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("tensors", "tensor_types")}
         d["tensor_count"] = len(self.tensors)
         return d
 
@@ -644,6 +646,7 @@ def gguf_facts(path: Path) -> ModelFacts:
         raise ModelFileError(f"{path}: GGUF has no general.architecture")
     facts = facts_from_gguf_metadata(meta, tensors, data_bytes, max(0, file_bytes - data_bytes), where=str(path))
     facts.files = [str(p) for p in parts]
+    facts.tensor_types = {name: int(t) for h in headers for name, t in h.types.items()}
     return facts
 
 
@@ -835,6 +838,7 @@ def gguf_header_facts(header_path: Path, filename: str) -> ModelFacts:
         header.metadata, header.tensors, header.data_bytes, header.header_bytes, where=str(header_path)
     )
     facts.files = [filename]
+    facts.tensor_types = {name: int(t) for name, t in header.types.items()}
     return facts
 
 

@@ -5,12 +5,15 @@ hardware, runs the decision rules, and says for every device how many bytes the 
 the KV cache and the overhead take, and whether that fits. When it does not fit it says by
 how much and what would (more GPUs, a smaller quant, a shorter context).
 
-Memory model (per device):
-- weights: 16-bit bytes per parameter for vLLM (or the checkpoint's own size when it is
-  pre-quantized), llama-quantize's per-tensor types for GGUF (cortex.quant);
+Memory model (per device; the terms and their calibration are in cortex.memory):
+- vLLM on GPUs: each worker's budget (gpu_memory_utilization x the GPU) less the weights as
+  loaded, the activation peak, non-torch memory (NCCL under TP) and, from vLLM 0.21, CUDA
+  graphs; what is left is the KV pool, the smallest over the workers;
+- llama.cpp: tensors where llama.cpp puts them (token embedding in RAM, blocks and the output
+  layer on the GPUs by -ngl and the tensor split), each block's KV cache with it, the compute
+  buffer of the reserved graph, the host output buffer; plus a CUDA context per GPU;
 - KV cache: 2 x layers x kv_heads x head_dim x bytes x tokens, sliding-window layers
-  holding at most the window, MLA layers one latent per token;
-- overhead: the constants in OVERHEAD (CUDA context, activations, graphs, compute buffers).
+  holding at most the window, MLA layers one latent per token.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from typing import Any
 from cortex.decide import Decision, DecisionInput, decide, describe_fit, vllm_architectures
 from cortex.facts import ModelFacts
 from cortex.hardware import Inventory
+from cortex.memory import (
+    CUDA_CONTEXT_RESERVE,
+    VllmSettings,
+    llamacpp_compute_bytes,
+    llamacpp_output_bytes,
+    llamacpp_placement,
+    vllm_kv_pool,
+    vllm_profile,
+    vllm_workers,
+)
 from cortex.quant import AUTO_LADDER, predict_gguf_bytes, weights_bytes
 from cortex.spec import ModelSpec, format_bytes
 
@@ -33,17 +46,12 @@ DEFAULT_CONTEXT_CAP = 8192  # context per request when the spec does not set one
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # vLLM's own default
 CPU_RAM_SHARE = 0.90  # how much of the available RAM a CPU-only plan may use
 
-# Bytes per device beyond weights and KV cache.
+# Bytes per device beyond weights and KV cache that cortex.memory does not model per term.
 OVERHEAD = {
-    # CUDA context + activation peak + CUDA graphs + NCCL buffers (vLLM profiles this at start;
-    # about 2.5 GiB per GPU for 7B-70B models at the default batch sizes).
-    "vllm_gpu": int(2.5 * GiB),
-    "vllm_cpu": 512 * MiB,
-    # CUDA context and scratch; the compute buffer (logits for a ubatch) is added on top.
-    "llamacpp_gpu": 512 * MiB,
-    "llamacpp_cpu": 64 * MiB,
+    "vllm_cpu": 512 * MiB,  # vLLM's CPU backend: torch runtime and activations (it reports no figure)
 }
 LLAMACPP_UBATCH = 512  # llama-server's default -ub
+LLAMACPP_BATCH = 2048  # llama-server's default -b
 
 # KV cache element sizes (bytes per element) for llama.cpp cache types.
 CACHE_TYPE_BYTES = {
@@ -69,12 +77,16 @@ class DevicePlan:
     device: str  # "cuda:0" ... or "cpu"
     weights_bytes: int
     kv_cache_bytes: int
-    overhead_bytes: int
+    overhead_bytes: int  # what the engine itself reports beyond weights and KV (cortex.actual compares it)
     capacity_bytes: int
+    # memory the engine uses but reports in no buffer (llama.cpp: the CUDA context); counted in the total
+    reserve_bytes: int = 0
+    # the overhead's parts by name (activation, non_torch, cuda_graphs, compute, output), for display
+    overhead_parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes + self.reserve_bytes
 
     @property
     def fits(self) -> bool:
@@ -186,26 +198,45 @@ class _VllmLayout:
     needed_kv_per_device: int
 
 
+def vllm_memory_settings(spec: ModelSpec, tp: int) -> VllmSettings:
+    v = spec.vllm
+    return VllmSettings(
+        tp=tp,
+        pp=v.pipeline_parallel_size or 1,
+        gpu_memory_utilization=v.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+        max_num_batched_tokens=v.max_num_batched_tokens,
+        max_num_seqs=v.max_num_seqs,
+        enforce_eager=bool(v.enforce_eager),
+        dtype=v.dtype,
+        quantization=v.quantization,
+    )
+
+
 def _vllm_layout(spec: ModelSpec, facts: ModelFacts, inv: Inventory, tp: int, max_len: int) -> _VllmLayout:
     v = spec.vllm
-    pp = v.pipeline_parallel_size or 1
-    util = v.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+    settings = vllm_memory_settings(spec, tp)
+    pp, util = settings.pp, settings.gpu_memory_utilization
     kv_bytes = VLLM_KV_BYTES.get(v.kv_cache_dtype or "auto", 2.0)
     per_seq = facts.kv_cache_bytes(max_len, kv_bytes)
-    weights = sixteen_bit_bytes(facts)
     shards = tp * pp
     gpus = inv.gpus[:shards]
-    w = math.ceil(weights / shards)
-    overhead = OVERHEAD["vllm_gpu"]
-    devices = []
-    pools = []
-    for g in gpus:
-        budget = int(g.memory_bytes * util)
-        pool = max(0, budget - w - overhead)
-        pools.append(pool)
-        devices.append(DevicePlan(f"cuda:{g.index}", w, pool, overhead, budget))
-    total_pool = min(pools) * shards if pools else 0
-    max_seqs = total_pool // per_seq if per_seq else 0
+    profile = vllm_profile(VLLM_VERSION)
+    # each GPU as vLLM's profiler sizes it; vLLM gives every worker the smallest pool
+    workers = [vllm_workers(facts, g.memory_bytes, settings, profile)[i] for i, g in enumerate(gpus)]
+    pool = vllm_kv_pool(workers)
+    devices = [
+        DevicePlan(
+            f"cuda:{g.index}",
+            w.weights,
+            pool,
+            w.overhead,
+            w.budget,
+            overhead_parts={"activation": w.activation, "non_torch": w.non_torch, "cuda_graphs": w.cuda_graphs},
+        )
+        for g, w in zip(gpus, workers)
+    ]
+    # the pool holds tokens for the model's layers on this GPU: per_seq / shards of them
+    max_seqs = pool * shards // per_seq if per_seq and pool > 0 else 0
     needed = math.ceil(per_seq * spec.resources.concurrency / shards)
     # vLLM needs room for at least one full-length sequence to start.
     if max_seqs < 1:
@@ -347,31 +378,76 @@ def _llamacpp_kv(spec: ModelSpec, facts: ModelFacts, total_ctx: int, parallel: i
 
 
 def _llamacpp_devices(
-    spec: ModelSpec, facts: ModelFacts, inv: Inventory, weights: int, kv: int, split: list[float] | None
+    spec: ModelSpec,
+    facts: ModelFacts,
+    inv: Inventory,
+    quant: str,
+    total_ctx: int,
+    parallel: int,
+    split: list[float] | None,
 ) -> tuple[list[DevicePlan], int]:
-    """Per-device bytes and the -ngl that gets them there (layers beyond what fits stay in RAM)."""
-    ubatch = spec.llamacpp.ubatch_size or LLAMACPP_UBATCH
-    compute = ubatch * facts.vocab_size * 4  # logits buffer for one ubatch
+    """Per-device bytes as llama.cpp places them (cortex.memory), and the -ngl used."""
+    lc = spec.llamacpp
+    ngl = lc.ngl if lc.ngl is not None else (999 if inv.gpus else 0)
+    k = CACHE_TYPE_BYTES[lc.cache_type_k or "f16"]
+    vb = CACHE_TYPE_BYTES[lc.cache_type_v or "f16"]
+    batch = min(lc.batch_size or LLAMACPP_BATCH, total_ctx)
+    ubatch = min(lc.ubatch_size or LLAMACPP_UBATCH, batch)
+    n_kv = -(-(total_ctx // max(1, parallel)) // 256) * 256  # cells per stream, padded as llama.cpp pads
+    flash = lc.flash_attention not in ("off", False)
+    output = llamacpp_output_bytes(facts, parallel)
+    ram = int(inv.ram_bytes * CPU_RAM_SHARE)
     if not inv.gpus:
-        dev = DevicePlan("cpu", weights, kv, OVERHEAD["llamacpp_cpu"] + compute, int(inv.ram_bytes * CPU_RAM_SHARE))
-        return [dev], 0
+        kv, _ = _llamacpp_kv(spec, facts, total_ctx, parallel)
+        compute = llamacpp_compute_bytes(facts, ubatch, n_kv, flash_attention=flash)
+        weights = _llamacpp_weights(facts, quant)
+        return [
+            DevicePlan("cpu", weights, kv, compute + output, ram, overhead_parts={"compute": compute, "output": output})
+        ], 0
     shares = split or [g.memory_bytes for g in inv.gpus]
-    s = sum(shares)
-    shares = [x / s for x in shares]
-    # split by layers in proportion to the shares (llama.cpp keeps the token embedding in RAM;
-    # counting it on the GPUs keeps the estimate on the safe side)
+    placed = llamacpp_placement(
+        facts,
+        quant,
+        len(inv.gpus),
+        shares,
+        ngl,
+        kv_tokens=total_ctx,
+        kv_element_bytes=(k + vb) / 2,
+        sequences=parallel,
+    )
+    gpu_compute = llamacpp_compute_bytes(facts, ubatch, n_kv, flash_attention=flash)
+    logits = 4 * facts.vocab_size * parallel  # the output device's graph ends in the logits
+    out_gpu = next((i for i in range(len(inv.gpus) - 1, -1, -1) if placed.layers[i + 1]), None)
     devices = []
-    for g, share in zip(inv.gpus, shares):
+    cpu_compute = (
+        gpu_compute
+        if placed.layers[0]
+        else llamacpp_compute_bytes(facts, ubatch, n_kv, flash_attention=flash, host_for_gpus=True)
+    )
+    devices.append(
+        DevicePlan(
+            "cpu",
+            placed.weights[0],
+            placed.kv_cache[0],
+            cpu_compute + output,
+            ram,
+            overhead_parts={"compute": cpu_compute, "output": output},
+        )
+    )
+    for i, g in enumerate(inv.gpus):
+        compute = (gpu_compute if placed.layers[i + 1] else 0) + (logits if i == out_gpu else 0)
         devices.append(
             DevicePlan(
                 f"cuda:{g.index}",
-                math.ceil(weights * share),
-                math.ceil(kv * share),
-                OVERHEAD["llamacpp_gpu"] + compute,
+                placed.weights[i + 1],
+                placed.kv_cache[i + 1],
+                compute,
                 g.memory_bytes,
+                reserve_bytes=CUDA_CONTEXT_RESERVE,
+                overhead_parts={"compute": compute},
             )
         )
-    return devices, 999
+    return devices, ngl
 
 
 def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Decision, ctx: int) -> Plan:
@@ -384,7 +460,7 @@ def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision:
             f"llamacpp.context_size {total_ctx} over {parallel} slots gives {per_slot} tokens per slot, "
             f"more than the model's {facts.max_context}"
         )
-    kv, kv_kind = _llamacpp_kv(spec, facts, total_ctx, parallel)
+    _, kv_kind = _llamacpp_kv(spec, facts, total_ctx, parallel)
     if lc.tensor_split and inv.gpus and len(lc.tensor_split) != len(inv.gpus):
         raise PlanError(
             f"llamacpp.tensor_split has {len(lc.tensor_split)} shares for {len(inv.gpus)} GPUs; give one share per GPU"
@@ -404,20 +480,16 @@ def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision:
         ladder = AUTO_LADDER
 
     chosen = None
-    tried: list[tuple[str, list[DevicePlan]]] = []
+    tried: list[tuple[str, list[DevicePlan], int]] = []
     for q in ladder:
-        w = _llamacpp_weights(facts, q)
-        devices, ngl = _llamacpp_devices(spec, facts, inv, w, kv, lc.tensor_split)
-        tried.append((q, devices))
+        devices, ngl = _llamacpp_devices(spec, facts, inv, q, total_ctx, parallel, lc.tensor_split)
+        tried.append((q, devices, ngl))
         if all(d.fits for d in devices):
-            chosen = (q, devices, ngl)
+            chosen = tried[-1]
             break
     if chosen is None:
-        q, devices = tried[-1]
-        chosen = (q, devices, 0 if not inv.gpus else 999)
+        chosen = tried[-1]
     quant, devices, ngl = chosen
-    if lc.ngl is not None:
-        ngl = lc.ngl
     if facts.source_format == "gguf":
         predicted = sum(_file_sizes(facts)) or (facts.weights_bytes_on_disk or 0) + (facts.metadata_bytes or 0)
         artifact = ArtifactPlan("gguf", quant, predicted)
@@ -455,7 +527,7 @@ def _plan_llamacpp(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision:
             f"KV {format_bytes(worst.kv_cache_bytes)}, overhead {format_bytes(worst.overhead_bytes)}) "
             f"but has {format_bytes(worst.capacity_bytes)}: short by {format_bytes(worst.total_bytes - worst.capacity_bytes)}"
         )
-        plan.suggestions += _llamacpp_suggestions(spec, facts, inv, quant, kv, total_ctx, parallel)
+        plan.suggestions += _llamacpp_suggestions(spec, facts, inv, quant, total_ctx, parallel)
     return plan
 
 
@@ -471,13 +543,17 @@ def _file_sizes(facts: ModelFacts) -> list[int]:
 
 
 def _llamacpp_suggestions(
-    spec: ModelSpec, facts: ModelFacts, inv: Inventory, quant: str, kv: int, total_ctx: int, parallel: int
+    spec: ModelSpec, facts: ModelFacts, inv: Inventory, quant: str, total_ctx: int, parallel: int
 ) -> list[str]:
     out = []
+
+    def fits(inventory: Inventory, q: str, ctx: int) -> bool:
+        devices, _ = _llamacpp_devices(spec, facts, inventory, q, ctx, parallel, None)
+        return all(d.fits for d in devices)
+
     if facts.source_format == "hf":
         for q in AUTO_LADDER[AUTO_LADDER.index(quant) + 1 if quant in AUTO_LADDER else 0 :]:
-            devices, _ = _llamacpp_devices(spec, facts, inv, _llamacpp_weights(facts, q), kv, None)
-            if all(d.fits for d in devices):
+            if fits(inv, q, total_ctx):
                 out.append(f"a smaller quantization: {q}")
                 break
     if inv.gpus:
@@ -486,17 +562,13 @@ def _llamacpp_suggestions(
             if n <= len(inv.gpus):
                 continue
             more = Inventory([type(inv.gpus[0])(i, mem) for i in range(n)], inv.cpu_cores, inv.ram_bytes, "declared")
-            devices, _ = _llamacpp_devices(spec, facts, more, _llamacpp_weights(facts, quant), kv, None)
-            if all(d.fits for d in devices):
+            if fits(more, quant, total_ctx):
                 out.append(f"more GPUs: {n} x {format_bytes(mem)}")
                 break
     for c in (total_ctx // 2, total_ctx // 4):
-        if c >= 256 * parallel:
-            kv2, _ = _llamacpp_kv(spec, facts, c, parallel)
-            devices, _ = _llamacpp_devices(spec, facts, inv, _llamacpp_weights(facts, quant), kv2, None)
-            if all(d.fits for d in devices):
-                out.append(f"a shorter context: llamacpp.context_size {c} ({c // parallel} per slot)")
-                break
+        if c >= 256 * parallel and fits(inv, quant, c):
+            out.append(f"a shorter context: llamacpp.context_size {c} ({c // parallel} per slot)")
+            break
     if inv.gpus:
         out.append("partial offload: set llamacpp.ngl below the layer count to keep some layers in RAM (slower)")
     return out

@@ -303,6 +303,12 @@ class VllmSettings(Section):
     max_num_seqs: int | None = Field(
         None, ge=1, le=MAX_CONCURRENCY, description="--max-num-seqs (requests batched at once)"
     )
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CONTEXT,
+        description="--max-num-batched-tokens (tokens per scheduler step; sizes the activation peak)",
+    )
     trust_remote_code: bool | None = Field(None, description="--trust-remote-code")
     # before extra_args: its validator reads this field
     unsafe_extra_args: bool = _unsafe_extra_args_field()

@@ -3,8 +3,9 @@
 - Predicted GGUF sizes for SmolLM2 (F16, Q8_0, Q4_K_M) are within 2% of the files the pinned
   convert_hf_to_gguf.py and llama-quantize write (per-tensor types, k-quant fallbacks).
 - The planned KV cache for a context and slot count equals what llama-server reports when it
-  loads with those settings; cortex.actual reads the same figures (and the weights) from that
-  real log, and says "could not be read" when the log's wording is changed.
+  loads with those settings, and the weights and overhead (compute + output buffers) are
+  within cortex.actual's 10%; cortex.actual reads the same figures from that real log, and
+  says "could not be read" when the log's wording is changed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def test_planned_kv_cache_equals_llama_server(
         and not rows["kv_cache"].off
         and rows["kv_cache"].deviation == pytest.approx(0, abs=1e-3)
     )
+    # the overhead too: the compute and output buffers as planned (once 160 MiB against ~15 MiB)
+    assert not rows["overhead"].off, rows["overhead"]
+    assert not compare_memory(plan.devices, report).warnings
 
     # The same log in a wording this reader does not know: a typed "could not read", no exception.
     garbled = read_llamacpp_report(log.replace("model buffer size", "model buffer bytes"))

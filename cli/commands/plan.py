@@ -129,22 +129,31 @@ def render(m: PlannedModel) -> list[RenderableType]:
         if v is not None:
             out.append(f"  {k:<24} {v}")
     devices = table(
-        ("device", "weights", "KV cache", "overhead", "total", "capacity", "fits"),
+        ("device", "weights", "KV cache", "overhead", "reserve", "total", "capacity", "fits"),
         (
             (
                 d.device,
                 format_bytes(d.weights_bytes),
                 format_bytes(d.kv_cache_bytes),
                 format_bytes(d.overhead_bytes),
+                format_bytes(d.reserve_bytes) if d.reserve_bytes else "-",
                 format_bytes(d.total_bytes),
                 format_bytes(d.capacity_bytes),
                 "yes" if d.fits else "NO",
             )
             for d in p.devices
         ),
-        right=("weights", "KV cache", "overhead", "total", "capacity"),
+        right=("weights", "KV cache", "overhead", "reserve", "total", "capacity"),
     )
     rest: list[str] = []
+    parts = [(d.device, d.overhead_parts) for d in p.devices if d.overhead_parts]
+    if parts and all(ps == parts[0][1] for _, ps in parts):
+        parts = [("each device" if len(parts) > 1 else parts[0][0], parts[0][1])]
+    for name, ps in parts:
+        words = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in ps.items())
+        rest.append(f"  overhead of {name}: {words}")
+    if any(d.reserve_bytes for d in p.devices):
+        rest.append("  reserve: the CUDA context, which llama.cpp reports in no buffer")
     for w in p.warnings:
         rest.append(f"  warning: {w}")
     if not p.fits:

@@ -44,6 +44,7 @@ FLAGS: list[FlagMap] = [
     # the seed's --cuda-graph-sizes is --cudagraph-capture-sizes since vLLM 0.11
     FlagMap("cuda_graph_sizes", "--cudagraph-capture-sizes", "list_space"),
     FlagMap("max_num_seqs", "--max-num-seqs"),
+    FlagMap("max_num_batched_tokens", "--max-num-batched-tokens"),
     FlagMap("trust_remote_code", "--trust-remote-code", "switch"),
 ]
 
