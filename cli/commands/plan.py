@@ -146,10 +146,10 @@ def render(m: PlannedModel) -> list[RenderableType]:
         right=("weights", "KV cache", "overhead", "reserve", "total", "capacity"),
     )
     rest: list[str] = []
-    parts = [(d.device, d.overhead_parts) for d in p.devices if d.overhead_parts]
-    if parts and all(ps == parts[0][1] for _, ps in parts):
-        parts = [("each device" if len(parts) > 1 else parts[0][0], parts[0][1])]
-    for name, ps in parts:
+    overheads = [(d.device, d.overhead_parts) for d in p.devices if d.overhead_parts]
+    if overheads and all(ps == overheads[0][1] for _, ps in overheads):
+        overheads = [("each device" if len(overheads) > 1 else overheads[0][0], overheads[0][1])]
+    for name, ps in overheads:
         words = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in ps.items())
         rest.append(f"  overhead of {name}: {words}")
     if any(d.reserve_bytes for d in p.devices):
