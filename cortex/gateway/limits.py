@@ -285,8 +285,9 @@ class Limiter:
             if key_id in today:
                 state.day_tokens = today[key_id]
 
-    def snapshot(self) -> list[tuple[str, float | None, float | None, float, int, int]]:
-        """(key id, request level, token level, at, pending requests, pending tokens) per key."""
+    def snapshot(self) -> list[tuple[str, float | None, float | None, float, list[int], list[int]]]:
+        """(key id, request level, token level, at, pending [requests, tokens], seen [requests,
+        tokens]) per key, for `Registry.flush_usage`."""
         now = self.clock()
         rows = []
         for state in self.states.values():
@@ -299,8 +300,8 @@ class Limiter:
                     None if state.requests is None else state.requests.level,
                     None if state.tokens is None else state.tokens.level,
                     now,
-                    state.pending[0],
-                    state.pending[1],
+                    list(state.pending),
+                    list(state.seen),
                 )
             )
         return rows

@@ -345,13 +345,15 @@ class Registry:
         self,
         hour: int,
         usage: list[tuple[str, str, list[int]]],
-        limits: list[tuple[str, float | None, float | None, float, int, int]],
+        limits: list[tuple[str, float | None, float | None, float, list[int], list[int]]],
         day_start: float,
     ) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
         """One transaction: add usage rows (key id, model, [requests, prompt, completion, errors,
-        rate limited]) to `hour` (Unix time // 3600); add each limited key's pending requests and
-        tokens to its totals and save its bucket levels. Returns the new totals per limited key
-        and the tokens each has used since `day_start`, across every gateway on this registry."""
+        rate limited]) to `hour` (Unix time // 3600); for each limited key (key id, request
+        level, token level, at, [pending requests, tokens], [requests, tokens] totals last seen)
+        add the pending counts to the key's totals and save its levels less what other gateways
+        added since this one last looked. Returns the new totals per limited key and the tokens
+        each has used since `day_start`, across every gateway on this registry."""
         totals: dict[str, tuple[int, int]] = {}
         today: dict[str, int] = {}
         with self._write() as cur:
@@ -363,17 +365,22 @@ class Registry:
                 " errors = errors + excluded.errors, rate_limited = rate_limited + excluded.rate_limited",
                 [(key_id, model, hour, *row) for key_id, model, row in usage],
             )
-            for key_id, level_requests, level_tokens, at, requests, tokens in limits:
+            for key_id, level_requests, level_tokens, at, pending, seen in limits:
                 row = cur.execute(
-                    "INSERT INTO key_limit_state (key_id, requests_level, tokens_level, at, total_requests,"
-                    " total_tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET"
-                    " requests_level = excluded.requests_level, tokens_level = excluded.tokens_level,"
-                    " at = excluded.at, total_requests = total_requests + excluded.total_requests,"
-                    " total_tokens = total_tokens + excluded.total_tokens"
-                    " RETURNING total_requests, total_tokens",
-                    (key_id, level_requests, level_tokens, at, requests, tokens),
+                    "SELECT total_requests, total_tokens FROM key_limit_state WHERE key_id = ?", (key_id,)
                 ).fetchone()
-                totals[key_id] = (row[0], row[1])
+                old = (row[0], row[1]) if row else (0, 0)
+                if level_requests is not None:
+                    level_requests -= max(0, old[0] - seen[0])
+                if level_tokens is not None:
+                    level_tokens -= max(0, old[1] - seen[1])
+                new = (old[0] + pending[0], old[1] + pending[1])
+                cur.execute(
+                    "INSERT OR REPLACE INTO key_limit_state (key_id, requests_level, tokens_level, at,"
+                    " total_requests, total_tokens) VALUES (?, ?, ?, ?, ?, ?)",
+                    (key_id, level_requests, level_tokens, at, *new),
+                )
+                totals[key_id] = new
             if limits:
                 today = self._tokens_since(cur, day_start, [row[0] for row in limits])
         return totals, today
