@@ -76,7 +76,7 @@ class UsageQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    since: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+    since: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e11)] | None = Field(
         None, description="Unix time; usage from the hour holding it on (default: all recorded)."
     )
 
