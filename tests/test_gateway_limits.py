@@ -274,6 +274,11 @@ def test_usage_totals_equal_the_sum_of_the_responses_usage(gateway, engine, caps
     assert f'cortex_gateway_key_tokens_total{{key="{first["id"]}",type="prompt"}} {total_prompt}' in metrics
     assert f'cortex_gateway_key_errors_total{{key="{second["id"]}"}} 1' in metrics
     assert first["key"] not in metrics and second["key"] not in metrics
+    admin = {"Authorization": f"Bearer {gw.admin_token()}"}
+    bad = httpx.get(gw.url + "/admin/usage?since=yesterday", headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
+    future = httpx.get(gw.url + f"/admin/usage?since={time.time() + 7200}", headers=admin)
+    assert future.status_code == 200 and future.json()["usage"] == []
 
 
 def test_per_key_metrics_are_capped(gateway, engine):
