@@ -122,7 +122,7 @@ FIELDS: list[Field] = [
         "gateway_metrics_max_keys",
         int,
         100,
-        "API keys with their own /metrics series; the others are summed under key=\"other\".",
+        'API keys with their own /metrics series; the others are summed under key="other".',
     ),
     Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
     Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
