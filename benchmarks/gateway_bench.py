@@ -5,7 +5,11 @@ Targets, all in front of the same instant upstream (cortex.testing.fake_engine, 
 cost is measured):
 
   direct   the upstream itself
-  cortex   `python -m cortex.gateway` (one worker, default settings, access log on)
+  cortex   `python -m cortex.gateway` (one worker, default settings, access log on), client auth on,
+           one key without limits
+  cortex-noauth    the same with client auth off (CORTEX_GATEWAY_NO_AUTH)
+  cortex-limits    one key with rpm, tpm and a daily budget, all too high to refuse (the limiter's cost)
+  cortex-100keys   100 keys with limits, requests spread over them in turn (lookup cost vs key count)
   nginx    Debian's nginx as a plain reverse proxy: one worker, keepalive upstream,
            proxy_buffering off, access_log off (benchmarks/gateway_nginx.conf)
   litellm  LiteLLM's proxy (`litellm[proxy]` in its own virtualenv, one worker, no database)
@@ -21,6 +25,7 @@ proxy's process tree's utime+stime from /proc, divided by the requests wrk compl
         ~/.cache/cortex/bench/litellm-venv/bin/pip install 'litellm[proxy]'
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
         [--baseline DIR]    # also the gateway of another checkout (git worktree/archive), as target cortex-base
+    targets also: cortex-noauth, cortex-limits, cortex-100keys (see above)
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Target:
     name = ""
     url = ""
     auth = "Bearer none"
+    auths: list[str] = []  # several keys: wrk sends them in turn
     model = "fake"
     pids: list[int] = []
 
@@ -139,20 +145,39 @@ class Upstream(Target):
         self.proc.wait()
 
 
+# Limits no benchmark run reaches: the limiter does all its work and never refuses.
+HIGH_LIMITS = {"rpm": 10**9, "tpm": 10**12, "budget_tokens_per_day": 10**15}
+
+
 class Cortex(Target):
     name = "cortex"
 
-    def __init__(self, workdir: Path, upstream: Upstream, source: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: Upstream,
+        source: Path | None = None,
+        name: str = "cortex",
+        no_auth: bool = False,
+        keys: int = 1,
+        limits: dict | None = None,
+    ) -> None:
         env, command = {}, None
+        self.name = name
         if source is not None:  # another checkout (-P: its cortex, not the one in the current directory)
             self.name = "cortex-base"
             env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
         self.gw = GatewayProcess(
-            workdir / f"{self.name}-home", log_path=workdir / f"{self.name}.log", env=env, command=command
+            workdir / f"{self.name}-home",
+            log_path=workdir / f"{self.name}.log",
+            env=env,
+            command=command,
+            no_auth=no_auth,
         ).start()
         with self.gw.client() as c:
             c.register("fake", upstream.url, engine_api_key=ENGINE_KEY)
-            self.auth = "Bearer " + c.create_key(name="bench")["key"]
+            self.auths = ["Bearer " + c.create_key(name=f"bench-{i}", **(limits or {}))["key"] for i in range(keys)]
+            self.auth = self.auths[0]
         self.url = self.gw.url
         self.pids = [self.gw.proc.pid]
 
@@ -263,12 +288,22 @@ def _percentile(out: str, which: str) -> float:
 
 def run_wrk(target: Target, stream: bool, concurrency: int, duration: float, workdir: Path) -> dict:
     script = workdir / f"wrk-{target.name}-{int(stream)}.lua"
-    script.write_text(
+    lua = (
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(_body(target.model, stream))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "{target.auth}"\n'
     )
+    if len(target.auths) > 1:  # one key after another, each request its own
+        lua += (
+            "local keys = {" + ",".join(json.dumps(a) for a in target.auths) + "}\n"
+            "local i = 0\n"
+            "request = function()\n"
+            "  i = i % #keys + 1\n"
+            '  return wrk.format(nil, nil, {["Content-Type"] = "application/json", ["Authorization"] = keys[i]}, nil)\n'
+            "end\n"
+        )
+    script.write_text(lua)
     before = cpu_seconds(target.pids)
     out = subprocess.run(
         [
@@ -382,6 +417,9 @@ def main() -> int:
         "nginx": lambda: Nginx(workdir, upstream),
         "litellm": lambda: LiteLLM(workdir, upstream, args.litellm_venv),
         "cortex-base": lambda: Cortex(workdir, upstream, args.baseline),
+        "cortex-noauth": lambda: Cortex(workdir, upstream, name="cortex-noauth", no_auth=True),
+        "cortex-limits": lambda: Cortex(workdir, upstream, name="cortex-limits", limits=HIGH_LIMITS),
+        "cortex-100keys": lambda: Cortex(workdir, upstream, name="cortex-100keys", keys=100, limits=HIGH_LIMITS),
     }
     if args.baseline and "cortex-base" not in wanted:
         wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")

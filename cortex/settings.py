@@ -112,6 +112,18 @@ FIELDS: list[Field] = [
     Field(
         "gateway_access_log", _parse_bool, True, "Write one JSON access-log line per request (never prompt contents)."
     ),
+    Field(
+        "gateway_usage_flush_interval",
+        float,
+        5.0,
+        "Seconds between writes of per-key usage and rate-limit state to the registry (what a crash can lose).",
+    ),
+    Field(
+        "gateway_metrics_max_keys",
+        int,
+        100,
+        'API keys with their own /metrics series; the others are summed under key="other".',
+    ),
     Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
     Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
     Field(
@@ -165,6 +177,8 @@ class Settings:
     gateway_keep_alive_timeout: int
     gateway_max_connections_per_client: int
     gateway_access_log: bool
+    gateway_usage_flush_interval: float
+    gateway_metrics_max_keys: int
     api_key: str | None
     engine_api_key: str | None
     docker_bind: str

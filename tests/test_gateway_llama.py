@@ -101,6 +101,42 @@ def test_streaming_with_usage_matches_the_engine(gateway, routed, llama_server):
     assert chunks > 5  # streamed token by token, not one block
 
 
+def test_a_limited_keys_stream_is_counted_without_showing_the_client_a_usage_event(gateway, routed, llama_server):
+    """A key with token limits streams without asking for usage: the gateway asks llama-server
+    for it, counts it, and the client sees the same events as straight from the engine."""
+    with gateway.client() as c:
+        limited = c.create_key(name="limited", tpm=10_000_000, budget_tokens_per_day=10_000_000)
+
+    def events(client, model, **extra):
+        return [
+            (ch.choices[0].delta.content if ch.choices else None, ch.usage is not None)
+            for ch in client.chat.completions.create(
+                model=model, messages=MESSAGES, stream=True, extra_body=NO_CACHE, **GREEDY, **extra
+            )
+        ]
+
+    through = events(via_gateway(gateway, limited["key"]), "smollm2")
+    plain = events(direct(llama_server), "smollm2")
+    assert through == plain and len(through) > 5
+    reported = [
+        ch.usage
+        for ch in direct(llama_server).chat.completions.create(
+            model="smollm2",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_CACHE,
+            **GREEDY,
+        )
+        if ch.usage is not None
+    ][-1]
+    with gateway.client() as c:
+        rows = [r for r in c.usage()["usage"] if r["key_id"] == limited["id"]]
+    assert [(r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (1, reported.prompt_tokens, reported.completion_tokens)
+    ]
+
+
 def test_models_list_and_error_types(gateway, routed):
     g = via_gateway(gateway, routed["key"])
     ids = {m.id for m in g.models.list()}

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, read_body, send_error, send_json
+from .limits import KeyLimits
 from .registry import RegistryError
+from .usage import summarize
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 ADMIN_MAX_BODY = 1024 * 1024
 Name = Annotated[str, Field(min_length=1)]
+Limit = Annotated[int, Field(ge=1)] | None
 
 
 class Body(BaseModel):
@@ -53,6 +57,27 @@ class NewKey(Body):
     models: list[Name] | None = Field(None, description="Models the key may use; null for all.")
     expires_at: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
         None, description="Unix time in seconds after which the key is refused."
+    )
+    rpm: Limit = Field(None, description="Requests per minute (token bucket); null: no limit.")
+    tpm: Limit = Field(None, description="Tokens (prompt + completion) per minute; null: no limit.")
+    budget_tokens_per_day: Limit = Field(None, description="Tokens per UTC day; null: no budget.")
+
+
+class LimitsUpdate(Body):
+    """PATCH /admin/keys/{id}: the fields given replace the key's limits; null removes one."""
+
+    rpm: Limit = Field(None, description="Requests per minute; null removes the limit.")
+    tpm: Limit = Field(None, description="Tokens per minute; null removes the limit.")
+    budget_tokens_per_day: Limit = Field(None, description="Tokens per UTC day; null removes the budget.")
+
+
+class UsageQuery(BaseModel):
+    """GET /admin/usage query parameters (strings in the URL, so not strict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e11)] | None = Field(
+        None, description="Unix time; usage from the hour holding it on (default: all recorded)."
     )
 
 
@@ -97,9 +122,28 @@ def list_keys(gw: Gateway, body: None) -> Any:
 
 
 def create_key(gw: Gateway, body: NewKey) -> Any:
-    key, record = gw.registry.create_key(body.name, body.models, body.expires_at)
+    limits = KeyLimits(body.rpm, body.tpm, body.budget_tokens_per_day)
+    key, record = gw.registry.create_key(body.name, body.models, body.expires_at, limits)
     gw.reload()
     return {**record.public(), "key": key}
+
+
+def update_key(gw: Gateway, body: LimitsUpdate, id: str) -> Any:
+    current = gw.registry.key(id).limits.public()
+    changed = {name: getattr(body, name) for name in body.model_fields_set}
+    record = gw.registry.set_key_limits(id, KeyLimits(**{**current, **changed}))
+    gw.reload()
+    return record.public()
+
+
+def usage(gw: Gateway, body: None, query: UsageQuery) -> Any:
+    gw.flush_usage()  # this gateway's counts so far; other gateways' as of their last flush
+    names = {k.id: k.name for k in gw.registry.keys()}
+    return {
+        "since": query.since,
+        "flush_interval_s": gw.settings.gateway_usage_flush_interval,
+        "usage": summarize(gw.registry.usage(query.since), names),
+    }
 
 
 def revoke_key(gw: Gateway, body: None, id: str) -> Any:
@@ -115,6 +159,7 @@ class AdminRoute:
     handler: Callable[..., Any]
     summary: str
     body: type[Body] | None = None
+    query: type[BaseModel] | None = None  # query parameters, passed to the handler as `query`
     status: int = 200  # on success
     errors: tuple[int, ...] = ()  # besides 401 (every route), 400 (a body) and 404 (a path parameter)
 
@@ -155,6 +200,16 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("GET", "/admin/keys", list_keys, "List API keys (no secrets)"),
     AdminRoute("POST", "/admin/keys", create_key, "Create an API key (the key is shown once)", body=NewKey, status=201),
     AdminRoute("DELETE", "/admin/keys/{id}", revoke_key, "Revoke an API key"),
+    AdminRoute(
+        "PATCH", "/admin/keys/{id}", update_key, "Change an API key's rate limits and budget", body=LimitsUpdate
+    ),
+    AdminRoute(
+        "GET",
+        "/admin/usage",
+        usage,
+        "Requests, tokens, errors and rate-limited requests per API key and model",
+        query=UsageQuery,
+    ),
 )
 
 
@@ -209,6 +264,14 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
             except ValidationError as exc:
                 message, code, param = _invalid_body(exc)
                 await send_error(send, 400, message, code, param=param)
+                return
+        if route.query is not None:
+            try:
+                query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+                params["query"] = route.query.model_validate(query)  # type: ignore[assignment]
+            except ValidationError as exc:
+                message, code, param = _invalid_body(exc)
+                await send_error(send, 400, message.replace("request body", "query"), code, param=param)
                 return
         try:
             result = route.handler(gw, body, **params)

@@ -24,11 +24,13 @@ from .accesslog import AccessLog
 from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, error_body, read_body, send_error, send_json
 from .connections import ConnectionGuard
 from .identity import verify_replica
+from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
 from .metrics import Metrics
 from .registry import Registry, RegistryError
 from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
+from .usage import UsageBook
 
 log = logging.getLogger("cortex.gateway")
 
@@ -76,6 +78,9 @@ class ProxyCall:
         "prev",
         "last",
         "error_kind",
+        "limit",
+        "limit_headers",
+        "strip_usage",
     )
 
     replica: Replica  # set by _connect
@@ -99,6 +104,9 @@ class ProxyCall:
         self.ttfb: float | None = None
         self.prev = self.last = b""  # the last two body chunks, where `usage` is
         self.error_kind: str | None = None
+        self.limit: KeyState | None = None  # the key's rate-limit state, when it has limits
+        self.limit_headers: list[tuple[bytes, bytes]] = []
+        self.strip_usage = False  # the gateway asked for the stream's usage event; the client did not
 
     def stop_watching(self) -> None:
         self.done = True
@@ -129,6 +137,9 @@ class Gateway:
         self.table = RoutingTable(settings.gateway_connect_timeout)
         self.metrics = Metrics()
         self.lag = LoopLag()
+        self.limiter = Limiter()
+        self.usage = UsageBook(settings.gateway_metrics_max_keys)
+        self._flushed_at = time.monotonic()
         self._data_version = -1
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
@@ -141,7 +152,9 @@ class Gateway:
         """Rebuild the routing table from the registry."""
         self._data_version = self.registry.data_version()
         before = set(self.table.replicas.values())
-        gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), self.registry.keys())
+        keys = self.registry.keys()
+        gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), keys)
+        self.limiter.sync(keys, self.registry)
         for replica in gone:
             if replica.in_flight == 0:
                 replica.pool.close()
@@ -198,8 +211,24 @@ class Gateway:
             await self._health_client.aclose()
         for replica in self.table.replicas.values():
             replica.pool.close()
+        try:
+            self.flush_usage()
+        except Exception:
+            log.exception("writing usage to the registry %s at shutdown failed", self.registry.path)
         if self.access_log is not None:
             self.access_log.flush()
+
+    def flush_usage(self) -> None:
+        """Write the usage counted since the last flush and the limited keys' state to the
+        registry in one transaction, and take in what other gateways on it used (limits.py)."""
+        self._flushed_at = time.monotonic()
+        now = self.limiter.clock()
+        snapshot = self.limiter.snapshot()
+        rows = self.usage.take()
+        if not rows and not snapshot:
+            return
+        totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
+        self.limiter.exchange(totals, today)
 
     async def _maintain(self) -> None:
         """Pick up other processes' registry writes; fail requests whose replica went silent."""
@@ -217,6 +246,11 @@ class Gateway:
                     self.finish_drain(replica)
             if self.access_log is not None:
                 self.access_log.flush()
+            if now - self._flushed_at >= self.settings.gateway_usage_flush_interval:
+                try:
+                    self.flush_usage()
+                except Exception:  # kept in memory and written at the next flush
+                    log.exception("writing usage to the registry %s failed; retrying later", self.registry.path)
 
     async def _health_loop(self) -> None:
         while True:
@@ -306,7 +340,7 @@ class Gateway:
             elif path == "/health" and scope["method"] == "GET":
                 await send_json(send, 200, {"status": "ok", "models": len(self.table.available_models())})
             elif path == "/metrics" and scope["method"] == "GET":
-                body = self.metrics.render(self.table.replicas.values(), self.connections)
+                body = self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
                 await send(
                     {
                         "type": "http.response.start",
@@ -431,6 +465,22 @@ class Gateway:
             return None
         call.key, call.served, call.replicas = key, served, replicas
         call.streaming = payload.get("stream") is True
+        if key is not True:
+            state = self.limiter.states.get(key.id)
+            if state is not None:
+                refusal, headers = self.limiter.admit(state)
+                if refusal is not None:
+                    self.metrics.error(served, "", "rate_limited")
+                    self.usage.refused(key.id, served)
+                    await send_error(
+                        send, 429, refusal.message, refusal.code, headers + self.limiter.refusal_headers(refusal)
+                    )
+                    return None
+                call.limit, call.limit_headers = state, headers
+                if call.streaming and state.strip_usage:
+                    asked = ask_for_usage(payload)
+                    if asked is not None:
+                        body, call.strip_usage = asked, True
         return body
 
     async def _connect(self, call: ProxyCall, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
@@ -505,9 +555,12 @@ class Gateway:
         call.overhead = overhead = (call.t_sent - call.t0) + (time.perf_counter() - t_headers)
         headers.append((b"x-cortex-replica", replica.id.encode()))
         headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
+        if call.limit_headers:
+            headers += call.limit_headers
         await send({"type": "http.response.start", "status": call.status, "headers": headers})
         ttfb = None
         prev = last = b""
+        strip = call.strip_usage and sse
         try:  # locals in the loop (one per chunk), stored on the call once at the end
             while True:
                 try:
@@ -537,6 +590,8 @@ class Gateway:
                 if ttfb is None:
                     ttfb = time.perf_counter() - call.t0
                 prev, last = last, data
+                if strip and b'"usage"' in data:
+                    data = strip_usage_event(data)
                 if conn.complete and not conn.chunks:
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     return
@@ -577,6 +632,11 @@ class Gateway:
             if found:
                 completion_tokens = int(found.group(1))
                 metrics.tokens[(served, replica.id, "completion")] += completion_tokens
+        key = call.key
+        if key is not True:
+            self.usage.record(key.id, served, prompt_tokens, completion_tokens, error_kind is not None or status >= 400)
+            if call.limit is not None:
+                self.limiter.charge(call.limit, (prompt_tokens or 0) + (completion_tokens or 0))
         if self.access_log is not None:
             self.access_log.write(
                 {

@@ -126,10 +126,31 @@ class GatewayClient:
     # --- client API keys ----------------------------------------------------------------------
 
     def create_key(
-        self, name: str = "", models: builtins.list[str] | None = None, expires_at: float | None = None
+        self,
+        name: str = "",
+        models: builtins.list[str] | None = None,
+        expires_at: float | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        budget_tokens_per_day: int | None = None,
     ) -> dict:
-        """A new client key; the returned "key" is the only time the secret is shown."""
-        return self._call("POST", "/admin/keys", {"name": name, "models": models, "expires_at": expires_at})
+        """A new client key; the returned "key" is the only time the secret is shown. Limits:
+        requests and tokens per minute, tokens per UTC day (None: unlimited)."""
+        body: dict[str, Any] = {"name": name, "models": models, "expires_at": expires_at}
+        for field, value in (("rpm", rpm), ("tpm", tpm), ("budget_tokens_per_day", budget_tokens_per_day)):
+            if value is not None:  # a gateway from before limits refuses the fields, even as null
+                body[field] = value
+        return self._call("POST", "/admin/keys", body)
+
+    def update_key(self, key_id: str, **limits: int | None) -> dict:
+        """Change a key's limits: rpm=, tpm=, budget_tokens_per_day= (None removes one; a limit
+        not passed is kept)."""
+        return self._call("PATCH", f"/admin/keys/{key_id}", limits)
+
+    def usage(self, since: float | None = None) -> dict:
+        """{"usage": [{key_id, name, model, requests, prompt_tokens, completion_tokens, errors,
+        rate_limited}], "since", "flush_interval_s"}"""
+        return self._call("GET", "/admin/usage" + ("" if since is None else f"?since={since}"))
 
     def list_keys(self) -> builtins.list[dict]:
         return self._call("GET", "/admin/keys")["keys"]

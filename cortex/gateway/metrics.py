@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from .connections import ConnectionGuard
+    from .usage import UsageBook
 
 # Seconds. Latency spans sub-millisecond proxy answers to multi-minute generations.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -64,7 +65,9 @@ class Metrics:
     def error(self, model: str, replica: str, kind: str) -> None:
         self.errors[(model, replica, kind)] += 1
 
-    def render(self, replicas: Iterable, connections: "ConnectionGuard | None" = None) -> bytes:
+    def render(
+        self, replicas: Iterable, connections: "ConnectionGuard | None" = None, usage: "UsageBook | None" = None
+    ) -> bytes:
         """The exposition text; in-flight and health gauges are read from the live replicas,
         connection counts from the server's connection guard."""
         out: list[str] = []
@@ -142,5 +145,7 @@ class Metrics:
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} histogram")
             hist.render(name, ("model", "replica"), out)
+        if usage is not None:
+            usage.render(out)
         out.append("")
         return "\n".join(out).encode()

@@ -54,6 +54,20 @@ def _admin_operation(route: AdminRoute) -> dict:
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.params
         ]
         errors.add(404)
+    if route.query is not None:
+        properties = route.query.model_json_schema()["properties"]
+        operation.setdefault("parameters", []).extend(
+            {
+                "name": name,
+                "in": "query",
+                "required": field.is_required(),
+                "description": field.description or "",
+                # a query parameter is present or absent, never null
+                "schema": next((s for s in properties[name].get("anyOf", []) if s != {"type": "null"}), {}),
+            }
+            for name, field in route.query.model_fields.items()
+        )
+        errors.add(400)
     if route.body is not None:
         operation["requestBody"] = {
             "required": True,

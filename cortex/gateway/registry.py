@@ -21,6 +21,8 @@ from typing import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+from .limits import KeyLimits
+
 KEY_PREFIX = "sk-cortex-"
 
 SCHEMA = """
@@ -45,9 +47,34 @@ CREATE TABLE IF NOT EXISTS api_keys (
     models TEXT,
     expires_at REAL,
     disabled INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    rpm INTEGER,
+    tpm INTEGER,
+    budget_tokens_day INTEGER
+);
+CREATE TABLE IF NOT EXISTS key_usage (
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, model, hour)
+);
+CREATE TABLE IF NOT EXISTS key_limit_state (
+    key_id TEXT PRIMARY KEY,
+    requests_level REAL,
+    tokens_level REAL,
+    at REAL NOT NULL,
+    total_requests INTEGER NOT NULL DEFAULT 0,
+    total_tokens INTEGER NOT NULL DEFAULT 0
 );
 """
+# Columns added to api_keys after its first release: (name, declaration), added to older files.
+KEY_COLUMNS_ADDED = (("rpm", "INTEGER"), ("tpm", "INTEGER"), ("budget_tokens_day", "INTEGER"))
+KEY_COLUMNS = "id, name, key_hash, models, expires_at, disabled, created_at, rpm, tpm, budget_tokens_day"
 
 
 class RegistryError(Exception):
@@ -96,6 +123,7 @@ class ApiKeyRecord:
     expires_at: float | None
     disabled: bool
     created_at: float
+    limits: KeyLimits = KeyLimits()
 
     def public(self) -> dict:
         return {
@@ -105,6 +133,7 @@ class ApiKeyRecord:
             "expires_at": self.expires_at,
             "disabled": self.disabled,
             "created_at": self.created_at,
+            **self.limits.public(),
         }
 
 
@@ -146,6 +175,10 @@ class Registry:
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():
                     cur.execute(statement)
+            have = {row[1] for row in cur.execute("PRAGMA table_info(api_keys)")}
+            for column, declaration in KEY_COLUMNS_ADDED:
+                if column not in have:
+                    cur.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._conn.close()
@@ -244,9 +277,14 @@ class Registry:
     # --- API keys ---------------------------------------------------------------------------
 
     def create_key(
-        self, name: str = "", models: list[str] | None = None, expires_at: float | None = None
+        self,
+        name: str = "",
+        models: list[str] | None = None,
+        expires_at: float | None = None,
+        limits: KeyLimits = KeyLimits(),
     ) -> tuple[str, ApiKeyRecord]:
         """A new key; the plain key is returned here once and stored only as its hash."""
+        _check_limits(limits)
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
             raise RegistryError("models: a list of model names, or null for all models")
         if expires_at is not None and expires_at <= time.time():
@@ -255,25 +293,30 @@ class Registry:
         kid = "key-" + uuid.uuid4().hex[:12]
         with self._write() as cur:
             cur.execute(
-                "INSERT INTO api_keys (id, name, key_hash, models, expires_at, disabled, created_at)"
-                " VALUES (?, ?, ?, ?, ?, 0, ?)",
-                (kid, name, hash_key(key), json.dumps(models) if models is not None else None, expires_at, time.time()),
+                "INSERT INTO api_keys (id, name, key_hash, models, expires_at, disabled, created_at,"
+                " rpm, tpm, budget_tokens_day) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                (
+                    kid,
+                    name,
+                    hash_key(key),
+                    json.dumps(models) if models is not None else None,
+                    expires_at,
+                    time.time(),
+                    limits.rpm,
+                    limits.tpm,
+                    limits.budget_tokens_per_day,
+                ),
             )
         return key, self.key(kid)
 
     def key(self, key_id: str) -> ApiKeyRecord:
-        row = self._conn.execute(
-            "SELECT id, name, key_hash, models, expires_at, disabled, created_at FROM api_keys WHERE id = ?",
-            (key_id,),
-        ).fetchone()
+        row = self._conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
         return _key_record(row)
 
     def keys(self) -> list[ApiKeyRecord]:
-        rows = self._conn.execute(
-            "SELECT id, name, key_hash, models, expires_at, disabled, created_at FROM api_keys ORDER BY created_at"
-        ).fetchall()
+        rows = self._conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [_key_record(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> None:
@@ -282,7 +325,105 @@ class Registry:
             if cur.execute("UPDATE api_keys SET disabled = 1 WHERE id = ?", (key_id,)).rowcount == 0:
                 raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
 
+    def set_key_limits(self, key_id: str, limits: KeyLimits) -> ApiKeyRecord:
+        """Replace a key's limits (KeyLimits() removes them all)."""
+        _check_limits(limits)
+        with self._write() as cur:
+            if (
+                cur.execute(
+                    "UPDATE api_keys SET rpm = ?, tpm = ?, budget_tokens_day = ? WHERE id = ?",
+                    (limits.rpm, limits.tpm, limits.budget_tokens_per_day, key_id),
+                ).rowcount
+                == 0
+            ):
+                raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
+        return self.key(key_id)
+
+    # --- usage and limit state (written in batches by the gateway, see usage.py and limits.py) ----
+
+    def flush_usage(
+        self,
+        hour: int,
+        usage: list[tuple[str, str, list[int]]],
+        limits: list[tuple[str, float | None, float | None, float, list[int], list[int]]],
+        day_start: float,
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+        """One transaction: add usage rows (key id, model, [requests, prompt, completion, errors,
+        rate limited]) to `hour` (Unix time // 3600); for each limited key (key id, request
+        level, token level, at, [pending requests, tokens], [requests, tokens] totals last seen)
+        add the pending counts to the key's totals and save its levels less what other gateways
+        added since this one last looked. Returns the new totals per limited key and the tokens
+        each has used since `day_start`, across every gateway on this registry."""
+        totals: dict[str, tuple[int, int]] = {}
+        today: dict[str, int] = {}
+        with self._write() as cur:
+            cur.executemany(
+                "INSERT INTO key_usage (key_id, model, hour, requests, prompt_tokens, completion_tokens, errors,"
+                " rate_limited) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, model, hour) DO UPDATE SET"
+                " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                " errors = errors + excluded.errors, rate_limited = rate_limited + excluded.rate_limited",
+                [(key_id, model, hour, *row) for key_id, model, row in usage],
+            )
+            for key_id, level_requests, level_tokens, at, pending, seen in limits:
+                row = cur.execute(
+                    "SELECT total_requests, total_tokens FROM key_limit_state WHERE key_id = ?", (key_id,)
+                ).fetchone()
+                old = (row[0], row[1]) if row else (0, 0)
+                if level_requests is not None:
+                    level_requests -= max(0, old[0] - seen[0])
+                if level_tokens is not None:
+                    level_tokens -= max(0, old[1] - seen[1])
+                new = (old[0] + pending[0], old[1] + pending[1])
+                cur.execute(
+                    "INSERT OR REPLACE INTO key_limit_state (key_id, requests_level, tokens_level, at,"
+                    " total_requests, total_tokens) VALUES (?, ?, ?, ?, ?, ?)",
+                    (key_id, level_requests, level_tokens, at, *new),
+                )
+                totals[key_id] = new
+            if limits:
+                today = self._tokens_since(cur, day_start, [row[0] for row in limits])
+        return totals, today
+
+    def limit_states(self, key_ids: list[str]) -> dict[str, tuple[float | None, float | None, float, int, int]]:
+        """Saved (request level, token level, at, total requests, total tokens) per key."""
+        marks = ",".join("?" * len(key_ids))
+        rows = self._conn.execute(
+            "SELECT key_id, requests_level, tokens_level, at, total_requests, total_tokens FROM key_limit_state"
+            f" WHERE key_id IN ({marks})",
+            key_ids,
+        ).fetchall()
+        return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def tokens_since(self, since: float, key_ids: list[str]) -> dict[str, int]:
+        return self._tokens_since(self._conn.cursor(), since, key_ids)
+
+    @staticmethod
+    def _tokens_since(cur: sqlite3.Cursor, since: float, key_ids: list[str]) -> dict[str, int]:
+        marks = ",".join("?" * len(key_ids))
+        rows = cur.execute(
+            "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM key_usage"
+            f" WHERE hour >= ? AND key_id IN ({marks}) GROUP BY key_id",
+            (int(since // 3600), *key_ids),
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def usage(self, since: float | None = None) -> list[tuple]:
+        """(key id, model, requests, prompt, completion, errors, rate limited) summed over the
+        hours from the one holding `since` (all recorded hours when None)."""
+        return self._conn.execute(
+            "SELECT key_id, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(errors),"
+            " SUM(rate_limited) FROM key_usage WHERE hour >= ? GROUP BY key_id, model ORDER BY key_id, model",
+            (-1 if since is None else int(since // 3600),),
+        ).fetchall()
+
+
+def _check_limits(limits: KeyLimits) -> None:
+    for name, value in limits.public().items():
+        if value is not None and (type(value) is not int or value < 1):
+            raise RegistryError(f"{name}: a whole number of at least 1, or null for no limit (got {value!r})")
+
 
 def _key_record(row: tuple) -> ApiKeyRecord:
     models = tuple(json.loads(row[3])) if row[3] is not None else None
-    return ApiKeyRecord(row[0], row[1], row[2], models, row[4], bool(row[5]), row[6])
+    return ApiKeyRecord(row[0], row[1], row[2], models, row[4], bool(row[5]), row[6], KeyLimits(row[7], row[8], row[9]))
