@@ -181,8 +181,15 @@ class PlanCache:
 
     def plan(self, spec_key: str, spec: ModelSpec, facts: ModelFacts, host: HostInventory) -> Plan | str:
         """The plan for this host, or why the planner refused it (a message)."""
+        inv = host.hardware()
+        wanted = spec.resources.gpus
+        if isinstance(wanted, int) and wanted > len(inv.gpus):
+            return f"has {len(inv.gpus)} GPU{'s' if len(inv.gpus) != 1 else ''}, resources.gpus asks for {wanted}"
+        if isinstance(wanted, list) and set(wanted) - {g.index for g in inv.gpus}:
+            missing = sorted(set(wanted) - {g.index for g in inv.gpus})
+            return f"has no GPU {', '.join(map(str, missing))} (resources.gpus lists it; it has {len(inv.gpus)})"
         try:
-            inv = hardware.resolve(host.hardware(), spec.resources.gpus, None)
+            inv = hardware.resolve(inv, wanted, None)
         except HardwareError as e:
             return str(e)
         key = (spec_key, tuple((g.index, g.memory_bytes) for g in inv.gpus), inv.cpu_cores, inv.ram_bytes)
@@ -219,15 +226,15 @@ class _Fit:
     free_after: int
 
 
-def _fit_beside(plan: Plan, host: HostInventory, inv: Inventory, load: HostLoad) -> _Fit | str:
+def _fit_beside(plan: Plan, host: HostInventory, inv: Inventory, load: HostLoad, movable: bool) -> _Fit | str:
     """Where the plan's devices land beside the host's load, or why they do not fit (a message).
 
-    The plan names the first GPUs; on a host whose GPUs all have the same free memory any of
-    them would get the same plan, so a plan on fewer GPUs than the host has moves to the GPUs
-    with the most room."""
+    `inv` is the whole host. The plan names the first GPUs; on a host whose GPUs all have the
+    same free memory any of them would get the same plan, so unless the spec names its GPUs
+    (`movable` false), a plan on fewer GPUs than the host has moves to the GPUs with the most room."""
     devices = {d.device: d.device for d in plan.devices}
     gpu_plans = [d for d in plan.devices if d.device.startswith("cuda:")]
-    if gpu_plans and len(gpu_plans) < len(inv.gpus) and len({g.memory_bytes for g in inv.gpus}) == 1:
+    if movable and gpu_plans and len(gpu_plans) < len(inv.gpus) and len({g.memory_bytes for g in inv.gpus}) == 1:
         room = sorted(inv.gpus, key=lambda g: (load.committed.get(f"cuda:{g.index}", 0), g.index))
         for d, g in zip(gpu_plans, room):
             devices[d.device] = f"cuda:{g.index}"
@@ -272,11 +279,7 @@ def place(
     for h in sorted(hosts, key=lambda h: h.name):
         planned = cache.plan(spec_key, spec, facts, h)
         plan = planned if isinstance(planned, Plan) else None
-        try:
-            inv = hardware.resolve(h.hardware(), spec.resources.gpus, None)
-        except HardwareError:
-            inv = h.hardware()
-        inventories[h.name] = inv
+        inv = inventories[h.name] = h.hardware()
         t = HostTrace(
             host=h.name,
             allowed=allow is None or h.name.lower() in allow,
@@ -296,12 +299,13 @@ def place(
     eligible = [t for t in traces.values() if t.eligible]
     placement = Placement(spec.name, spec.replicas, [], list(traces.values()))
     relaxed = False
+    movable = not isinstance(spec.resources.gpus, list)
     for replica in range(1, spec.replicas + 1):
         fits: list[tuple[HostTrace, _Fit]] = []
         full: list[str] = []
         for t in eligible:
             assert t.plan is not None
-            fit = _fit_beside(t.plan, by_name[t.host], inventories[t.host], load[t.host])
+            fit = _fit_beside(t.plan, by_name[t.host], inventories[t.host], load[t.host], movable)
             if isinstance(fit, str):
                 full.append(f"{t.host}: {fit}")
                 if not t.chosen:
