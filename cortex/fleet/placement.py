@@ -91,14 +91,11 @@ class HostTrace:
     runtime_ok: bool
     plan: Plan | None  # None when the planner refused this host (plan_error)
     plan_error: str | None
+    fits: bool  # the plan fits the host when nothing else runs there
     free_before: int
     replicas: list[int] = field(default_factory=list)
     free_after: int | None = None
     reason: str = ""
-
-    @property
-    def fits(self) -> bool:
-        return self.plan is not None and self.plan.fits
 
     @property
     def eligible(self) -> bool:
@@ -150,9 +147,13 @@ class Placement:
 
     def load_after(self, existing_load: Mapping[str, HostLoad] | None = None) -> dict[str, HostLoad]:
         """`existing_load` plus this placement's replicas: the load the next placement starts from."""
-        load = {name: lo.copy() for name, lo in (existing_load or {}).items()}
+        load = dict(existing_load or {})
+        copied: set[str] = set()
         for r in self.placed:
-            _commit(load.setdefault(r.host, HostLoad()), r.need, self.model)
+            if r.host not in copied:  # the loads given are never changed
+                load[r.host] = load[r.host].copy() if r.host in load else HostLoad()
+                copied.add(r.host)
+            _commit(load[r.host], r.need, self.model)
         return load
 
     def to_json(self) -> dict[str, Any]:
@@ -168,38 +169,86 @@ class Placement:
         }
 
 
+@dataclass(frozen=True)
+class _Needs:
+    """A plan's demand, worked out once per plan: (device, bytes, capacity) per device."""
+
+    devices: tuple[tuple[str, int, int], ...]
+    on_gpu: bool
+    fits: bool
+    total: int
+    identity: dict[str, str]  # device -> itself (shared: never mutated)
+    need: dict[str, int]  # device -> bytes (shared: never mutated)
+
+
+@dataclass(frozen=True)
+class _Host:
+    """A host's hardware, worked out once per host object."""
+
+    inventory: Inventory
+    shape: tuple[Any, ...]  # what a plan depends on: free memory per GPU, CPU cores, RAM
+    same_gpus: bool  # every GPU has the same free memory
+    gpu_free: int  # summed over its GPUs
+
+
 class PlanCache:
-    """Plans by (the spec's planning fields, the hardware shape). One cache may serve many specs."""
+    """Plans by (the spec's planning fields, the host's hardware shape). One cache may serve many
+    specs and many placements; it keeps the hosts and plans it has seen."""
 
     def __init__(self) -> None:
         self._plans: dict[tuple[Any, ...], Plan | str] = {}
-        self.misses = 0
+        self._hosts: dict[int, tuple[HostInventory, _Host]] = {}
+        self._needs: dict[int, tuple[Plan, _Needs]] = {}
+        self.misses = 0  # plans made
 
     @staticmethod
     def spec_key(spec: ModelSpec) -> str:
         return spec.model_dump_json(exclude=NOT_PLANNING_FIELDS)
 
+    def host(self, host: HostInventory) -> _Host:
+        known = self._hosts.get(id(host))
+        if known is None or known[0] is not host:
+            inv = host.hardware()
+            shape = (tuple(g.memory_bytes for g in inv.gpus), inv.cpu_cores, inv.ram_bytes)
+            known = (host, _Host(inv, shape, len(set(shape[0])) <= 1, sum(shape[0])))
+            self._hosts[id(host)] = known
+        return known[1]
+
+    def needs(self, plan: Plan) -> _Needs:
+        known = self._needs.get(id(plan))
+        if known is None or known[0] is not plan:
+            devices = tuple((d.device, d.total_bytes, d.capacity_bytes) for d in plan.devices)
+            n = _Needs(
+                devices,
+                any(d.startswith("cuda:") for d, _, _ in devices),
+                plan.fits,
+                sum(b for _, b, _ in devices),
+                {d: d for d, _, _ in devices},
+                {d: b for d, b, _ in devices},
+            )
+            known = (plan, n)
+            self._needs[id(plan)] = known
+        return known[1]
+
     def plan(self, spec_key: str, spec: ModelSpec, facts: ModelFacts, host: HostInventory) -> Plan | str:
         """The plan for this host, or why the planner refused it (a message)."""
-        inv = host.hardware()
+        key = (spec_key, self.host(host).shape)
+        if key not in self._plans:
+            self._plans[key] = self._make(spec, facts, self.host(host).inventory)
+        return self._plans[key]
+
+    def _make(self, spec: ModelSpec, facts: ModelFacts, inv: Inventory) -> Plan | str:
         wanted = spec.resources.gpus
         if isinstance(wanted, int) and wanted > len(inv.gpus):
             return f"has {len(inv.gpus)} GPU{'s' if len(inv.gpus) != 1 else ''}, resources.gpus asks for {wanted}"
         if isinstance(wanted, list) and set(wanted) - {g.index for g in inv.gpus}:
             missing = sorted(set(wanted) - {g.index for g in inv.gpus})
             return f"has no GPU {', '.join(map(str, missing))} (resources.gpus lists it; it has {len(inv.gpus)})"
+        self.misses += 1
         try:
-            inv = hardware.resolve(inv, wanted, None)
-        except HardwareError as e:
+            return make_plan(spec, facts, hardware.resolve(inv, wanted, None))
+        except (PlanError, HardwareError) as e:
             return str(e)
-        key = (spec_key, tuple((g.index, g.memory_bytes) for g in inv.gpus), inv.cpu_cores, inv.ram_bytes)
-        if key not in self._plans:
-            self.misses += 1
-            try:
-                self._plans[key] = make_plan(spec, facts, inv)
-            except (PlanError, HardwareError) as e:
-                self._plans[key] = str(e)
-        return self._plans[key]
 
 
 def _on_gpu(plan: Plan) -> bool:
@@ -212,11 +261,11 @@ def _commit(load: HostLoad, need: Mapping[str, int], model: str) -> None:
     load.models.append(model)
 
 
-def _free(host: HostInventory, inv: Inventory, load: HostLoad, on_gpu: bool) -> int:
+def _free(host: _Host, load: HostLoad, on_gpu: bool) -> int:
     """Memory left on the host: all its GPUs' free memory (GPU plans) or its RAM (CPU plans), less its load."""
     if on_gpu:
-        return sum(g.memory_bytes - load.committed.get(f"cuda:{g.index}", 0) for g in inv.gpus)
-    return inv.ram_bytes - load.committed.get("cpu", 0)
+        return host.gpu_free - sum(n for d, n in load.committed.items() if d.startswith("cuda:"))
+    return host.inventory.ram_bytes - load.committed.get("cpu", 0)
 
 
 @dataclass
@@ -226,29 +275,44 @@ class _Fit:
     free_after: int
 
 
-def _fit_beside(plan: Plan, host: HostInventory, inv: Inventory, load: HostLoad, movable: bool) -> _Fit | str:
-    """Where the plan's devices land beside the host's load, or why they do not fit (a message).
+@dataclass(frozen=True)
+class _Full:
+    """Why a replica does not fit beside a host's load."""
 
-    `inv` is the whole host. The plan names the first GPUs; on a host whose GPUs all have the
-    same free memory any of them would get the same plan, so unless the spec names its GPUs
-    (`movable` false), a plan on fewer GPUs than the host has moves to the GPUs with the most room."""
-    devices = {d.device: d.device for d in plan.devices}
-    gpu_plans = [d for d in plan.devices if d.device.startswith("cuda:")]
-    if movable and gpu_plans and len(gpu_plans) < len(inv.gpus) and len({g.memory_bytes for g in inv.gpus}) == 1:
-        room = sorted(inv.gpus, key=lambda g: (load.committed.get(f"cuda:{g.index}", 0), g.index))
-        for d, g in zip(gpu_plans, room):
-            devices[d.device] = f"cuda:{g.index}"
+    device: str
+    used: int
+    capacity: int
+    need: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.device} has {format_bytes(max(0, self.capacity - self.used))} left beside "
+            f"{format_bytes(self.used)} of replicas already there, needs {format_bytes(self.need)}"
+        )
+
+
+def _fit_beside(needs: _Needs, host: _Host, load: HostLoad, free: int, movable: bool) -> _Fit | _Full:
+    """Where the plan's devices land beside the host's load, or why they do not fit.
+    `free` is _free() before this replica.
+
+    The plan names the first GPUs; on a host whose GPUs all have the same free memory any of
+    them would get the same plan, so unless the spec names its GPUs (`movable` false), a plan on
+    fewer GPUs than the host has moves to the GPUs with the most room."""
+    if not load.committed:  # an empty host: the plan's own devices, as planned
+        return _Fit(needs.identity, needs.need, free - needs.total)
+    devices = needs.identity
+    gpus = host.inventory.gpus
+    if movable and needs.on_gpu and host.same_gpus and len(needs.devices) < len(gpus):
+        room = sorted(gpus, key=lambda g: (load.committed.get(f"cuda:{g.index}", 0), g.index))
+        devices = {d: f"cuda:{g.index}" for (d, _, _), g in zip(needs.devices, room)}
     need: dict[str, int] = {}
-    for d in plan.devices:
-        target = devices[d.device]
+    for device, total, capacity in needs.devices:
+        target = devices[device]
         used = load.committed.get(target, 0)
-        if used + d.total_bytes > d.capacity_bytes:
-            return (
-                f"{target} has {format_bytes(max(0, d.capacity_bytes - used))} left beside "
-                f"{format_bytes(used)} of replicas already there, needs {format_bytes(d.total_bytes)}"
-            )
-        need[target] = d.total_bytes
-    return _Fit(devices, need, _free(host, inv, load, _on_gpu(plan)) - sum(need.values()))
+        if used + total > capacity:
+            return _Full(target, used, capacity, total)
+        need[target] = total
+    return _Fit(devices, need, free - needs.total)
 
 
 def _deficit(plan: Plan) -> tuple[int, DevicePlan]:
@@ -272,14 +336,17 @@ def place(
     spec_key = PlanCache.spec_key(spec)
     sel = spec.placement
     allow = {h.lower() for h in sel.hosts} if sel.hosts is not None else None
-    load = {h.name: (existing_load or {}).get(h.name, HostLoad()).copy() for h in hosts}
+    existing = existing_load or {}
+    load: dict[str, HostLoad] = {}  # copied on a host's first replica: existing_load is never changed
     traces: dict[str, HostTrace] = {}
-    inventories: dict[str, Inventory] = {}
+    info: dict[str, _Host] = {}
     by_name = {h.name: h for h in hosts}
     for h in sorted(hosts, key=lambda h: h.name):
         planned = cache.plan(spec_key, spec, facts, h)
         plan = planned if isinstance(planned, Plan) else None
-        inv = inventories[h.name] = h.hardware()
+        needs = cache.needs(plan) if plan is not None else None
+        hinfo = info[h.name] = cache.host(h)
+        lo = load[h.name] = existing.get(h.name) or HostLoad()
         t = HostTrace(
             host=h.name,
             allowed=allow is None or h.name.lower() in allow,
@@ -291,33 +358,40 @@ def place(
             runtime_ok=spec.runtime in h.runtimes,
             plan=plan,
             plan_error=None if plan is not None else str(planned),
-            free_before=_free(h, inv, load[h.name], plan is None or _on_gpu(plan)),
+            fits=needs is not None and needs.fits,
+            free_before=_free(hinfo, lo, needs is None or needs.on_gpu),
         )
-        t.reason = _filter_reason(t, spec)
+        if not t.eligible:
+            t.reason = _filter_reason(t, spec)
         traces[h.name] = t
 
     eligible = [t for t in traces.values() if t.eligible]
     placement = Placement(spec.name, spec.replicas, [], list(traces.values()))
     relaxed = False
     movable = not isinstance(spec.resources.gpus, list)
+    # The last thing that happened to each host not chosen, made into its reason at the end.
+    events: dict[str, tuple[Any, ...]] = {}
     for replica in range(1, spec.replicas + 1):
-        fits: list[tuple[HostTrace, _Fit]] = []
-        full: list[str] = []
+        fits: list[tuple[HostTrace, _Fit, tuple[bool, int, str]]] = []
+        full: list[tuple[str, _Full]] = []
         for t in eligible:
-            assert t.plan is not None
-            fit = _fit_beside(t.plan, by_name[t.host], inventories[t.host], load[t.host], movable)
-            if isinstance(fit, str):
-                full.append(f"{t.host}: {fit}")
-                if not t.chosen:
-                    t.reason = f"fits an empty host, but not beside its load: {fit}"
+            needs = cache.needs(t.plan)  # type: ignore[arg-type]
+            lo = load[t.host]
+            free = t.free_before if not t.chosen else _free(info[t.host], lo, needs.on_gpu)
+            fit = _fit_beside(needs, info[t.host], lo, free, movable)
+            if isinstance(fit, _Full):
+                full.append((t.host, fit))
+                events[t.host] = ("full", fit)
             else:
-                fits.append((t, fit))
+                # the ranking: GPU plans first, then the most memory left, then the name
+                fits.append((t, fit, (not needs.on_gpu, -fit.free_after, t.host)))
         if sel.spread == "host":
-            fresh = [(t, f) for t, f in fits if spec.name not in load[t.host].models]
-            for t, _ in fits:
-                if spec.name in load[t.host].models and fresh and not t.chosen:
-                    t.reason = "fits, but already runs a replica of this model (spread: host)"
-            if fits and not fresh and not relaxed:
+            fresh = [f for f in fits if spec.name not in load[f[0].host].models]
+            if fresh:
+                for t, _, _ in fits:
+                    if spec.name in load[t.host].models:
+                        events[t.host] = ("spread",)
+            elif fits and not relaxed:
                 relaxed = True
                 placement.notes.append(
                     f"spread: {spec.replicas} replicas over {len(eligible)} eligible "
@@ -325,32 +399,51 @@ def place(
                 )
             fits = fresh or fits
         if not fits:
-            _explain_shortfall(placement, spec, list(traces.values()), eligible, replica, full)
+            _explain_shortfall(
+                placement, spec, list(traces.values()), eligible, replica, [f"{h}: {f}" for h, f in full]
+            )
             break
-        t, fit = min(fits, key=lambda tf: (not _on_gpu(tf[0].plan), -tf[1].free_after, tf[0].host))  # type: ignore[arg-type]
-        for other, f in fits:
-            if other is not t and not other.chosen:
-                other.reason = (
-                    f"fits, passed over for replica {replica}: {t.host} has more memory left after placement "
-                    f"({format_bytes(fit.free_after)} vs {format_bytes(f.free_after)})"
-                    if (_on_gpu(t.plan), fit.free_after) != (_on_gpu(other.plan), f.free_after)  # type: ignore[arg-type]
-                    else f"fits, passed over for replica {replica}: as much memory left as {t.host}; "
-                    "the tie goes to the name"
-                )
-        assert t.plan is not None
+        t, fit, rank = min(fits, key=lambda f: f[2])
+        for other, _, other_rank in fits:
+            if other is not t:
+                events[other.host] = ("passed", replica, rank, other_rank)
+        if load[t.host] is existing.get(t.host):
+            load[t.host] = load[t.host].copy()
         _commit(load[t.host], fit.need, spec.name)
         t.replicas.append(replica)
         t.free_after = fit.free_after
-        t.reason = f"chosen for {_replica_list(t.replicas)}: fits, {format_bytes(fit.free_after)} left after placement"
         host = by_name[t.host]
         placement.placed.append(
-            PlacedReplica(replica, t.host, host.address, fit.devices, fit.need, fit.free_after, t.plan)
+            PlacedReplica(replica, t.host, host.address, dict(fit.devices), dict(fit.need), fit.free_after, t.plan)  # type: ignore[arg-type]
         )
-    if relaxed:
-        for t in eligible:
-            if t.chosen and len(t.replicas) > 1:
+    for t in eligible:
+        if t.chosen:
+            t.reason = (
+                f"chosen for {_replica_list(t.replicas)}: fits, {format_bytes(t.free_after or 0)} left after placement"
+            )
+            if relaxed and len(t.replicas) > 1:
                 t.reason += " (shares the host: fewer eligible hosts than replicas)"
+        elif t.host in events:
+            t.reason = _event_reason(events[t.host])
+        else:
+            t.reason = "fits; no replica was left to place"
     return placement
+
+
+def _event_reason(event: tuple[Any, ...]) -> str:
+    if event[0] == "full":
+        return f"fits an empty host, but not beside its load: {event[1]}"
+    if event[0] == "spread":
+        return "fits, but already runs a replica of this model (spread: host)"
+    _, replica, (w_cpu, w_free, winner), (o_cpu, o_free, _) = event
+    why = f"fits, passed over for replica {replica}: "
+    if w_cpu != o_cpu:
+        return why + f"{winner} runs it on GPUs, this host only on CPU"
+    if w_free != o_free:
+        return (
+            why + f"{winner} has more memory left after placement ({format_bytes(-w_free)} vs {format_bytes(-o_free)})"
+        )
+    return why + f"as much memory left as {winner}; the tie goes to the name"
 
 
 def _filter_reason(t: HostTrace, spec: ModelSpec) -> str:
