@@ -160,7 +160,7 @@ def test_least_loaded_wins(facts: ModelFacts) -> None:
     assert b.free_after is not None and a.free_before < b.free_before
     assert "gpu-b has more memory left after placement" in a.reason
     assert second.load_after(load)["gpu-b"].models == ["llama"]
-    assert load["gpu-b"].models == [] if "gpu-b" in load else True  # the load passed in is not changed
+    assert "gpu-b" not in load and load["gpu-a"].models == ["other"]  # the load passed in is not changed
 
 
 def test_existing_load_is_never_changed(facts: ModelFacts) -> None:
