@@ -24,6 +24,7 @@ class Gpu:
     index: int
     memory_bytes: int  # free memory the plan may use
     name: str = "declared"
+    total_bytes: int = 0  # the GPU's whole memory (0: not known, e.g. declared)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _nvidia_gpus() -> list[Gpu]:
         return []
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=index,memory.free,name", "--format=csv,noheader,nounits"],
+            [exe, "--query-gpu=index,memory.free,memory.total,name", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -65,8 +66,8 @@ def _nvidia_gpus() -> list[Gpu]:
         return []
     gpus = []
     for line in out.strip().splitlines():
-        idx, free_mib, name = [x.strip() for x in line.split(",", 2)]
-        gpus.append(Gpu(int(idx), int(free_mib) * 2**20, name))
+        idx, free_mib, total_mib, name = [x.strip() for x in line.split(",", 3)]
+        gpus.append(Gpu(int(idx), int(free_mib) * 2**20, name, int(total_mib) * 2**20))
     return gpus
 
 

@@ -7,12 +7,15 @@ first; `cortex plan` prints it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cortex import hardware
 from cortex.facts import ModelFacts, facts_for_source
+from cortex.fleet.inventory import HostInventory
+from cortex.fleet.placement import Placement, place
 from cortex.hardware import Inventory
 from cortex.launch import LaunchSpec, build_launch
 from cortex.plan import Plan, make_plan
@@ -93,3 +96,11 @@ def plan_spec(
 def plan_spec_file(path: str | Path, **kwargs: Any) -> PlannedModel:
     path = Path(path)
     return plan_spec(load_spec(path), path, **kwargs)
+
+
+def place_spec_file(path: str | Path, hosts: Sequence[HostInventory]) -> tuple[ModelSpec, Placement]:
+    """The spec at `path` placed over `hosts` (cortex.fleet.placement), its model inspected once."""
+    path = Path(path)
+    spec = load_spec(path)
+    facts = facts_for_source(spec.source, spec_dir=path.resolve().parent)
+    return spec, place(spec, facts, hosts)

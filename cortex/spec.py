@@ -585,6 +585,89 @@ class Schedule(Section):
         return v
 
 
+# --------------------------------------------------------------------------- placement (a fleet of hosts)
+
+# A host name as DNS writes it (RFC 1123): labels of letters, digits and dashes, joined by dots.
+HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z",
+    re.ASCII,
+)
+# Label keys and values as Kubernetes writes them: an optional prefix/ then a name (63 at most).
+LABEL_KEY = re.compile(
+    r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z", re.ASCII
+)
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?\Z", re.ASCII)
+MAX_REPLICAS = 1024  # replicas of one model: far beyond a fleet's GPUs, low enough that placing stays instant
+MAX_HOSTS = 4096  # hosts named in an allow-list, hosts in a fleet
+MAX_LABELS = 64  # labels on a host or in a selector
+
+
+def check_host_name(v: str) -> str:
+    if not HOST_NAME.match(v):
+        raise ValueError(
+            f"{short_repr(v)} is not a host name; use letters, digits, dashes and dots (gpu-01, gpu-01.lab)"
+        )
+    return v
+
+
+def check_labels(v: Any) -> Any:
+    """Labels are `key: value` text, as Kubernetes node labels are. A number or a boolean is refused,
+    not turned into text: `true` would become `True` and never match a host's `"true"`."""
+    if not isinstance(v, dict):
+        raise ValueError("labels are a mapping of key: value, e.g. {gpu: h100}")
+    if len(v) > MAX_LABELS:
+        raise ValueError(f"{len(v)} labels; at most {MAX_LABELS}")
+    for key, value in v.items():
+        if not isinstance(key, str) or not LABEL_KEY.match(key):
+            raise ValueError(
+                f"label key {short_repr(key)} is not a label name; use letters, digits, -, _ and . "
+                "(63 at most), optionally after a prefix/ such as cortex.ai/"
+            )
+        if not isinstance(value, str):
+            raise ValueError(f"label {key}: {short_repr(value)} is not text; quote it: {key}: '{value}'")
+        if not LABEL_VALUE.match(value):
+            raise ValueError(
+                f"label {key}: {short_repr(value)} is not a label value; use letters, digits, -, _ and . (63 at most)"
+            )
+    return v
+
+
+Labels = Annotated[dict[str, str], BeforeValidator(check_labels)]
+
+
+class PlacementSpec(Section):
+    """Which hosts of the fleet may run the model's replicas, and how the replicas spread."""
+
+    hosts: list[str] | None = Field(
+        None,
+        max_length=MAX_HOSTS,
+        description="allow-list of host names (default: every host in the fleet)",
+    )
+    labels: Labels = Field(
+        default_factory=dict,
+        description="selector: a host must carry every one of these labels with this value, e.g. {gpu: h100}",
+    )
+    spread: Literal["host", "none"] = Field(
+        "host",
+        description="host = at most one replica per host unless there are fewer eligible hosts than replicas; "
+        "none = replicas may share a host (each goes to the least loaded host that fits)",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty allow-list allows no host; name hosts, or leave `hosts` out to allow all")
+        for h in v:
+            check_host_name(h)
+        lowered = [h.lower() for h in v]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("a host is listed twice")
+        return v
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -609,6 +692,10 @@ class ModelSpec(Section):
     tests: SmokeTests = Field(default_factory=SmokeTests)
     benchmark: BenchmarkSpec | None = None
     schedule: Schedule | None = None
+    replicas: int = Field(
+        1, ge=1, le=MAX_REPLICAS, description="copies of the model to run, each on a host of the fleet"
+    )
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
     @field_validator("name")
     @classmethod

@@ -140,7 +140,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
-def _check_shape(text: str, filename: str) -> None:
+def _check_shape(text: str, filename: str, max_nodes: int = MAX_NODES) -> None:
     """Refuse YAML too deep or too large once aliases are expanded, from the event stream (the
     parser is iterative; PyYAML's composer recurses and would overflow the stack first)."""
     depth = 0
@@ -184,16 +184,16 @@ def _check_shape(text: str, filename: str) -> None:
                 raise fail(event, f"alias *{event.anchor} nests more than {MAX_DEPTH} levels deep")
             expanded += values
             add(values, inner)
-        if expanded > MAX_NODES:
-            raise fail(event, f"more than {MAX_NODES:,} values (aliases expanded); a spec has a few dozen")
+        if expanded > max_nodes:
+            raise fail(event, f"more than {max_nodes:,} values (aliases expanded); a spec has a few dozen")
 
 
 # --------------------------------------------------------------------------- messages
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel] = ModelSpec) -> type[BaseModel] | None:
     """The pydantic model that the field at `loc` belongs to (for did-you-mean)."""
-    model: Any = ModelSpec
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
@@ -211,11 +211,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) else None
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: dict[str, Any], root: type[BaseModel] = ModelSpec) -> str:
     kind = err["type"]
     loc = err["loc"]
     if kind == "extra_forbidden":
-        parent = _model_at(tuple(loc[:-1]))
+        parent = _model_at(tuple(loc[:-1]), root)
         key = str(loc[-1])
         if parent is not None:
             names = list(parent.model_fields)
@@ -314,10 +314,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[tuple[str, st
     return problems
 
 
-def parse_spec_text(text: str, filename: str, base: Path | None = None) -> ModelSpec:
-    problems: list[Problem] = []
+def read_yaml(text: str, filename: str, max_nodes: int = MAX_NODES) -> tuple[Any, yaml.Node | None]:
+    """The document and its root node (for line numbers), from YAML (or JSON) of bounded shape,
+    duplicate keys refused; SpecError with the line of a syntax error."""
     try:
-        _check_shape(text, filename)
+        _check_shape(text, filename, max_nodes)
         loader = _UniqueKeyLoader(text)
         try:
             root = loader.get_single_node()
@@ -333,6 +334,30 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
         ) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(filename, 1, "(yaml)", f"YAML error: {e}")]) from None
+    return data, root
+
+
+def validation_problems(
+    error: ValidationError, filename: str, root_node: yaml.Node | None, root_model: type[BaseModel] = ModelSpec
+) -> SpecError:
+    """Every problem pydantic found, as `FILE:LINE: field: message`, in line order, at most MAX_PROBLEMS."""
+    problems: list[Problem] = []
+    for err in error.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        problems.append(
+            Problem(filename, _line_of(root_node, loc), _field_path(loc), _message({**err, "loc": loc}, root_model))
+        )
+    problems.sort(key=lambda p: p.line)
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = problems[:MAX_PROBLEMS] + [
+            Problem(filename, problems[MAX_PROBLEMS].line, "(spec)", f"{more} more problems not shown; fix these first")
+        ]
+    return SpecError(problems)
+
+
+def parse_spec_text(text: str, filename: str, base: Path | None = None) -> ModelSpec:
+    data, root = read_yaml(text, filename)
     if data is None:
         raise SpecError(
             [Problem(filename, 1, "(spec)", "the file is empty; a spec needs at least `name` and `source`")]
@@ -357,16 +382,7 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as e:
-        for err in e.errors():
-            loc = _clean_loc(tuple(err["loc"]))
-            problems.append(Problem(filename, _line_of(root, loc), _field_path(loc), _message({**err, "loc": loc})))
-    problems.sort(key=lambda p: p.line)
-    if len(problems) > MAX_PROBLEMS:
-        more = len(problems) - MAX_PROBLEMS
-        problems = problems[:MAX_PROBLEMS] + [
-            Problem(filename, problems[MAX_PROBLEMS].line, "(spec)", f"{more} more problems not shown; fix these first")
-        ]
-    raise SpecError(problems)
+        raise validation_problems(e, filename, root) from None
 
 
 def load_spec(path: str | Path) -> ModelSpec:

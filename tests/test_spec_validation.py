@@ -182,6 +182,19 @@ BAD: list[tuple[str, str, int, str, str]] = [
     ("bench-negative-requests", OK + "benchmark:\n  requests: -3\n", 5, "benchmark.requests", "greater than or equal"),
     ("bench-empty-levels", OK + "benchmark:\n  concurrency: []\n", 5, "benchmark.concurrency", "at least 1"),
     ("tests-empty-prompt", OK + "tests:\n  prompts: ['']\n", 5, "tests.prompts[0]", "at least 1"),
+    # issue 12: replicas and placement
+    ("replicas-zero", OK + "replicas: 0\n", 4, "replicas", "greater than or equal to 1"),
+    ("replicas-negative", OK + "replicas: -2\n", 4, "replicas", "greater than or equal to 1"),
+    ("replicas-huge", OK + "replicas: 100000\n", 4, "replicas", "less than or equal to 1024"),
+    ("replicas-word", OK + "replicas: two\n", 4, "replicas", "integer"),
+    ("spread-unknown", OK + "placement:\n  spread: rack\n", 5, "placement.spread", "'host' or 'none'"),
+    ("placement-typo", OK + "placement:\n  label: {gpu: h100}\n", 5, "placement.label", "did you mean 'labels'"),
+    ("labels-a-list", OK + "placement:\n  labels: [gpu, h100]\n", 5, "placement.labels", "mapping of key: value"),
+    ("labels-number", OK + "placement:\n  labels:\n    gpus: 8\n", 5, "placement.labels", "quote it"),
+    ("labels-bad-key", OK + "placement:\n  labels:\n    'a b': x\n", 5, "placement.labels", "not a label name"),
+    ("hosts-empty", OK + "placement:\n  hosts: []\n", 5, "placement.hosts", "empty allow-list"),
+    ("hosts-twice", OK + "placement:\n  hosts: [gpu-1, GPU-1]\n", 5, "placement.hosts", "listed twice"),
+    ("hosts-bad-name", OK + "placement:\n  hosts: ['gpu 1']\n", 5, "placement.hosts", "not a host name"),
 ]
 
 

@@ -1,9 +1,11 @@
-"""`cortex plan SPEC`: the decision trace, the memory plan and the exact launch, before anything runs."""
+"""`cortex plan SPEC`: the decision trace, the memory plan and the exact launch, before anything runs.
+`cortex plan SPEC --fleet [--hosts FILE]`: which hosts would run the replicas, and why."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,9 +18,11 @@ from cortex.decide import ENGINE_NAMES, DecisionError
 from cortex.engines import FlagError
 from cortex.facts import FactsError, ModelFileError
 from cortex.hardware import HardwareError
-from cortex.pipeline import PlannedModel, plan_spec_file
+from cortex.fleet.inventory import HostInventory, load_hosts, local_inventory
+from cortex.fleet.placement import Placement
+from cortex.pipeline import PlannedModel, place_spec_file, plan_spec_file
 from cortex.plan import PlanError
-from cortex.spec import MAX_GPU_BYTES, MAX_GPUS, format_bytes, parse_bytes
+from cortex.spec import MAX_GPU_BYTES, MAX_GPUS, ModelSpec, format_bytes, parse_bytes
 from cortex.specfile import SpecError
 
 
@@ -29,7 +33,9 @@ def register(app: typer.Typer) -> None:
         "plan",
         short_help="explain the engine choice, memory plan and launch for a spec",
         help="Decide the engine, plan memory per device and build the launch spec. "
-        "No download, no container; no network for local sources or a warm Hub cache.",
+        "No download, no container; no network for local sources or a warm Hub cache. "
+        "With --fleet: plan the spec for every host of the fleet and say which hosts its replicas "
+        "go to, and why each other host was passed over.",
     )
 
 
@@ -52,8 +58,34 @@ def run(
         Optional[int],
         typer.Option(parser=_size, metavar="SIZE", help="memory per GPU, e.g. 46GiB (overrides resources.gpu_memory)"),
     ] = None,
+    fleet: Annotated[
+        bool,
+        typer.Option(
+            "--fleet",
+            help="place the replicas on the fleet: the hosts of --hosts, else this machine alone "
+            "(hosts joined through Prefect are not read yet)",
+        ),
+    ] = False,
+    hosts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--hosts",
+            metavar="FILE",
+            help="YAML or JSON list of host inventories (name, address, labels, gpus, cpu_cores, ram_bytes, "
+            "runtimes, ...); implies --fleet",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> int:
+    if fleet or hosts is not None:
+        if gpus is not None or gpu_memory is not None:
+            print(
+                "--gpus and --gpu-memory plan for one declared machine; with --fleet each host's inventory "
+                "says what it has (declare hosts in --hosts FILE)",
+                file=sys.stderr,
+            )
+            return 2
+        return _run_fleet(spec, hosts, as_json)
     try:
         planned = plan_spec_file(spec, gpus=gpus, gpu_memory=gpu_memory)
     except SpecError as e:
@@ -68,6 +100,83 @@ def run(
         return 1
     output(planned.to_json(), as_json, lambda _: render(planned))
     return 0
+
+
+def _run_fleet(spec: str, hosts_file: Path | None, as_json: bool) -> int:
+    try:
+        hosts = load_hosts(hosts_file) if hosts_file is not None else [local_inventory()]
+        model, placement = place_spec_file(spec, hosts)
+    except SpecError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except ModelFileError as e:
+        print(f"{spec}: cannot place: {e}", file=sys.stderr)
+        return 2
+    except (FactsError, DecisionError) as e:
+        print(f"{spec}: cannot place: {e}", file=sys.stderr)
+        return 1
+    where = str(hosts_file) if hosts_file is not None else "this machine (local inventory; no --hosts given)"
+    data = {"spec": spec, "fleet": where, **placement.to_json()}
+    output(data, as_json, lambda _: render_placement(spec, model, placement, hosts, where))
+    return 0
+
+
+def render_placement(
+    spec_path: str, spec: ModelSpec, p: Placement, hosts: list[HostInventory], where: str
+) -> list[RenderableType]:
+    """The placement: one row per host (fits? chosen? why), then the replicas and any shortfall."""
+    sel = spec.placement
+    head = [
+        f"# {spec.name}  ({spec_path})",
+        "",
+        f"fleet: {len(hosts)} host{'s' if len(hosts) != 1 else ''} from {where}",
+        f"wants {spec.replicas} replica{'s' if spec.replicas != 1 else ''}, spread {sel.spread}"
+        + (f", hosts {', '.join(sel.hosts)}" if sel.hosts is not None else "")
+        + (f", labels {', '.join(f'{k}={v}' for k, v in sel.labels.items())}" if sel.labels else "")
+        + f", runtime {spec.runtime}",
+    ]
+    by_name = {h.name: h for h in hosts}
+
+    def gpus(h: HostInventory) -> str:
+        if not h.gpus:
+            return f"no GPU, {format_bytes(h.ram_bytes)} RAM"
+        free = {g.memory_free_mib for g in h.gpus}
+        each = format_bytes(h.gpus[0].memory_free_mib * 2**20) if len(free) == 1 else "mixed"
+        return f"{len(h.gpus)} x {each} free"
+
+    rows = table(
+        ("host", "hardware", "plan", "fits", "left after", "replicas", "why"),
+        (
+            (
+                t.host,
+                gpus(by_name[t.host]),
+                t.plan_summary(),
+                "yes" if t.fits else "NO",
+                format_bytes(t.free_after) if t.free_after is not None else "-",
+                ",".join(map(str, t.replicas)) or "-",
+                t.reason,
+            )
+            for t in p.hosts
+        ),
+        right=("left after",),
+    )
+    rest = [""]
+    for note in p.notes:
+        rest.append(f"  note: {note}")
+    for r in p.placed:
+        moved = ", ".join(f"{a} -> {b}" for a, b in r.devices.items() if a != b)
+        rest.append(
+            f"  replica {r.replica} -> {r.host} ({r.address}): {r.plan.engine}"
+            + (f" {r.plan.quantization}" if r.plan.quantization else "")
+            + f", {', '.join(f'{d} {format_bytes(n)}' for d, n in r.need.items())}"
+            + (f" (plan's {moved})" if moved else "")
+        )
+    if not p.ok:
+        rest.append(f"  NOT PLACED: {p.shortfall}")
+        for s in p.would_fit:
+            rest.append(f"    would fit: {s}")
+    return ["\n".join(head), _indent(rows), "\n".join(rest)]
 
 
 def render(m: PlannedModel) -> list[RenderableType]:
