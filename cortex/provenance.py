@@ -279,8 +279,11 @@ def _launch_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # Plan keys the change list leaves out: explanations, not settings (the decision's engine is
-# the plan's `engine`, the quant type its artifact's)
+# the plan's `engine`, the quant type its artifact's), and each device's capacity, which is the
+# host's free memory at planning time (it moves between any two runs; what the plan does with
+# it shows in the plan's own choices)
 _PLAN_PROSE = {"decision", "warnings", "suggestions", "shortfall", "quantization"}
+_PLAN_HOST_STATE = {"capacity_bytes"}
 _PLAN_WORDS = {"artifact.quantization": "quant", "artifact.format": "format"}
 
 
@@ -295,7 +298,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, list) and value and all(isinstance(v, dict) and "device" in v for v in value):
         out = {}
         for item in value:
-            out.update(_flatten({k: v for k, v in item.items() if k != "device"}, f"{prefix}[{item['device']}]"))
+            kept = {k: v for k, v in item.items() if k != "device" and k not in _PLAN_HOST_STATE}
+            out.update(_flatten(kept, f"{prefix}[{item['device']}]"))
         return out
     return {prefix: value}
 

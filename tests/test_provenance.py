@@ -142,6 +142,11 @@ def test_what_changed_is_said_in_words(test_model, home: Path) -> None:
     assert kv == "plan: devices[cpu].kv_cache_bytes 22.50 MiB→45.00 MiB"
     assert describe_changes(bigger, old)[:2] == ["launch: -c 2048→1024", "launch: --check-tensors removed"]
 
+    # The host's free memory is not the plan's choice: a capacity that moved is no change.
+    plan = json.loads(json.dumps(old.plan))
+    plan["devices"][0]["capacity_bytes"] += 2**30
+    assert describe_changes(old, old.model_copy(update={"plan": plan})) == []
+
     # A new Hub commit with a changed file, a new toolchain, another quant type, a moved image.
     a, b, sha_a, sha_b = "a" * 40, "b" * 40, "1" * 64, "2" * 64
     hub_old = old.model_copy(
