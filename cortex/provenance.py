@@ -138,9 +138,8 @@ def build_record(
     """The record of a finished deploy: what `prepare` made (`prepared`), how it was started
     (`launch`, and `identity` from the runtime), what the rollout measured (`result`), and the
     memory comparison kept with the replica (cortex.actual)."""
-    loaded = {str(p) for p in (prepared.artifact_path if isinstance(prepared.artifact_path, list) else [])}
-    if not loaded:
-        loaded = {str(prepared.artifact_path)}
+    path = prepared.artifact_path
+    loaded = {str(p) for p in path} if isinstance(path, list) else {str(path)}
     artifact_files = [f for f in prepared.files if f["path"] in loaded]
     if not artifact_files:  # an HF folder: the engine loads every file prepared for it
         artifact_files = prepared.files
