@@ -149,6 +149,7 @@ class EngineFiles:
     path: Path | list[Path]
     files: list[FileRecord]
     mount_root: Path | None = None  # Hub snapshots are links into ../../blobs: mount this folder
+    toolchain: str | None = None  # the llama.cpp toolchain that built the GGUF; None: nothing was built
 
 
 def file_records(paths: Iterable[Path], snapshot: hub.RepoSnapshot | None = None) -> list[FileRecord]:
@@ -196,7 +197,17 @@ def built_gguf_files(artifacts: list[Artifact]) -> EngineFiles:
     """The last artifact of a build is what the engine loads; the files list every artifact."""
     final = artifacts[-1]
     path = [Path(f.path) for f in final.files] if len(final.files) > 1 else final.model_file
-    return EngineFiles(path, [asdict(f) for a in artifacts for f in a.files])
+    return EngineFiles(path, [asdict(f) for a in artifacts for f in a.files], toolchain=final.key.toolchain_version)
+
+
+def source_file_records(resolved: ResolvedSource, snapshot: hub.RepoSnapshot | None) -> list[FileRecord]:
+    """{path, bytes, sha256} of every file of the source as it was taken: the Hub snapshot's
+    files, a local checkpoint's weights, configs and tokenizer, or the GGUF file(s)."""
+    if snapshot is not None:
+        return file_records([snapshot.path(f.path) for f in snapshot.files], snapshot)
+    if resolved.gguf_files:
+        return file_records(Path(p) for p in resolved.gguf_files)
+    return file_records(sorted(local_hf_files(resolved.hf_folder())))
 
 
 def build_steps(artifacts: list[Artifact], built: list[str]) -> list[dict[str, Any]]:
@@ -248,6 +259,9 @@ class Prepared:
     # The tool runs that built this run's artifacts: {what, command, exit_code, seconds} each
     # (convert_hf_to_gguf, then llama-quantize); empty when everything came from the cache.
     build_steps: list[dict[str, Any]] = field(default_factory=list)
+    # every file of the source as it was taken (cortex.provenance records their sha256s)
+    source_files: list[FileRecord] = field(default_factory=list)
+    toolchain: str | None = None  # the llama.cpp toolchain that built the GGUF; None: nothing was built
 
     def to_json(self) -> dict[str, Any]:
         path = self.artifact_path
@@ -268,6 +282,8 @@ class Prepared:
             "build_steps": self.build_steps,
             "predicted_bytes": self.predicted_bytes,
             "plan": plan_json(self.plan),
+            "source_files": self.source_files,
+            "toolchain": self.toolchain,
         }
 
 

@@ -1,7 +1,8 @@
 """Deploy a spec end to end, and retire a model.
 
     deploy_model(spec)    = prepare -> launch -> ready -> memory against the plan -> smoke -> gateway
-                            -> stop the previous
+                            -> stop the previous -> the provenance record, and what changed since
+                            the model's previous one (cortex.provenance)
     roll_out(request)     = the part after prepare: a new replica replaces the old ones only
                             once it is healthy, tested and routed; otherwise it is removed and
                             the old ones keep serving
@@ -29,6 +30,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.transactions import transaction
 
 from cortex.applied import all_applied, forget_applied
+from cortex.quality import QualityReport
 from cortex.gateway.client import gateway_client
 from cortex.runtime import Replica, Runtime, RuntimeKind, get_runtime, reachable_runtimes, runtime_class
 from cortex.runtime.base import engine_secrets
@@ -43,6 +45,7 @@ from cortex.runtime.rollout import (
 from cortex.settings import Settings
 from tasks.deploy import (
     compare_memory_with_plan,
+    record_provenance,
     register_in_gateway,
     remove_dead_routes,
     retire_replica,
@@ -112,6 +115,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
         logger.info("no gateway answers at CORTEX_GATEWAY_URL; the engine's own endpoint is the result")
     timeout = request.ready_timeout_s()
 
+    quality = None
     if same is not None and rt.health(same) == "ok":
         # The very same launch already serves: test it again, keep it, retire the others.
         logger.info("%s already runs this launch; testing it again instead of restarting", same.name)
@@ -133,7 +137,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
             # a failed gate raises here, inside the transaction: the new replica is rolled back
             bench = _benchmark(replica, request)
             if request.quality is not None:
-                _compare_with_reference(replica, request.quality, rt, timeout)
+                quality = _compare_with_reference(replica, request.quality, rt, timeout)
             if gw:
                 register_in_gateway(replica, request.aliases)
 
@@ -150,6 +154,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
         stopped=stopped,
         since=replica.since,
         benchmark=bench,
+        quality=quality,
     )
 
 
@@ -171,7 +176,7 @@ def _benchmark(replica: Replica, request: RolloutRequest) -> BenchmarkSummary | 
     return BenchmarkSummary.of(result)
 
 
-def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runtime, timeout: float) -> None:
+def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runtime, timeout: float) -> QualityReport:
     """Measure the KL-divergence of the two files when a KLD gate is set, start the F16
     reference next to the new replica, compare them, stop the reference; a score outside any of
     the spec's gates raises QualityGateFailed (the transaction rolls back)."""
@@ -192,7 +197,7 @@ def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runti
     reference = rt.start(quality.reference, engine_secrets())
     try:
         reference = rt.wait_ready(reference, timeout, progress=Reporter())
-        quality_check(
+        return quality_check(
             reference.endpoint,
             replica.endpoint,
             prompts=quality.check.prompts,
@@ -233,7 +238,10 @@ def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bo
                 prepared.plan.engine,
                 prepared.plan.artifact.quantization,
             )
-        return roll_out(request)
+        result = roll_out(request)
+        # after the rollout committed: a failed deploy leaves the running one's record as it was
+        changes = record_provenance(prepared, request.launch, result, spec_path)
+        return result.model_copy(update={"changes": changes})
 
 
 def available_runtimes(runtime: str | None = None) -> list[Runtime]:

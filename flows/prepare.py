@@ -19,7 +19,14 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from cortex.artifacts import predict_build_bytes
-from cortex.prepared import Prepared, build_steps, built_gguf_files, hf_checkpoint_files, source_gguf_files
+from cortex.prepared import (
+    Prepared,
+    build_steps,
+    built_gguf_files,
+    hf_checkpoint_files,
+    source_file_records,
+    source_gguf_files,
+)
 from cortex.specfile import load_spec
 from tasks.prepare import (
     build_gguf_artifacts,
@@ -99,6 +106,8 @@ def prepare_model(spec_path: str) -> Prepared:
         facts=facts.summary(),
         mount_root=loads.mount_root,
         build_steps=steps,
+        source_files=source_file_records(resolved, snapshot),
+        toolchain=loads.toolchain,
     )
     publish_report(prepared)
     logger.info(

@@ -4,7 +4,9 @@
                                            and touches nothing) -> resolve the source -> deploy
                                            -> benchmark -> remember what was applied
     apply_spec(spec_path, scheduled=True)  the same source commit still runs: benchmark again and
-                                           record the numbers; a new commit: prepare and redeploy
+                                           record the numbers; a new commit: prepare and redeploy,
+                                           and say what changed against the model's previous
+                                           provenance record (new commit, toolchain, plan, ...)
     retire_spec(spec_path)                 the spec file is gone: retire the model it deployed
     reconcile_specs(specs_dir)             apply every spec whose file or source changed or whose
                                            model is not running, retire models of deleted specs,
@@ -146,6 +148,8 @@ def apply_spec(
 
     result = deploy_spec(spec, path, kind, gateway)
     _tag_run(f"engine:{result['engine']}")
+    for change in result.get("changes", []):
+        logger.info("%s: %s", spec.name, change)
     replica = _running_replica(spec.name, kind, result["replica"])
     bench = result.get("benchmark")
     if bench is None and replica is not None:  # the deploy flow did not benchmark: do it here
@@ -172,6 +176,7 @@ def apply_spec(
         "reused": result.get("reused", False),
         "stopped": result.get("stopped", []),
         "gateway": result.get("gateway"),
+        "changes": result.get("changes", []),
         "benchmark": bench,
     }
     _publish_outcome(path, digest, outcome, smoke=result.get("smoke"))
@@ -206,10 +211,14 @@ def deploy_spec(spec: ModelSpec, spec_path: str, runtime: RuntimeKind, gateway: 
 
 
 def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke: dict[str, Any] | None = None) -> None:
-    rows = [f"| {k} | `{v}` |" for k, v in outcome.items() if k != "benchmark"]
+    rows = [f"| {k} | `{v}` |" for k, v in outcome.items() if k not in ("benchmark", "changes")]
     checks = ""
+    if "changes" in outcome:
+        checks += "\n\n### What changed since the previous deploy\n\n" + (
+            "\n".join(f"- {c}" for c in outcome["changes"]) or "- nothing that decides the deployment"
+        )
     if smoke:
-        checks = (
+        checks += (
             "\n\n### Smoke tests: "
             + ("passed" if smoke.get("passed") else "FAILED")
             + "\n\n| check | passed | detail |\n|---|---|---|\n"
@@ -222,7 +231,8 @@ def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke
         key="applied-spec",
         markdown=f"## {outcome['action']}: {outcome['name']}\n\nspec `{spec_path}` (sha256 `{digest[:16]}`)\n\n"
         "| | |\n|---|---|\n" + "\n".join(rows) + checks,
-        description=f"{outcome['action']} {outcome['name']}",
+        description=f"{outcome['action']} {outcome['name']}"
+        + (f": {'; '.join(outcome['changes'])}"[:300] if outcome.get("changes") else ""),
     )
 
 

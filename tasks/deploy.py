@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.transactions import Transaction, get_transaction
 
 from cortex.actual import (
@@ -20,14 +20,18 @@ from cortex.actual import (
     compare_memory,
     forget_memory_record,
     read_engine_report,
+    read_memory_record,
     write_memory_record,
 )
+from cortex.applied import spec_sha256
 from cortex.launch import LaunchSpec
 from cortex.plan import DevicePlan
+from cortex.prepared import Prepared
 from cortex.probe import SmokeResult, SmokeTestFailed, smoke_test
-from cortex.runtime import Replica, Runtime, runtime_class
+from cortex.provenance import build_record, keep_record, record_markdown, record_path
+from cortex.runtime import Replica, Runtime, get_runtime, runtime_class
 from cortex.runtime.base import engine_secrets
-from cortex.runtime.rollout import SmokeRequest
+from cortex.runtime.rollout import DeployResult, SmokeRequest
 from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
 
 
@@ -198,3 +202,34 @@ def retire_replica(replica: Replica, runtime: Runtime, drain_gateway: bool) -> s
     forget_memory_record(replica.name)
     logger.info("stopped and removed %s", replica.name)
     return replica.name
+
+
+@task(name="record-provenance", **TASK_OPTIONS)
+def record_provenance(prepared: Prepared, launch: LaunchSpec, result: DeployResult, spec_path: str) -> list[str]:
+    """Write the deployment's provenance record beside its state (cortex.provenance), log what
+    changed since the model's previous record, and publish the record with its changes as the
+    `provenance-<model>` artifact. Returns the changes."""
+    rt = get_runtime(result.runtime)
+    replica = rt.get(result.replica)
+    record = build_record(
+        prepared,
+        launch,
+        result,
+        rt.engine_identity(replica),
+        memory=read_memory_record(replica.name),
+        spec_path=spec_path,
+        spec_sha256=spec_sha256(spec_path),
+    )
+    changes = keep_record(record)
+    logger = get_run_logger()
+    if not changes:
+        logger.info("%s: nothing that decides the deployment changed since its previous record", result.name)
+    for change in changes:
+        logger.info("%s: %s", result.name, change)
+    create_markdown_artifact(
+        key=artifact_key(f"provenance-{result.name}"),
+        markdown=record_markdown(record, changes),
+        description=f"Provenance of {result.name} ({record_path(result.name)}): "
+        + ("; ".join(changes) or "nothing changed since the previous record")[:400],
+    )
+    return changes

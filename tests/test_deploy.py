@@ -101,6 +101,8 @@ def test_redeploys_replace_the_replica_and_failed_ones_roll_back(cortex_home: Pa
         "stopped",
         "since",
         "benchmark",
+        "quality",
+        "changes",
     ]  # `cortex deploy --json`
     old = _serving(first.replica)
 

@@ -1,10 +1,14 @@
 """Benchmark gates decide promotion: the deploy flow benchmarks a new replica inside its
 transaction, so an impossible SLO fails the deploy with the measured numbers and the previous
-replica keeps serving; a passing run leaves benchmark and smoke artifacts in Prefect."""
+replica keeps serving; a passing run leaves benchmark and smoke artifacts in Prefect, and its
+provenance record, which the next deploy compares with to say what changed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +16,12 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from cortex.bench import GatesFailed
+from cortex.hub import sha256_of
 from cortex.probe import smoke_test
 from cortex.runtime import get_runtime
 from cortex.runtime.rollout import RolloutRequest, SmokeRequest
 from cortex.spec import BenchmarkSpec
+from cortex.toolchain import TOOLCHAIN_VERSION
 from flows.deploy import retire_model, roll_out
 from runtime_helpers import llamacpp_launch
 
@@ -37,6 +43,17 @@ def cortex_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_api, to
     runtime = get_runtime("process")
     for replica in runtime.list():
         runtime.stop(replica)
+
+
+def _status_json(name: str) -> list[dict]:
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "status", name, "--json", "--runtime", "process"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
 
 
 async def _artifact_keys() -> set[str]:
@@ -86,8 +103,9 @@ def test_quantization_quality_gates_the_deploy(cortex_home: Path, test_model, tm
     from cortex.quality import QualityGateFailed
     from flows.deploy import deploy_model
 
-    def spec(quant: str, threshold: float) -> Path:
+    def spec(quant: str, threshold: float | None) -> Path:
         path = tmp_path / f"{quant}-{threshold}.yaml"
+        quality = f"\n  quality: {{min_top1_agreement: {threshold}, prompts: 4, tokens: 16}}" if threshold else ""
         path.write_text(f"""
 name: smol-gated
 source: {{path: {test_model.hf_dir}}}
@@ -99,8 +117,7 @@ benchmark:
   concurrency: [1]
   requests: 2
   input_len: 8
-  output_len: 4
-  quality: {{min_top1_agreement: {threshold}, prompts: 4, tokens: 16}}
+  output_len: 4{quality}
 """)
         return path
 
@@ -115,6 +132,35 @@ benchmark:
     assert result.smoke.passed
     assert [r.name for r in get_runtime("process").list()] == [result.replica]
     assert any("quality" in k for k in asyncio.run(_artifact_keys()))
+
+    # Its provenance record (the failed deploy wrote none): beside the deployment's state, in
+    # `cortex status --json` and as an artifact.
+    assert result.changes == ["first record"] and result.quality and result.quality.passed
+    [row] = _status_json("smol-gated")
+    record = row["provenance"]
+    assert record["schema_version"] == 1 and record["replica"] == result.replica
+    [gguf] = record["artifact"]["files"]
+    assert record["artifact"]["quantization"] == "Q8_0" and gguf["name"].endswith("Q8_0.gguf")
+    assert gguf["sha256"] == sha256_of(Path(gguf["path"]))
+    assert record["toolchain"] == TOOLCHAIN_VERSION  # it converted and quantized the GGUF
+    sources = {f["name"]: f["sha256"] for f in record["source"]["files"]}
+    assert sources["model.safetensors"] == sha256_of(Path(test_model.hf_dir) / "model.safetensors")
+    assert record["engine"]["program"].endswith("llama-server") and len(record["engine"]["program_sha256"]) == 64
+    assert record["launch"]["command"][0] == "llama-server" and record["plan"]["artifact"]["quantization"] == "Q8_0"
+    assert record["smoke"]["passed"] and record["benchmark"]["levels"][0]["concurrency"] == 1
+    assert record["quality"]["top1_agreement"] == result.quality.top1_agreement
+    assert record["memory"]["engine"] == "llamacpp"
+    assert "provenance-smol-gated" in asyncio.run(_artifact_keys())
+
+    # A changed spec (another quant type, no quality check): the redeploy names what changed.
+    second = deploy_model(str(spec("Q2_K", None)), runtime="process", gateway=False)
+    assert "artifact gguf Q8_0→gguf Q2_K" in second.changes and "plan: quant Q8_0→Q2_K" in second.changes
+    assert any(c.startswith("GGUF sha256 ") for c in second.changes)
+    assert any(c.startswith("spec file sha256 ") for c in second.changes)
+    assert not any(c.startswith(("Hub commit", "source", "toolchain", "engine")) for c in second.changes)
+    [row] = _status_json("smol-gated")
+    assert row["provenance"]["artifact"]["quantization"] == "Q2_K" and row["provenance"]["quality"] is None
+    assert json.loads((cortex_home / "provenance" / "smol-gated.prev.json").read_text()) == record
     retire_model("smol-gated")
 
 

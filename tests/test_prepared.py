@@ -182,6 +182,8 @@ def test_prepared_to_json_and_the_report(test_model, tmp_path):
         "build_steps",
         "predicted_bytes",
         "plan",
+        "source_files",
+        "toolchain",
     ]
     assert out["source"] == {"kind": "gguf_file", "source_id": "f" * 64, "gguf_files": [str(gguf)]}
     assert out["artifact_path"] == [str(p) for p in parts] and out["mount_root"] is None

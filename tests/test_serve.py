@@ -605,6 +605,7 @@ def test_a_scheduled_run_benchmarks_the_same_commit_and_redeploys_a_new_one(
             monkeypatch.setenv("HF_ENDPOINT", hub.url)
             first = apply_spec(str(spec))
             assert first["action"] == "deployed" and first["source_revision"] == first_commit
+            assert first["changes"] == ["first record"]
 
             same = apply_spec(str(spec), scheduled=True)
             assert same["action"] == "benchmarked" and same["replica"] == first["replica"]
@@ -616,6 +617,9 @@ def test_a_scheduled_run_benchmarks_the_same_commit_and_redeploys_a_new_one(
             moved = apply_spec(str(spec), scheduled=True)
             assert moved["action"] == "deployed" and moved["source_revision"] == second_commit
             assert moved["replica"] != first["replica"] and moved["stopped"] == [first["replica"]]
+            # the scheduled redeploy names what changed: the commit, not the file (the GGUF is the same)
+            assert moved["changes"][0] == f"Hub commit {first_commit[:12]}→{second_commit[:12]}", moved["changes"]
+            assert not any(c.startswith(("source file", "GGUF", "toolchain", "plan")) for c in moved["changes"])
             assert [r.name for r in get_runtime("process").list()] == [moved["replica"]]
     finally:
         runtime = get_runtime("process")

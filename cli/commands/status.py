@@ -1,5 +1,6 @@
 """`cortex status [NAME]`: what Cortex runs — name, engine, runtime, endpoint, health, since;
-with --json also each replica's memory, planned against what its engine reported at start."""
+with --json also each replica's memory, planned against what its engine reported at start, and
+its provenance record (cortex.provenance)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from cli.commands import add_command
 from cortex.runtime import RuntimeKind
 from cli.output import JsonFlag, output, table
 from cortex.actual import read_memory_record
+from cortex.provenance import read_record_json
 from cortex.runtime import get_runtime, reachable_runtimes
 
 
@@ -24,7 +26,9 @@ def register(app: typer.Typer) -> None:
         short_help="list the engines Cortex runs, with their health",
         help="Every replica Cortex started, in the process runtime and (if a Docker "
         "daemon answers) the docker runtime, with a live health check; NAME shows one model's. "
-        "--json adds each replica's memory: the plan's bytes per device against the engine's report.",
+        "--json adds each replica's memory (the plan's bytes per device against the engine's report) "
+        "and its provenance record (source commit and file sha256s, GGUF, toolchain, engine, launch, plan, "
+        "test results).",
     )
 
 
@@ -47,9 +51,19 @@ def collect(runtime: str | None = None) -> tuple[list[dict], list[str]]:
                     "health": health,
                     "since": replica.since,
                     "memory": read_memory_record(replica.name),
+                    "provenance": _provenance(replica.model, replica.name),
                 }
             )
     return rows, notes
+
+
+def _provenance(model: str, replica: str) -> dict | None:
+    """The model's provenance record if it describes this replica (a replica being replaced,
+    or one started by `roll-out` alone, has none)."""
+    record = read_record_json(model)
+    if record is None or record.get("replica", replica) != replica:
+        return None
+    return record
 
 
 COLUMNS = ("name", "engine", "runtime", "endpoint", "health", "since", "replica")

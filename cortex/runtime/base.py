@@ -101,6 +101,17 @@ class Replica:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class EngineIdentity:
+    """Exactly what runs a replica's engine, beyond the launch's image tag and version: the
+    image's id on the Docker host (a tag can be moved to another build), or the program the
+    process runtime ran and its sha256 (the toolchain's llama-server, vLLM's Python)."""
+
+    image_id: str | None = None
+    program: str | None = None
+    program_sha256: str | None = None
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -307,6 +318,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[Replica]:
         """Every replica this runtime started that still exists (running or exited)."""
+
+    @abc.abstractmethod
+    def engine_identity(self, replica: Replica) -> EngineIdentity:
+        """What exactly runs the replica's engine (its image id, or its program and sha256).
+        ReplicaNotFound if it is gone."""
 
     def replicas_of(self, model: str) -> builtins.list[Replica]:
         """The replicas serving `model` (its served name)."""

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from cortex.runtime.base import (
     MANAGED_LABEL,
+    EngineIdentity,
     LaunchError,
     Replica,
     ReplicaError,
@@ -210,6 +211,9 @@ class DockerRuntime(Runtime):
         if state.get("OOMKilled"):
             return 137
         return int(state.get("ExitCode", -1))
+
+    def engine_identity(self, replica: Replica) -> EngineIdentity:
+        return EngineIdentity(image_id=self._container(replica).attrs.get("Image"))
 
     def logs(self, replica: Replica, lines: int = 50) -> str:
         try:

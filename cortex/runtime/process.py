@@ -23,6 +23,7 @@ from cortex.fileio import atomic_write_json
 from cortex.net import free_port
 from cortex.runtime.base import (
     MANAGED_LABEL,
+    EngineIdentity,
     LaunchError,
     Replica,
     ReplicaNotFound,
@@ -223,6 +224,12 @@ class ProcessRuntime(Runtime):
         if child is not None and child.returncode is not None:
             return child.returncode
         return -1  # exited, but not our child: its code is unknown
+
+    def engine_identity(self, replica: Replica) -> EngineIdentity:
+        from cortex.hub import verified_digest  # hashed once, then remembered while unchanged
+
+        program = Path(self._read_state(replica.name)["argv"][0])
+        return EngineIdentity(program=str(program), program_sha256=verified_digest(program))
 
     def logs(self, replica: Replica, lines: int = 50) -> str:
         path = Path(replica.log_path or self._log_path(replica.name))

@@ -6,7 +6,8 @@ deploy reports. Prefect shows both on the run's page.
                      with the F16 reference (QualityRequest), the gateway aliases, the ready timeout,
                      the plan's bytes per device (held against the engine's own report: cortex.actual)
     DeployResult     what the deploy did: replica, endpoint, smoke tests, gateway, what it replaced,
-                     the benchmark summary; `.to_json()` is what `cortex deploy --json` prints
+                     the benchmark summary, the quality check, what changed since the model's
+                     previous deploy (cortex.provenance); `.to_json()` is what `cortex deploy --json` prints
 
 `rollout_request` builds the request from a spec and what `prepare` made of it.
 """
@@ -22,6 +23,7 @@ from cortex.artifacts import f16_reference
 from cortex.launch import LaunchSpec, build_launch
 from cortex.plan import DevicePlan, Plan
 from cortex.probe import SmokeResult
+from cortex.quality import QualityReport
 from cortex.runtime import RuntimeKind
 from cortex.runtime.base import path_size, ready_timeout_s
 from cortex.spec import BenchmarkSpec, ModelSpec, QualityCheck, SmokeTests
@@ -166,6 +168,10 @@ class DeployResult(BaseModel):
     stopped: list[str] = Field(default_factory=list)  # the replicas it replaced
     since: str = ""
     benchmark: BenchmarkSummary | None = None
+    quality: QualityReport | None = None  # the comparison with the F16 reference, when the spec asks for one
+    # what changed since the model's previous provenance record (cortex.provenance), in words;
+    # ["first record"] for a model's first deploy; set by deploy-model, empty from roll-out alone
+    changes: list[str] = Field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """What `cortex deploy --json` prints."""
