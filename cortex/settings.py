@@ -51,6 +51,13 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cortex"
 
 
+def _load_ratio(text: str) -> float:
+    ratio = float(text)
+    if not ratio >= 1.0:  # also refuses nan
+        raise ValueError(f"expected a number of at least 1.0, got {text!r}")
+    return ratio
+
+
 def _default_home() -> str:
     return str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "cortex")
 
@@ -80,6 +87,20 @@ FIELDS: list[Field] = [
     Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
     Field(
         "gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."
+    ),
+    Field(
+        "gateway_affinity",
+        _parse_bool,
+        True,
+        "Send requests that share a prompt prefix to the same replica of a model (its prefix cache hits); "
+        "false: least-in-flight only.",
+    ),
+    Field(
+        "gateway_affinity_load_ratio",
+        _load_ratio,
+        1.25,
+        "Affinity yields to least-in-flight when the chosen replica has more than this times "
+        "(mean in flight + 1) requests in flight (at least 1.0).",
     ),
     Field(
         "gateway_max_header_bytes",
@@ -170,6 +191,8 @@ class Settings:
     gateway_health_timeout: float
     gateway_connect_timeout: float
     gateway_read_timeout: float
+    gateway_affinity: bool
+    gateway_affinity_load_ratio: float
     gateway_max_header_bytes: int
     gateway_header_timeout: float
     gateway_body_timeout: float

@@ -678,6 +678,12 @@ class ModelSpec(Section):
     aliases: list[str] = Field(
         default_factory=list, max_length=MAX_LIST, description="other names the gateway routes to this model"
     )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_LIST,
+        description="models (or aliases) the gateway tries in order when this one has no healthy replica "
+        "or its replica fails before answering",
+    )
     task: Literal["generate", "embed"] = "generate"
     source: Source
     engine: Literal["auto", "vllm", "llamacpp"] = Field("auto", description="auto = the decision rules pick")
@@ -717,6 +723,16 @@ class ModelSpec(Section):
             raise ValueError("an alias is listed twice")
         return v
 
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not ALIAS.match(f):
+                raise ValueError(f"fallback {short_repr(f)} has characters a model name cannot have")
+        if len(set(v)) != len(v):
+            raise ValueError("a fallback is listed twice")
+        return v
+
     @field_validator("quantization")
     @classmethod
     def _quant(cls, v: str) -> str:
@@ -731,6 +747,8 @@ class ModelSpec(Section):
     def _consistent(self) -> "ModelSpec":
         if self.name in self.aliases:
             raise ValueError("an alias repeats the model's own name")
+        if self.name in self.fallbacks or set(self.aliases) & set(self.fallbacks):
+            raise ValueError("a fallback names this model itself (its name or an alias); list other models")
         if self.source.kind in ("gguf_file", "gguf_repo") and self.engine == "vllm":
             raise ValueError("engine vllm cannot serve a GGUF source here; use engine: llamacpp or auto")
         if self.quantization != "auto" and self.engine == "vllm":

@@ -123,7 +123,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
         smoke = smoke_test_replica(replica, request.smoke)
         bench = _benchmark(replica, request)
         if gw:
-            register_in_gateway(replica, request.aliases)
+            register_in_gateway(replica, request.aliases, request.fallbacks)
     else:
         reused = False
         if same is not None:  # the same launch exists but does not answer healthy: replace it
@@ -139,7 +139,7 @@ def roll_out(request: RolloutRequest) -> DeployResult:
             if request.quality is not None:
                 quality = _compare_with_reference(replica, request.quality, rt, timeout)
             if gw:
-                register_in_gateway(replica, request.aliases)
+                register_in_gateway(replica, request.aliases, request.fallbacks)
 
     stopped = [retire_replica(old, runtimes[old.runtime], drain_gateway=gw is not None) for old in previous]
     return DeployResult(

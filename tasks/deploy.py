@@ -139,7 +139,9 @@ def smoke_test_replica(replica: Replica, request: SmokeRequest) -> SmokeResult:
 
 
 @task(name="register-in-gateway", **TASK_OPTIONS)
-def register_in_gateway(replica: Replica, aliases: list[str]) -> dict[str, Any]:
+def register_in_gateway(replica: Replica, aliases: list[str], fallbacks: list[str] | None = None) -> dict[str, Any]:
+    """Route the replica's model (and aliases) to it; `fallbacks`, when given, replaces the
+    model's fallback list in the gateway (the spec's list, so removing one there removes it)."""
     from cortex.gateway.client import GatewayClient
 
     with GatewayClient() as client:
@@ -148,6 +150,7 @@ def register_in_gateway(replica: Replica, aliases: list[str]) -> dict[str, Any]:
             replica.endpoint,
             engine_api_key=replica.api_key,
             aliases=aliases,
+            fallbacks=fallbacks,
             replica_id=replica.name,
             labels={
                 "engine": replica.engine,

@@ -35,7 +35,8 @@ def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toolchain):
 
 
 def _roll_out(launch, **smoke):
-    return roll_out(RolloutRequest(launch=launch, aliases=["smol"], smoke=SmokeRequest(**smoke)))
+    request = RolloutRequest(launch=launch, aliases=["smol"], fallbacks=["smollm2-q8"], smoke=SmokeRequest(**smoke))
+    return roll_out(request)
 
 
 def _routes(model: str) -> list[str]:
@@ -47,6 +48,8 @@ def test_deploys_hand_over_to_the_gateway_and_retire_takes_the_route_away(gatewa
     first = _roll_out(llamacpp_launch(test_model.gguf, "smollm2"), max_tokens=8)
     assert first.gateway == "registered"
     assert _routes("smollm2") == [first.replica]
+    with GatewayClient() as client:  # the spec's fallback list reached the gateway with the route
+        assert client.list()["fallbacks"] == {"smollm2": ["smollm2-q8"]}
     result = smoke_test(gateway.url, "smollm2", max_tokens=4)  # the same smoke tests, through the gateway
     assert result.passed, result.summary()
     via_alias = httpx.post(

@@ -399,11 +399,12 @@ def test_connect_error_retries_on_another_replica(gateway, engines):
     dead = engines()
     dead.kill()  # nothing listens on its port any more
     with gw.client() as c:
-        rd = c.register("smol", dead.base_url, engine_api_key="engine-secret")  # first at equal load
-        rl = c.register("smol", live.base_url, engine_api_key="engine-secret")
+        # fixed ids: which of the prompts below hash to the dead replica is the same every run
+        rd = c.register("smol", dead.base_url, engine_api_key="engine-secret", replica_id="smol-dead")
+        rl = c.register("smol", live.base_url, engine_api_key="engine-secret", replica_id="smol-live")
     key = new_key(gw)
-    for _ in range(5):
-        r = chat(gw, key, "smol")
+    for i in range(5):
+        r = chat(gw, key, "smol", messages=[{"role": "user", "content": f"question {i}"}])
         assert r.status_code == 200 and r.headers["x-cortex-replica"] == rl["id"]
     replicas = {r["id"]: r for r in gw.client().list()["replicas"]}
     assert replicas[rd["id"]]["healthy"] is False
@@ -478,7 +479,7 @@ def test_deregister_and_unknown_replica(gateway, engines):
     with gw.client() as c:
         rep = c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
         c.deregister(rep["id"])
-        assert c.list() == {"replicas": [], "aliases": {}}
+        assert c.list() == {"replicas": [], "aliases": {}, "fallbacks": {}}
         with pytest.raises(GatewayError) as err:
             c.deregister(rep["id"])
         assert err.value.status == 404
@@ -503,6 +504,7 @@ def test_admin_bodies_are_checked_and_errors_name_the_field(gateway):
         ("/admin/replicas", {**ok, "id": "has space"}, "id", "pattern"),
         ("/admin/replicas", {**ok, "engine_api_key": "a\r\nX-Evil: 1"}, "engine_api_key", "pattern"),
         ("/admin/replicas", {**ok, "labels": []}, "labels", "object"),
+        ("/admin/replicas", {**ok, "fallbacks": ["big", ""]}, "fallbacks.1", "at least 1 character"),
         ("/admin/keys", {"expires_at": True}, "expires_at", "number"),
         ("/admin/keys", {"expires_at": "1700000000"}, "expires_at", "number"),
         ("/admin/keys", {"models": "smol"}, "models", "array"),
@@ -522,7 +524,15 @@ def test_admin_bodies_are_checked_and_errors_name_the_field(gateway):
     # The document clients and the fuzz test read comes from the same models.
     schemas = httpx.get(gw.url + "/openapi.json").json()["components"]["schemas"]
     assert schemas["Registration"]["additionalProperties"] is False
-    assert set(schemas["Registration"]["properties"]) == {"model", "url", "engine_api_key", "aliases", "id", "labels"}
+    assert set(schemas["Registration"]["properties"]) == {
+        "model",
+        "url",
+        "engine_api_key",
+        "aliases",
+        "id",
+        "labels",
+        "fallbacks",
+    }
 
 
 # --- registry durability -------------------------------------------------------------------------
@@ -708,3 +718,200 @@ def test_cortex_gateway_command(tmp_path, engines):
         assert "client authentication is OFF" not in gw.log()
     finally:
         gw.stop()
+
+
+# --- prefix-cache affinity and fallbacks ---------------------------------------------------------
+
+
+def _conversation(system: str, question: str = "hi", earlier: tuple[str, ...] = ()) -> list[dict]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": earlier[0] if earlier else question}]
+    for i, turn in enumerate(earlier[1:]):
+        messages.append({"role": "assistant" if i % 2 == 0 else "user", "content": turn})
+    if earlier:
+        messages.append({"role": "user", "content": question})
+    return messages
+
+
+def _served_by(gw, key, messages, **body) -> str:
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": "smol", "messages": messages, **body},
+    )
+    assert r.status_code == 200, r.text
+    return r.headers["x-cortex-replica"]
+
+
+def test_affinity_keeps_a_prefix_on_one_replica_and_moves_only_a_new_replicas_share(gateway, engines):
+    # Fixed replica ids: the rendezvous weights, and so every assertion here, are the same each run.
+    gw, a, b, c = gateway(), engines(), engines(), engines()
+    with gw.client() as client:
+        for engine, rid in ((a, "smol-a"), (b, "smol-b")):
+            client.register("smol", engine.base_url, engine_api_key="engine-secret", replica_id=rid)
+    key = new_key(gw)
+    system = "You are a support agent for a bicycle shop. " * 40
+    # Every turn of every conversation that opens the same way goes to one replica.
+    first = _served_by(gw, key, _conversation(system, "my chain skips"))
+    for turn in range(3):
+        earlier = ("my chain skips", "Check the derailleur.", *[f"turn {i}" for i in range(2 * turn)])
+        assert _served_by(gw, key, _conversation(system, f"follow-up {turn}", earlier)) == first
+    # Different openings spread over both replicas.
+    prompts = [f"Conversation {i}: you are assistant number {i}." for i in range(30)]
+    before = {p: _served_by(gw, key, _conversation(p)) for p in prompts}
+    assert set(before.values()) == {"smol-a", "smol-b"}, before
+    # A third replica takes over some prefixes; none moves between the first two.
+    with gw.client() as client:
+        client.register("smol", c.base_url, engine_api_key="engine-secret", replica_id="smol-c")
+    after = {p: _served_by(gw, key, _conversation(p)) for p in prompts}
+    assert "smol-c" in after.values(), after
+    moved = {p: (before[p], after[p]) for p in prompts if after[p] not in (before[p], "smol-c")}
+    assert moved == {}, moved
+    # /v1/completions keys on the prompt.
+    text = "Once upon a time, " * 300  # longer than AFFINITY_CHARS: the endings do not count
+    r = [
+        httpx.post(
+            gw.url + "/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "smol", "prompt": text + str(i)},
+        ).headers["x-cortex-replica"]
+        for i in range(5)
+    ]
+    assert len(set(r)) == 1, r
+
+
+def _held_chat(gw, key, messages, results, hold):
+    def run():
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "smol", "messages": messages, "stream": True, "fake_chunks": 2, "fake_hold": hold},
+        ) as r:
+            list(r.iter_lines())
+            results.append((r.status_code, r.headers.get("x-cortex-replica")))
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_affinity_load_stays_bounded(gateway, engines, affinity):
+    """Requests sharing one prefix are held open one after another; each is sent only once the
+    one before counts as in flight, so every pick sees exactly the loads the test expects."""
+    ratio = 1.25
+    gw = gateway(CORTEX_GATEWAY_AFFINITY=str(affinity).lower(), CORTEX_GATEWAY_AFFINITY_LOAD_RATIO=str(ratio))
+    a, b = engines(), engines()
+    with gw.client() as client:
+        client.register("smol", a.base_url, engine_api_key="engine-secret", replica_id="smol-a")
+        client.register("smol", b.base_url, engine_api_key="engine-secret", replica_id="smol-b")
+    key = new_key(gw)
+    messages = _conversation("A long shared system prompt. " * 100)
+    home = _served_by(gw, key, messages)  # the replica the prefix hashes to (least-in-flight: the first)
+    other = "smol-b" if home == "smol-a" else "smol-a"
+    results: list = []
+    threads, expected = [], []
+    load = {home: 0, other: 0}
+    for k in range(1, 10):
+        if affinity:  # the rule: the prefix's replica unless it is past ratio x (mean + 1)
+            mean = (load[home] + load[other]) / 2
+            goes = home if load[home] <= ratio * (mean + 1) else other
+        else:  # least in flight; a tie goes to the first registered
+            goes = min(("smol-a", "smol-b"), key=lambda r: load[r])
+        load[goes] += 1
+        expected.append(goes)
+        threads.append(_held_chat(gw, key, messages, results, hold="bound"))
+        wait_until(
+            lambda: {r["id"]: r["in_flight"] for r in gw.client().list()["replicas"]} == load,
+            what=f"request {k} in flight on {goes} (loads {load})",
+        )
+    for engine in (a, b):
+        engine.release("bound")
+    for t in threads:
+        t.join()
+    assert all(status == 200 for status, _ in results), results
+    if affinity:
+        assert expected[:4] == [home] * 4 and other in expected  # sticky, then spilled
+        assert load[home] <= ratio * (sum(load.values()) / 2 + 1) + 1
+    else:
+        assert load == {"smol-a": 5, "smol-b": 4} or load == {"smol-a": 4, "smol-b": 5}
+
+
+def test_fallbacks_serve_while_the_primary_is_down_or_retired(gateway, engines):
+    gw, a, b = gateway(), engines(), engines()
+    with gw.client() as client:
+        ra = client.register("alpha", a.base_url, engine_api_key="engine-secret", fallbacks=["beta"])
+        client.register("beta", b.base_url, engine_api_key="engine-secret")
+        assert client.list()["fallbacks"] == {"alpha": ["beta"]}
+    key = new_key(gw)
+
+    def ask(model="alpha", k=key):
+        return chat(gw, k, model)
+
+    def models():
+        return sorted(
+            m["id"] for m in httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+        )
+
+    r = ask()
+    assert r.status_code == 200 and r.headers["x-cortex-model"] == "alpha" and r.json()["model"] == "alpha"
+    # The primary's replica is down: the fallback serves, asked for by its own name.
+    a.healthy = False
+    wait_until(lambda: models() == ["beta"], what="alpha to leave /v1/models")
+    r = ask()
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cortex-model"] == "beta" and r.json()["model"] == "beta"
+    assert r.headers["x-cortex-replica"].startswith("beta-")
+    assert json.loads(httpx.get(b.base_url + "/_last").json()["body"])["model"] == "beta"
+    a.healthy = True
+    wait_until(lambda: ask().headers.get("x-cortex-model") == "alpha", what="alpha to serve again")
+    assert models() == ["alpha", "beta"]
+    # Retired (its last replica removed): the name still answers, through its fallback, and is not listed.
+    with gw.client() as client:
+        client.deregister(ra["id"])
+    r = ask()
+    assert r.status_code == 200 and r.headers["x-cortex-model"] == "beta"
+    assert models() == ["beta"]
+    # Back: it serves again.
+    with gw.client() as client:
+        client.register("alpha", a.base_url, engine_api_key="engine-secret")
+    r = ask()
+    assert r.status_code == 200 and r.headers["x-cortex-model"] == "alpha"
+    # A key that may not use the fallback is not widened by it.
+    only_alpha = new_key(gw, models=["alpha"])
+    a.healthy = False
+    wait_until(lambda: models() == ["beta"], what="alpha to leave /v1/models again")
+    r = ask(k=only_alpha)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_replica"
+    assert "fallbacks beta" in r.json()["error"]["message"]
+    # Every fallback down too: 503 naming them.
+    b.healthy = False
+    wait_until(lambda: models() == [], what="beta to leave /v1/models")
+    r = ask()
+    assert r.status_code == 503 and "nor on its fallbacks beta" in r.json()["error"]["message"]
+
+
+def test_fallback_when_the_primary_fails_before_answering_and_per_alias_lists(gateway, engines):
+    # Health checks far apart, so it is the failed request that finds the primary dead.
+    gw, live, dead = gateway(CORTEX_GATEWAY_HEALTH_INTERVAL="60"), engines(), engines()
+    dead.kill()
+    with gw.client() as client:
+        client.register("alpha", dead.base_url, engine_api_key="engine-secret", aliases=["a1"])
+        client.register("beta", live.base_url, engine_api_key="engine-secret")
+        client.register("smol", live.base_url, engine_api_key="engine-secret")
+        client.set_fallbacks("alpha", ["nonexistent", "beta"])
+        client.set_fallbacks("a1", ["smol"])
+        with pytest.raises(GatewayError, match="itself"):
+            client.set_fallbacks("beta", ["beta"])
+    key = new_key(gw)
+    r = chat(gw, key, "alpha")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cortex-model"] == "beta" and r.json()["model"] == "beta"
+    r = chat(gw, key, "a1")  # an alias's own list comes before its model's
+    assert r.status_code == 200 and r.headers["x-cortex-model"] == "smol"
+    with gw.client() as client:
+        client.set_fallbacks("alpha", [])
+        assert client.list()["fallbacks"] == {"a1": ["smol"]}
+    assert chat(gw, key, "alpha").status_code == 503

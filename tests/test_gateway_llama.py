@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -253,5 +254,66 @@ def test_redeploy_under_load_loses_no_request(tmp_path, start_llama_server, test
             f"\nredeploy under 20 clients: {len(served)} requests, 0 errors "
             f"({served.count(r_old['id'])} old, {served.count(r_new['id'])} new)"
         )
+    finally:
+        gw.stop()
+
+
+def test_affinity_and_fallbacks_on_two_llama_servers(tmp_path, llama_server, start_llama_server, test_model):
+    """Two real llama-servers: a shared prompt opening stays on one replica, whose prefix cache
+    then serves it (the engine's own `timings.cache_n`); a retired model's requests are served
+    by its fallback, and by the model itself again once it is back."""
+    second = start_llama_server(test_model.gguf, "--alias", "smollm2,primary")
+    gw = GatewayProcess(tmp_path / "home", no_auth=True, env={"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30"}).start()
+    try:
+        with gw.client() as c:
+            c.register("smollm2", llama_server.base_url, engine_api_key=llama_server.api_key, replica_id="smol-a")
+            c.register("smollm2", second.base_url, engine_api_key=second.api_key, replica_id="smol-b")
+            primary = c.register("primary", second.base_url, engine_api_key=second.api_key, fallbacks=["smollm2"])
+        system = "You answer questions about the solar system in one short sentence. " * 20
+
+        def ask(model: str, *turns: str):
+            messages = [{"role": "system", "content": system}]
+            for i, text in enumerate(turns):
+                messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+            r = httpx.post(
+                gw.url + "/v1/chat/completions",
+                timeout=300,
+                json={"model": model, "max_tokens": 2, "messages": messages},
+            )
+            assert r.status_code == 200, r.text
+            return r
+
+        # One conversation, turn after turn: every turn opens the same way, so it reaches the
+        # replica that served the turns before, and that engine finds them in its prefix cache.
+        turns = ["What is the largest planet?"]
+        answers = []
+        for question in ("And the smallest?", "And the hottest?", None):
+            answers.append(ask("smollm2", *turns))
+            if question is not None:
+                turns += [answers[-1].json()["choices"][0]["message"]["content"], question]
+        replicas = {r.headers["x-cortex-replica"] for r in answers}
+        assert len(replicas) == 1, replicas
+        assert all(r.json()["timings"]["cache_n"] > 0 for r in answers[1:]), [r.json()["timings"] for r in answers]
+
+        r = ask("primary", "Hi")
+        assert r.headers["x-cortex-model"] == "primary" and r.headers["x-cortex-replica"] == primary["id"]
+        with gw.client() as c:
+            c.deregister(primary["id"])
+        r = ask("primary", "Hi")
+        assert r.headers["x-cortex-model"] == "smollm2" and r.headers["x-cortex-replica"] in ("smol-a", "smol-b")
+        # the body's `model` is the engine's own (llama-server names its first alias in sorted
+        # order: "primary" on the second server even when asked for "smollm2"), not rewritten
+        engine = {"smol-a": llama_server, "smol-b": second}[r.headers["x-cortex-replica"]]
+        direct_answer = httpx.post(
+            engine.base_url + "/v1/chat/completions",
+            headers=engine.headers,
+            timeout=300,
+            json={"model": "smollm2", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]},
+        )
+        assert r.json()["model"] == direct_answer.json()["model"]
+        with gw.client() as c:
+            c.register("primary", second.base_url, engine_api_key=second.api_key)
+        r = ask("primary", "Hi")
+        assert r.headers["x-cortex-model"] == "primary"
     finally:
         gw.stop()

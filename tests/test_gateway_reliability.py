@@ -202,12 +202,16 @@ def test_every_admin_route_requires_the_admin_token(gw, engine):
             assert r.json()["error"]["code"] == "invalid_admin_token"
     # And with the token each route answers something other than 401.
     token = gw.admin_token()
-    valid = {"/admin/replicas": {"model": "x", "url": "http://127.0.0.1:1"}, "/admin/keys": {"name": "k"}}
+    valid = {
+        "/admin/replicas": {"model": "x", "url": "http://127.0.0.1:1"},
+        "/admin/keys": {"name": "k"},
+        "/admin/fallbacks": {"name": "x", "fallbacks": []},
+    }
     for method, path in sorted(routed):
         r = httpx.request(
             method,
             gw.url + _concrete(path),
             headers={"Authorization": f"Bearer {token}"},
-            json=valid.get(path) if method == "POST" else None,
+            json=valid.get(path) if method in ("POST", "PUT") else None,
         )
         assert r.status_code in (200, 201, 404), (method, path, r.status_code, r.text)

@@ -48,6 +48,18 @@ class Registration(Body):
         None, description="Replica id (1-128 letters, digits or ._:-); default: <model>-<random>."
     )
     labels: dict[str, Any] | None = Field(None, description="Free-form labels shown in listings.")
+    fallbacks: list[Name] | None = Field(
+        None,
+        description="Models tried in order when this one has no healthy replica or its replica fails "
+        "before answering; replaces the model's list (null: keep it).",
+    )
+
+
+class Fallbacks(Body):
+    """PUT /admin/fallbacks (the name in the body: an alias may contain '/')."""
+
+    name: Name = Field(description="The model or alias the list belongs to.")
+    fallbacks: list[Name] = Field(description="Models tried in order; [] removes the list.")
 
 
 class NewKey(Body):
@@ -85,12 +97,16 @@ class UsageQuery(BaseModel):
 
 
 def list_replicas(gw: Gateway, body: None) -> Any:
-    return {"replicas": [gw.replica_view(r.id) for r in gw.registry.replicas()], "aliases": gw.registry.aliases()}
+    return {
+        "replicas": [gw.replica_view(r.id) for r in gw.registry.replicas()],
+        "aliases": gw.registry.aliases(),
+        "fallbacks": gw.registry.fallbacks(),
+    }
 
 
 def register(gw: Gateway, body: Registration) -> Any:
     record = gw.registry.register(
-        body.model, body.url, body.engine_api_key, body.aliases or [], body.id, body.labels or {}
+        body.model, body.url, body.engine_api_key, body.aliases or [], body.id, body.labels or {}, body.fallbacks
     )
     gw.reload()
     replica = gw.table.replicas[record.id]
@@ -115,6 +131,16 @@ def deregister(gw: Gateway, body: None, id: str) -> Any:
     gw.registry.deregister(id)
     gw.reload()
     return {"id": id, "state": "removed"}
+
+
+def list_fallbacks(gw: Gateway, body: None) -> Any:
+    return {"fallbacks": gw.registry.fallbacks()}
+
+
+def set_fallbacks(gw: Gateway, body: Fallbacks) -> Any:
+    chain = gw.registry.set_fallbacks(body.name, body.fallbacks)
+    gw.reload()
+    return {"name": body.name, "fallbacks": chain}
 
 
 def list_keys(gw: Gateway, body: None) -> Any:
@@ -197,6 +223,14 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     ),
     AdminRoute("POST", "/admin/replicas/{id}/drain", drain, "Drain a replica (no new requests; removed when idle)"),
     AdminRoute("DELETE", "/admin/replicas/{id}", deregister, "Deregister a replica now"),
+    AdminRoute("GET", "/admin/fallbacks", list_fallbacks, "List fallback lists (model or alias -> models)"),
+    AdminRoute(
+        "PUT",
+        "/admin/fallbacks",
+        set_fallbacks,
+        "Set the fallback list of a model or alias ([] removes it)",
+        body=Fallbacks,
+    ),
     AdminRoute("GET", "/admin/keys", list_keys, "List API keys (no secrets)"),
     AdminRoute("POST", "/admin/keys", create_key, "Create an API key (the key is shown once)", body=NewKey, status=201),
     AdminRoute("DELETE", "/admin/keys/{id}", revoke_key, "Revoke an API key"),

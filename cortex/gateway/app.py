@@ -81,6 +81,7 @@ class ProxyCall:
         "limit",
         "limit_headers",
         "strip_usage",
+        "payload",
     )
 
     replica: Replica  # set by _connect
@@ -107,6 +108,7 @@ class ProxyCall:
         self.limit: KeyState | None = None  # the key's rate-limit state, when it has limits
         self.limit_headers: list[tuple[bytes, bytes]] = []
         self.strip_usage = False  # the gateway asked for the stream's usage event; the client did not
+        self.payload: Any = None  # the parsed body (affinity key, fallback model rewrite)
 
     def stop_watching(self) -> None:
         self.done = True
@@ -134,7 +136,9 @@ class Gateway:
         self.max_body = settings.gateway_max_body_bytes
         self.access_log = access_log if settings.gateway_access_log else None
         self.retry_after = str(max(1, math.ceil(settings.gateway_health_interval))).encode()
-        self.table = RoutingTable(settings.gateway_connect_timeout)
+        self.table = RoutingTable(
+            settings.gateway_connect_timeout, settings.gateway_affinity, settings.gateway_affinity_load_ratio
+        )
         self.metrics = Metrics()
         self.lag = LoopLag()
         self.limiter = Limiter()
@@ -153,7 +157,7 @@ class Gateway:
         self._data_version = self.registry.data_version()
         before = set(self.table.replicas.values())
         keys = self.registry.keys()
-        gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), keys)
+        gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), keys, self.registry.fallbacks())
         self.limiter.sync(keys, self.registry)
         for replica in gone:
             if replica.in_flight == 0:
@@ -481,34 +485,56 @@ class Gateway:
                     asked = ask_for_usage(payload)
                     if asked is not None:
                         body, call.strip_usage = asked, True
+        call.payload = payload
         return body
 
     async def _connect(self, call: ProxyCall, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
-        """Send the request to the least busy replica and wait for its response head; retry on
-        another while the replica has sent nothing. False once the client has been answered."""
+        """Send the request to a replica (routing.RoutingTable.pick) and wait for its response
+        head; retry on another while the replica has sent nothing, and once the model has no
+        replica left to try, go down its fallback list. False once the client has been answered."""
         target = scope["raw_path"] or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
         tail = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
         replicas, served = call.replicas, call.served
         tried: tuple[Replica, ...] = ()
+        attempts = 0  # on the current model
+        chain: tuple[str, ...] | None = None  # fallbacks, looked up once the model has no replica left
+        done: set[str] = set()
+        failure: UpstreamError | None = None
         # Watch for the client leaving only once a request has lasted WATCH_AFTER: an instant
         # answer then costs a timer, not a task, and a long one still frees the engine's slot.
         call.timer = self.loop.call_later(WATCH_AFTER, self._start_watch, receive, call)
         while True:
-            replica = self.table.pick(replicas, tried)
-            if replica is None:
+            replica = self.table.pick(replicas, tried, call.payload)
+            if replica is None or attempts > len(replicas) + 4:  # the model has nothing left to try
+                if chain is None:
+                    chain, done = self.table.fallback_chain(call.payload["model"]), {served}
+                fallback = self._next_fallback(call, chain, done)
+                if fallback is not None:
+                    served, replicas = fallback
+                    call.served, call.replicas, tried, attempts = served, replicas, (), 0
+                    # the engine behind the fallback serves its own name, not the one asked for
+                    body = orjson.dumps({**call.payload, "model": served})
+                    tail = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    continue
                 call.stop_watching()
+                if replica is not None:  # attempts used up (stale keep-alive sockets without end)
+                    await send_error(send, 502, f"replica of '{served}' failed: {failure}", "upstream_error")
+                    return False
                 self.metrics.error(served, "", "no_replica")
+                also = f" (nor on its fallbacks {', '.join(chain)})" if chain else ""
                 await send_error(
                     send,
                     503,
-                    f"no healthy replica of model '{served}' is available; retry shortly",
+                    f"no healthy replica of model '{call.payload['model'] if chain else served}' is available"
+                    f"{also}; retry shortly",
                     "no_healthy_replica",
                     [(b"retry-after", self.retry_after)],
                 )
                 return False
             call.attempts += 1
+            attempts += 1
             replica.in_flight += 1
             conn = None
             try:
@@ -528,14 +554,35 @@ class Gateway:
                     self.metrics.error(served, replica.id, "client_disconnect")
                     return False
                 self.metrics.error(served, replica.id, exc.kind)
-                if not exc.sent_nothing or call.attempts > len(replicas) + 4:
+                if not exc.sent_nothing:  # the response began: nothing may be retried
                     call.stop_watching()
                     await send_error(send, 502, f"replica of '{served}' failed: {exc}", "upstream_error")
                     return False
+                failure = exc
                 stale = conn is not None and conn.reused and isinstance(exc, ClosedError)
                 if not stale:  # a stale keep-alive socket says nothing about the replica
                     self._mark_failed(replica, exc)
                     tried += (replica,)
+
+    def _next_fallback(
+        self, call: ProxyCall, chain: tuple[str, ...], done: set[str]
+    ) -> tuple[str, list[Replica]] | None:
+        """The first fallback in `chain` that is registered, not tried yet (`done`, which it
+        extends) and allowed to the caller's key, as (served name, replicas). Fallbacks are
+        not followed transitively: only the requested name's own list counts."""
+        key = call.key
+        for name in chain:
+            replicas = self.table.models.get(name)
+            if replicas is None:
+                continue  # not registered (any more)
+            served = self.table.canonical[name]
+            if served in done:
+                continue
+            done.add(served)
+            if key is not True and key.models is not None and served not in key.models and name not in key.models:
+                continue  # a fallback does not widen what the key may use
+            return served, replicas
+        return None
 
     async def _relay(self, call: ProxyCall, send: Send) -> None:
         """Pass the replica's status, end-to-end headers and body to the client as they come."""
@@ -554,6 +601,7 @@ class Gateway:
         call.sse = sse
         call.overhead = overhead = (call.t_sent - call.t0) + (time.perf_counter() - t_headers)
         headers.append((b"x-cortex-replica", replica.id.encode()))
+        headers.append((b"x-cortex-model", call.served.encode()))
         headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
         if call.limit_headers:
             headers += call.limit_headers

@@ -75,9 +75,11 @@ class GatewayClient:
         aliases: list[str] | tuple[str, ...] = (),
         replica_id: str | None = None,
         labels: dict | None = None,
+        fallbacks: builtins.list[str] | tuple[str, ...] | None = None,
     ) -> dict:
         """Route `model` (and its aliases) to the engine at `replica_url`. Returns the replica,
-        whose "id" later goes to drain/deregister. Registering the same model+url again updates it."""
+        whose "id" later goes to drain/deregister. Registering the same model+url again updates it.
+        `fallbacks`, when given, replaces the model's fallback list."""
         body: dict[str, Any] = {
             "model": model,
             "url": replica_url,
@@ -87,7 +89,14 @@ class GatewayClient:
         }
         if replica_id:
             body["id"] = replica_id
+        if fallbacks is not None:
+            body["fallbacks"] = list(fallbacks)
         return self._call("POST", "/admin/replicas", body)
+
+    def set_fallbacks(self, name: str, models: builtins.list[str] | tuple[str, ...]) -> dict:
+        """Models tried in order when `name` (a model or alias) has no healthy replica, or its
+        replica fails before answering; [] removes the list."""
+        return self._call("PUT", "/admin/fallbacks", {"name": name, "fallbacks": list(models)})
 
     def drain(self, replica_id: str, wait: bool = True, timeout: float = 600.0) -> dict:
         """Stop sending new requests to a replica; the gateway removes it when its last

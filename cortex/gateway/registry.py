@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT PRIMARY KEY,
     model TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fallbacks (
+    name TEXT PRIMARY KEY,
+    models TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL DEFAULT '',
@@ -209,8 +213,10 @@ class Registry:
         aliases: list[str] | tuple[str, ...] = (),
         replica_id: str | None = None,
         labels: dict | None = None,
+        fallbacks: list[str] | tuple[str, ...] | None = None,
     ) -> ReplicaRecord:
-        """Add a replica of `model` (or update the one with the same model and url)."""
+        """Add a replica of `model` (or update the one with the same model and url). `fallbacks`,
+        when given, replaces the model's fallback list (see `set_fallbacks`)."""
         if not model or not isinstance(model, str):
             raise RegistryError("model: a non-empty served model name is required")
         url = validate_replica_url(url)
@@ -238,6 +244,8 @@ class Registry:
             )
             for alias in aliases:
                 cur.execute("INSERT OR REPLACE INTO aliases (alias, model) VALUES (?, ?)", (alias, model))
+            if fallbacks is not None:
+                _write_fallbacks(cur, model, fallbacks)
         return self.replica(rid)
 
     def replica(self, replica_id: str) -> ReplicaRecord:
@@ -273,6 +281,19 @@ class Registry:
             cur.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
             if not cur.execute("SELECT 1 FROM replicas WHERE model = ? LIMIT 1", (row[0],)).fetchone():
                 cur.execute("DELETE FROM aliases WHERE model = ?", (row[0],))
+
+    # --- fallbacks --------------------------------------------------------------------------
+
+    def set_fallbacks(self, name: str, models: list[str] | tuple[str, ...]) -> list[str]:
+        """Replace the ordered fallback list of `name` (a model or an alias); an empty list removes
+        it. A model's list outlives its last replica, so that a retired model's clients are still
+        served by its fallbacks, and it serves again itself once it is back."""
+        with self._write() as cur:
+            return _write_fallbacks(cur, name, models)
+
+    def fallbacks(self) -> dict[str, list[str]]:
+        """name or alias -> fallback model names, in the order they are tried."""
+        return {name: json.loads(models) for name, models in self._conn.execute("SELECT name, models FROM fallbacks")}
 
     # --- API keys ---------------------------------------------------------------------------
 
@@ -422,6 +443,23 @@ def _check_limits(limits: KeyLimits) -> None:
     for name, value in limits.public().items():
         if value is not None and (type(value) is not int or value < 1):
             raise RegistryError(f"{name}: a whole number of at least 1, or null for no limit (got {value!r})")
+
+
+def _write_fallbacks(cur: sqlite3.Cursor, name: str, models: list[str] | tuple[str, ...]) -> list[str]:
+    if not name or not isinstance(name, str):
+        raise RegistryError("fallbacks: the model or alias they belong to needs a non-empty name")
+    chain = list(models)
+    if not all(isinstance(m, str) and m for m in chain):
+        raise RegistryError(f"fallbacks of {name!r}: a list of non-empty model names")
+    if name in chain:
+        raise RegistryError(f"fallbacks of {name!r}: a model cannot fall back to itself")
+    if len(set(chain)) != len(chain):
+        raise RegistryError(f"fallbacks of {name!r}: a model is listed twice")
+    if chain:
+        cur.execute("INSERT OR REPLACE INTO fallbacks (name, models) VALUES (?, ?)", (name, json.dumps(chain)))
+    else:
+        cur.execute("DELETE FROM fallbacks WHERE name = ?", (name,))
+    return chain
 
 
 def _key_record(row: tuple) -> ApiKeyRecord:

@@ -1,18 +1,85 @@
-"""The in-memory routing table: model name or alias -> replicas, and replica selection.
+"""The in-memory routing table: model name or alias -> replicas, fallbacks, and replica selection.
 
 Built from the registry (`RoutingTable.sync`), it keeps what only this process knows across
 rebuilds: each replica's health, requests in flight and pool of upstream connections.
+
+Replica selection (`RoutingTable.pick`) is least-in-flight, or, for a model with several
+routable replicas and a request with a prompt prefix (`prefix_key`), prefix-cache affinity:
+rendezvous hashing (highest random weight) of the prefix over the routable replicas, so that
+requests sharing a system prompt and opening turn reach the replica whose prefix cache holds it,
+and a replica joining or leaving moves only its own share of prefixes. The load stays bounded:
+when the chosen replica has more than `load_ratio` x (mean in flight + 1) requests in flight,
+the request goes to the least busy replica instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from .registry import ApiKeyRecord, ReplicaRecord
 from .upstream import ConnectionPool
 
 
 UNCHECKED = "not checked yet"
+
+# How much of a prompt the affinity key covers, in characters. Long enough to tell apart system
+# prompts that share a boilerplate opening (a few hundred tokens of it), short enough that hashing
+# it costs a few microseconds. A shared prefix longer than this sends every request that has it to
+# one replica (until the load bound spills them), which is what its prefix cache wants.
+AFFINITY_CHARS = 4096
+_MASK = (1 << 64) - 1
+
+
+def prefix_key(payload: dict) -> int | None:
+    """The affinity key of a request body: a 64-bit hash of the first AFFINITY_CHARS characters
+    of the conversation's opening, or None when the body has no prompt to key on (embeddings).
+
+    Chat: the messages up to and including the first user message (system and developer
+    prompts, then the opening question). Every later turn of the same conversation starts with
+    these same messages, so all its turns share a key and reach the replica that cached the
+    turns before; keying on everything before the last user turn instead would give turn 2 a
+    different key from turn 1 whenever the system prompt is shorter than AFFINITY_CHARS.
+    Completions: the prompt's first AFFINITY_CHARS characters."""
+    messages = payload.get("messages")
+    if type(messages) is list:
+        parts: list[str] = []
+        size = 0
+        for message in messages:
+            if type(message) is not dict:
+                break
+            role = message.get("role")
+            content = message.get("content")
+            text = content if type(content) is str else orjson.dumps(content).decode()
+            part = f"{role}\x1f{text}\x1e"
+            parts.append(part)
+            size += len(part)
+            if size >= AFFINITY_CHARS or role == "user":
+                break
+        text = "".join(parts)[:AFFINITY_CHARS]
+    else:
+        prompt = payload.get("prompt")
+        if type(prompt) is str:
+            text = prompt[:AFFINITY_CHARS]
+        elif prompt is not None:  # token ids or a batch of prompts
+            text = orjson.dumps(prompt)[:AFFINITY_CHARS].decode(errors="replace")
+        else:
+            return None
+    if not text:
+        return None
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _weight(key: int, seed: int) -> int:
+    """Rendezvous weight of one replica for one key (splitmix64's finaliser on their mix)."""
+    x = key ^ seed
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 class Replica:
@@ -33,6 +100,7 @@ class Replica:
         "engine_api_key",
         "removed",
         "reason",
+        "seed",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float) -> None:
@@ -50,6 +118,8 @@ class Replica:
         self.in_flight = 0
         self.removed = False
         self.pool = ConnectionPool(self.host, self.port, connect_timeout)
+        # its rendezvous seed: the same in every gateway process and across restarts
+        self.seed = int.from_bytes(hashlib.blake2b(record.id.encode(), digest_size=8).digest(), "big")
         self.update(record)
 
     def update(self, record: ReplicaRecord) -> None:
@@ -81,15 +151,24 @@ class Replica:
 
 
 class RoutingTable:
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, affinity: bool = True, load_ratio: float = 1.25) -> None:
         self.connect_timeout = connect_timeout
+        self.affinity = affinity
+        self.load_ratio = load_ratio
         self.replicas: dict[str, Replica] = {}
         self.models: dict[str, list[Replica]] = {}  # served name and each alias -> replicas
         self.canonical: dict[str, str] = {}  # name or alias -> served name
         self.aliases_of: dict[str, list[str]] = {}
         self.keys_by_hash: dict[str, ApiKeyRecord] = {}
+        self.fallbacks: dict[str, tuple[str, ...]] = {}  # name or alias -> fallback names, in order
 
-    def sync(self, records: list[ReplicaRecord], aliases: dict[str, str], keys: list[ApiKeyRecord]) -> list[Replica]:
+    def sync(
+        self,
+        records: list[ReplicaRecord],
+        aliases: dict[str, str],
+        keys: list[ApiKeyRecord],
+        fallbacks: dict[str, list[str]] | None = None,
+    ) -> list[Replica]:
         """Rebuild from the registry; returns replicas that disappeared (their pools to close)."""
         seen: dict[str, Replica] = {}
         for record in records:
@@ -111,21 +190,66 @@ class RoutingTable:
             if model in by_model and alias not in by_model:
                 canonical[alias] = model
                 aliases_of.setdefault(model, []).append(alias)
+        models = {name: by_model[model] for name, model in canonical.items()}
+        # A name with fallbacks stays routable with no replica of its own (its model retired or
+        # not deployed yet): the request goes down its fallback list.
+        chains: dict[str, tuple[str, ...]] = {}
+        for name, chain in (fallbacks or {}).items():
+            if chain:
+                chains[name] = tuple(chain)
+                if name not in models:
+                    models[name], canonical[name] = [], name
+        for name, model in canonical.items():  # an alias without its own list uses its model's
+            if name not in chains and model in chains:
+                chains[name] = chains[model]
         self.replicas = seen
-        self.models = {name: by_model[model] for name, model in canonical.items()}
+        self.models = models
+        self.fallbacks = chains
         self.canonical = canonical
         self.aliases_of = aliases_of
         self.keys_by_hash = {k.key_hash: k for k in keys}
         return gone
 
-    def pick(self, replicas: list[Replica], tried: tuple[Replica, ...] = ()) -> Replica | None:
-        """The routable replica with the fewest requests in flight, skipping ones already tried."""
+    def pick(self, replicas: list[Replica], tried: tuple[Replica, ...] = (), payload: Any = None) -> Replica | None:
+        """The replica for a request, skipping ones already tried: the one its prompt prefix
+        hashes to (when affinity is on, `payload` has a prompt and several replicas are
+        routable) unless that one is loaded past the bound, else the one with the fewest
+        requests in flight."""
         best = None
+        routable = 0
         for replica in replicas:
             if replica.state == "active" and replica.healthy and not replica.removed and replica not in tried:
+                routable += 1
                 if best is None or replica.in_flight < best.in_flight:
                     best = replica
-        return best
+        if routable < 2 or not self.affinity or type(payload) is not dict:
+            return best
+        key = prefix_key(payload)
+        if key is None:
+            return best
+        return self._by_affinity(replicas, tried, key, routable) or best
+
+    def _by_affinity(
+        self, replicas: list[Replica], tried: tuple[Replica, ...], key: int, routable: int
+    ) -> Replica | None:
+        """The routable replica with the highest rendezvous weight for `key`, or None when its
+        in-flight count is past load_ratio x (mean in flight + 1)."""
+        chosen = None
+        top = -1
+        total = 0
+        for replica in replicas:
+            if replica.state == "active" and replica.healthy and not replica.removed and replica not in tried:
+                total += replica.in_flight
+                weight = _weight(key, replica.seed)
+                if weight > top:
+                    chosen, top = replica, weight
+        if chosen is None or chosen.in_flight > self.load_ratio * (total / routable + 1):
+            return None
+        return chosen
+
+    def fallback_chain(self, name: str) -> tuple[str, ...]:
+        """The names a request for `name` falls back to, in order (its own list, else its model's)."""
+        return self.fallbacks.get(name, ())
 
     def available_models(self) -> list[str]:
         """Served names with at least one routable replica."""

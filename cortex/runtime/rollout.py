@@ -66,6 +66,7 @@ class RolloutRequest(BaseModel):
     gpus: int = Field(0, ge=0, description="GPUs the replica uses (the benchmark's cost per token)")
     quality: QualityRequest | None = None
     aliases: list[str] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)  # the gateway's fallback list for the model
     ready_timeout: float | None = Field(None, gt=0, description="seconds to healthy (default: the engine's)")
     gateway: bool | None = None  # True: must register; False: do not; None: if a gateway answers
     # the plan's bytes per device, compared with what the engine reports once ready (cortex.actual)
@@ -119,6 +120,7 @@ def rollout_request(
         gpus=spec.resources.gpu_count,
         quality=quality_request(spec, plan, source_revision, artifact),
         aliases=list(spec.aliases),
+        fallbacks=list(spec.fallbacks),
         ready_timeout=ready_timeout_s(launch.engine, weights),
         gateway=gateway,
         memory_plan=list(plan.devices),
