@@ -203,7 +203,8 @@ benchmark:
         finally:
             retire_model("smollm2-cmp")
     with capsys.disabled():
-        show(*_render(comparison))
+        for part in _render(comparison):
+            show(part)
     print(json.dumps(comparison.verdict.model_dump()))
 
     rows = comparison.rows()
