@@ -27,6 +27,7 @@ COMMANDS = [
     "status",
     "bench",
     "compare",
+    "compare_engines",
     "prepare",
     "cache",
     "serve",

@@ -15,7 +15,10 @@ That is exactly per-position top-1 agreement, at one request per disagreement in
 per token, and about one generated token per position.
 
 The reference's continuations do not depend on the candidate: `greedy_reference` computes
-them once, and several quantizations can be checked against the same reference.
+them once, and several quantizations can be checked against the same reference. The reference
+can also be vLLM serving the HF checkpoint (`engine="vllm"`: its `/tokenize` and greedy
+`/v1/completions` with token ids and log-probabilities): that is the cross-engine agreement of
+`cortex compare-engines`, the same measure with the full-precision model on the other engine.
 
 With `n_probs` the server also reports log-probabilities (before sampling), so the report
 gives the mean log-probability the candidate loses on the reference's tokens.
@@ -200,6 +203,60 @@ class _LlamaServer:
             raise QualityCheckError(f"llama-server at {url} failed mid-stream: {exc}") from exc
 
 
+class _VllmServer:
+    """The vLLM calls a greedy reference needs: `/tokenize` and `/v1/completions` on token ids,
+    with `return_tokens_as_token_ids` so tokens come back as ids, not text."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers, trust_env=False)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = self.base + path
+        try:
+            resp = self.client.post(url, json={"model": self.model, **body})
+        except httpx.HTTPError as exc:
+            raise QualityCheckError(f"cannot reach vLLM at {url}: {exc}") from exc
+        if resp.status_code != 200:
+            raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in self._post("/tokenize", {"prompt": text, "add_special_tokens": True})["tokens"]]
+
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[float], str]:
+        """n greedy tokens after `prompt` and each one's log-probability."""
+        out = self._post(
+            "/v1/completions",
+            {
+                "prompt": prompt,
+                "max_tokens": n,
+                "temperature": 0.0,
+                "logprobs": 1,
+                "ignore_eos": True,
+                "return_tokens_as_token_ids": True,
+            },
+        )
+        choice = out["choices"][0]
+        logprobs = choice.get("logprobs") or {}
+        tokens = logprobs.get("tokens")
+        if not tokens:
+            raise QualityCheckError(f"{self.base}/v1/completions returned no token log-probabilities")
+        try:
+            ids = [int(str(t).removeprefix("token_id:")) for t in tokens]
+        except ValueError as exc:
+            raise QualityCheckError(
+                f"{self.base}/v1/completions did not return token ids ({tokens[0]!r}); "
+                "this vLLM version lacks return_tokens_as_token_ids"
+            ) from exc
+        return ids, [float(lp) for lp in logprobs["token_logprobs"]], str(choice.get("text", ""))
+
+
 class ReferenceContinuation(BaseModel):
     prompt: str
     prompt_ids: list[int]
@@ -215,8 +272,11 @@ def greedy_reference(
     *,
     api_key: str | None = None,
     timeout: float = 300.0,
+    engine: str = "llamacpp",
+    model: str | None = None,
 ) -> list[ReferenceContinuation]:
-    """The reference model's greedy continuations of the prompts (the bundled ones by count)."""
+    """The reference model's greedy continuations of the prompts (the bundled ones by count),
+    from llama-server, or from vLLM (`engine="vllm"`, serving `model`)."""
     if isinstance(prompts, int):
         bundled = bundled_prompts()
         texts = [bundled[i % len(bundled)] for i in range(prompts)]
@@ -224,26 +284,36 @@ def greedy_reference(
         texts = list(prompts)
     if not texts or tokens < 1:
         raise ValueError("need at least one prompt and one token")
+    if engine == "vllm":
+        if model is None:
+            raise ValueError("a vLLM reference needs the served model name")
+        vllm = _VllmServer(reference_url, model, api_key, timeout)
+        try:
+            out = []
+            for text in texts:
+                ids = vllm.tokenize(text)
+                out.append(_continuation(text, ids, *vllm.greedy(ids, tokens), tokens))
+            return out
+        finally:
+            vllm.close()
     ref = _LlamaServer(reference_url, api_key, timeout)
     try:
         out = []
         for text in texts:
             ids = ref.tokenize(text)
             toks, probs, content = ref.greedy(ids, tokens)
-            if len(toks) != tokens:
-                raise QualityCheckError(f"the reference produced {len(toks)} of {tokens} tokens")
-            out.append(
-                ReferenceContinuation(
-                    prompt=text,
-                    prompt_ids=ids,
-                    tokens=toks,
-                    logprobs=[float(p["logprob"]) for p in probs],
-                    text=content,
-                )
-            )
+            out.append(_continuation(text, ids, toks, [float(p["logprob"]) for p in probs], content, tokens))
         return out
     finally:
         ref.close()
+
+
+def _continuation(
+    text: str, ids: list[int], toks: list[int], logprobs: list[float], content: str, tokens: int
+) -> ReferenceContinuation:
+    if len(toks) != tokens:
+        raise QualityCheckError(f"the reference produced {len(toks)} of {tokens} tokens")
+    return ReferenceContinuation(prompt=text, prompt_ids=ids, tokens=toks, logprobs=logprobs, text=content)
 
 
 def _logprob_of(entry: dict[str, Any], token: int) -> float | None:
@@ -258,7 +328,7 @@ def compare_greedy(ref: ReferenceContinuation, candidate: _LlamaServer) -> tuple
     if candidate.tokenize(ref.prompt) != ref.prompt_ids:
         raise QualityCheckError(
             "the reference and the candidate tokenize the same prompt differently; "
-            "they are not the same model in two precisions"
+            "they are not the same model (in two precisions or on two engines)"
         )
     n = len(ref.tokens)
     agreements = 0

@@ -58,6 +58,13 @@ def _load_ratio(text: str) -> float:
     return ratio
 
 
+def _parse_price(text: str) -> float:
+    value = float(text)
+    if not (0 <= value < 1e6):
+        raise ValueError(f"expected a price in USD per hour, 0 or more, got {text!r}")
+    return value
+
+
 def _default_home() -> str:
     return str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "cortex")
 
@@ -167,6 +174,19 @@ FIELDS: list[Field] = [
     ),
     Field("restart_backoff_max_s", float, 600.0, "Longest wait between restarts of a replica that keeps failing."),
     Field(
+        "gpu_hour_price_usd",
+        _parse_price,
+        None,
+        "USD per GPU-hour, for the cost per 1M output tokens of `cortex compare-engines` (a spec's "
+        "`benchmark.gpu_hour_price_usd` wins).",
+    ),
+    Field(
+        "cpu_hour_price_usd",
+        _parse_price,
+        None,
+        "USD per hour of the whole host, for the cost per 1M output tokens of an engine that runs on no GPU.",
+    ),
+    Field(
         "hf_token_block",
         str,
         "hf-token",
@@ -209,6 +229,8 @@ class Settings:
     restart_check_s: float
     restart_backoff_s: float
     restart_backoff_max_s: float
+    gpu_hour_price_usd: float | None
+    cpu_hour_price_usd: float | None
     hf_token_block: str
 
     @classmethod

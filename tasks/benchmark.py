@@ -40,6 +40,7 @@ from cortex.quality import (
     ReferenceContinuation,
     check_quant_quality,
     enforce_quality,
+    greedy_reference,
 )
 from tasks.common import TASK_OPTIONS, ProgressArtifact, artifact_key
 
@@ -242,3 +243,18 @@ def quality_check(
         report.positions,
     )
     return enforce_quality(report)
+
+
+@task(name="greedy-reference", **TASK_OPTIONS)
+def greedy_continuations(
+    reference_url: str,
+    *,
+    prompts: int = QUALITY_DEFAULTS.prompts,
+    tokens: int = QUALITY_DEFAULTS.tokens,
+    engine: str = "llamacpp",
+    model: str | None = None,
+    api_key: str | None = None,
+) -> list[ReferenceContinuation]:
+    """The reference's greedy continuations (`cortex.quality.greedy_reference`), to score one or
+    more candidates against with `quality_check`."""
+    return greedy_reference(reference_url, prompts, tokens, api_key=api_key, engine=engine, model=model)

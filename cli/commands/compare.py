@@ -19,18 +19,7 @@ from cli.commands import add_command
 from cli.commands.bench import Load, resolve_target, takes_load
 from cli.output import JsonFlag, dict_table, output
 from cortex.bench import BenchmarkError, BenchmarkResult, benchmark
-
-# (label, how to read it from a level, higher is better)
-COLUMNS: list[tuple[str, Any, bool]] = [
-    ("out tok/s", lambda lv: lv.output_tokens_per_s, True),
-    ("req/s", lambda lv: lv.requests_per_s, True),
-    ("TTFT p50 ms", lambda lv: lv.ttft_ms.p50, False),
-    ("TTFT p99 ms", lambda lv: lv.ttft_ms.p99, False),
-    ("TPOT p50 ms", lambda lv: lv.tpot_ms.p50, False),
-    ("ITL p99 ms", lambda lv: lv.itl_ms.p99, False),
-    ("E2EL p99 ms", lambda lv: lv.e2el_ms.p99, False),
-    ("errors", lambda lv: lv.errors, False),
-]
+from cortex.bench.compare import COLUMNS, cell, compare_levels, judge, same_load
 
 
 def register(app: typer.Typer) -> None:
@@ -54,55 +43,22 @@ def load_or_measure(ref: str, load: Load) -> BenchmarkResult:
     return benchmark(base_url, load.settings, model=model, api_key=api_key, target=ref)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or a == 0:
-        return None
-    return b / a
-
-
-def compare(a: BenchmarkResult, b: BenchmarkResult) -> list[dict[str, Any]]:
-    """One row per concurrency level both measured: A, B and B/A for each column."""
-    rows = []
-    for lv_a in a.levels:
-        lv_b = b.level(lv_a.concurrency)
-        if lv_b is None:
-            continue
-        row: dict[str, Any] = {"concurrency": lv_a.concurrency}
-        for label, read, _ in COLUMNS:
-            va, vb = read(lv_a), read(lv_b)
-            row[label] = {"a": va, "b": vb, "b/a": _ratio(va, vb)}
-        rows.append(row)
-    return rows
-
-
-def _cell(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.0f}" if isinstance(v, int) else f"{v:.1f}"
-
-
 def format_comparison(a: BenchmarkResult, b: BenchmarkResult, rows: list[dict[str, Any]]) -> list[RenderableType]:
     lines = [f"A: {a.target} ({a.model}, {a.tool})", f"B: {b.target} ({b.model}, {b.tool})"]
-    if (a.settings.input_len, a.settings.output_len, a.settings.prompts) != (
-        b.settings.input_len,
-        b.settings.output_len,
-        b.settings.prompts,
-    ):
+    if not same_load(a, b):
         lines.append("warning: A and B were measured with different prompt or output lengths")
     table = []
     for row in rows:
         for label, _, higher_better in COLUMNS:
-            cell = row[label]
-            ratio = cell["b/a"]
-            verdict = ""
-            if ratio is not None and label != "errors" and abs(ratio - 1) >= 0.05:
-                verdict = "B better" if (ratio > 1) == higher_better else "B worse"
+            values = row[label]
+            ratio = values["b/a"]
+            verdict = judge(label, ratio, higher_better)
             table.append(
                 {
                     "conc": row["concurrency"],
                     "metric": label,
-                    "A": _cell(cell["a"]),
-                    "B": _cell(cell["b"]),
+                    "A": cell(values["a"]),
+                    "B": cell(values["b"]),
                     "B/A": "-" if ratio is None else f"{ratio:.2f}x",
                     "": verdict,
                 }
@@ -125,7 +81,7 @@ def run(
     except BenchmarkError as exc:
         print(f"cortex compare: {exc}", file=sys.stderr)
         return 1
-    rows = compare(result_a, result_b)
+    rows = compare_levels(result_a, result_b)
     if chart:
         from cortex.charts import save_chart
 
