@@ -1,9 +1,11 @@
 """compare_engines(spec_path): the seed's migration check, "start and benchmark, compare vs
 llama.cpp, archive the old one if satisfied", as one flow.
 
-    deploy both sides        the deploy-model flow on the spec with `engine:` pinned, once per
-                             engine, served as <name>-llamacpp and <name>-vllm (no gateway route)
-    benchmark each           the spec's `benchmark` load, one side at a time, gates evaluated
+    deploy and benchmark     per engine in turn: the deploy-model flow on the spec with `engine:`
+                             pinned, served as <name>-llamacpp and <name>-vllm (no gateway route),
+                             then the spec's `benchmark` load on it before the next side starts
+                             (on a CPU host an idle engine still competes for the cores), gates
+                             evaluated
     agreement                greedy top-1 agreement of llama.cpp with vLLM (the HF checkpoint)
     judge                    the winner by the spec's gates, held against the rules' choice
     retire both              the side-by-side replicas are always stopped at the end
@@ -63,10 +65,12 @@ def compare_engines(spec_path: str, runtime: RuntimeKind | None = None, promote:
     retired: list[str] = []
     try:
         replicas: dict[Engine, Replica] = {}
+        # Each side is benchmarked as soon as it is ready, before the next one starts: on a host
+        # without GPUs both engines share the cores, and an idle vLLM CPU worker still takes them.
         for engine, side in sides.items():
             deployed = deploy_model(str(write_spec(side, folder / f"{engine}.yaml")), runtime=kind, gateway=False)
-            replicas[engine] = next(r for r in get_runtime(kind).replicas_of(side.name) if r.name == deployed.replica)
-        for engine, replica in replicas.items():  # one at a time: the sides do not share the load
+            replica = next(r for r in get_runtime(kind).replicas_of(side.name) if r.name == deployed.replica)
+            replicas[engine] = replica
             devices = len(replica.launch.gpus) if replica.launch else 0
             price = hour_price(spec, devices, settings.gpu_hour_price_usd, settings.cpu_hour_price_usd)
             load = BenchmarkSettings.from_spec(spec.benchmark, gpus=devices, gpu_hour_price_usd=price)
