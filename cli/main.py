@@ -30,6 +30,7 @@ COMMANDS = [
     "prepare",
     "cache",
     "serve",
+    "hosts",
     "local_prefect",
 ]
 
