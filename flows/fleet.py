@@ -1,7 +1,8 @@
 """The fleet on Prefect: hosts join a process work pool, and a spec's replicas run on them.
 
     join_host(record)       the pool (type process), the host's own work queue, the host's
-                            deployments of deploy-model and retire-model on that queue, and its
+                            deployments of deploy-model, prepare-model and retire-model on that
+                            queue (deploy-model/deploy-<host>, ...), and its
                             record (inventory + replicas) in the Prefect Variable cortex-host-<name>
     publish_record(record)  refresh the record (`cortex host join` does it while its worker runs)
     read_fleet(pool)        every joined host: its record and its worker's status and heartbeat
@@ -51,6 +52,7 @@ POOL = "cortex"
 # path: the worker imports it from the Cortex installed on the host; nothing is pulled).
 HOST_FLOWS = {
     "deploy-model": "flows.deploy.deploy_model",
+    "prepare-model": "flows.prepare.prepare_model",
     "retire-model": "flows.deploy.retire_model",
 }
 DEPLOY_TIMEOUT_S = 4 * 3600.0  # a hang guard for one replica's deploy run (weights can take hours)
@@ -135,9 +137,11 @@ def read_fleet(pool: str = POOL) -> list[FleetHost]:
     with get_client(sync_client=True) as client:
         variables = [v for v in client.read_variables() if v.name.startswith(VARIABLE_PREFIX)]
         try:
-            workers = {w.name: w for w in client.read_workers_for_work_pool(pool)}
+            client.read_work_pool(pool)
         except ObjectNotFound:
-            workers = {}
+            workers = {}  # no host has joined yet
+        else:
+            workers = {w.name: w for w in client.read_workers_for_work_pool(pool)}
     hosts = []
     for variable in variables:
         try:
