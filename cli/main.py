@@ -31,6 +31,7 @@ COMMANDS = [
     "prepare",
     "cache",
     "serve",
+    "hosts",
     "local_prefect",
 ]
 

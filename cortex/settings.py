@@ -161,6 +161,18 @@ FIELDS: list[Field] = [
         "Host address the docker runtime publishes engine ports on (a remote DOCKER_HOST needs a reachable one).",
     ),
     Field(
+        "engine_host",
+        str,
+        "127.0.0.1",
+        "Address the process runtime's engines listen on and register at in the gateway; `cortex host join --address` sets it to the host's internal address.",
+    ),
+    Field(
+        "host_name",
+        str,
+        None,
+        "This machine's name in the fleet (its work queue, its deployments, its replicas' suffix). Default: the system host name; `cortex host join NAME` sets it.",
+    ),
+    Field(
         "deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."
     ),
     Field(
@@ -225,6 +237,8 @@ class Settings:
     api_key: str | None
     engine_api_key: str | None
     docker_bind: str
+    engine_host: str
+    host_name: str | None
     deploy_lock_timeout_s: float
     restart_check_s: float
     restart_backoff_s: float

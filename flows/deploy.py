@@ -230,6 +230,7 @@ def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bo
             source_revision=prepared.source_revision,
             mount_root=prepared.mount_root,
             gateway=gateway,
+            host=Settings.load().host_name,
         )
         if spec.benchmark and spec.benchmark.quality and request.quality is None:
             get_run_logger().warning(

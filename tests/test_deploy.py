@@ -119,10 +119,9 @@ def test_redeploys_replace_the_replica_and_failed_ones_roll_back(cortex_home: Pa
     assert not terms["cpu", "weights"]["off"] and not terms["cpu", "kv_cache"]["off"]
     overhead = terms["cpu", "overhead"]  # llama-server's compute + output buffers
     assert overhead["planned_bytes"] == planned.overhead_bytes and 0 < overhead["actual_bytes"]
-    # the plan's 64 MiB reserve + 96 MiB logits buffer against llama-server's ~15 MiB: one warning, naming it
-    assert overhead["off"] and overhead["deviation"] < -0.10
-    [warning] = memory["warnings"]
-    assert warning.startswith("cpu: overhead is -") and "off the plan (planned 160.00 MiB" in warning
+    # the plan's compute + output buffers, fitted to this llama-server's own logs: within 10%, no warning
+    assert not overhead["off"] and abs(overhead["deviation"]) <= 0.10
+    assert memory["warnings"] == []
     table = _memory_table("smollm2")
     assert [(r["device"], r["term"]) for r in table] == [("cpu", "weights"), ("cpu", "KV cache"), ("cpu", "overhead")]
     assert table[1]["planned"] == table[1]["actual"] == "22.50 MiB" and table[1]["status"] == "ok"

@@ -189,7 +189,7 @@ def test_a_port_taken_meanwhile_gets_the_port_in_use_hint(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        monkeypatch.setattr(process_module, "free_port", lambda: taken.getsockname()[1])
+        monkeypatch.setattr(process_module, "free_port", lambda host="127.0.0.1": taken.getsockname()[1])
         replica = runtime.start(llamacpp_launch(test_model.gguf, "smollm2"), SECRETS)
         with pytest.raises(EngineNotReady) as failure:
             runtime.wait_ready(replica, timeout_s=60)

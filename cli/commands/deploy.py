@@ -5,6 +5,7 @@ cortex deploy specs/smollm2.yaml [--runtime docker|process] [--json]
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -23,7 +24,9 @@ def register(app: typer.Typer) -> None:
         short_help="deploy a spec: prepare, launch, smoke-test, route, replace the old replica",
         help="Run the deploy-model flow on SPEC. A new replica replaces the model's old "
         "one only after it is healthy, has passed the smoke tests and is routed; if any step "
-        "fails it is removed and the old one keeps serving.",
+        "fails it is removed and the old one keeps serving. With --fleet: run the fleet-apply flow "
+        "instead: place the spec's replicas on the hosts joined with `cortex host join` (online "
+        "workers only) and deploy each on its host.",
     )
 
 
@@ -41,10 +44,35 @@ def run(
             "(default: register if one runs)",
         ),
     ] = None,
+    fleet: Annotated[
+        bool,
+        typer.Option("--fleet", help="place the replicas on the joined hosts and deploy there (flow fleet-apply)"),
+    ] = False,
+    pool: Annotated[str, typer.Option(help="with --fleet: the hosts' Prefect work pool")] = "cortex",
     as_json: JsonFlag = False,
 ) -> int:
     from cli.commands.local_prefect import run_flow
     from flows.deploy import deploy_model
+
+    if fleet:
+        if runtime is not None:
+            print("cortex deploy: --runtime is per host; with --fleet the spec's `runtime` is used", file=sys.stderr)
+            return 2
+        from flows.fleet import fleet_apply
+
+        done = run_flow(
+            f"fleet deploy of {spec}",
+            fleet_apply,
+            spec,
+            pool=pool,
+            gateway=gateway,
+            json_errors=as_json,
+            context={"spec": spec},
+        )
+        if done.exit_code:
+            return done.exit_code
+        output(done.result, as_json, _render_fleet)
+        return 0
 
     outcome = run_flow(
         f"deploy of {spec}",
@@ -59,6 +87,14 @@ def run(
         return outcome.exit_code
     output(outcome.result.to_json(), as_json, _render)
     return 0
+
+
+def _render_fleet(result: dict) -> list[str]:
+    lines = [f"deployed {result['model']} on {len(result['deployed'])} host(s)"]
+    for r in result["placement"]["placed"]:
+        run = result["deployed"].get(r["host"], {})
+        lines.append(f"  replica {r['replica']} -> {r['host']} ({r['address']}): flow run {run.get('flow_run', '-')}")
+    return lines
 
 
 def _render(result: dict) -> list[str]:

@@ -294,8 +294,11 @@ class Runtime(abc.ABC):
 
     @classmethod
     def host(cls) -> str:
-        """The machine whose engines (and GPUs) this runtime starts: this one."""
-        return socket.gethostname()
+        """The machine whose engines (and GPUs) this runtime starts: this one, by its fleet name
+        (CORTEX_HOST_NAME, set by `cortex host join`) or else its system host name."""
+        from cortex.settings import Settings
+
+        return Settings.load().host_name or socket.gethostname()
 
     @abc.abstractmethod
     def start(self, launch: LaunchSpec, secrets: Mapping[str, str] | None = None) -> Replica:

@@ -4,7 +4,8 @@ machine without Docker or GPUs.
 The launch spec describes the engine as it runs in its image, so this runtime translates it:
 `llama-server` becomes the cached toolchain's binary, `python3 -m vllm...` the vLLM
 virtualenv's python, container mount targets become the host paths behind them, and the
-engine binds 127.0.0.1 on a free host port. Each replica's state (pid, port, start time, log
+engine binds `engine_host` (CORTEX_ENGINE_HOST, default 127.0.0.1; a fleet host's internal
+address) on a free port, and its endpoint is that address. Each replica's state (pid, port, start time, log
 file) is a JSON file under the Cortex home, so `cortex status` and `cortex retire` work from
 another process and after a restart of the one that started it.
 """
@@ -82,7 +83,10 @@ def host_path(arg: str, mounts: Sequence[Mount]) -> str:
 
 
 def translate_command(
-    launch: LaunchSpec, host_port: int, program: Callable[[list[str]], list[str]] = default_program
+    launch: LaunchSpec,
+    host_port: int,
+    program: Callable[[list[str]], list[str]] = default_program,
+    bind: str = "127.0.0.1",
 ) -> list[str]:
     """The launch's command as it runs on this machine."""
     require_mount_sources(launch)
@@ -90,12 +94,17 @@ def translate_command(
     if "--port" not in command:
         raise LaunchError(f"launch {launch.name} has no --port in its command; cannot run it locally")
     args = [host_path(a, launch.mounts) for a in command[_program_prefix_len(command) :]]
-    for flag, value in (("--host", "127.0.0.1"), ("--port", str(host_port))):
+    for flag, value in (("--host", bind), ("--port", str(host_port))):
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
     return program(command) + args
+
+
+def _url_host(address: str) -> str:
+    """The address as a URL's host: an IPv6 address in brackets."""
+    return f"[{address}]" if ":" in address else address
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -130,9 +139,13 @@ class ProcessRuntime(Runtime):
         self,
         state_dir: Path | None = None,
         program: Callable[[list[str]], list[str]] = default_program,
+        bind: str | None = None,
     ):
+        from cortex.settings import Settings
+
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.program = program
+        self.bind = bind or Settings.load().engine_host
 
     # Engines this Python process started, shared by every ProcessRuntime in it: polled so they
     # are reaped and their exit code is known, whichever instance (or Prefect task) asks.
@@ -163,8 +176,8 @@ class ProcessRuntime(Runtime):
             if self.is_running(existing):
                 raise LaunchError(f"{name} is already running (pid {existing.ref}); stop it first")
             self.stop(existing)  # a dead leftover of the same launch
-        port = free_port()
-        argv = translate_command(launch, port, self.program)
+        port = free_port(self.bind)
+        argv = translate_command(launch, port, self.program, self.bind)
         env = engine_environment(launch, secrets, parent=os.environ)
         log_path = self._log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +202,7 @@ class ProcessRuntime(Runtime):
             model=launch.model,
             engine=launch.engine,
             runtime=self.kind,
-            endpoint=f"http://127.0.0.1:{port}",
+            endpoint=f"http://{_url_host(self.bind)}:{port}",
             since=utc_now(),
             ref=str(proc.pid),
             health_path=launch.health_path,

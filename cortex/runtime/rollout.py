@@ -14,6 +14,8 @@ deploy reports. Prefect shows both on the run's page.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -107,10 +109,15 @@ def rollout_request(
     source_revision: str,
     mount_root: Path | None = None,
     gateway: bool | None = None,
+    host: str | None = None,
 ) -> RolloutRequest:
     """The rollout of a prepared spec: its launch, tests, benchmark and quality comparison, and a
-    ready timeout that allows for reading the weights."""
+    ready timeout that allows for reading the weights. `host`: the fleet host it runs on; its
+    name ends the replica's, so replicas of one spec on several hosts are told apart in the
+    gateway (one registry for the whole fleet)."""
     launch = build_launch(spec, plan, artifact, mount_root)
+    if host:
+        launch = dataclasses.replace(launch, name=f"{launch.name}-{host.lower()}")
     weights = sum(path_size(p) for p in (artifact if isinstance(artifact, list) else [artifact]))
     return RolloutRequest(
         launch=launch,
