@@ -95,11 +95,15 @@ def run_replicas(as_json: JsonFlag = False) -> int:
 
 
 def run_settings() -> int:
+    from cortex.gateway.registry import redact_url
+
     settings = Settings.load()
     print(describe())
     print()
     for name, value in dataclasses.asdict(settings).items():
         if name == "admin_token" and value:
             value = "(set)"
+        elif name == "gateway_db":
+            value = redact_url(value)  # a postgresql:// URL may carry a password
         print(f"{name} = {value}")
     return 0
