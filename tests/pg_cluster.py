@@ -66,19 +66,22 @@ class PostgresCluster:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
 
     def start(self) -> "PostgresCluster":
-        self._run(
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "--auth=trust",
-            "-U",
-            USER,
-            "--no-locale",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
+        """initdb (the first time), then start the server and wait until it accepts connections."""
+        if not self.data.exists():
+            self._run(
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "--auth=trust",
+                "-U",
+                USER,
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         options = f"-k {self.root} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self.started = True
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",
@@ -92,8 +95,11 @@ class PostgresCluster:
             options,
             "start",
         )
-        self.started = True
         return self
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (an outage; `start` brings it back on the same port)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
@@ -109,7 +115,7 @@ class PostgresCluster:
 
     def stop(self) -> None:
         try:
-            if self.started:
+            if self.started and (self.data / "postmaster.pid").exists():
                 self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

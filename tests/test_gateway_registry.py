@@ -20,11 +20,13 @@ from cortex.gateway.registry import (
     open_registry,
     redact_url,
 )
+from cortex.gateway.client import GatewayError
 from cortex.gateway.limits import KeyLimits
 from cortex.net import free_port
 from cortex.settings import Settings, SettingsError
 from cortex.testing.fake_engine import FakeEngine
 from cortex.testing.gateway import GatewayProcess
+from pg_cluster import PostgresCluster, PostgresMissing
 
 FAST = {
     "CORTEX_GATEWAY_HEALTH_INTERVAL": "0.3",
@@ -41,6 +43,13 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> Non
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def chat(gw: GatewayProcess, key: str, model: str = "smol") -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return httpx.post(
+        gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60
+    )
 
 
 # --- the registry contract, on SQLite and on PostgreSQL ---------------------------------------------
@@ -158,12 +167,6 @@ def test_two_gateways_on_one_postgres_registry_serve_the_same_routes_and_keys(pg
         a.start()
         b.start()
 
-        def chat(gw: GatewayProcess, key: str, model: str = "smol") -> httpx.Response:
-            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-            return httpx.post(
-                gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60
-            )
-
         with a.client() as admin_a:
             key = admin_a.create_key(name="shared")["key"]
             rep = admin_a.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
@@ -193,3 +196,52 @@ def test_two_gateways_on_one_postgres_registry_serve_the_same_routes_and_keys(pg
         a.stop()
         b.stop()
         engine.stop()
+
+
+@pytest.mark.parts
+def test_a_gateway_keeps_routing_through_a_postgres_outage_and_writes_the_usage_afterwards(tmp_path):
+    try:
+        cluster = PostgresCluster()  # its own cluster: this test stops it
+    except PostgresMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+    engine = FakeEngine(api_key="engine-secret", models=("smol",)).start()
+    env = {**FAST, "CORTEX_GATEWAY_DB": cluster.url(), "CORTEX_GATEWAY_USAGE_FLUSH_INTERVAL": "0.2"}
+    gw = GatewayProcess(tmp_path / "home", env=env)
+    try:
+        cluster.start()
+        gw.start()
+        with gw.client() as admin:
+            admin.register("smol", engine.base_url, engine_api_key="engine-secret")
+            routed = admin.create_key(name="before")["key"]
+            key = admin.create_key(name="during the outage")  # used only while the database is down
+        wait_until(lambda: chat(gw, routed).status_code == 200, what="the replica to be routable")
+        reader = open_registry(cluster.url())
+
+        def requests_recorded() -> int:
+            try:
+                return sum(row[2] for row in reader.usage() if row[0] == key["id"])
+            except RegistryUnavailable:  # the first call after the restart: the next one reconnects
+                return -1
+
+        cluster.halt()
+        failed = "writing usage to the registry postgresql://"
+        failures = gw.log().count(failed)
+        for _ in range(3):  # the request path never reads the database
+            assert chat(gw, key["key"]).status_code == 200
+        with gw.client() as admin, pytest.raises(GatewayError) as down:
+            admin.list()
+        assert down.value.status == 503 and "unavailable" in str(down.value)
+        # a flush that took those requests' counts failed: they must not be lost
+        wait_until(lambda: gw.log().count(failed) > failures, what="a failed usage flush")
+        cluster.start()  # back on the same port: the gateway reconnects and writes what it kept
+        wait_until(
+            lambda: requests_recorded() == 3,
+            what="the usage counted during the outage to reach the registry",
+        )
+        reader.close()
+        with gw.client() as admin:
+            assert [r["model"] for r in admin.list()["replicas"]] == ["smol"]
+    finally:
+        gw.stop()
+        engine.stop()
+        cluster.stop()

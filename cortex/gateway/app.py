@@ -231,7 +231,11 @@ class Gateway:
         rows = self.usage.take()
         if not rows and not snapshot:
             return
-        totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
+        try:
+            totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
+        except BaseException:
+            self.usage.put_back(rows)  # the limiter's pending counts stay until an exchange
+            raise
         self.limiter.exchange(totals, today)
 
     async def _maintain(self) -> None:
