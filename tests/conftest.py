@@ -52,7 +52,8 @@ PART_FIXTURES = frozenset(
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "parts: needs an engine, the test model, Docker, a Prefect server or PostgreSQL (not in the fast tier)"
+        "markers",
+        "parts: needs an engine, the test model, Docker, a Prefect server or PostgreSQL (not in the fast tier)",
     )
 
 
