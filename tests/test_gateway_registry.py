@@ -130,6 +130,10 @@ def test_a_postgres_url_in_settings_and_its_password_never_shown():
         Settings.load(env={"CORTEX_HOME": "/tmp/h", "CORTEX_GATEWAY_DB": "mysql://db/cortex"})
     assert "CORTEX_GATEWAY_DB" in str(err.value) and "postgresql://" in str(err.value)
     assert redact_url("postgresql://cortex:s3cret@db:5432/cortex") == "postgresql://cortex:***@db:5432/cortex"
+    assert redact_url("postgresql://db/cortex?sslmode=require&password=s3cret") == (
+        "postgresql://db/cortex?sslmode=require&password=***"
+    )
+    assert redact_url("/var/lib/cortex/registry.db") == "/var/lib/cortex/registry.db"
     # nothing listens on this port: a clear 503-class error that names the database, not the password
     url = f"postgresql://cortex:s3cret@127.0.0.1:{free_port()}/cortex"
     with pytest.raises(RegistryUnavailable) as down:

@@ -192,11 +192,15 @@ def is_postgres_url(location: str | os.PathLike) -> bool:
 def redact_url(url: str) -> str:
     """A database URL without its password, for logs and messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    if parts.password is not None:
+        user, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    if parts.query:  # libpq also takes ?password=...
+        query = "&".join(
+            "password=***" if item.split("=", 1)[0] == "password" else item for item in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def open_registry(location: str | os.PathLike) -> "Registry":
