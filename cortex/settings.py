@@ -65,6 +65,17 @@ def _parse_price(text: str) -> float:
     return value
 
 
+def _parse_gateway_db(text: str) -> str:
+    """A SQLite file path, or a PostgreSQL URL (the password best in PGPASSWORD or ~/.pgpass)."""
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        scheme = text.split("://", 1)[0]
+        raise ValueError(
+            f"{scheme}:// is not a registry Cortex can use; give a SQLite file path or a "
+            "postgresql://user@host:port/database URL"
+        )
+    return text
+
+
 def _default_home() -> str:
     return str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "cortex")
 
@@ -81,7 +92,13 @@ FIELDS: list[Field] = [
         None,
         "Token for the gateway's /admin API. Default: generated once into <home>/gateway/admin-token (mode 0600).",
     ),
-    Field("gateway_db", str, None, "SQLite registry of replicas and API keys. Default <home>/gateway/registry.db."),
+    Field(
+        "gateway_db",
+        _parse_gateway_db,
+        None,
+        "Registry of replicas and API keys: a SQLite file, or a postgresql://user@host:port/db URL that "
+        "several gateways share (README: Two gateways). Default <home>/gateway/registry.db.",
+    ),
     Field(
         "gateway_no_auth",
         _parse_bool,

@@ -22,6 +22,7 @@ import pytest
 from cortex import toolchain as tc
 from cache_helpers import smollm2_gguf_files
 from cortex.net import free_port
+from pg_cluster import PostgresCluster, PostgresMissing
 
 # The tests' Prefect servers (prefect_test_harness, `prefect server start`) send no telemetry:
 # there is no network here, and each attempt would only log "Failed to send telemetry".
@@ -43,13 +44,16 @@ PART_FIXTURES = frozenset(
         "prefect_api",
         "prefect_server",
         "docker_runtime",
+        "postgres",
+        "pg_url",
     }
 )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "parts: needs an engine, the test model, Docker or a Prefect server (not in the fast tier)"
+        "markers",
+        "parts: needs an engine, the test model, Docker, a Prefect server or PostgreSQL (not in the fast tier)",
     )
 
 
@@ -88,6 +92,36 @@ def test_model() -> tc.TestModel:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+# --- PostgreSQL (the gateway registry's shared backend) --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster (Debian's binaries) on loopback for the whole session."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """The URL of a fresh, empty database on the session's cluster."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.parts)])
+def registry_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a gateway registry lives, once per backend: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    return request.getfixturevalue("pg_url")
 
 
 # --- llama-server ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 
 from cortex.gateway.client import GatewayError
 from cortex.testing.fake_engine import FakeEngine
-from cortex.gateway.registry import Registry, hash_key
+from cortex.gateway.registry import hash_key, open_registry
 from cortex.testing.gateway import GatewayProcess
 from cortex.settings import Settings, SettingsError
 
@@ -551,30 +551,31 @@ def test_registry_survives_restart(gateway, engines, tmp_path):
     assert httpx.get(engine.base_url + "/_last").json()["headers"]["authorization"] == "Bearer engine-secret"
 
 
-def _register_many(path: str, worker: int, n: int) -> None:
-    registry = Registry(path)
+def _register_many(location: str, worker: int, n: int) -> None:
+    registry = open_registry(location)
     for i in range(n):
         registry.register(f"m{i % 5}", f"http://10.0.{worker}.{i}:8000", f"key-{worker}-{i}", [f"alias{i % 5}"])
         registry.create_key(name=f"w{worker}-{i}")
     registry.close()
 
 
-def test_concurrent_registrations_do_not_corrupt_the_registry(tmp_path):
-    path = str(tmp_path / "registry.db")
-    Registry(path).close()
+def test_concurrent_registrations_do_not_corrupt_the_registry(registry_location):
+    open_registry(registry_location).close()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_register_many, args=(path, w, 40)) for w in range(4)]
+    procs = [ctx.Process(target=_register_many, args=(registry_location, w, 40)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    registry = Registry(path)
+    registry = open_registry(registry_location)
     assert len(registry.replicas()) == 160
     assert len({r.url for r in registry.replicas()}) == 160
     assert len(registry.keys()) == 160
     assert registry.aliases() == {f"alias{i}": f"m{i}" for i in range(5)}
-    conn = sqlite3.connect(path)
+    if registry_location.startswith("postgresql://"):
+        return
+    conn = sqlite3.connect(registry_location)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from cortex.gateway.limits import DAY, KeyLimits, Limiter, format_reset, strip_usage_event
-from cortex.gateway.registry import Registry
+from cortex.gateway.registry import Registry, open_registry
 from cortex.testing.fake_engine import FakeEngine
 from cortex.testing.gateway import GatewayProcess
 
@@ -92,9 +92,9 @@ def test_daily_budget_is_used_up_and_resets_at_utc_midnight(tmp_path):
     assert refusal is None and dict(headers)[b"x-cortex-budget-remaining-tokens"] == b"100"
 
 
-def test_state_survives_in_the_registry_and_other_gateways_consumption_is_taken_out(tmp_path):
+def test_state_survives_in_the_registry_and_other_gateways_consumption_is_taken_out(registry_location):
     clock = Clock(1_800_000_000.0)
-    registry = Registry(tmp_path / "r.db")
+    registry = open_registry(registry_location)
     one, two = Limiter(clock), Limiter(clock)
     state1, record = limited(one, registry, rpm=10, budget_tokens_per_day=1000)
     two.sync(registry.keys(), registry)
@@ -335,10 +335,10 @@ def test_limits_and_usage_survive_a_restart_and_a_crash_loses_at_most_one_flush(
     assert sum(r[2] for r in registry.usage()) == 3
 
 
-def test_two_gateways_on_one_registry_share_a_budget(gateway, engine, tmp_path):
-    home = tmp_path / "home"
-    one = gateway(home, CORTEX_GATEWAY_USAGE_FLUSH_INTERVAL="0.2")
-    two = gateway(home, CORTEX_GATEWAY_USAGE_FLUSH_INTERVAL="0.2")
+def test_two_gateways_on_one_registry_share_a_budget(gateway, engine, tmp_path, registry_location):
+    home = tmp_path / "home"  # one home: the same admin token; the registry a file or a database
+    one = gateway(home, CORTEX_GATEWAY_USAGE_FLUSH_INTERVAL="0.2", CORTEX_GATEWAY_DB=registry_location)
+    two = gateway(home, CORTEX_GATEWAY_USAGE_FLUSH_INTERVAL="0.2", CORTEX_GATEWAY_DB=registry_location)
     key = routed(one, engine, budget_tokens_per_day=20)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the second gateway picks up the key from the registry

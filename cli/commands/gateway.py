@@ -43,6 +43,7 @@ def run_serve(
     """`cortex gateway` alone serves; with an action (replicas, settings) it only runs that."""
     if ctx.invoked_subcommand is not None:
         return
+    from cortex.gateway.registry import redact_url
     from cortex.gateway.server import serve
 
     settings = Settings.load(gateway_no_auth=True if no_auth else None)
@@ -55,7 +56,7 @@ def run_serve(
     token_source = "CORTEX_ADMIN_TOKEN" if settings.admin_token else str(settings.admin_token_path)
     print(
         f"cortex gateway on http://{host or settings.gateway_host}:{port or settings.gateway_port} "
-        f"(registry {settings.gateway_db}, admin token from {token_source})",
+        f"(registry {redact_url(settings.gateway_db)}, admin token from {token_source})",
         flush=True,
     )
     try:
@@ -94,11 +95,15 @@ def run_replicas(as_json: JsonFlag = False) -> int:
 
 
 def run_settings() -> int:
+    from cortex.gateway.registry import redact_url
+
     settings = Settings.load()
     print(describe())
     print()
     for name, value in dataclasses.asdict(settings).items():
         if name == "admin_token" and value:
             value = "(set)"
+        elif name == "gateway_db":
+            value = redact_url(value)  # a postgresql:// URL may carry a password
         print(f"{name} = {value}")
     return 0

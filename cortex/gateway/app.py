@@ -27,7 +27,7 @@ from .identity import verify_replica
 from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
 from .metrics import Metrics
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, open_registry
 from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
 from .usage import UsageBook
@@ -130,7 +130,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.connections = connections  # the server's client-connection limits, for /metrics
-        self.registry = registry or Registry(settings.gateway_db)
+        self.registry = registry or open_registry(settings.gateway_db)
         self.admin_token = settings.resolve_admin_token(create=True).encode()
         self.no_auth = settings.gateway_no_auth
         self.max_body = settings.gateway_max_body_bytes
@@ -218,7 +218,7 @@ class Gateway:
         try:
             self.flush_usage()
         except Exception:
-            log.exception("writing usage to the registry %s at shutdown failed", self.registry.path)
+            log.exception("writing usage to the registry %s at shutdown failed", self.registry.location)
         if self.access_log is not None:
             self.access_log.flush()
 
@@ -231,7 +231,11 @@ class Gateway:
         rows = self.usage.take()
         if not rows and not snapshot:
             return
-        totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
+        try:
+            totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
+        except BaseException:
+            self.usage.put_back(rows)  # the limiter's pending counts stay until an exchange
+            raise
         self.limiter.exchange(totals, today)
 
     async def _maintain(self) -> None:
@@ -241,7 +245,7 @@ class Gateway:
             try:
                 self._maybe_reload()
             except Exception:
-                log.exception("reloading the registry %s failed; keeping the current table", self.registry.path)
+                log.exception("reloading the registry %s failed; keeping the current table", self.registry.location)
             now = time.monotonic()
             for replica in list(self.table.replicas.values()):
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
@@ -254,7 +258,7 @@ class Gateway:
                 try:
                     self.flush_usage()
                 except Exception:  # kept in memory and written at the next flush
-                    log.exception("writing usage to the registry %s failed; retrying later", self.registry.path)
+                    log.exception("writing usage to the registry %s failed; retrying later", self.registry.location)
 
     async def _health_loop(self) -> None:
         while True:

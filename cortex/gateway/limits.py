@@ -20,7 +20,8 @@ consumed since its last flush to per-key totals in the registry and learns what 
 gateways consumed in the meantime, which it takes out of its own buckets; the bucket levels
 are saved with the time, so a restarted gateway resumes from them (refilled for the time it
 was down). The day's budget use is read back from the usage table, which all gateways share.
-A crash loses at most one flush interval T of consumption. With G gateways on one registry a
+A crash loses at most one flush interval T of consumption. With G gateways on one registry (a
+shared SQLite file on one host, or one PostgreSQL database for gateways on several hosts) a
 gateway sees the others' consumption at most 2T late, so in steady traffic the total admitted
 exceeds a limit by at most (G-1) x limit x 2T / 60 s per minute (budget: (G-1) x the tokens a
 gateway serves in 2T); a burst into full buckets on every gateway at once can admit up to G x

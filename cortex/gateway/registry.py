@@ -1,9 +1,14 @@
-"""The gateway's durable state: replicas, model aliases and client API keys, in SQLite (WAL).
+"""The gateway's durable state: replicas, model aliases and client API keys, in SQLite (WAL,
+the embedded default) or PostgreSQL (several gateways on several hosts; `PostgresRegistry`).
 
 The database is the source of truth; the gateway keeps a routing table in memory built from
 it and rebuilds that table whenever the database changes (its own writes, or another process's,
-seen through `PRAGMA data_version`). Every write runs in `BEGIN IMMEDIATE`, so two concurrent
-registrations queue on SQLite's write lock instead of interleaving.
+seen through `data_version()`). Writes are serialized: in SQLite every write runs in
+`BEGIN IMMEDIATE`, so two concurrent registrations queue on SQLite's write lock instead of
+interleaving; in PostgreSQL every write transaction starts by bumping a counter row, whose row
+lock does the same (see `PostgresRegistry`). Both backends run the same SQL (written with `?`
+placeholders and `ON CONFLICT` upserts, which both dialects accept); only the schema's column
+types, the placeholders and the change counter differ.
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .limits import KeyLimits
 
 KEY_PREFIX = "sk-cortex-"
 
+# {real} and {int} are the column types of each dialect (PostgreSQL's REAL is 4 bytes, INTEGER 4).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replicas (
     id TEXT PRIMARY KEY,
@@ -33,7 +40,7 @@ CREATE TABLE IF NOT EXISTS replicas (
     engine_api_key TEXT,
     state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'draining')),
     labels TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
+    created_at {real} NOT NULL,
     UNIQUE (model, url)
 );
 CREATE TABLE IF NOT EXISTS aliases (
@@ -49,35 +56,45 @@ CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT NOT NULL DEFAULT '',
     key_hash TEXT NOT NULL UNIQUE,
     models TEXT,
-    expires_at REAL,
-    disabled INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    rpm INTEGER,
-    tpm INTEGER,
-    budget_tokens_day INTEGER
+    expires_at {real},
+    disabled {int} NOT NULL DEFAULT 0,
+    created_at {real} NOT NULL,
+    rpm {int},
+    tpm {int},
+    budget_tokens_day {int}
 );
 CREATE TABLE IF NOT EXISTS key_usage (
     key_id TEXT NOT NULL,
     model TEXT NOT NULL,
-    hour INTEGER NOT NULL,
-    requests INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    rate_limited INTEGER NOT NULL DEFAULT 0,
+    hour {int} NOT NULL,
+    requests {int} NOT NULL DEFAULT 0,
+    prompt_tokens {int} NOT NULL DEFAULT 0,
+    completion_tokens {int} NOT NULL DEFAULT 0,
+    errors {int} NOT NULL DEFAULT 0,
+    rate_limited {int} NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, model, hour)
 );
 CREATE TABLE IF NOT EXISTS key_limit_state (
     key_id TEXT PRIMARY KEY,
-    requests_level REAL,
-    tokens_level REAL,
-    at REAL NOT NULL,
-    total_requests INTEGER NOT NULL DEFAULT 0,
-    total_tokens INTEGER NOT NULL DEFAULT 0
+    requests_level {real},
+    tokens_level {real},
+    at {real} NOT NULL,
+    total_requests {int} NOT NULL DEFAULT 0,
+    total_tokens {int} NOT NULL DEFAULT 0
 );
 """
 # Columns added to api_keys after its first release: (name, declaration), added to older files.
-KEY_COLUMNS_ADDED = (("rpm", "INTEGER"), ("tpm", "INTEGER"), ("budget_tokens_day", "INTEGER"))
+KEY_COLUMNS_ADDED = (("rpm", "INTEGER"), ("tpm", "INTEGER"), ("budget_tokens_day", "INTEGER"))  # SQLite only
+# The change counter of a PostgreSQL registry: `routes` is bumped by every write that changes what
+# a gateway routes (replicas, aliases, fallbacks, keys), `usage` by the usage flushes.
+PG_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS registry_version (
+    name TEXT PRIMARY KEY,
+    version BIGINT NOT NULL
+);
+INSERT INTO registry_version (name, version) VALUES ('routes', 0), ('usage', 0) ON CONFLICT (name) DO NOTHING
+"""
+USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
 KEY_COLUMNS = "id, name, key_hash, models, expires_at, disabled, created_at, rpm, tpm, budget_tokens_day"
 
 
@@ -162,11 +179,56 @@ def validate_replica_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def schema(real: str, integer: str) -> list[str]:
+    """The CREATE TABLE statements with a dialect's floating-point and integer column types."""
+    text = SCHEMA.replace("{real}", real).replace("{int}", integer)
+    return [statement for statement in text.strip().split(";") if statement.strip()]
+
+
+def is_postgres_url(location: str | os.PathLike) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    if parts.query:  # libpq also takes ?password=...
+        query = "&".join(
+            "password=***" if item.split("=", 1)[0] == "password" else item for item in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
+
+
+def open_registry(location: str | os.PathLike) -> "Registry":
+    """The registry `location` names: a `postgresql://` URL, else the path of a SQLite file."""
+    if is_postgres_url(location):
+        return PostgresRegistry(str(location))
+    return Registry(location)
+
+
+class Cursor(Protocol):
+    """What the shared SQL needs of a cursor (sqlite3's, or `_PgCursor`)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+
+
 class Registry:
-    """Replicas, aliases and API keys in one SQLite file."""
+    """Replicas, aliases and API keys in one SQLite file (the embedded default); the SQL here is
+    shared with `PostgresRegistry`, which overrides only the connection, transactions and
+    `data_version`. `open_registry` picks the backend from the setting's value."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.location = str(self.path)  # what logs and messages name (never a password)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
         self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -176,9 +238,8 @@ class Registry:
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         with self._write() as cur:
-            for statement in SCHEMA.strip().split(";"):
-                if statement.strip():
-                    cur.execute(statement)
+            for statement in schema("REAL", "INTEGER"):
+                cur.execute(statement)
             have = {row[1] for row in cur.execute("PRAGMA table_info(api_keys)")}
             for column, declaration in KEY_COLUMNS_ADDED:
                 if column not in have:
@@ -187,8 +248,14 @@ class Registry:
     def close(self) -> None:
         self._conn.close()
 
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of a read outside any write transaction."""
+        return self._conn.execute(sql, params).fetchall()
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
+    def _write(self, what: str = "routes") -> Iterator[Cursor]:
+        """One write transaction. `what` is "routes" for writes that change what a gateway routes
+        and "usage" for usage flushes (PostgreSQL keeps them apart; SQLite has one write lock)."""
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -243,28 +310,33 @@ class Registry:
                 (rid, model, url, engine_api_key, json.dumps(labels or {}), now),
             )
             for alias in aliases:
-                cur.execute("INSERT OR REPLACE INTO aliases (alias, model) VALUES (?, ?)", (alias, model))
+                cur.execute(
+                    "INSERT INTO aliases (alias, model) VALUES (?, ?)"
+                    " ON CONFLICT (alias) DO UPDATE SET model = excluded.model",
+                    (alias, model),
+                )
             if fallbacks is not None:
                 _write_fallbacks(cur, model, fallbacks)
         return self.replica(rid)
 
     def replica(self, replica_id: str) -> ReplicaRecord:
-        row = self._conn.execute(
+        rows = self._query(
             "SELECT id, model, url, engine_api_key, state, labels, created_at FROM replicas WHERE id = ?",
             (replica_id,),
-        ).fetchone()
+        )
+        row = rows[0] if rows else None
         if row is None:
             raise NotFound(f"no replica {replica_id!r}; `GET /admin/replicas` lists them")
         return ReplicaRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6])
 
     def replicas(self) -> list[ReplicaRecord]:
-        rows = self._conn.execute(
+        rows = self._query(
             "SELECT id, model, url, engine_api_key, state, labels, created_at FROM replicas ORDER BY model, created_at"
-        ).fetchall()
+        )
         return [ReplicaRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]) for r in rows]
 
     def aliases(self) -> dict[str, str]:
-        return dict(self._conn.execute("SELECT alias, model FROM aliases").fetchall())
+        return dict(self._query("SELECT alias, model FROM aliases"))
 
     def drain(self, replica_id: str) -> ReplicaRecord:
         with self._write() as cur:
@@ -293,7 +365,7 @@ class Registry:
 
     def fallbacks(self) -> dict[str, list[str]]:
         """name or alias -> fallback model names, in the order they are tried."""
-        return {name: json.loads(models) for name, models in self._conn.execute("SELECT name, models FROM fallbacks")}
+        return {name: json.loads(models) for name, models in self._query("SELECT name, models FROM fallbacks")}
 
     # --- API keys ---------------------------------------------------------------------------
 
@@ -331,13 +403,14 @@ class Registry:
         return key, self.key(kid)
 
     def key(self, key_id: str) -> ApiKeyRecord:
-        row = self._conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        rows = self._query(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        row = rows[0] if rows else None
         if row is None:
             raise NotFound(f"no API key {key_id!r}; `cortex keys list` shows them")
         return _key_record(row)
 
     def keys(self) -> list[ApiKeyRecord]:
-        rows = self._conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
+        rows = self._query(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at")
         return [_key_record(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> None:
@@ -377,15 +450,14 @@ class Registry:
         each has used since `day_start`, across every gateway on this registry."""
         totals: dict[str, tuple[int, int]] = {}
         today: dict[str, int] = {}
-        with self._write() as cur:
-            cur.executemany(
-                "INSERT INTO key_usage (key_id, model, hour, requests, prompt_tokens, completion_tokens, errors,"
-                " rate_limited) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, model, hour) DO UPDATE SET"
-                " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                " errors = errors + excluded.errors, rate_limited = rate_limited + excluded.rate_limited",
-                [(key_id, model, hour, *row) for key_id, model, row in usage],
-            )
+        with self._write("usage") as cur:
+            if usage:
+                cur.executemany(
+                    "INSERT INTO key_usage (key_id, model, hour, " + ", ".join(USAGE_COLUMNS) + ")"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, model, hour) DO UPDATE SET "
+                    + ", ".join(f"{c} = key_usage.{c} + excluded.{c}" for c in USAGE_COLUMNS),
+                    [(key_id, model, hour, *row) for key_id, model, row in usage],
+                )
             for key_id, level_requests, level_tokens, at, pending, seen in limits:
                 row = cur.execute(
                     "SELECT total_requests, total_tokens FROM key_limit_state WHERE key_id = ?", (key_id,)
@@ -397,46 +469,50 @@ class Registry:
                     level_tokens -= max(0, old[1] - seen[1])
                 new = (old[0] + pending[0], old[1] + pending[1])
                 cur.execute(
-                    "INSERT OR REPLACE INTO key_limit_state (key_id, requests_level, tokens_level, at,"
-                    " total_requests, total_tokens) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO key_limit_state (key_id, requests_level, tokens_level, at, total_requests,"
+                    " total_tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET"
+                    " requests_level = excluded.requests_level, tokens_level = excluded.tokens_level,"
+                    " at = excluded.at, total_requests = excluded.total_requests, total_tokens = excluded.total_tokens",
                     (key_id, level_requests, level_tokens, at, *new),
                 )
                 totals[key_id] = new
             if limits:
-                today = self._tokens_since(cur, day_start, [row[0] for row in limits])
+                sql, params = _tokens_since_query(day_start, [row[0] for row in limits])
+                today = {r[0]: int(r[1]) for r in cur.execute(sql, params).fetchall()}
         return totals, today
 
     def limit_states(self, key_ids: list[str]) -> dict[str, tuple[float | None, float | None, float, int, int]]:
         """Saved (request level, token level, at, total requests, total tokens) per key."""
         marks = ",".join("?" * len(key_ids))
-        rows = self._conn.execute(
+        rows = self._query(
             "SELECT key_id, requests_level, tokens_level, at, total_requests, total_tokens FROM key_limit_state"
             f" WHERE key_id IN ({marks})",
             key_ids,
-        ).fetchall()
+        )
         return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in rows}
 
     def tokens_since(self, since: float, key_ids: list[str]) -> dict[str, int]:
-        return self._tokens_since(self._conn.cursor(), since, key_ids)
-
-    @staticmethod
-    def _tokens_since(cur: sqlite3.Cursor, since: float, key_ids: list[str]) -> dict[str, int]:
-        marks = ",".join("?" * len(key_ids))
-        rows = cur.execute(
-            "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM key_usage"
-            f" WHERE hour >= ? AND key_id IN ({marks}) GROUP BY key_id",
-            (int(since // 3600), *key_ids),
-        ).fetchall()
-        return {r[0]: int(r[1]) for r in rows}
+        sql, params = _tokens_since_query(since, key_ids)
+        return {r[0]: int(r[1]) for r in self._query(sql, params)}
 
     def usage(self, since: float | None = None) -> list[tuple]:
         """(key id, model, requests, prompt, completion, errors, rate limited) summed over the
         hours from the one holding `since` (all recorded hours when None)."""
-        return self._conn.execute(
-            "SELECT key_id, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(errors),"
-            " SUM(rate_limited) FROM key_usage WHERE hour >= ? GROUP BY key_id, model ORDER BY key_id, model",
+        return self._query(
+            "SELECT key_id, model, "
+            + ", ".join(f"CAST(SUM({c}) AS BIGINT)" for c in USAGE_COLUMNS)
+            + " FROM key_usage WHERE hour >= ? GROUP BY key_id, model ORDER BY key_id, model",
             (-1 if since is None else int(since // 3600),),
-        ).fetchall()
+        )
+
+
+def _tokens_since_query(since: float, key_ids: list[str]) -> tuple[str, list]:
+    marks = ",".join("?" * len(key_ids))
+    sql = (
+        "SELECT key_id, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) FROM key_usage"
+        f" WHERE hour >= ? AND key_id IN ({marks}) GROUP BY key_id"
+    )
+    return sql, [int(since // 3600), *key_ids]
 
 
 def _check_limits(limits: KeyLimits) -> None:
@@ -445,7 +521,7 @@ def _check_limits(limits: KeyLimits) -> None:
             raise RegistryError(f"{name}: a whole number of at least 1, or null for no limit (got {value!r})")
 
 
-def _write_fallbacks(cur: sqlite3.Cursor, name: str, models: list[str] | tuple[str, ...]) -> list[str]:
+def _write_fallbacks(cur: Cursor, name: str, models: list[str] | tuple[str, ...]) -> list[str]:
     if not name or not isinstance(name, str):
         raise RegistryError("fallbacks: the model or alias they belong to needs a non-empty name")
     chain = list(models)
@@ -456,7 +532,10 @@ def _write_fallbacks(cur: sqlite3.Cursor, name: str, models: list[str] | tuple[s
     if len(set(chain)) != len(chain):
         raise RegistryError(f"fallbacks of {name!r}: a model is listed twice")
     if chain:
-        cur.execute("INSERT OR REPLACE INTO fallbacks (name, models) VALUES (?, ?)", (name, json.dumps(chain)))
+        cur.execute(
+            "INSERT INTO fallbacks (name, models) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET models = excluded.models",
+            (name, json.dumps(chain)),
+        )
     else:
         cur.execute("DELETE FROM fallbacks WHERE name = ?", (name,))
     return chain
@@ -465,3 +544,109 @@ def _write_fallbacks(cur: sqlite3.Cursor, name: str, models: list[str] | tuple[s
 def _key_record(row: tuple) -> ApiKeyRecord:
     models = tuple(json.loads(row[3])) if row[3] is not None else None
     return ApiKeyRecord(row[0], row[1], row[2], models, row[4], bool(row[5]), row[6], KeyLimits(row[7], row[8], row[9]))
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry's database cannot be reached (PostgreSQL down, or the network to it)."""
+
+    status = 503
+
+
+class PostgresRegistry(Registry):
+    """The registry in a PostgreSQL database, so that several gateways (on several hosts) serve
+    the same routes and keys. The tables and SQL are `Registry`'s; what differs:
+
+    - Column types: DOUBLE PRECISION and BIGINT (PostgreSQL's REAL and INTEGER are 4 bytes).
+    - Writes and change detection: every write transaction starts by bumping its row of
+      `registry_version` (`routes` for replicas, aliases, fallbacks and keys; `usage` for the
+      usage flushes). The row lock that UPDATE takes is held until commit, so writers queue the
+      way SQLite's `BEGIN IMMEDIATE` makes them (and, at READ COMMITTED, each later statement of
+      the transaction sees what the writer before committed: register's alias checks and
+      flush_usage's read-modify-write stay correct). The `routes` counter is what
+      `data_version()` returns: one primary-key read that each gateway polls every 0.5 s, like
+      `PRAGMA data_version`. A counter rather than LISTEN/NOTIFY: it is bumped in the change's
+      own transaction, so a gateway never sees the version without the data, and a gateway whose
+      connection dropped catches up by comparing numbers, where a notification sent while it was
+      away is lost.
+    - The connection: one per gateway, re-opened on the next call after it breaks; while the
+      database is down, calls raise `RegistryUnavailable` (503) and the gateway keeps routing
+      with the table it has (the request path never reads the database).
+    """
+
+    def __init__(self, url: str, connect_timeout: int = 10) -> None:
+        import psycopg
+
+        if not is_postgres_url(url):
+            raise RegistryError(f"{redact_url(url)}: expected a postgresql://user@host:port/database URL")
+        self._psycopg = psycopg
+        self.url = url
+        self.location = redact_url(url)
+        self._connect_timeout = connect_timeout
+        self._lock = threading.RLock()
+        self._conn: Any = None
+        with self._connected() as conn, conn.transaction():
+            # Two gateways starting at once must not both create the tables.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('cortex gateway registry schema'))")
+            for statement in schema("DOUBLE PRECISION", "BIGINT"):
+                conn.execute(statement)
+            for statement in PG_VERSION_TABLE.strip().split(";"):
+                conn.execute(statement)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    @contextmanager
+    def _connected(self) -> Iterator[Any]:
+        """The connection (opened again if the last one broke), used by one thread at a time;
+        connection failures become `RegistryUnavailable`."""
+        psycopg = self._psycopg
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(
+                        self.url,
+                        autocommit=True,
+                        connect_timeout=self._connect_timeout,
+                        application_name="cortex-gateway",
+                    )
+                yield self._conn
+            except psycopg.OperationalError as exc:
+                raise RegistryUnavailable(f"the registry database {self.location} is unavailable: {exc}") from None
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._connected() as conn:
+            return conn.execute(_pg(sql), params).fetchall()
+
+    @contextmanager
+    def _write(self, what: str = "routes") -> Iterator[Cursor]:
+        with self._connected() as conn, conn.transaction():
+            cur = conn.cursor()
+            cur.execute("UPDATE registry_version SET version = version + 1 WHERE name = %s", (what,))
+            yield _PgCursor(cur)
+
+    def data_version(self) -> int:
+        """The `routes` counter: changes with every committed change of routes or keys."""
+        return self._query("SELECT version FROM registry_version WHERE name = 'routes'")[0][0]
+
+
+def _pg(sql: str) -> str:
+    """The shared SQL's `?` placeholders as psycopg's `%s` (no statement here has a literal ? or %)."""
+    return sql.replace("?", "%s")
+
+
+class _PgCursor:
+    """A psycopg cursor that takes the shared SQL (`?` placeholders)."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cur.execute(_pg(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
+        return self._cur.executemany(_pg(sql), rows)

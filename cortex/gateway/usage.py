@@ -51,6 +51,15 @@ class UsageBook:
             self._add(key_id, row)
         return rows
 
+    def put_back(self, rows: list[tuple[str, str, list[int]]]) -> None:
+        """Rows `take` gave out that a failed flush did not write: pending again, for the next."""
+        for key_id, model, row in rows:
+            total = self.totals[key_id if key_id in self.totals else OTHER]
+            pending = self.pending.setdefault((key_id, model), [0, 0, 0, 0, 0])
+            for i, value in enumerate(row):
+                total[i] -= value
+                pending[i] += value
+
     def _add(self, key_id: str, row: list[int]) -> None:
         label = key_id if key_id in self.totals or len(self.totals) < self.max_keys else OTHER
         total = self.totals.get(label)
