@@ -130,8 +130,10 @@ class QualityReport(BaseModel):
         )
 
 
-class _LlamaServer:
-    """The native llama-server calls the check needs."""
+class _EngineClient:
+    """An engine's own HTTP API (not the OpenAI one): JSON posts whose failures say which engine."""
+
+    engine = "the engine"
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float):
         self.base = base_url.rstrip("/").removesuffix("/v1")
@@ -148,10 +150,16 @@ class _LlamaServer:
         try:
             resp = self.client.post(url, json=body)
         except httpx.HTTPError as exc:
-            raise QualityCheckError(f"cannot reach llama-server at {url}: {exc}") from exc
+            raise QualityCheckError(f"cannot reach {self.engine} at {url}: {exc}") from exc
         if resp.status_code != 200:
             raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
         return resp.json()
+
+
+class _LlamaServer(_EngineClient):
+    """The native llama-server calls the check needs."""
+
+    engine = "llama-server"
 
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self._post("/tokenize", {"content": text, "add_special": True})["tokens"]]
@@ -203,28 +211,18 @@ class _LlamaServer:
             raise QualityCheckError(f"llama-server at {url} failed mid-stream: {exc}") from exc
 
 
-class _VllmServer:
+class _VllmServer(_EngineClient):
     """The vLLM calls a greedy reference needs: `/tokenize` and `/v1/completions` on token ids,
     with `return_tokens_as_token_ids` so tokens come back as ids, not text."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
-        self.base = base_url.rstrip("/").removesuffix("/v1")
-        self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers, trust_env=False)
+    engine = "vLLM"
 
-    def close(self) -> None:
-        self.client.close()
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
+        super().__init__(base_url, api_key, timeout)
+        self.model = model
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.base + path
-        try:
-            resp = self.client.post(url, json={"model": self.model, **body})
-        except httpx.HTTPError as exc:
-            raise QualityCheckError(f"cannot reach vLLM at {url}: {exc}") from exc
-        if resp.status_code != 200:
-            raise QualityCheckError(f"POST {url} answered {resp.status_code}: {resp.text[:300]}")
-        return resp.json()
+        return super()._post(path, {"model": self.model, **body})
 
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self._post("/tokenize", {"prompt": text, "add_special_tokens": True})["tokens"]]

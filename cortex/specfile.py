@@ -385,24 +385,34 @@ def parse_spec_text(text: str, filename: str, base: Path | None = None) -> Model
         raise validation_problems(e, filename, root) from None
 
 
-def load_spec(path: str | Path) -> ModelSpec:
+def read_checked_text(path: str | Path, limit: int, what: str, folder_hint: str = "") -> str:
+    """A spec-like file's text, or SpecError (`FILE:1: (file): ...`) saying why it is not one:
+    missing, a folder, not a regular file, over `limit` bytes, not UTF-8. `what` says what the
+    file should be ("a spec is a YAML file"); `folder_hint` what to do when a folder is named."""
     path = Path(path)
 
     def problem(message: str) -> SpecError:
         return SpecError([Problem(str(path), 1, "(file)", message)])
 
     try:
-        data = read_regular_file(path, limit=MAX_SPEC_BYTES)
+        data = read_regular_file(path, limit=limit)
     except UnreadableFile as e:
         if str(e) == "no such file":
             raise problem("no such file; check the path") from None
-        if str(e).startswith("is a folder"):
-            raise problem("is a folder; name a spec file (or use `cortex validate FOLDER`)") from None
-        raise problem(f"{e}; a spec is a YAML file of at most {MAX_SPEC_BYTES // 1024} KiB") from None
+        if str(e).startswith("is a folder") and folder_hint:
+            raise problem(f"is a folder; {folder_hint}") from None
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit // 1024} KiB"
+        raise problem(f"{e}; {what} of at most {size}") from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise problem("is not UTF-8 text; a spec is a YAML file") from None
+        raise problem(f"is not UTF-8 text; {what}") from None
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    text = read_checked_text(
+        path, MAX_SPEC_BYTES, "a spec is a YAML file", "name a spec file (or use `cortex validate FOLDER`)"
+    )
     return parse_spec_text(text, str(path), base=Path(os.path.realpath(path)).parent)
 
 

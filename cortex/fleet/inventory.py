@@ -247,22 +247,7 @@ def parse_hosts_text(text: str, filename: str) -> list[HostInventory]:
 
 def load_hosts(path: str | Path) -> list[HostInventory]:
     """The hosts of a hosts file; SpecError with `FILE:LINE` problems when it is not one."""
-    from cortex.fileio import UnreadableFile, read_regular_file
-    from cortex.specfile import Problem, SpecError
+    from cortex.specfile import read_checked_text
 
-    path = Path(path)
-
-    def problem(message: str) -> SpecError:
-        return SpecError([Problem(str(path), 1, "(file)", message)])
-
-    try:
-        data = read_regular_file(path, limit=MAX_HOSTS_FILE_BYTES)
-    except UnreadableFile as e:
-        if str(e) == "no such file":
-            raise problem("no such file; check the path") from None
-        raise problem(f"{e}; a hosts file is a YAML or JSON file of at most {MAX_HOSTS_FILE_BYTES >> 20} MiB") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise problem("is not UTF-8 text; a hosts file is YAML or JSON") from None
+    text = read_checked_text(path, MAX_HOSTS_FILE_BYTES, "a hosts file is YAML or JSON")
     return parse_hosts_text(text, str(path))
