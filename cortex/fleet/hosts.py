@@ -115,3 +115,25 @@ def free_summary(inv: HostInventory) -> str:
     if inv.disk_free_bytes is not None:
         parts.append(f"{format_bytes(inv.disk_free_bytes)} disk")
     return "; ".join(parts)
+
+
+ControlKind = Literal["fleet", "local"]
+
+
+def control_path(hosts: dict[str, HostStatus], pool: str) -> tuple[ControlKind, str]:
+    """Where the control plane applies specs, and why. `hosts`: each record in `pool` -> status.
+
+    The fleet, as soon as one host has a Prefect worker in the pool, online or not: with every
+    worker offline a spec then fails with the placement trace ("no host ... is online") instead
+    of landing on the control plane's own machine by surprise. This machine, when no host has
+    one: no record, or only records whose worker never started (`no worker`: nothing can run
+    there). That keeps the single-machine path exactly as it was."""
+    joined = {h: s for h, s in hosts.items() if s != "no worker"}
+    if not joined:
+        never = sorted(h for h, s in hosts.items() if s == "no worker")
+        return "local", f"no host with a Prefect worker has joined work pool {pool!r}: this machine is the fleet" + (
+            f" (records without a worker, ignored: {', '.join(never)})" if never else ""
+        )
+    online = sorted(h for h, s in joined.items() if s == "online")
+    listed = ", ".join(f"{h} ({s})" for h, s in sorted(hosts.items()))
+    return "fleet", f"{len(joined)} host(s) joined work pool {pool!r}, {len(online)} online: {listed}"
