@@ -4,8 +4,12 @@ engine dies mid-stream, and a redeploy under load that loses no request."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -184,6 +188,23 @@ def test_engine_metrics_come_through_the_admin_route(gateway, routed, llama_serv
     assert "501" in r.text and llama_server.api_key not in r.text  # the engine's answer, never its key
     r = httpx.get(f"{gateway.url}/admin/replicas/no-such-replica/metrics", headers=admin, timeout=60)
     assert r.status_code == 404 and "no replica" in r.json()["error"]["message"]
+
+    # `cortex hosts --prometheus-targets`: file_sd groups whose __metrics_path__ is that route
+    listed = subprocess.run(
+        [sys.executable, "-m", "cli", "hosts", "--prometheus-targets"],
+        env=gateway.env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    groups = {g["labels"]["replica"]: g for g in json.loads(listed.stdout)}
+    group = groups[replica["id"]]
+    assert group["targets"] == [gateway.url.removeprefix("http://")]
+    assert group["labels"]["__scheme__"] == "http" and group["labels"]["model"] == "smollm2-metrics"
+    scraped = httpx.get(gateway.url + group["labels"]["__metrics_path__"], headers=admin, timeout=60)
+    assert scraped.status_code == 200 and "llamacpp:prompt_tokens_total" in scraped.text
 
 
 def test_embeddings_match_the_engine(gateway, start_llama_server, test_model):
