@@ -164,6 +164,10 @@ def test_engine_metrics_come_through_the_admin_route(gateway, routed, llama_serv
     """GET /admin/replicas/{id}/metrics is the engine's own Prometheus text (llama-server
     started with --metrics, as Cortex starts it), fetched with the engine's key: a scraper needs
     only the admin token. An engine without --metrics is a 502 that says so."""
+    from cortex.engines import llamacpp
+
+    # the flag as Cortex's own launch passes it (checked against llama-server --help elsewhere)
+    assert "--metrics" in llamacpp.server_args(model_path="/m.gguf", served_name="x", port=8080, embed=False)
     server = start_llama_server(test_model.gguf, "--metrics", "--alias", "smollm2-metrics")
     with gateway.client() as c:
         replica = c.register("smollm2-metrics", server.base_url, engine_api_key=server.api_key)
