@@ -20,16 +20,25 @@ from cortex.hub import sha256_of
 from cortex.settings import Settings
 
 
+# AppliedSpec.runtime of a spec applied to the fleet's hosts (flows/fleet.py): its replicas run
+# there, so this machine's runtimes and restart watch leave it to the hosts and to reconcile.
+FLEET = "fleet"
+
+
 @dataclass
 class AppliedSpec:
     spec_path: str  # absolute
     spec_sha256: str
     name: str  # the served model name
-    runtime: str
-    source_revision: str  # commit sha, or sha256 of local weights
-    replica: str
+    runtime: str  # process | docker | FLEET
+    source_revision: str  # commit sha, or sha256 of local weights ("" on the fleet: each host resolves it)
+    replica: str  # on the fleet: the hosts it was deployed on, comma-separated
     endpoint: str
     applied_at: str
+
+    @property
+    def on_fleet(self) -> bool:
+        return self.runtime == FLEET
 
     def spec_changed(self, spec_path: str | Path) -> bool:
         """Whether the file at `spec_path` differs from the one this record was applied from."""

@@ -33,6 +33,8 @@ def dead_specs(folder: str | Path) -> dict[str, str]:
         path = Path(record.spec_path)
         if path.parent != folder or not path.is_file():
             continue  # another folder's, or deleted (retire-spec handles that)
+        if record.on_fleet:
+            continue  # its replicas run on the fleet's hosts, not here
         try:
             runtime = get_runtime(record.runtime)
             replicas = runtime.replicas_of(record.name)

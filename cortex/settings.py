@@ -108,6 +108,12 @@ FIELDS: list[Field] = [
     Field("gateway_max_body_bytes", int, 16 * 1024 * 1024, "Largest request body accepted; larger gets 413."),
     Field("gateway_health_interval", float, 2.0, "Seconds between health checks of each replica."),
     Field("gateway_health_timeout", float, 2.0, "Seconds a replica's /health may take before it counts as down."),
+    Field(
+        "gateway_metrics_timeout",
+        float,
+        10.0,
+        "Seconds the gateway waits for an engine's /metrics when it proxies a scrape (GET /admin/replicas/{id}/metrics).",
+    ),
     Field("gateway_connect_timeout", float, 3.0, "Seconds to open a connection to a replica before trying another."),
     Field(
         "gateway_read_timeout", float, 600.0, "Seconds a replica may stay silent mid-request before the request fails."
@@ -238,6 +244,7 @@ class Settings:
     gateway_max_body_bytes: int
     gateway_health_interval: float
     gateway_health_timeout: float
+    gateway_metrics_timeout: float
     gateway_connect_timeout: float
     gateway_read_timeout: float
     gateway_affinity: bool

@@ -12,6 +12,13 @@
                                            model is not running, retire models of deleted specs,
                                            and report what runs against what the specs declare
 
+Each of them first asks `fleet_or_local()` where to act: with no host joined to the work pool
+the local machine is the fleet and everything runs here, as above; as soon as a host has joined
+(`cortex host join`), apply-spec runs the fleet-apply flow (flows/fleet.py: place the replicas,
+deploy each on its host) as a subflow, reconcile reads what runs from the hosts' records, and
+retire-spec runs retire-model on each host that runs a model applied there. The choice and its reason are
+in the run's log and its `control-path` artifact.
+
 These are what `cortex serve` registers as deployments (flows/serve.py). Every flow reads the
 spec from disk; an event that started it only names the file.
 
@@ -23,6 +30,7 @@ deleted spec's model is found.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,11 +41,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 from prefect.context import FlowRunContext
 
-from cortex.applied import AppliedSpec, all_applied, forget_applied, read_applied, spec_sha256, write_applied
+from cortex.applied import FLEET, AppliedSpec, all_applied, forget_applied, read_applied, spec_sha256, write_applied
+from cortex.fleet.hosts import ControlKind, control_path, deployment_name
 from cortex.runtime.rollout import BenchmarkSummary
 from cortex.runtime import RuntimeKind
 from cortex.spec import ModelSpec
 from cortex.specfile import SpecError, load_spec, spec_files
+from flows.fleet import DEPLOY_TIMEOUT_S, POOL, FleetHost, fleet_apply, read_fleet
 from tasks.common import TASK_OPTIONS, artifact_key
 
 
@@ -81,6 +91,40 @@ def _running_replica(name: str, runtime: str, replica_name: str | None = None):
     return None
 
 
+@dataclass(frozen=True)
+class ControlPath:
+    """Where this run acts (cortex.fleet.hosts.control_path decides), and the hosts it read."""
+
+    kind: ControlKind
+    reason: str
+    pool: str
+    hosts: list[FleetHost]
+
+    @property
+    def fleet_models(self) -> dict[str, list[str]]:
+        """model -> the online hosts whose record lists a replica of it."""
+        models: dict[str, list[str]] = {}
+        for h in self.hosts:
+            if h.status == "online":
+                for r in h.record.replicas:
+                    models.setdefault(r.model, []).append(h.record.name)
+        return models
+
+
+def fleet_or_local(pool: str = POOL) -> ControlPath:
+    """The one place the control plane decides between the fleet and this machine: logged, and
+    published as the run's `control-path` artifact."""
+    hosts = read_fleet(pool)
+    kind, reason = control_path({h.record.name: h.status for h in hosts}, pool)
+    get_run_logger().info("acting on the %s: %s", "fleet" if kind == "fleet" else "local machine", reason)
+    create_markdown_artifact(
+        key="control-path",
+        markdown=f"## Acting on the {'fleet' if kind == 'fleet' else 'local machine'}\n\n{reason}",
+        description=f"{kind}: {reason}"[:300],
+    )
+    return ControlPath(kind, reason, pool, hosts)
+
+
 # --- flows -------------------------------------------------------------------------------------
 
 
@@ -91,6 +135,7 @@ def apply_spec(
     runtime: RuntimeKind | None = None,
     gateway: bool | None = None,
     restart: str | None = None,
+    pool: str = POOL,
 ) -> dict[str, Any]:
     """Deploy the model the spec file at `spec_path` describes (see the module docstring).
 
@@ -98,7 +143,8 @@ def apply_spec(
     the running replica again. runtime: process | docker (default: the spec's). gateway: True
     requires the gateway, False skips it, unset uses it when one answers. restart: set by
     `cortex serve` when the model's engine died (why, and which attempt); said in the run's log
-    and a `replica-restart` artifact."""
+    and a `replica-restart` artifact. pool: the fleet's Prefect work pool; with a host joined
+    to it the spec is applied on the fleet (fleet-apply), else here."""
     from tasks.benchmark import benchmark_replica
     from tasks.prepare import resolve_source
 
@@ -114,6 +160,9 @@ def apply_spec(
         )
     spec = validate_spec(path)
     digest = spec_sha256(path)
+    where = fleet_or_local(pool)
+    if where.kind == "fleet":
+        return _apply_on_fleet(spec, path, digest, where, gateway, scheduled)
     kind = runtime or spec.runtime
     _tag_run(f"model:{spec.name}", f"runtime:{kind}", "scheduled" if scheduled else "applied")
     resolved = resolve_source(spec)
@@ -178,8 +227,40 @@ def apply_spec(
         "gateway": result.get("gateway"),
         "changes": result.get("changes", []),
         "benchmark": bench,
+        "control_path": where.reason,
     }
     _publish_outcome(path, digest, outcome, smoke=result.get("smoke"))
+    return outcome
+
+
+def _apply_on_fleet(
+    spec: ModelSpec, path: str, digest: str, where: ControlPath, gateway: bool | None, scheduled: bool
+) -> dict[str, Any]:
+    """Run fleet-apply as a subflow. A scheduled run does the same: each host's deploy reuses a
+    replica whose spec, source commit and plan are unchanged and redeploys one whose commit moved."""
+    _tag_run(f"model:{spec.name}", "fleet", "scheduled" if scheduled else "applied")
+    result = fleet_apply(path, pool=where.pool, gateway=gateway)
+    hosts = sorted(result["deployed"])
+    write_applied(
+        AppliedSpec(
+            spec_path=path,
+            spec_sha256=digest,
+            name=spec.name,
+            runtime=FLEET,
+            source_revision="",
+            replica=",".join(hosts),
+            endpoint="",
+            applied_at=datetime.now(timezone.utc).isoformat(),
+        )
+    )
+    outcome = {
+        "action": "deployed on the fleet",
+        "name": spec.name,
+        "hosts": hosts,
+        "deploy_runs": {h: r["flow_run"] for h, r in result["deployed"].items()},
+        "control_path": where.reason,
+    }
+    _publish_outcome(path, digest, outcome)
     return outcome
 
 
@@ -237,8 +318,9 @@ def _publish_outcome(spec_path: str, digest: str, outcome: dict[str, Any], smoke
 
 
 @flow(name="retire-spec")
-def retire_spec(spec_path: str) -> list[str]:
-    """The spec file at `spec_path` was deleted: retire the model Cortex deployed from it."""
+def retire_spec(spec_path: str, pool: str = POOL) -> list[str]:
+    """The spec file at `spec_path` was deleted: retire the model Cortex deployed from it (where
+    it was applied: here, or on each host of `pool` that runs it)."""
     from flows.deploy import retire_model
 
     logger = get_run_logger()
@@ -251,11 +333,14 @@ def retire_spec(spec_path: str) -> list[str]:
         logger.info("no model was deployed from %s by Cortex; nothing to retire", path)
         return []
     _tag_run(f"model:{record.name}")
-    try:
-        stopped = retire_model(record.name, runtime=record.runtime)
-    except LookupError:
-        logger.info("%s was no longer running", record.name)
-        stopped = []
+    if record.on_fleet:  # applied on the fleet: retired on the hosts that run it
+        stopped = _retire_on_fleet(record.name, fleet_or_local(pool))
+    else:  # applied here (before any host joined, too): retired here
+        try:
+            stopped = retire_model(record.name, runtime=record.runtime)
+        except LookupError:
+            logger.info("%s was no longer running", record.name)
+            stopped = []
     forget_applied(path)
     create_markdown_artifact(
         key="retired-spec",
@@ -266,20 +351,56 @@ def retire_spec(spec_path: str) -> list[str]:
     return stopped
 
 
+def _retire_on_fleet(model: str, where: ControlPath) -> list[str]:
+    """Run retire-model on each online host that runs `model`, one after the other; fails naming
+    the hosts where it failed and the offline hosts that still list the model."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    stopped: list[str] = []
+    failed: list[str] = []
+    for host in where.hosts:
+        if not any(r.model == model for r in host.record.replicas):
+            continue
+        name = host.record.name
+        if host.status != "online":
+            failed.append(f"{name}: {host.status}, its replicas of {model} could not be retired")
+            continue
+        run = run_deployment(  # waits for the run to end (the drain and stop take seconds)
+            deployment_name("retire-model", name),
+            parameters={"name": model},
+            timeout=DEPLOY_TIMEOUT_S,
+            tags=[f"model:{model}", f"host:{name}"],
+        )
+        state = run.state  # type: ignore[union-attr]  # the sync form returns the FlowRun
+        if state is not None and state.is_completed():
+            logger.info("%s: retired on %s (flow run %s)", model, name, run.name)  # type: ignore[union-attr]
+            stopped.append(f"{model} on {name}")
+        else:
+            failed.append(f"{name}: {state.name if state else 'no state'}: {state.message if state else ''}")
+    if failed:
+        raise RuntimeError(f"retiring {model} on the fleet failed: " + "; ".join(failed))
+    return stopped
+
+
 @flow(name="reconcile-specs")
-def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = None) -> dict[str, Any]:
+def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = None, pool: str = POOL) -> dict[str, Any]:
     """Bring what runs in line with the spec files in `specs_dir`, and report both.
 
     apply: False only reports. A spec is applied when its file changed since it was last
     applied, it was never applied, or its model is not running; a model deployed from a spec
     file of this folder that is gone is retired. Models started by hand (`cortex deploy`) are
-    reported, never touched."""
+    reported, never touched. With a host joined to `pool`, "running" is what the online hosts'
+    records list, and specs are applied and retired on the fleet."""
     from flows.deploy import available_runtimes
 
     logger = get_run_logger()
     folder = Path(specs_dir).expanduser().absolute()
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder of spec files")
+    where = fleet_or_local(pool)
+    on_fleet = where.kind == "fleet"
+    fleet_models = where.fleet_models
     rows: list[dict[str, Any]] = []
     declared: set[str] = set()
     for file in spec_files([folder]):
@@ -300,12 +421,19 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
             continue
         declared.add(spec.name)
         record = read_applied(path)
-        running = record is not None and _running_replica(record.name, record.runtime, record.replica) is not None
+        if on_fleet:
+            running = record is not None and record.on_fleet and spec.name in fleet_models
+        else:
+            running = (
+                record is not None
+                and not record.on_fleet
+                and _running_replica(record.name, record.runtime, record.replica) is not None
+            )
         changed = record is None or record.spec_changed(path) or record.name != spec.name
         state = "up to date" if running and not changed else ("changed" if running else "not running")
         action, detail = "none", ""
         if state != "up to date" and apply:
-            run = apply_spec(path, runtime=runtime, return_state=True)
+            run = apply_spec(path, runtime=runtime, pool=pool, return_state=True)
             action = "applied" if run.is_completed() else "failed"
             detail = "" if run.is_completed() else str(run.message or run.name)
         rows.append({"spec": file.name, "model": spec.name, "state": state, "action": action, "detail": detail})
@@ -313,7 +441,7 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
         if Path(record.spec_path).parent == folder and not Path(record.spec_path).exists():
             action = "retired" if apply else "none"
             if apply:
-                retire_spec(record.spec_path)
+                retire_spec(record.spec_path, pool=pool)
             rows.append(
                 {
                     "spec": Path(record.spec_path).name,
@@ -323,21 +451,40 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
                     "detail": "",
                 }
             )
-    running_rows = [
-        {
-            "model": r.model,
-            "replica": r.name,
-            "engine": r.engine,
-            "runtime": r.runtime,
-            "endpoint": r.endpoint,
-            "declared": r.model in declared,
-        }
-        for rt in available_runtimes(runtime)
-        for r in rt.list()
-    ]
+    if on_fleet:
+        running_rows = [
+            {
+                "model": r.model,
+                "replica": r.name,
+                "engine": r.engine,
+                "runtime": r.runtime,
+                "endpoint": r.endpoint,
+                "declared": r.model in declared,
+                "host": f"{h.record.name} ({h.status})",
+            }
+            for h in where.hosts
+            for r in h.record.replicas
+        ]
+    else:
+        running_rows = [
+            {
+                "model": r.model,
+                "replica": r.name,
+                "engine": r.engine,
+                "runtime": r.runtime,
+                "endpoint": r.endpoint,
+                "declared": r.model in declared,
+            }
+            for rt in available_runtimes(runtime)
+            for r in rt.list()
+        ]
     create_table_artifact(key="declared-specs", table=rows, description=f"spec files in {folder}")
     create_table_artifact(
-        key="running-models", table=running_rows, description="what runs now, and whether a spec declares it"
+        key="running-models",
+        table=running_rows,
+        description="what runs now"
+        + (" on the fleet's hosts (their last records)" if on_fleet else "")
+        + ", and whether a spec declares it",
     )
     undeclared = [str(r["model"]) for r in running_rows if not r["declared"]]
     if undeclared:
@@ -345,4 +492,4 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
     failed = [r for r in rows if r["action"] == "failed"]
     if failed:
         raise RuntimeError("could not apply " + ", ".join(f"{r['spec']} ({r['detail']})" for r in failed))
-    return {"specs": rows, "running": running_rows}
+    return {"specs": rows, "running": running_rows, "control_path": where.reason}

@@ -4,8 +4,12 @@ engine dies mid-stream, and a redeploy under load that loses no request."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -154,6 +158,57 @@ def test_models_list_and_error_types(gateway, routed):
     with pytest.raises(openai.APIStatusError) as err:
         g.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x" * 300_000}])
     assert err.value.status_code == 413
+
+
+def test_engine_metrics_come_through_the_admin_route(gateway, routed, llama_server, start_llama_server, test_model):
+    """GET /admin/replicas/{id}/metrics is the engine's own Prometheus text (llama-server
+    started with --metrics, as Cortex starts it), fetched with the engine's key: a scraper needs
+    only the admin token. An engine without --metrics is a 502 that says so."""
+    from cortex.engines import llamacpp
+
+    # the flag as Cortex's own launch passes it (checked against llama-server --help elsewhere)
+    assert "--metrics" in llamacpp.server_args(model_path="/m.gguf", served_name="x", port=8080, embed=False)
+    server = start_llama_server(test_model.gguf, "--metrics", "--alias", "smollm2-metrics")
+    with gateway.client() as c:
+        replica = c.register("smollm2-metrics", server.base_url, engine_api_key=server.api_key)
+        key = c.create_key(name="metrics")["key"]
+    via_gateway(gateway, key).completions.create(model="smollm2-metrics", prompt="One, two,", max_tokens=4)
+    admin = {"Authorization": f"Bearer {gateway.admin_token()}"}
+    url = f"{gateway.url}/admin/replicas/{replica['id']}/metrics"
+
+    r = httpx.get(url, headers=admin, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    predicted = [line for line in r.text.splitlines() if line.startswith("llamacpp:tokens_predicted_total")]
+    assert predicted and float(predicted[0].split()[-1]) >= 1, r.text[:2000]
+    assert "# TYPE llamacpp:requests_processing gauge" in r.text
+    # the engine itself refuses a scrape without its key; the gateway refuses one without the admin token
+    assert httpx.get(server.base_url + "/metrics", timeout=60).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 401
+
+    r = httpx.get(f"{gateway.url}/admin/replicas/{routed['replica']['id']}/metrics", headers=admin, timeout=60)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "engine_metrics_unavailable"
+    assert "501" in r.text and llama_server.api_key not in r.text  # the engine's answer, never its key
+    r = httpx.get(f"{gateway.url}/admin/replicas/no-such-replica/metrics", headers=admin, timeout=60)
+    assert r.status_code == 404 and "no replica" in r.json()["error"]["message"]
+
+    # `cortex hosts --prometheus-targets`: file_sd groups whose __metrics_path__ is that route
+    listed = subprocess.run(
+        [sys.executable, "-m", "cli", "hosts", "--prometheus-targets"],
+        env=gateway.env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    groups = {g["labels"]["replica"]: g for g in json.loads(listed.stdout)}
+    group = groups[replica["id"]]
+    assert group["targets"] == [gateway.url.removeprefix("http://")]
+    assert group["labels"]["__scheme__"] == "http" and group["labels"]["model"] == "smollm2-metrics"
+    scraped = httpx.get(gateway.url + group["labels"]["__metrics_path__"], headers=admin, timeout=60)
+    assert scraped.status_code == 200 and "llamacpp:prompt_tokens_total" in scraped.text
 
 
 def test_embeddings_match_the_engine(gateway, start_llama_server, test_model):

@@ -8,7 +8,11 @@
         on that host: pause its queue, retire every replica it runs (drained from the gateway
         first), stop its `cortex host join`, remove its deployments, queue and record
     cortex hosts [--pool cortex] [--json]
-        every joined host: status (its Prefect worker's), address, labels, free capacity, replicas
+        every joined host: status (its Prefect worker's), address, labels, GPU memory used and
+        free, free capacity, and each replica with its state (the gateway's health, when one answers)
+    cortex hosts --prometheus-targets
+        Prometheus file_sd JSON for every engine replica the gateway routes (its admin route
+        /admin/replicas/{id}/metrics); needs the gateway, not Prefect
 
 The host's flow runs (its worker's children) get CORTEX_HOST_NAME=NAME and
 CORTEX_ENGINE_HOST=ADDR: engines listen on the host's address, register there in the gateway,
@@ -57,9 +61,10 @@ def register(app: typer.Typer) -> None:
         app,
         run_hosts,
         "hosts",
-        short_help="the fleet's hosts: status, labels, free capacity, replicas",
+        short_help="the fleet's hosts: status, labels, GPU memory, free capacity, replicas and their state",
         help="List the hosts joined with `cortex host join`: status from their Prefect worker's heartbeat, "
-        "labels, free capacity and the replicas each runs. No host joined: the local machine is the fleet.",
+        "labels, GPU memory used and free, free capacity, and the replicas each runs with their state (the "
+        "gateway's health check, when a gateway answers). No host joined: the local machine is the fleet.",
     )
 
 
@@ -234,27 +239,65 @@ def run_leave(
     return 1 if failed else 0
 
 
-def run_hosts(pool: PoolOption = "cortex", as_json: JsonFlag = False) -> int:
+def _gateway_replicas() -> dict[str, dict] | None:
+    """The gateway's replicas by id when one answers at CORTEX_GATEWAY_URL, else None."""
+    from cortex.gateway.client import gateway_client
+
+    gw = gateway_client(None)
+    if gw is None:
+        return None
+    with gw:
+        return {r["id"]: r for r in gw.list()["replicas"]}
+
+
+def run_hosts(
+    pool: PoolOption = "cortex",
+    as_json: JsonFlag = False,
+    prometheus_targets: Annotated[
+        bool,
+        typer.Option(
+            "--prometheus-targets",
+            help="print Prometheus file_sd JSON: one target per engine replica the gateway routes, "
+            "scraped through GET /admin/replicas/{id}/metrics (see the README's scrape config)",
+        ),
+    ] = False,
+) -> int:
     from cli.commands.local_prefect import ensure_api
     from cortex.fleet.hosts import host_row
     from flows.fleet import read_fleet
 
+    if prometheus_targets:
+        from cortex.gateway.client import GatewayClient, GatewayError
+        from cortex.gateway.metrics import engine_scrape_targets
+        from cortex.settings import SettingsError
+
+        try:
+            with GatewayClient() as gw:
+                targets = engine_scrape_targets(gw.url, gw.list()["replicas"])
+        except (GatewayError, SettingsError) as e:
+            print(f"cortex hosts --prometheus-targets: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(targets, indent=2))
+        return 0
+
     ensure_api()
-    rows = [host_row(h.record, h.status, h.last_heartbeat) for h in read_fleet(pool)]
+    routed = _gateway_replicas()
+    rows = [host_row(h.record, h.status, h.last_heartbeat, routed) for h in read_fleet(pool)]
 
     def render(rows: list[dict]) -> RenderableType:
         if not rows:
             return f"no host has joined pool {pool}: this machine is the fleet (`cortex host join NAME` adds one)"
         return table(
-            ("host", "status", "address", "labels", "free", "replicas"),
+            ("host", "status", "address", "labels", "GPU memory", "free", "replicas"),
             (
                 (
                     r["host"],
                     r["status"],
                     r["address"],
                     ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-",
+                    r["gpu_summary"],
                     r["free"],
-                    ", ".join(r["replicas"]) or "-",
+                    ", ".join(f"{s['name']} ({s['state']})" for s in r["replica_states"]) or "-",
                 )
                 for r in rows
             ),

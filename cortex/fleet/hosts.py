@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -81,29 +81,88 @@ def host_status(worker_status: str | None) -> HostStatus:
     return "online" if worker_status.upper() == "ONLINE" else "offline"
 
 
-def host_row(record: HostRecord, status: HostStatus, last_heartbeat: datetime | None) -> dict[str, object]:
-    """One host as `cortex hosts` lists it (and its --json)."""
+def replica_state(status: HostStatus, routed: dict[str, Any] | None, gateway_answered: bool) -> str:
+    """A host's replica as `cortex hosts` shows it. Its record says the replica ran at the
+    host's last refresh; when a gateway answers, its view (`GET /admin/replicas`: health checked
+    every few seconds) says whether it serves."""
+    if not gateway_answered:
+        return "running (no gateway answered)" if status == "online" else f"last seen running (host {status})"
+    if routed is None:
+        return "running, not in the gateway"
+    if routed.get("state") == "draining":
+        return "draining"
+    if routed.get("healthy") is True:
+        return "serving"
+    if routed.get("healthy") is False:
+        return f"unhealthy: {routed.get('reason') or 'failed its health check'}"
+    return "registered, not yet checked"
+
+
+def host_row(
+    record: HostRecord,
+    status: HostStatus,
+    last_heartbeat: datetime | None,
+    gateway_replicas: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, object]:
+    """One host as `cortex hosts` lists it (and its --json). `gateway_replicas`: the gateway's
+    replicas by id (a replica's id is its name), None when no gateway answered."""
     inv = record.inventory
+    total = sum(g.memory_total_mib for g in inv.gpus) * 2**20
+    free = sum(g.memory_free_mib for g in inv.gpus) * 2**20
+    answered = gateway_replicas is not None
     return {
         "host": inv.name,
         "status": status,
         "address": inv.address,
         "labels": dict(inv.labels),
         "gpus": len(inv.gpus),
-        "gpu_free_bytes": sum(g.memory_free_mib for g in inv.gpus) * 2**20,
+        "gpu_total_bytes": total,
+        "gpu_used_bytes": total - free,
+        "gpu_free_bytes": free,
+        "gpu_memory": [
+            {
+                "index": i,
+                "name": g.name,
+                "total_bytes": g.memory_total_mib * 2**20,
+                "used_bytes": (g.memory_total_mib - g.memory_free_mib) * 2**20,
+                "free_bytes": g.memory_free_mib * 2**20,
+            }
+            for i, g in enumerate(inv.gpus)
+        ],
         "cpu_cores": inv.cpu_cores,
         "ram_free_bytes": inv.ram_bytes,
         "disk_free_bytes": inv.disk_free_bytes,
         "runtimes": list(inv.runtimes),
         "engines": dict(inv.engine_versions),
         "replicas": [r.name for r in record.replicas],
+        "replica_states": [
+            {
+                "name": r.name,
+                "model": r.model,
+                "engine": r.engine,
+                "endpoint": r.endpoint,
+                "state": replica_state(status, (gateway_replicas or {}).get(r.name), answered),
+            }
+            for r in record.replicas
+        ],
         "models": sorted({r.model for r in record.replicas}),
         "pool": record.pool,
         "queue": record.queue,
         "last_heartbeat": last_heartbeat.isoformat() if last_heartbeat else None,
         "updated_at": record.updated_at.isoformat(),
         "free": free_summary(inv),
+        "gpu_summary": gpu_summary(inv),
     }
+
+
+def gpu_summary(inv: HostInventory) -> str:
+    """`2 GPUs: 12.00 GiB used, 148.00 GiB free`: the GPU memory of a host at its last refresh."""
+    if not inv.gpus:
+        return "no GPU"
+    total = sum(g.memory_total_mib for g in inv.gpus) * 2**20
+    free = sum(g.memory_free_mib for g in inv.gpus) * 2**20
+    n = len(inv.gpus)
+    return f"{n} GPU{'s' if n != 1 else ''}: {format_bytes(total - free)} used, {format_bytes(free)} free"
 
 
 def free_summary(inv: HostInventory) -> str:
@@ -115,3 +174,25 @@ def free_summary(inv: HostInventory) -> str:
     if inv.disk_free_bytes is not None:
         parts.append(f"{format_bytes(inv.disk_free_bytes)} disk")
     return "; ".join(parts)
+
+
+ControlKind = Literal["fleet", "local"]
+
+
+def control_path(hosts: dict[str, HostStatus], pool: str) -> tuple[ControlKind, str]:
+    """Where the control plane applies specs, and why. `hosts`: each record in `pool` -> status.
+
+    The fleet, as soon as one host has a Prefect worker in the pool, online or not: with every
+    worker offline a spec then fails with the placement trace ("no host ... is online") instead
+    of landing on the control plane's own machine by surprise. This machine, when no host has
+    one: no record, or only records whose worker never started (`no worker`: nothing can run
+    there). That keeps the single-machine path exactly as it was."""
+    joined = {h: s for h, s in hosts.items() if s != "no worker"}
+    if not joined:
+        never = sorted(h for h, s in hosts.items() if s == "no worker")
+        return "local", f"no host with a Prefect worker has joined work pool {pool!r}: this machine is the fleet" + (
+            f" (records without a worker, ignored: {', '.join(never)})" if never else ""
+        )
+    online = sorted(h for h, s in joined.items() if s == "online")
+    listed = ", ".join(f"{h} ({s})" for h, s in sorted(hosts.items()))
+    return "fleet", f"{len(joined)} host(s) joined work pool {pool!r}, {len(online)} online: {listed}"

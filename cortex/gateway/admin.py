@@ -10,13 +10,14 @@ naming the field, not a replica registered without its key.
 from __future__ import annotations
 
 import hmac
+import inspect
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, read_body, send_error, send_json
+from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, read_body, send_error, send_json, send_raw
 from .limits import KeyLimits
 from .registry import RegistryError
 from .usage import summarize
@@ -172,6 +173,36 @@ def usage(gw: Gateway, body: None, query: UsageQuery) -> Any:
     }
 
 
+@dataclass(frozen=True)
+class PassThrough:
+    """A handler's answer sent as it is (not JSON): an engine's Prometheus text."""
+
+    body: bytes
+    content_type: bytes
+
+
+class AdminError(Exception):
+    """An admin call that failed outside the registry (an engine that did not answer)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+async def replica_metrics(gw: Gateway, body: None, id: str) -> PassThrough:
+    """The engine's own /metrics, fetched with its key: llama-server (`--metrics`) requires the
+    key there, and an operator's Prometheus then needs only the admin token, not every engine's."""
+    record = gw.registry.replica(id)  # 404 for an unknown id
+    status, content_type, text = await gw.engine_metrics(record.url, record.engine_api_key)
+    if status != 200:
+        raise AdminError(
+            502,
+            f"replica {id}'s engine at {record.url} answered /metrics with {status}: {text[:300].decode(errors='replace')}",
+            "engine_metrics_unavailable",
+        )
+    return PassThrough(text, content_type)
+
+
 def revoke_key(gw: Gateway, body: None, id: str) -> Any:
     gw.registry.revoke_key(id)
     gw.reload()
@@ -187,6 +218,7 @@ class AdminRoute:
     body: type[Body] | None = None
     query: type[BaseModel] | None = None  # query parameters, passed to the handler as `query`
     status: int = 200  # on success
+    content_type: str = "application/json"  # of a success
     errors: tuple[int, ...] = ()  # besides 401 (every route), 400 (a body) and 404 (a path parameter)
 
     @property
@@ -223,6 +255,14 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     ),
     AdminRoute("POST", "/admin/replicas/{id}/drain", drain, "Drain a replica (no new requests; removed when idle)"),
     AdminRoute("DELETE", "/admin/replicas/{id}", deregister, "Deregister a replica now"),
+    AdminRoute(
+        "GET",
+        "/admin/replicas/{id}/metrics",
+        replica_metrics,
+        "The replica's engine's Prometheus metrics (vLLM /metrics, llama-server --metrics), fetched with its key",
+        content_type="text/plain",
+        errors=(502,),
+    ),
     AdminRoute("GET", "/admin/fallbacks", list_fallbacks, "List fallback lists (model or alias -> models)"),
     AdminRoute(
         "PUT",
@@ -309,10 +349,18 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
                 return
         try:
             result = route.handler(gw, body, **params)
+            if inspect.isawaitable(result):
+                result = await result
         except RegistryError as exc:
             await send_error(send, exc.status, str(exc), "registry_error")
             return
-        await send_json(send, route.status, result)
+        except AdminError as exc:
+            await send_error(send, exc.status, str(exc), exc.code)
+            return
+        if isinstance(result, PassThrough):
+            await send_raw(send, route.status, result.body, result.content_type)
+        else:
+            await send_json(send, route.status, result)
         return
     await send_error(send, 404, f"no admin route {method} {path}", "not_found")
 

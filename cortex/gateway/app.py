@@ -289,6 +289,22 @@ class Gateway:
         replica.healthy, replica.reason = ok, verdict.reason
         return ok
 
+    async def engine_metrics(self, url: str, engine_api_key: str | None) -> tuple[int, bytes, bytes]:
+        """(status, content type, body) of the engine's GET /metrics, asked with its key;
+        admin.AdminError 502 when it does not answer."""
+        assert self._health_client is not None  # made in startup(), before any request is served
+        headers = {"Authorization": f"Bearer {engine_api_key}"} if engine_api_key else {}
+        try:
+            response = await self._health_client.get(
+                url.rstrip("/") + "/metrics", headers=headers, timeout=self.settings.gateway_metrics_timeout
+            )
+        except httpx.HTTPError as exc:
+            raise admin.AdminError(
+                502, f"the engine at {url} did not answer /metrics: {type(exc).__name__}: {exc}", "engine_unreachable"
+            ) from None
+        content_type = response.headers.get("content-type", "text/plain; version=0.0.4").encode("latin-1")
+        return response.status_code, content_type, response.content
+
     def _check_new(self, replicas: list[Replica]) -> None:
         """Verify replicas the registry just added (another process's registration, a restart)
         now rather than at the next health pass: until then they are not routable."""

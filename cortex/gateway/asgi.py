@@ -53,12 +53,15 @@ async def send_error(
 
 
 async def send_json(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
+    await send_raw(send, status, orjson.dumps(payload), b"application/json")
+
+
+async def send_raw(send: Send, status: int, body: bytes, content_type: bytes) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING, Iterable
+from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
     from .connections import ConnectionGuard
@@ -149,3 +150,25 @@ class Metrics:
             usage.render(out)
         out.append("")
         return "\n".join(out).encode()
+
+
+def engine_scrape_targets(gateway_url: str, replicas: Iterable[dict]) -> list[dict]:
+    """Prometheus file_sd target groups, one per replica the gateway routes (`GET
+    /admin/replicas`): each engine is scraped through the gateway's admin route
+    (`/admin/replicas/{id}/metrics`, `__metrics_path__`), so the scrape job needs only the admin
+    token and the gateway's address, never an engine's key or address."""
+    url = urlsplit(gateway_url)
+    address = url.netloc or url.path
+    return [
+        {
+            "targets": [address],
+            "labels": {
+                "__scheme__": url.scheme or "http",
+                "__metrics_path__": f"/admin/replicas/{quote(r['id'], safe='')}/metrics",
+                "replica": r["id"],
+                "model": r["model"],
+                **{k: str(v) for k, v in (r.get("labels") or {}).items() if k in ("engine", "host", "runtime")},
+            },
+        }
+        for r in sorted(replicas, key=lambda r: r["id"])
+    ]

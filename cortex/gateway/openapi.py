@@ -75,6 +75,8 @@ def _admin_operation(route: AdminRoute) -> dict:
         }
         errors |= {400, 413}
     operation["responses"] = _responses(route.summary, *errors, ok_status=route.status)
+    if route.content_type != "application/json":
+        operation["responses"][str(route.status)]["content"] = {route.content_type: {"schema": {"type": "string"}}}
     return operation
 
 

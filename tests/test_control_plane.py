@@ -1,0 +1,182 @@
+"""One control plane: apply-spec, reconcile-specs and retire-spec act on the fleet as soon as a
+host with a Prefect worker has joined the pool, and on this machine when none has.
+
+The local path is what tests/test_serve.py runs (no host joined: the README's demo). Here, a
+host joins a pool of its own on the real Prefect server with a worker that stops heartbeating
+(a host that went down): the runs take the fleet path, say so in their log and `control-path`
+artifact, and fail with the fleet-apply trace (no host online) without starting an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from cortex.fleet.hosts import control_path
+from test_serve import REPO, PrefectServer, client, prefect_server, run_artifacts, smollm2_spec, write_spec  # noqa: F401
+
+
+def test_control_path_is_the_fleet_once_a_host_has_a_worker() -> None:
+    assert control_path({}, "cortex")[0] == "local"
+    kind, why = control_path({"gpu-1": "no worker"}, "cortex")  # a record whose worker never started
+    assert kind == "local" and "gpu-1" in why and "this machine is the fleet" in why
+    kind, why = control_path({"gpu-1": "offline", "gpu-2": "online", "gpu-3": "no worker"}, "cortex")
+    assert kind == "fleet"
+    assert why == "2 host(s) joined work pool 'cortex', 1 online: gpu-1 (offline), gpu-2 (online), gpu-3 (no worker)"
+    assert control_path({"gpu-1": "offline"}, "cortex")[0] == "fleet"  # all down: fail on the fleet, not deploy here
+
+
+def test_cortex_hosts_rows_give_gpu_memory_and_each_replicas_state() -> None:
+    from cortex.fleet.hosts import HostRecord, HostReplica, host_row
+    from cortex.fleet.inventory import GpuInfo, HostInventory
+
+    gpus = [
+        GpuInfo(name="H100", memory_total_mib=81559, memory_free_mib=1559),
+        GpuInfo(memory_total_mib=81559, memory_free_mib=81559),
+    ]
+    inventory = HostInventory(name="gpu-1", address="10.0.0.5", cpu_cores=32, ram_bytes=256 << 30, gpus=gpus)
+    names = ("serving", "sick", "draining", "unrouted", "new")
+    record = HostRecord(
+        inventory=inventory,
+        pool="cortex",
+        queue="gpu-1",
+        replicas=[
+            HostReplica(name=n, model="m", engine="vllm", runtime="docker", endpoint="http://10.0.0.5:1") for n in names
+        ],
+        updated_at=datetime.now(timezone.utc),
+    )
+    routed = {
+        "serving": {"state": "active", "healthy": True},
+        "sick": {"state": "active", "healthy": False, "reason": "GET /health: 503"},
+        "draining": {"state": "draining", "healthy": True},
+        "new": {"state": "active", "healthy": None},
+    }
+    row = host_row(record, "online", None, routed)
+    assert (row["gpu_total_bytes"], row["gpu_used_bytes"], row["gpu_free_bytes"]) == (
+        2 * 81559 << 20,
+        80000 << 20,
+        83118 << 20,
+    )
+    assert [g["used_bytes"] for g in row["gpu_memory"]] == [80000 << 20, 0]
+    assert row["gpu_summary"] == "2 GPUs: 78.12 GiB used, 81.17 GiB free"
+    assert {s["name"]: s["state"] for s in row["replica_states"]} == {
+        "serving": "serving",
+        "sick": "unhealthy: GET /health: 503",
+        "draining": "draining",
+        "unrouted": "running, not in the gateway",
+        "new": "registered, not yet checked",
+    }
+    assert row["replicas"] == list(names)
+    # no gateway answered: what the host's last record says, and whether the host is up
+    assert host_row(record, "online", None)["replica_states"][0]["state"] == "running (no gateway answered)"
+    assert host_row(record, "offline", None)["replica_states"][0]["state"] == "last seen running (host offline)"
+    assert (
+        host_row(record.model_copy(update={"inventory": inventory.model_copy(update={"gpus": []})}), "online", None)[
+            "gpu_summary"
+        ]
+        == "no GPU"
+    )
+
+
+def _wait(what: str, predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard, not a measure
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_with_a_host_joined_the_runs_act_on_the_fleet(
+    prefect_server: PrefectServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    test_model,
+) -> None:
+    from cortex.applied import FLEET, AppliedSpec, read_applied, spec_sha256, write_applied
+    from cortex.fleet.hosts import HostRecord, HostReplica
+    from cortex.fleet.inventory import HostInventory
+    from flows.fleet import join_host, read_fleet, remove_host
+    from flows.reconcile import apply_spec, reconcile_specs, retire_spec
+
+    monkeypatch.setenv("CORTEX_HOME", str(tmp_path / "cortex-home"))
+    monkeypatch.setenv("CORTEX_GATEWAY_URL", "http://127.0.0.1:9")
+    suffix = uuid.uuid4().hex[:8]
+    pool, host = f"control-{suffix}", f"gpu-{suffix}"
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = specs / "smollm2.yaml"
+    write_spec(spec, smollm2_spec(test_model.gguf))
+
+    inventory = HostInventory(name=host, address="127.0.0.1", cpu_cores=2, ram_bytes=8 << 30)
+    replica = HostReplica(
+        name=f"smollm2-served-{host}", model="smollm2-served", engine="llamacpp", runtime="process", endpoint="x"
+    )
+    join_host(
+        HostRecord(
+            inventory=inventory, pool=pool, queue=host, replicas=[replica], updated_at=datetime.now(timezone.utc)
+        )
+    )
+    try:
+        # the host's worker heartbeats once (every second, it says), then never again: a host that
+        # went down. Prefect marks it offline after three missed heartbeats.
+        with client() as c:
+            c.send_worker_heartbeat(pool, host, heartbeat_interval_seconds=1)
+        _wait(f"Prefect to mark {host}'s worker offline", lambda: read_fleet(pool)[0].status == "offline", 120)
+
+        # `cortex hosts` shows it, and its replica as last seen (no gateway answers here)
+        env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), CORTEX_GATEWAY_URL="http://127.0.0.1:9")
+        listed = subprocess.run(
+            [sys.executable, "-m", "cli", "hosts", "--pool", pool, "--json"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)
+        assert row["status"] == "offline" and row["gpu_summary"] == "no GPU"
+        assert row["replica_states"] == [
+            {
+                "name": replica.name,
+                "model": "smollm2-served",
+                "engine": "llamacpp",
+                "endpoint": "x",
+                "state": "last seen running (host offline)",
+            }
+        ]
+
+        state = apply_spec(str(spec), pool=pool, return_state=True)
+        assert state.is_failed()
+        assert f"no host of work pool {pool!r} is online (joined: {host} (offline))" in str(state.message)
+        [path] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "control-path"]
+        assert "Acting on the fleet" in path.data and f"{host} (offline)" in path.data
+        assert read_applied(spec) is None  # nothing was applied
+
+        state = reconcile_specs(str(specs), pool=pool, return_state=True)
+        assert state.is_failed() and "could not apply smollm2.yaml" in str(state.message)
+        assert "is online" in str(state.message)
+
+        # a spec applied on the fleet, now deleted: retired on the hosts that run it; this one is
+        # offline, so the run fails naming it instead of forgetting a model that still runs there
+        write_applied(
+            AppliedSpec(
+                str(spec), spec_sha256(spec), "smollm2-served", FLEET, "", host, "", "2026-01-01T00:00:00+00:00"
+            )
+        )
+        spec.unlink()
+        state = retire_spec(str(spec), pool=pool, return_state=True)
+        assert state.is_failed()
+        assert f"{host}: offline, its replicas of smollm2-served could not be retired" in str(state.message)
+        assert read_applied(spec) is not None
+    finally:
+        remove_host(host, pool)
+        with client() as c:
+            c.delete_work_pool(pool)
