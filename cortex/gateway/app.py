@@ -148,6 +148,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
+        self.loop: asyncio.AbstractEventLoop  # the serving loop, set by startup()
         self.reload()
 
     # --- state ------------------------------------------------------------------------------
@@ -191,11 +192,8 @@ class Gateway:
             pass  # already removed by another process or an admin call
         self.reload()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
     async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: the hot path asks for it per request
         self.lag.start()
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
         self._tasks.append(asyncio.create_task(self._maintain()))
