@@ -121,3 +121,42 @@ def test_two_workers_balance_on_the_in_flight_count_of_both(two_workers) -> None
             what="nothing in flight once the streams ended",
         )
         conn.close()
+
+
+def test_the_board_shares_counts_across_processes_and_forgets_a_dead_worker() -> None:
+    """The shared counts themselves, across a real fork: a worker's cells are summed by the
+    others, zeroed when it dies, and a slot nobody holds is reused."""
+    import multiprocessing
+
+    from cortex.gateway.inflight import FREED, BoardFull, InFlightBoard
+
+    board = InFlightBoard(workers=2, slots=1)
+    ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
+
+    def worker_zero() -> None:
+        board.attach(0)
+        count = board.count("smol-a")
+        count.add(2)
+        ready.set()
+        done.wait(60)  # dies holding the slot and two requests, as a crashed worker would
+
+    child = multiprocessing.get_context("fork").Process(target=worker_zero)
+    child.start()
+    assert ready.wait(60)
+    board.attach(1)
+    mine = board.count("smol-a")
+    mine.add(1)
+    assert mine.total() == 3 and mine.slot == board.count("smol-a").slot
+    with pytest.raises(BoardFull):  # the one slot is held
+        board.count("smol-b")
+    done.set()
+    child.join(60)
+    board.forget_worker(0)  # what the supervisor does before it replaces worker 0
+    assert mine.total() == 1
+    mine.add(-1)
+    slot = mine.slot
+    mine.release()
+    board.count("smol-a").release()  # the second hold taken above
+    assert board.cells[slot * board.stride] == FREED
+    reused = board.count("smol-b")
+    assert reused.slot == slot and reused.total() == 0
