@@ -146,7 +146,8 @@ def test_the_board_shares_counts_across_processes_and_forgets_a_dead_worker() ->
     board.attach(1)
     mine = board.count("smol-a")
     mine.add(1)
-    assert mine.total() == 3 and mine.slot == board.count("smol-a").slot
+    again = board.count("smol-a")  # a second hold in this worker (a replica object replaced in a reload)
+    assert mine.total() == 3 and again.total() == 3 and again.slot == mine.slot
     with pytest.raises(BoardFull):  # the one slot is held
         board.count("smol-b")
     done.set()
@@ -156,7 +157,8 @@ def test_the_board_shares_counts_across_processes_and_forgets_a_dead_worker() ->
     mine.add(-1)
     slot = mine.slot
     mine.release()
-    board.count("smol-a").release()  # the second hold taken above
+    assert board.cells[slot * board.stride] != FREED  # still held by `again`
+    again.release()
     assert board.cells[slot * board.stride] == FREED
     reused = board.count("smol-b")
     assert reused.slot == slot and reused.total() == 0
