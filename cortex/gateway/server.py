@@ -31,8 +31,9 @@ from .registry import Registry
 
 log = logging.getLogger("cortex.gateway")
 
-# A worker that dies within this many seconds of its start is not restarted in a loop: the
-# supervisor stops the gateway (a bad setting or a broken registry fails every worker alike).
+# A worker that exits with an error within this many seconds of its start is not restarted in a
+# loop: the supervisor stops the gateway (a bad setting or a broken registry fails every worker
+# alike). A worker killed by a signal (the OOM killer, an operator) is replaced at once.
 EARLY_DEATH_S = 5.0
 
 
@@ -120,7 +121,8 @@ def _supervise(settings: Settings, host: str, port: int) -> None:
             for index, (proc, started) in enumerate(procs):
                 if proc.is_alive() or stopping:
                     continue
-                if time.monotonic() - started < EARLY_DEATH_S:
+                exitcode = proc.exitcode or 0
+                if exitcode > 0 and time.monotonic() - started < EARLY_DEATH_S:
                     log.error(
                         "gateway worker %d exited with %s within %.0f s of starting; stopping the gateway",
                         index,
