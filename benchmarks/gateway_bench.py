@@ -10,6 +10,7 @@ cost is measured):
   cortex-noauth    the same with client auth off (CORTEX_GATEWAY_NO_AUTH)
   cortex-limits    one key with rpm, tpm and a daily budget, all too high to refuse (the limiter's cost)
   cortex-100keys   100 keys with limits, requests spread over them in turn (lookup cost vs key count)
+  cortex-2w        `cortex` with two workers (CORTEX_GATEWAY_WORKERS=2; its CPU is both workers' and the supervisor's)
   nginx    Debian's nginx as a plain reverse proxy: one worker, keepalive upstream,
            proxy_buffering off, access_log off (benchmarks/gateway_nginx.conf)
   litellm  LiteLLM's proxy (`litellm[proxy]` in its own virtualenv, one worker, no database)
@@ -25,7 +26,7 @@ proxy's process tree's utime+stime from /proc, divided by the requests wrk compl
         ~/.cache/cortex/bench/litellm-venv/bin/pip install 'litellm[proxy]'
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
         [--baseline DIR]    # also the gateway of another checkout (git worktree/archive), as target cortex-base
-    targets also: cortex-noauth, cortex-limits, cortex-100keys (see above)
+    targets also: cortex-noauth, cortex-limits, cortex-100keys, cortex-2w (see above)
 """
 
 from __future__ import annotations
@@ -161,12 +162,14 @@ class Cortex(Target):
         no_auth: bool = False,
         keys: int = 1,
         limits: dict | None = None,
+        workers: int = 1,
     ) -> None:
-        env, command = {}, None
+        env, command = {"CORTEX_GATEWAY_WORKERS": str(workers)}, None
         self.name = name
         if source is not None:  # another checkout (-P: its cortex, not the one in the current directory)
             self.name = "cortex-base"
             env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
+            env["CORTEX_GATEWAY_WORKERS"] = str(workers)
         self.gw = GatewayProcess(
             workdir / f"{self.name}-home",
             log_path=workdir / f"{self.name}.log",
@@ -179,7 +182,7 @@ class Cortex(Target):
             self.auths = ["Bearer " + c.create_key(name=f"bench-{i}", **(limits or {}))["key"] for i in range(keys)]
             self.auth = self.auths[0]
         self.url = self.gw.url
-        self.pids = [self.gw.proc.pid]
+        self.pids = _tree(self.gw.proc.pid)  # with workers: the supervisor and its workers
 
     def stop(self) -> None:
         self.gw.stop()
@@ -420,6 +423,7 @@ def main() -> int:
         "cortex-noauth": lambda: Cortex(workdir, upstream, name="cortex-noauth", no_auth=True),
         "cortex-limits": lambda: Cortex(workdir, upstream, name="cortex-limits", limits=HIGH_LIMITS),
         "cortex-100keys": lambda: Cortex(workdir, upstream, name="cortex-100keys", keys=100, limits=HIGH_LIMITS),
+        "cortex-2w": lambda: Cortex(workdir, upstream, name="cortex-2w", workers=2),
     }
     if args.baseline and "cortex-base" not in wanted:
         wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")

@@ -58,6 +58,13 @@ def _load_ratio(text: str) -> float:
     return ratio
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _parse_price(text: str) -> float:
     value = float(text)
     if not (0 <= value < 1e6):
@@ -86,6 +93,12 @@ FIELDS: list[Field] = [
     Field("gateway_url", str, "http://127.0.0.1:8080", "Where clients and `cortex deploy` reach the gateway."),
     Field("gateway_host", str, "127.0.0.1", "Address `cortex gateway` binds to. Loopback by default."),
     Field("gateway_port", int, 8080, "Port `cortex gateway` listens on."),
+    Field(
+        "gateway_workers",
+        _positive_int,
+        1,
+        "Gateway worker processes sharing the port; in-flight counts are shared, so balancing stays global.",
+    ),
     Field(
         "admin_token",
         str,
@@ -238,6 +251,7 @@ class Settings:
     gateway_url: str
     gateway_host: str
     gateway_port: int
+    gateway_workers: int
     admin_token: str | None
     gateway_db: str
     gateway_no_auth: bool

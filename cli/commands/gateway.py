@@ -1,6 +1,6 @@
 """`cortex gateway`: run the OpenAI-compatible gateway, and look at what it routes.
 
-cortex gateway [--host H] [--port P] [--no-auth]     serve (uvicorn; 127.0.0.1:8080 by default)
+cortex gateway [--host H] [--port P] [--no-auth] [--workers N]   serve (uvicorn; 127.0.0.1:8080 by default)
 cortex gateway replicas [--json]                     replicas, health and in-flight requests
 cortex gateway settings                              every setting, its variable and default
 """
@@ -39,6 +39,12 @@ def run_serve(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="serve /v1 without client API keys (local, single-user only)")
     ] = False,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="worker processes sharing the port and the in-flight counts (default: CORTEX_GATEWAY_WORKERS, 1)"
+        ),
+    ] = None,
 ) -> None:
     """`cortex gateway` alone serves; with an action (replicas, settings) it only runs that."""
     if ctx.invoked_subcommand is not None:
@@ -46,7 +52,9 @@ def run_serve(
     from cortex.gateway.registry import redact_url
     from cortex.gateway.server import serve
 
-    settings = Settings.load(gateway_no_auth=True if no_auth else None)
+    if workers is not None and workers < 1:
+        raise typer.BadParameter(f"--workers {workers}: at least 1", param_hint="--workers")
+    settings = Settings.load(gateway_no_auth=True if no_auth else None, gateway_workers=workers)
     if settings.gateway_no_auth:
         print(
             "WARNING: client authentication is OFF (no-auth mode): anyone who reaches "
@@ -56,7 +64,8 @@ def run_serve(
     token_source = "CORTEX_ADMIN_TOKEN" if settings.admin_token else str(settings.admin_token_path)
     print(
         f"cortex gateway on http://{host or settings.gateway_host}:{port or settings.gateway_port} "
-        f"(registry {redact_url(settings.gateway_db)}, admin token from {token_source})",
+        f"(registry {redact_url(settings.gateway_db)}, admin token from {token_source}, "
+        f"{settings.gateway_workers} worker{'s' if settings.gateway_workers > 1 else ''})",
         flush=True,
     )
     try:

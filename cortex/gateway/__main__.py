@@ -1,4 +1,4 @@
-"""`python -m cortex.gateway [--host H] [--port P] [--no-auth]`: the same as `cortex gateway`."""
+"""`python -m cortex.gateway [--host H] [--port P] [--no-auth] [--workers N]`: the same as `cortex gateway`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ def main() -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--no-auth", action="store_true")
+    parser.add_argument("--workers", type=int, help="worker processes (default: CORTEX_GATEWAY_WORKERS, 1)")
     args = parser.parse_args()
-    serve(Settings.load(gateway_no_auth=True if args.no_auth else None), args.host, args.port)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1")
+    serve(
+        Settings.load(gateway_no_auth=True if args.no_auth else None, gateway_workers=args.workers),
+        args.host,
+        args.port,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ pass through the logging module.
 
 from __future__ import annotations
 
+import select
 from typing import BinaryIO
 
 import orjson
@@ -15,8 +16,13 @@ FLUSH_LINES = 1000
 
 
 class AccessLog:
-    def __init__(self, stream: BinaryIO) -> None:
+    """`atomic_lines`: write at most PIPE_BUF bytes of whole lines per write, so that the lines
+    of several worker processes on one pipe never interleave mid-line (POSIX keeps writes of up
+    to PIPE_BUF bytes to a pipe whole)."""
+
+    def __init__(self, stream: BinaryIO, atomic_lines: bool = False) -> None:
         self.stream = stream
+        self.atomic_lines = atomic_lines
         self.lines: list[bytes] = []
 
     def write(self, record: dict) -> None:
@@ -25,8 +31,23 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.lines:
+        if not self.lines:
+            return
+        if not self.atomic_lines:
             data = b"".join(self.lines)
             self.lines.clear()
             self.stream.write(data)
             self.stream.flush()
+            return
+        batch: list[bytes] = []
+        size = 0
+        for line in self.lines:
+            if batch and size + len(line) > select.PIPE_BUF:
+                self.stream.write(b"".join(batch))
+                self.stream.flush()
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        self.lines.clear()
+        self.stream.write(b"".join(batch))
+        self.stream.flush()

@@ -24,6 +24,7 @@ from .accesslog import AccessLog
 from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, error_body, read_body, send_error, send_json
 from .connections import ConnectionGuard
 from .identity import verify_replica
+from .inflight import InFlightBoard
 from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -127,8 +128,11 @@ class Gateway:
         registry: Registry | None = None,
         access_log: AccessLog | None = None,
         connections: ConnectionGuard | None = None,
+        board: InFlightBoard | None = None,
     ) -> None:
         self.settings = settings
+        # with several workers (server.py): the shared in-flight counts, and which worker this is
+        self.worker = board.worker if board is not None else 0
         self.connections = connections  # the server's client-connection limits, for /metrics
         self.registry = registry or open_registry(settings.gateway_db)
         self.admin_token = settings.resolve_admin_token(create=True).encode()
@@ -137,7 +141,7 @@ class Gateway:
         self.access_log = access_log if settings.gateway_access_log else None
         self.retry_after = str(max(1, math.ceil(settings.gateway_health_interval))).encode()
         self.table = RoutingTable(
-            settings.gateway_connect_timeout, settings.gateway_affinity, settings.gateway_affinity_load_ratio
+            settings.gateway_connect_timeout, settings.gateway_affinity, settings.gateway_affinity_load_ratio, board
         )
         self.metrics = Metrics()
         self.lag = LoopLag()
@@ -148,6 +152,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
+        self.loop: asyncio.AbstractEventLoop  # the serving loop, set by startup()
         self.reload()
 
     # --- state ------------------------------------------------------------------------------
@@ -160,8 +165,8 @@ class Gateway:
         gone = self.table.sync(self.registry.replicas(), self.registry.aliases(), keys, self.registry.fallbacks())
         self.limiter.sync(keys, self.registry)
         for replica in gone:
-            if replica.in_flight == 0:
-                replica.pool.close()
+            if replica.count.mine == 0:  # else closed when this process's last request on it ends
+                replica.close()
         self._check_new([r for r in self.table.replicas.values() if r not in before])
 
     def _maybe_reload(self) -> None:
@@ -169,12 +174,13 @@ class Gateway:
             self.reload()
 
     def _release(self, replica: Replica) -> None:
-        replica.in_flight -= 1
-        if replica.in_flight == 0:
-            if replica.state == "draining" and not replica.removed:
+        count = replica.count
+        count.add(-1)
+        if count.mine == 0:
+            if replica.removed:
+                replica.close()
+            elif replica.state == "draining" and count.total() == 0:  # no worker has one in flight
                 self.finish_drain(replica)
-            elif replica.removed:
-                replica.pool.close()
 
     def replica_view(self, replica_id: str) -> dict:
         """A replica as the admin API shows it: live state if this process routes to it."""
@@ -191,11 +197,8 @@ class Gateway:
             pass  # already removed by another process or an admin call
         self.reload()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
     async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: the hot path asks for it per request
         self.lag.start()
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
         self._tasks.append(asyncio.create_task(self._maintain()))
@@ -214,7 +217,7 @@ class Gateway:
         if self._health_client is not None:
             await self._health_client.aclose()
         for replica in self.table.replicas.values():
-            replica.pool.close()
+            replica.close()
         try:
             self.flush_usage()
         except Exception:
@@ -362,7 +365,9 @@ class Gateway:
             elif path == "/v1/models" and scope["method"] == "GET":
                 await self.list_models(scope, send)
             elif path == "/health" and scope["method"] == "GET":
-                await send_json(send, 200, {"status": "ok", "models": len(self.table.available_models())})
+                await send_json(
+                    send, 200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
+                )
             elif path == "/metrics" and scope["method"] == "GET":
                 body = self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
                 await send(
@@ -555,7 +560,7 @@ class Gateway:
                 return False
             call.attempts += 1
             attempts += 1
-            replica.in_flight += 1
+            replica.count.add(1)
             conn = None
             try:
                 conn = call.conn = await replica.pool.acquire()

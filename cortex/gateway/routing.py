@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .inflight import InFlightBoard, InFlightCount, LocalCount
 from .registry import ApiKeyRecord, ReplicaRecord
 from .upstream import ConnectionPool
 
@@ -93,7 +94,7 @@ class Replica:
         "port",
         "state",
         "healthy",
-        "in_flight",
+        "count",
         "pool",
         "request_head",
         "labels",
@@ -103,7 +104,7 @@ class Replica:
         "seed",
     )
 
-    def __init__(self, record: ReplicaRecord, connect_timeout: float) -> None:
+    def __init__(self, record: ReplicaRecord, connect_timeout: float, count: InFlightCount | None = None) -> None:
         parts = urlsplit(record.url)
         self.id = record.id
         self.model = record.model
@@ -115,7 +116,8 @@ class Replica:
         # because the deploy flow registers only replicas that passed smoke tests.
         self.healthy = False
         self.reason = UNCHECKED  # why it is not healthy ("" when it is)
-        self.in_flight = 0
+        # requests in flight: this process's (`count.mine`) and, with several workers, all of theirs
+        self.count = count or LocalCount()
         self.removed = False
         self.pool = ConnectionPool(self.host, self.port, connect_timeout)
         # its rendezvous seed: the same in every gateway process and across restarts
@@ -132,6 +134,16 @@ class Replica:
         if record.engine_api_key:
             head += f"Authorization: Bearer {record.engine_api_key}\r\n"
         self.request_head = head.encode("latin-1")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on this replica, through every worker of the gateway."""
+        return self.count.total()
+
+    def close(self) -> None:
+        """Close the upstream connections and give back the in-flight slot (nothing in flight here)."""
+        self.pool.close()
+        self.count.release()
 
     @property
     def routable(self) -> bool:
@@ -151,8 +163,15 @@ class Replica:
 
 
 class RoutingTable:
-    def __init__(self, connect_timeout: float, affinity: bool = True, load_ratio: float = 1.25) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        affinity: bool = True,
+        load_ratio: float = 1.25,
+        board: InFlightBoard | None = None,
+    ) -> None:
         self.connect_timeout = connect_timeout
+        self.board = board  # the workers' shared in-flight counts; None: one process
         self.affinity = affinity
         self.load_ratio = load_ratio
         self.replicas: dict[str, Replica] = {}
@@ -174,7 +193,8 @@ class RoutingTable:
         for record in records:
             replica = self.replicas.get(record.id)
             if replica is None or replica.url != record.url or replica.model != record.model:
-                replica = Replica(record, self.connect_timeout)
+                count = self.board.count(record.id) if self.board is not None else None
+                replica = Replica(record, self.connect_timeout, count)
             else:
                 replica.update(record)
             seen[record.id] = replica
@@ -216,12 +236,14 @@ class RoutingTable:
         routable) unless that one is loaded past the bound, else the one with the fewest
         requests in flight."""
         best = None
+        least = 0
         routable = 0
         for replica in replicas:
             if replica.state == "active" and replica.healthy and not replica.removed and replica not in tried:
                 routable += 1
-                if best is None or replica.in_flight < best.in_flight:
-                    best = replica
+                load = replica.count.total()
+                if best is None or load < least:
+                    best, least = replica, load
         if routable < 2 or not self.affinity or type(payload) is not dict:
             return best
         key = prefix_key(payload)
@@ -237,13 +259,15 @@ class RoutingTable:
         chosen = None
         top = -1
         total = 0
+        chosen_load = 0
         for replica in replicas:
             if replica.state == "active" and replica.healthy and not replica.removed and replica not in tried:
-                total += replica.in_flight
+                load = replica.count.total()
+                total += load
                 weight = _weight(key, replica.seed)
                 if weight > top:
-                    chosen, top = replica, weight
-        if chosen is None or chosen.in_flight > self.load_ratio * (total / routable + 1):
+                    chosen, top, chosen_load = replica, weight, load
+        if chosen is None or chosen_load > self.load_ratio * (total / routable + 1):
             return None
         return chosen
 

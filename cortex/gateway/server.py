@@ -1,10 +1,24 @@
 """Run the gateway under uvicorn (uvloop + httptools: the fastest pair measured here), with the
-client-connection limits of connections.py in uvicorn's HTTP protocol."""
+client-connection limits of connections.py in uvicorn's HTTP protocol.
+
+With `gateway_workers` N > 1 this process binds the port once, makes the shared in-flight
+board (inflight.py) and forks N workers that accept on that one socket, each a whole gateway
+(its own event loop, upstream pools, health checks, metrics and access-log buffer) on the same
+registry. It stays as their supervisor: a worker that dies is replaced (its in-flight counts
+zeroed first), and SIGTERM or SIGINT stops them all gracefully (usage flushed, logs written).
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
 import sys
+import time
+from typing import Any
 
 import uvicorn
 
@@ -12,6 +26,15 @@ from ..settings import Settings
 from .accesslog import AccessLog
 from .app import Gateway
 from .connections import ConnectionGuard, ConnectionLimits, protocol_class
+from .inflight import InFlightBoard
+from .registry import Registry
+
+log = logging.getLogger("cortex.gateway")
+
+# A worker that exits with an error within this many seconds of its start is not restarted in a
+# loop: the supervisor stops the gateway (a bad setting or a broken registry fails every worker
+# alike). A worker killed by a signal (the OOM killer, an operator) is replaced at once.
+EARLY_DEATH_S = 5.0
 
 
 def configure_logging() -> None:
@@ -23,16 +46,13 @@ def configure_logging() -> None:
     gateway.setLevel(logging.INFO)
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    configure_logging()
-    guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
-    app = Gateway(settings, access_log=AccessLog(sys.stderr.buffer), connections=guard)
-    uvicorn.run(
+def _config(settings: Settings, app: Any, host: str, port: int, guard: ConnectionGuard | None) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
-        host=host or settings.gateway_host,
-        port=port or settings.gateway_port,
+        host=host,
+        port=port,
         loop="uvloop",
-        http=protocol_class(guard),
+        http=protocol_class(guard) if guard is not None else "httptools",
         lifespan="on",
         access_log=False,  # the gateway writes its own structured access log
         server_header=False,
@@ -42,3 +62,87 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         backlog=4096,
         log_level="warning",
     )
+
+
+def _app(settings: Settings, board: InFlightBoard | None) -> tuple[Gateway, ConnectionGuard]:
+    guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
+    access_log = AccessLog(sys.stderr.buffer, atomic_lines=board is not None)
+    return Gateway(settings, access_log=access_log, connections=guard, board=board), guard
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    configure_logging()
+    host, port = host or settings.gateway_host, port or settings.gateway_port
+    if settings.gateway_workers == 1:
+        app, guard = _app(settings, None)
+        uvicorn.Server(_config(settings, app, host, port, guard)).run()
+        return
+    _supervise(settings, host, port)
+
+
+def _worker(settings: Settings, board: InFlightBoard, index: int, sock: socket.socket, host: str, port: int) -> None:
+    board.attach(index)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # uvicorn installs its own handlers in run()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    configure_logging()
+    app, guard = _app(settings, board)
+    uvicorn.Server(_config(settings, app, host, port, guard)).run(sockets=[sock])
+
+
+def _supervise(settings: Settings, host: str, port: int) -> None:
+    workers = settings.gateway_workers
+    # Done once here, not raced by N workers: the registry's schema and the admin token file.
+    Registry(settings.gateway_db).close()
+    settings.resolve_admin_token(create=True)
+    sock = _config(settings, None, host, port, None).bind_socket()
+    board = InFlightBoard(workers)
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def start(index: int) -> tuple[multiprocessing.process.BaseProcess, float]:
+        proc = context.Process(
+            target=_worker, args=(settings, board, index, sock, host, port), name=f"cortex-gateway-{index}"
+        )
+        proc.start()
+        return proc, time.monotonic()
+
+    procs = [start(i) for i in range(workers)]
+    log.info("gateway on http://%s:%d with %d workers (pids %s)", host, port, workers, [p.pid for p, _ in procs])
+    try:
+        while not stopping:
+            multiprocessing.connection.wait([p.sentinel for p, _ in procs], timeout=0.5)
+            for index, (proc, started) in enumerate(procs):
+                if proc.is_alive() or stopping:
+                    continue
+                exitcode = proc.exitcode or 0
+                if exitcode > 0 and time.monotonic() - started < EARLY_DEATH_S:
+                    log.error(
+                        "gateway worker %d exited with %s within %.0f s of starting; stopping the gateway",
+                        index,
+                        proc.exitcode,
+                        EARLY_DEATH_S,
+                    )
+                    stopping = True
+                    break
+                log.error("gateway worker %d (pid %s) exited with %s; starting another", index, proc.pid, proc.exitcode)
+                board.forget_worker(index)  # its requests died with it
+                procs[index] = start(index)
+    finally:
+        for proc, _ in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc, _ in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        sock.close()
+    if any(proc.exitcode not in (0, -signal.SIGTERM) for proc, _ in procs):
+        sys.exit(1)
