@@ -50,7 +50,8 @@ from cortex.fleet.hosts import (
 )
 from cortex.fleet.placement import Placement
 from cortex.fleet.rollout import FleetStep, reconcile_steps, rollout_steps
-from cortex.gateway.client import gateway_client
+from cortex.gateway.client import GatewayClient, gateway_client
+from cortex.settings import Settings
 from cortex.spec import format_bytes
 from tasks.common import artifact_key
 
@@ -420,9 +421,7 @@ def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> di
     report: dict[str, Any] = {}
     for applied in [a for a in all_fleet_applied() if a.pool == pool]:
         model = applied.name
-        health: dict[str, bool] = {}
-        if gw is not None:
-            health = {r["id"]: bool(r["healthy"]) and r["state"] == "active" for r in gw.replicas_of(model)}
+        health = _serving(gw, model) if gw is not None else {}
         holding = {
             name: any(health.get(r.name, gw is None) for r in replicas_of(h, model))
             for name, h in online.items()
@@ -487,6 +486,22 @@ def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> di
         description=f"fleet-reconcile of pool {pool}: what was re-placed, retired, or could not be placed",
     )
     return report
+
+
+def _serving(gw: GatewayClient, model: str) -> dict[str, bool]:
+    """Replica id -> whether the gateway routes to it. A replica it marks unhealthy is asked
+    about again a few health intervals later, so that one slow health check on a busy host does
+    not count as a lost replica (which would be re-placed and then retired)."""
+
+    def read() -> dict[str, bool]:
+        return {r["id"]: bool(r["healthy"]) and r["state"] == "active" for r in gw.replicas_of(model)}
+
+    first = read()
+    if all(first.values()):
+        return first
+    time.sleep(max(2.0, 4 * Settings.load().gateway_health_interval))
+    again = read()
+    return {rid: first.get(rid, True) or ok for rid, ok in again.items()}
 
 
 def reconcile_markdown(pool: str, report: dict[str, Any]) -> str:
