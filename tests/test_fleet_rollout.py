@@ -245,6 +245,38 @@ def test_editing_a_spec_rolls_both_replicas_under_load_with_no_failed_request(
     )
 
 
+def test_a_failed_gate_stops_the_rollout_and_the_hosts_keep_the_old_version(control: ControlPlane, test_model) -> None:
+    fleet = control.fleet
+    spec = fleet.home / f"{MODEL}.yaml"
+    old_version = f"spec {spec_sha256(spec)[:12]}"
+    before = routes(fleet, MODEL)
+    hosts = sorted(_host_of(r) for r in before)
+
+    def versions_listed() -> bool:  # the hosts' records carry the version each replica runs
+        rows = {r["host"]: r for r in fleet.hosts_json()}
+        return all(
+            rows[h]["replica_versions"].get(r, "").startswith(old_version) for r in before for h in [_host_of(r)]
+        )
+
+    wait_for("cortex hosts lists each replica's version", versions_listed, 120)
+    # a benchmark gate no engine meets (a billion tokens a second): the first host's new replica
+    # fails it and is removed; the rollout stops there
+    gate = (
+        "benchmark:\n  concurrency: [1]\n  requests: 2\n  input_len: 16\n  output_len: 4\n"
+        "  gates:\n    - {metric: output_tokens_per_s, min: 1000000000}\n"
+    )
+    write_spec(fleet, MODEL, test_model.gguf, "replicas: 2\n" + gate, context_length=1536)
+    done = fleet.cortex("deploy", str(spec), "--fleet")
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert f"deploy failed on {hosts[0]}" in done.stderr and "the rollout stopped there" in done.stderr, done.stderr[
+        -3000:
+    ]
+    assert all(f"{h}: {old_version}" in done.stderr for h in hosts), done.stderr[-3000:]
+    assert routes(fleet, MODEL) == before  # the same two replicas serve: nothing was replaced
+    wait_for("both old replicas healthy", lambda: healthy(fleet, MODEL) == set(before), 120)
+    write_spec(fleet, MODEL, test_model.gguf, "replicas: 2\n", context_length=2048)  # back to what runs
+
+
 def test_a_killed_host_is_replaced_by_reconcile_and_its_stale_replica_removed_when_it_returns(
     control: ControlPlane,
 ) -> None:

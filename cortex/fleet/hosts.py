@@ -110,6 +110,7 @@ def host_row(record: HostRecord, status: HostStatus, last_heartbeat: datetime | 
         "runtimes": list(inv.runtimes),
         "engines": dict(inv.engine_versions),
         "replicas": [r.name for r in record.replicas],
+        "replica_versions": {r.name: r.version for r in record.replicas},
         "models": sorted({r.model for r in record.replicas}),
         "pool": record.pool,
         "queue": record.queue,
