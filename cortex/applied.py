@@ -5,7 +5,9 @@ source's commit moved since the last apply, reconcile whether a file changed sin
 deleted spec's retirement which model it had deployed: none of that can live in memory. So
 every apply writes one `AppliedSpec` record per spec file to `<CORTEX_HOME>/applied-specs/`,
 named by a hash of the spec's absolute path, written atomically (a reader sees the old record
-or the new one).
+or the new one). A spec applied to the fleet (flows/fleet.py) gets a `FleetApplied` record in
+`applied-specs/fleet/` instead: how many replicas it wants and which hosts run them, which the
+fleet-reconcile flow keeps true when a host is lost.
 """
 
 from __future__ import annotations
@@ -81,3 +83,40 @@ def all_applied() -> list[AppliedSpec]:
     """Every record, including those of spec files deleted since."""
     folder = applied_dir()
     return [_load(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+@dataclass
+class FleetApplied:
+    """A spec applied to the fleet (flow fleet-apply): what fleet-reconcile keeps running.
+    `hosts`: host -> the spec sha256 (12 hex) its replica was last deployed from."""
+
+    spec_path: str  # absolute
+    spec_sha256: str
+    name: str  # the served model name
+    pool: str
+    replicas: int  # wanted
+    hosts: dict[str, str]
+    applied_at: str
+
+
+def _fleet_record_path(spec_path: str | Path) -> Path:
+    return applied_dir() / "fleet" / _record_path(spec_path).name
+
+
+def read_fleet_applied(spec_path: str | Path) -> FleetApplied | None:
+    path = _fleet_record_path(spec_path)
+    return FleetApplied(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def write_fleet_applied(record: FleetApplied) -> None:
+    atomic_write_json(_fleet_record_path(record.spec_path), asdict(record), newline=True)
+
+
+def forget_fleet_applied(spec_path: str | Path) -> None:
+    _fleet_record_path(spec_path).unlink(missing_ok=True)
+
+
+def all_fleet_applied() -> list[FleetApplied]:
+    """Every spec applied to the fleet, by the hash of its path."""
+    folder = applied_dir() / "fleet"
+    return [FleetApplied(**json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []

@@ -366,6 +366,16 @@ def read_record_json(name: str) -> dict[str, Any] | None:
     return data
 
 
+def replica_version(model: str, replica: str) -> tuple[str | None, str | None]:
+    """(spec sha256, source id) of the deployment `replica` of `model`, from the model's record;
+    (None, None) when the record is missing, unreadable or of another replica (a newer deploy)."""
+    data = read_record_json(model)
+    if not data or data.get("replica") != replica:
+        return None, None
+    source = data.get("source")
+    return data.get("spec_sha256"), source.get("source_id") if isinstance(source, dict) else None
+
+
 def read_record(name: str, path: Path | None = None) -> ProvenanceRecord | None:
     """The model's current record (or the one at `path`); None if there is none;
     ProvenanceError if the file is not a record of this schema version."""

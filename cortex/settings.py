@@ -222,6 +222,12 @@ FIELDS: list[Field] = [
     ),
     Field("restart_backoff_max_s", float, 600.0, "Longest wait between restarts of a replica that keeps failing."),
     Field(
+        "fleet_reconcile_s",
+        float,
+        60.0,
+        "Seconds between `cortex serve`'s scheduled fleet-reconcile runs (also started when a host's work queue goes not-ready or ready).",
+    ),
+    Field(
         "gpu_hour_price_usd",
         _parse_price,
         None,
@@ -281,6 +287,7 @@ class Settings:
     restart_check_s: float
     restart_backoff_s: float
     restart_backoff_max_s: float
+    fleet_reconcile_s: float
     gpu_hour_price_usd: float | None
     cpu_hour_price_usd: float | None
     hf_token_block: str

@@ -10,7 +10,10 @@
     fleet_apply(spec_path)  (flow fleet-apply) place the spec's replicas on the online hosts,
                             publish the placement trace, run each replica's deploy as a run of
                             that host's deployment (deploy-model/deploy-<host>), on its queue,
-                            and wait for them all
+                            and wait for them all; when the model already runs on hosts, roll
+                            the new spec over them one host at a time (cortex.fleet.rollout)
+    fleet_reconcile()       (flow fleet-reconcile) re-place the replicas of lost hosts, retire
+                            the stale ones of hosts that come back, say what could not be placed
 
 Nothing here polls hosts or keeps a heartbeat: a host is online when Prefect says its worker is
 (the worker's own heartbeat), and a run reaches a host because only that host's worker polls its
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -35,15 +38,20 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from cortex.applied import FleetApplied, all_fleet_applied, spec_sha256, write_fleet_applied
 from cortex.fleet.hosts import (
     VARIABLE_PREFIX,
     HostRecord,
+    HostReplica,
     HostStatus,
     deployment_name,
     host_status,
     variable_name,
 )
 from cortex.fleet.placement import Placement
+from cortex.fleet.rollout import FleetStep, reconcile_steps, rollout_steps
+from cortex.gateway.client import GatewayClient, gateway_client
+from cortex.settings import Settings
 from cortex.spec import format_bytes
 from tasks.common import artifact_key
 
@@ -56,6 +64,9 @@ HOST_FLOWS = {
     "retire-model": "flows.deploy.retire_model",
 }
 DEPLOY_TIMEOUT_S = 4 * 3600.0  # a hang guard for one replica's deploy run (weights can take hours)
+# How long a reconcile waits for a stale replica's retire run: the host may be gone again, and
+# then the run waits on its queue and cleans up when the host's worker next polls.
+RETIRE_WAIT_S = 300.0
 
 
 class PlacementFailed(RuntimeError):
@@ -225,13 +236,65 @@ def _trace_lines(placement: Placement) -> str:
     return "\n".join(f"  {t.host}: {t.reason}" for t in placement.hosts)
 
 
+def start_host_run(flow_name: str, host: str, parameters: dict[str, Any], model: str) -> UUID:
+    """Start a run of the host's deployment of `flow_name` on its queue; returns the run's id."""
+    run: FlowRun = run_deployment(  # type: ignore[assignment]  # the sync form, outside an event loop
+        deployment_name(flow_name, host),
+        parameters=parameters,
+        timeout=0,  # started here, waited for by wait_for_runs
+        tags=[f"model:{model}", f"host:{host}"],
+    )
+    get_run_logger().info("%s: %s on %s is flow run %s", model, flow_name, host, run.name)
+    return run.id
+
+
+def wait_for_runs(runs: dict[str, UUID], timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Wait for the runs (host -> run id) to end: ({host: run name} completed, {host: why} not)."""
+    done: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        pending = dict(runs)
+        while pending:
+            for host, run_id in list(pending.items()):
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    del pending[host]
+                    if run.state.is_completed():
+                        done[host] = run.name
+                    else:
+                        failed[host] = f"{run.state.name}: {run.state.message}"
+            if pending and time.monotonic() > deadline:
+                failed |= {host: f"still running after {timeout_s:.0f} s" for host in pending}
+                break
+            if pending:
+                time.sleep(1.0)
+    return done, failed
+
+
+def replicas_of(host: FleetHost, model: str) -> list[HostReplica]:
+    return [r for r in host.record.replicas if r.model == model]
+
+
+def versions_markdown(model: str, versions: dict[str, str], steps: list[FleetStep], outcome: dict[str, str]) -> str:
+    lines = [f"## Rollout of {model}", "", "| host | step | why | outcome | version it runs |", "|---|---|---|---|---|"]
+    for step in steps:
+        lines.append(
+            f"| {step.host} | {step.action} | {step.why.replace('|', '/')} | "
+            f"{outcome.get(step.host, 'not run').replace('|', '/')} | {versions.get(step.host, '-')} |"
+        )
+    return "\n".join(lines)
+
+
 @flow(name="fleet-apply")
 def fleet_apply(
     spec_path: str, pool: str = POOL, gateway: bool | None = None, timeout_s: float = DEPLOY_TIMEOUT_S
 ) -> dict[str, Any]:
     """Place the spec's replicas on the online hosts of `pool` and deploy each on its host (see
-    the module docstring). Fails with the placement trace when they do not fit, and when any
-    replica's deploy fails (the others keep what they deployed)."""
+    the module docstring). A spec whose model already runs on hosts of the pool is a rolling
+    update (cortex.fleet.rollout): one host at a time, each swapped make-before-break by its own
+    deploy, stopping at the first failure; the result (and the error) says which version every
+    replica runs. Fails with the placement trace when a new spec does not fit."""
     from cortex.pipeline import place_spec_file
 
     logger = get_run_logger()
@@ -251,53 +314,206 @@ def fleet_apply(
         markdown=placement_markdown(path, placement, left_out),
         description=f"where {spec.name}'s replicas run, and why",
     )
-    if not placement.ok:
+    holding = {h.record.name: replicas_of(h, spec.name) for h in online if replicas_of(h, spec.name)}
+    if not holding and not placement.ok:
         raise PlacementFailed(f"{spec.name}: {placement.shortfall}\n{_trace_lines(placement)}")
-    hosts = list(dict.fromkeys(r.host for r in placement.placed))
-    if len(hosts) < len(placement.placed):
+    if len(set(r.host for r in placement.placed)) < len(placement.placed):
         # one deploy per host: the replica's name is the launch's and the host's, so a second
         # replica on the same host would be the same replica
-        logger.warning(
-            "%s: %d replicas placed on %d hosts; replicas that share a host are deployed once",
-            spec.name,
-            len(placement.placed),
-            len(hosts),
-        )
-    runs: dict[str, UUID] = {}
-    for host in hosts:
-        run: FlowRun = run_deployment(  # type: ignore[assignment]  # the sync form, outside an event loop
-            deployment_name("deploy-model", host),
-            parameters={"spec_path": path, "gateway": gateway},
-            timeout=0,  # start them all, then wait: the hosts deploy side by side
-            tags=[f"model:{spec.name}", f"host:{host}"],
-        )
-        logger.info("%s: replica on %s is flow run %s", spec.name, host, run.name)
-        runs[host] = run.id
-    results: dict[str, Any] = {}
-    failed: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        pending = dict(runs)
-        while pending:
-            for host, run_id in list(pending.items()):
-                run = client.read_flow_run(run_id)
-                if run.state is not None and run.state.is_final():
-                    del pending[host]
-                    if run.state.is_completed():
-                        results[host] = {"flow_run": run.name, "state": run.state.name}
-                    else:
-                        failed.append(f"{host}: {run.state.name}: {run.state.message}")
-            if pending and time.monotonic() > deadline:
-                failed += [f"{host}: still running after {timeout_s:.0f} s" for host in pending]
+        logger.warning("%s: replicas that share a host are deployed once", spec.name)
+    steps = rollout_steps(placement, list(holding))
+    new_version = spec_sha256(path)[:12]
+    versions = {host: replicas[0].version for host, replicas in holding.items()}
+    outcome: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    params = {"spec_path": path, "gateway": gateway}
+    if not holding:  # a first apply: nothing serves yet, so the hosts deploy side by side
+        runs = {s.host: start_host_run("deploy-model", s.host, params, spec.name) for s in steps}
+        done, failed = wait_for_runs(runs, timeout_s)
+        outcome |= {h: f"deployed ({name})" for h, name in done.items()}
+        versions |= {h: f"spec {new_version}" for h in done}
+    else:  # a rolling update: one host at a time, stop at the first failure
+        for step in steps:
+            if step.action == "stop-then-deploy":
+                logger.warning("%s on %s: %s", spec.name, step.host, step.why)
+                stop_run = start_host_run("retire-model", step.host, {"name": spec.name}, spec.name)
+                _, stop_failed = wait_for_runs({step.host: stop_run}, timeout_s)
+                if stop_failed:
+                    failed |= stop_failed
+                    outcome[step.host] = "stopping the old replica failed: " + stop_failed[step.host]
+                    break
+            if step.action == "retire":
+                run_id = start_host_run("retire-model", step.host, {"name": spec.name}, spec.name)
+            else:
+                run_id = start_host_run("deploy-model", step.host, params, spec.name)
+            done, step_failed = wait_for_runs({step.host: run_id}, timeout_s)
+            if step_failed:
+                failed |= step_failed
+                outcome[step.host] = f"{step.action} failed: {step_failed[step.host]}"
+                if step.action == "stop-then-deploy":
+                    versions[step.host] = "none (the old replica was stopped first)"
                 break
-            if pending:
-                time.sleep(1.0)
-    outcome = {
+            outcome[step.host] = f"{step.action} done ({done[step.host]})"
+            if step.action == "retire":
+                versions.pop(step.host, None)
+            else:
+                versions[step.host] = f"spec {new_version}"
+            logger.info("%s: %s on %s done; %s", spec.name, step.action, step.host, versions.get(step.host, "retired"))
+    create_markdown_artifact(
+        key=artifact_key("rollout", spec.name),
+        markdown=versions_markdown(spec.name, versions, steps, outcome),
+        description=f"{spec.name}: each step of the fleet apply, and the version each replica runs",
+    )
+    serving = {h: v for h, v in versions.items() if not v.startswith("none")}
+    write_fleet_applied(
+        FleetApplied(
+            spec_path=path,
+            spec_sha256=new_version,
+            name=spec.name,
+            pool=pool,
+            replicas=spec.replicas,
+            hosts={h: v.split()[1] if v.startswith("spec ") else "unknown" for h, v in serving.items()},
+            applied_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+    )
+    failures = [f"{h}: {why}" for h, why in failed.items()]
+    result: dict[str, Any] = {
         "model": spec.name,
         "placement": placement.to_json(),
-        "deployed": results,  # host -> its deploy run (the replicas are in `cortex hosts` and the gateway)
-        "failed": failed,
+        "steps": [s.to_json() | {"outcome": outcome.get(s.host, "not run")} for s in steps],
+        "deployed": {h: o for h, o in outcome.items() if h not in failed},
+        "versions": versions,  # host -> the version its replica runs (spec sha256, source revision)
+        "failed": failures,
     }
     if failed:
-        raise RuntimeError(f"{spec.name}: deploy failed on " + "; ".join(failed))
-    return outcome
+        raise RuntimeError(
+            f"{spec.name}: deploy failed on "
+            + "; ".join(failures)
+            + ("; the rollout stopped there" if holding else "")
+            + ". Versions now: "
+            + ", ".join(f"{h}: {v}" for h, v in sorted(versions.items()))
+        )
+    short = spec.replicas - len(serving)
+    if short > 0:
+        raise PlacementFailed(
+            f"{spec.name}: {len(serving)} of {spec.replicas} replicas run; {placement.shortfall or 'no host left'}\n"
+            + _trace_lines(placement)
+        )
+    return result
+
+
+@flow(name="fleet-reconcile")
+def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str, Any]:
+    """Keep every spec applied to the fleet (fleet-apply) at its replicas on online hosts: a
+    replica whose host is offline or whose engine does not answer in the gateway is placed
+    again on another online host (cortex.fleet.rollout.reconcile_steps), and a host that holds
+    a replica nobody assigned it (it was lost and came back) has it retired. Started on a
+    schedule and by the `prefect.work-queue.not-ready` / `ready` events of the hosts' queues
+    (flows/serve.py). Returns, per model, what it kept, placed, retired and could not place."""
+    from cortex.facts import facts_for_source
+    from cortex.fleet.placement import HostLoad, place
+    from cortex.specfile import SpecError, load_spec
+
+    logger = get_run_logger()
+    fleet = read_fleet(pool)
+    online = {h.record.name: h for h in fleet if h.status == "online"}
+    gw = gateway_client(None)
+    report: dict[str, Any] = {}
+    for applied in [a for a in all_fleet_applied() if a.pool == pool]:
+        model = applied.name
+        health = _serving(gw, model) if gw is not None else {}
+        holding = {
+            name: any(health.get(r.name, gw is None) for r in replicas_of(h, model))
+            for name, h in online.items()
+            if replicas_of(h, model)
+        }
+        steps = reconcile_steps(applied.replicas, list(applied.hosts), list(online), holding)
+        entry: dict[str, Any] = {"wanted": applied.replicas, "alive": steps.alive, "placed": [], "retired": []}
+        entry["not_placed"] = ""
+        new: dict[str, str] = {}
+        if steps.missing:
+            try:
+                spec = load_spec(applied.spec_path)
+            except (SpecError, OSError) as e:
+                entry["not_placed"] = f"{steps.missing} replicas: the spec cannot be read ({e})"
+                report[model] = entry
+                logger.error("%s: %s", model, entry["not_placed"])
+                continue
+            facts = facts_for_source(spec.source, spec_dir=Path(applied.spec_path).parent)
+            want = spec.model_copy(update={"replicas": steps.missing})
+            load = {h: HostLoad(models=[model]) for h in holding}  # spread: hosts without the model first
+            placement = place(want, facts, [online[h].record.inventory for h in steps.candidates], load)
+            hosts = list(dict.fromkeys(r.host for r in placement.placed))
+            runs = {
+                h: start_host_run("deploy-model", h, {"spec_path": applied.spec_path, "gateway": None}, model)
+                for h in hosts
+            }
+            done, failed = wait_for_runs(runs, timeout_s)
+            version = spec_sha256(applied.spec_path)[:12]
+            new = {h: version for h in done}
+            entry["placed"] = sorted(new)
+            problems = [f"{h}: deploy {why}" for h, why in failed.items()]
+            if not placement.ok:
+                problems.append(placement.shortfall or "no host fits")
+            if len(new) < steps.missing:
+                entry["not_placed"] = f"{steps.missing - len(new)} of {steps.missing} missing replicas: " + "; ".join(
+                    problems
+                )
+                logger.error("%s: could not place %s", model, entry["not_placed"])
+        retire = [h for h in steps.stale if h not in new]
+        if retire:
+            runs = {h: start_host_run("retire-model", h, {"name": model}, model) for h in retire}
+            done, failed = wait_for_runs(runs, min(timeout_s, RETIRE_WAIT_S))
+            entry["retired"] = sorted(done)
+            entry["retire_pending"] = [f"{h}: {why}" for h, why in failed.items()]
+        applied.hosts = {h: applied.hosts.get(h, "unknown") for h in steps.alive} | new
+        write_fleet_applied(applied)
+        report[model] = entry
+        logger.info(
+            "%s: %d wanted, alive on %s, placed on %s, retired on %s%s",
+            model,
+            applied.replicas,
+            ", ".join(steps.alive) or "none",
+            ", ".join(entry["placed"]) or "none",
+            ", ".join(entry["retired"]) or "none",
+            f"; NOT PLACED: {entry['not_placed']}" if entry["not_placed"] else "",
+        )
+    if gw is not None:
+        gw.close()
+    create_markdown_artifact(
+        key=artifact_key("fleet-reconcile", pool),
+        markdown=reconcile_markdown(pool, report),
+        description=f"fleet-reconcile of pool {pool}: what was re-placed, retired, or could not be placed",
+    )
+    return report
+
+
+def _serving(gw: GatewayClient, model: str) -> dict[str, bool]:
+    """Replica id -> whether the gateway routes to it. A replica it marks unhealthy is asked
+    about again a few health intervals later, so that one slow health check on a busy host does
+    not count as a lost replica (which would be re-placed and then retired)."""
+
+    def read() -> dict[str, bool]:
+        return {r["id"]: bool(r["healthy"]) and r["state"] == "active" for r in gw.replicas_of(model)}
+
+    first = read()
+    if all(first.values()):
+        return first
+    time.sleep(max(2.0, 4 * Settings.load().gateway_health_interval))
+    again = read()
+    return {rid: first.get(rid, True) or ok for rid, ok in again.items()}
+
+
+def reconcile_markdown(pool: str, report: dict[str, Any]) -> str:
+    lines = [
+        f"## Fleet reconcile of pool {pool}",
+        "",
+        "| model | wanted | alive on | placed on | retired on | not placed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, e in sorted(report.items()):
+        lines.append(
+            f"| {model} | {e['wanted']} | {', '.join(e['alive']) or '-'} | {', '.join(e['placed']) or '-'} | "
+            f"{', '.join(e['retired']) or '-'} | {e['not_placed'].replace('|', '/') or '-'} |"
+        )
+    return "\n".join(lines)

@@ -9,6 +9,9 @@
     retire          retire-model       the UI form (a model name)
     retire-deleted  retire-spec        a `cortex.spec.deleted` event
     reconcile       reconcile-specs    the UI form (defaults to the watched folder)
+    fleet-reconcile fleet-reconcile    every CORTEX_FLEET_RECONCILE_S seconds, and the events
+                                       `prefect.work-queue.not-ready` / `.ready` of a queue of the
+                                       fleet's pool: a host's worker stopped polling, or polls again
 
 `serve_specs(folder)` registers them, makes the deploy deployment's schedules match the specs,
 starts the folder watcher (cortex/watch.py) that emits the events and the restart watch
@@ -37,6 +40,7 @@ from cortex.settings import Settings
 from cortex.specfile import SpecError, load_spec, spec_files
 from cortex.watch import SpecChange, SpecWatcher
 from flows.deploy import retire_model
+from flows.fleet import POOL, fleet_reconcile
 from flows.prepare import prepare_model
 from flows.reconcile import apply_spec, reconcile_specs, retire_spec
 
@@ -46,6 +50,9 @@ SPEC_CHANGED = "cortex.spec.changed"
 SPEC_DELETED = "cortex.spec.deleted"
 DEPLOY = "apply-spec/deploy"  # the deployment a spec's schedule belongs to
 SCHEDULE_SLUG_PREFIX = "spec:"
+# Prefect's server emits these when a work queue's status changes (its foreman marks a queue
+# not-ready when no worker polled it for work_queue_last_polled_timeout_seconds).
+QUEUE_EVENTS = {"prefect.work-queue.not-ready", "prefect.work-queue.ready"}
 
 
 def schedule_slug(spec_path: Path) -> str:
@@ -170,6 +177,24 @@ def cortex_deployments(folder: str | Path) -> list[Any]:
             tags=tags,
             parameters={"specs_dir": str(folder)},
             description="Apply what changed in a folder of specs; report what runs against what they declare.",
+        ),
+        fleet_reconcile.to_deployment(
+            name="fleet-reconcile",
+            tags=tags + ["fleet"],
+            interval=Settings.load().fleet_reconcile_s,
+            concurrency_limit=1,  # two at once would both re-place the same lost replica
+            parameters={"pool": POOL},
+            description="Re-place the replicas of lost hosts, retire stale ones of hosts that came back, "
+            "say what could not be placed. On a schedule and when a host's work queue changes status.",
+            triggers=[
+                DeploymentEventTrigger(
+                    name="reconcile when a host's queue changes status",
+                    expect=QUEUE_EVENTS,
+                    match={"prefect.resource.id": "prefect.work-queue.*"},
+                    match_related={"prefect.resource.role": "work-pool", "prefect.resource.name": POOL},
+                    parameters={"pool": POOL},
+                )
+            ],
         ),
     ]
 

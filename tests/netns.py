@@ -52,6 +52,27 @@ class SimHost:
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(argv), **kwargs)
 
+    def kill_all(self) -> list[int]:
+        """SIGKILL every process in the namespace (a host losing power): its pids, as killed."""
+        done = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True, check=True)
+        pids = [int(p) for p in done.stdout.split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def set_link(self, up: bool) -> None:
+        """Bring the host's link to the bridge down (unplugged) or up again."""
+        done = subprocess.run(
+            ["ip", "-n", self.namespace, "-o", "link", "show"], capture_output=True, text=True, check=True
+        )
+        for line in done.stdout.splitlines():
+            name = line.split(":")[1].strip().split("@")[0]
+            if name != "lo":
+                _ip("-n", self.namespace, "link", "set", name, "up" if up else "down")
+                if up:  # the default route goes with the link: put it back
+                    subprocess.run(["ip", "-n", self.namespace, "route", "replace", "default", "via", ROOT_ADDRESS])
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:

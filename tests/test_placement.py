@@ -321,3 +321,46 @@ def test_cli_plan_fleet_without_hosts_is_this_machine() -> None:
     data = json.loads(proc.stdout)
     assert data["fleet"] == "this machine (local inventory; no --hosts given)"
     assert [h["host"] for h in data["hosts"]] == [local_inventory().name]
+
+
+# --- fleet rollout and reconcile steps (cortex.fleet.rollout) ---------------------------------
+
+
+def test_a_rolling_update_swaps_the_hosts_that_hold_a_replica_one_by_one(facts: ModelFacts) -> None:
+    from cortex.fleet.rollout import rollout_steps
+
+    # gpu-b runs the old replica in most of its memory: the new one does not fit beside it
+    p = place(spec(replicas=2), facts, [host("gpu-a"), host("gpu-b", free_mib=4000), host("gpu-c")])
+    steps = rollout_steps(p, ["gpu-b", "gpu-a"])
+    assert [(s.host, s.action) for s in steps] == [("gpu-a", "swap"), ("gpu-b", "stop-then-deploy")]
+    assert "capacity N-1 during this swap" in steps[1].why
+
+
+def test_a_rollout_adds_before_it_swaps_and_retires_last(facts: ModelFacts) -> None:
+    from cortex.fleet.rollout import rollout_steps
+
+    hosts = [
+        host("gpu-a", labels={"zone": "b"}),
+        host("gpu-b", labels={"zone": "a"}),
+        host("gpu-c", labels={"zone": "a"}),
+    ]
+    p = place(spec(replicas=2, placement={"labels": {"zone": "a"}}), facts, hosts)
+    # gpu-a held a replica before the spec asked for zone a; gpu-b still qualifies
+    steps = rollout_steps(p, ["gpu-a", "gpu-b"])
+    assert [(s.host, s.action) for s in steps] == [("gpu-c", "add"), ("gpu-b", "swap"), ("gpu-a", "retire")]
+    assert "labels do not match" in steps[2].why
+    # a first apply: nothing holds a replica, every placed host is added
+    assert [(s.host, s.action) for s in rollout_steps(p, [])] == [("gpu-b", "add"), ("gpu-c", "add")]
+
+
+def test_reconcile_replaces_a_lost_host_and_retires_its_replica_when_it_returns() -> None:
+    from cortex.fleet.rollout import reconcile_steps
+
+    lost = reconcile_steps(2, ["h1", "h2"], ["h2", "h3"], {"h2": True})
+    assert (lost.alive, lost.missing, lost.candidates, lost.stale) == (["h2"], 1, ["h3"], [])
+    # h1 is back with the replica whose engine died with it; h3 runs the replacement
+    back = reconcile_steps(2, ["h2", "h3"], ["h1", "h2", "h3"], {"h1": False, "h2": True, "h3": True})
+    assert (back.alive, back.missing, back.stale) == (["h2", "h3"], 0, ["h1"])
+    # an online host whose engine stopped answering counts as lost, and may be picked again
+    dead = reconcile_steps(1, ["h1"], ["h1", "h2"], {"h1": False})
+    assert (dead.alive, dead.missing, dead.candidates, dead.stale) == ([], 1, ["h1", "h2"], ["h1"])

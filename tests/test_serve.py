@@ -452,6 +452,7 @@ def test_a_worker_on_a_gpu_host_queue_runs_the_deployment_host_join_made(
     assert pooled >= {
         ("fleet-apply", "control"),
         ("reconcile", "control"),
+        ("fleet-reconcile", "control"),
         ("deploy-gpu-host-1", "gpu-host-1"),
         ("prepare-gpu-host-1", "gpu-host-1"),
         ("retire-gpu-host-1", "gpu-host-1"),

@@ -90,10 +90,10 @@ def run(
 
 
 def _render_fleet(result: dict) -> list[str]:
-    lines = [f"deployed {result['model']} on {len(result['deployed'])} host(s)"]
-    for r in result["placement"]["placed"]:
-        run = result["deployed"].get(r["host"], {})
-        lines.append(f"  replica {r['replica']} -> {r['host']} ({r['address']}): flow run {run.get('flow_run', '-')}")
+    lines = [f"applied {result['model']} to the fleet: {len(result['deployed'])} step(s)"]
+    for step in result["steps"]:
+        lines.append(f"  {step['host']}: {step['action']}: {step['outcome']}")
+    lines += [f"  {host} runs {version}" for host, version in sorted(result["versions"].items())]
     return lines
 
 

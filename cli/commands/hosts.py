@@ -99,13 +99,24 @@ def default_address(api_url: str) -> str:
 def _record(name: str, pool: str, address: str, labels: dict[str, str]):
     from cortex.fleet.hosts import HostRecord, HostReplica
     from cortex.fleet.inventory import local_inventory
+    from cortex.provenance import replica_version
     from cortex.runtime import reachable_runtimes
 
-    replicas = [
-        HostReplica(name=r.name, model=r.model, engine=r.engine, runtime=r.runtime, endpoint=r.endpoint)
-        for rt in reachable_runtimes()[0].values()
-        for r in rt.list()
-    ]
+    replicas = []
+    for rt in reachable_runtimes()[0].values():
+        for r in rt.list():
+            spec_sha, source = replica_version(r.model, r.name)
+            replicas.append(
+                HostReplica(
+                    name=r.name,
+                    model=r.model,
+                    engine=r.engine,
+                    runtime=r.runtime,
+                    endpoint=r.endpoint,
+                    spec_sha256=spec_sha[:12] if spec_sha else None,
+                    source_revision=source[:12] if source else None,
+                )
+            )
     return HostRecord(
         inventory=local_inventory(name, address, labels),
         pool=pool,

@@ -37,6 +37,19 @@ class HostReplica(Section):
     engine: Text
     runtime: Text
     endpoint: Text
+    # the version it runs, from the host's provenance record of the model (None: no record, or
+    # the record is of another replica): 12 hex of the spec file's sha256, of the source's id
+    spec_sha256: str | None = Field(default=None, max_length=64)
+    source_revision: str | None = Field(default=None, max_length=64)
+
+    @property
+    def version(self) -> str:
+        """`spec <sha> source <rev>`, or "unknown" when the host has no record of it."""
+        if self.spec_sha256 is None:
+            return "unknown"
+        return f"spec {self.spec_sha256[:12]}" + (
+            f" source {self.source_revision[:12]}" if self.source_revision else ""
+        )
 
 
 class HostRecord(Section):
@@ -145,6 +158,7 @@ def host_row(
             }
             for r in record.replicas
         ],
+        "replica_versions": {r.name: r.version for r in record.replicas},
         "models": sorted({r.model for r in record.replicas}),
         "pool": record.pool,
         "queue": record.queue,
