@@ -135,7 +135,7 @@ ARGUMENTS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda a: type(a) is list and bool(a) and all(type(n) is str and n for n in a),
         "a list of architecture names",
     ),
-    "source_format": (lambda a: type(a) is str and a in ("hf", "gguf"), "hf or gguf"),
+    "source_format": (lambda a: a in ("hf", "gguf"), "hf or gguf"),
     "vllm_supports_architecture": (lambda a: type(a) is bool, "true or false"),
     "concurrency_at_least": (lambda a: type(a) is int and a >= 1, "a whole number of requests, at least 1"),
     "fits_16bit": (lambda a: type(a) is bool, "true or false"),

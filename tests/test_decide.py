@@ -291,6 +291,7 @@ def test_rules_packaged_in_a_zip_are_read(tmp_path: Path) -> None:
         ),
         ("rules:\n  - {id: a, if: {architecture_in: []}, then: vllm}\n", "architecture_in takes"),
         ("rules:\n  - {id: a, if: {architecture_in: [1]}, then: vllm}\n", "architecture_in takes"),
+        ("rules:\n  - {id: a, if: {architecture_in: [X, '']}, then: vllm}\n", "architecture_in takes"),
     ],
 )
 def test_a_broken_rules_file_is_refused_with_where_and_what(tmp_path: Path, rules: str, message: str) -> None:
