@@ -228,7 +228,8 @@ def test_describe_fit_adds_weights_kv_and_overhead_and_fits_up_to_the_capacity()
 
 def test_rule_files_with_the_same_size_and_time_are_told_apart(tmp_path: Path) -> None:
     a = "rules:\n  - id: aaaa\n    then: vllm\n"
-    b = "rules:\n  - id: bbbb\n    then: llamacpp\n"
+    b = "rules:\n  - id: bbbb\n    then: vllm\n"
+    assert len(a) == len(b)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     fa, fb = tmp_path / "one/rules.yaml", tmp_path / "two/rules.yaml"
@@ -263,6 +264,8 @@ def test_rules_packaged_in_a_zip_are_read(tmp_path: Path) -> None:
         ("rules: []", "must end with a default rule"),
         ("rules:\n  - just a string\n", "decision rule 1: expected a mapping"),
         ("rules:\n  - then: vllm\n", "decision rule 1: `id` must be a non-empty string"),
+        ("rules:\n  - {id: '', then: vllm}\n", "decision rule 1: `id` must be a non-empty string"),
+        ("rules:\n  - {id: 5, then: vllm}\n", "decision rule 1: `id` must be a non-empty string"),
         (
             "rules:\n  - {id: a, then: vllm}\n  - {id: a, then: vllm}\n",
             r"decision rule 2 \(a\): another rule has this id",

@@ -120,6 +120,7 @@ def test_a_malformed_message_ends_the_keyed_opening() -> None:
     assert prefix_key({"messages": [system, "not a message", {"role": "user", "content": "q"}]}) == prefix_key(
         {"messages": [system, 7]}
     )
+    assert prefix_key({"messages": [system, 7]}) is not None
     assert prefix_key({"messages": ["not a message"]}) is None
     assert prefix_key({"messages": []}) is None
 
@@ -131,6 +132,10 @@ def test_completion_prompts_of_token_ids_or_batches_are_keyed() -> None:
     assert prefix_key({"prompt": ["a", "b"]}) not in (None, prefix_key({"prompt": ["a", "c"]}))
     long_ids = list(range(5000))
     assert prefix_key({"prompt": long_ids}) == prefix_key({"prompt": long_ids + [1]})
+    # a batch of long non-ASCII prompts: the cut may fall inside a character's UTF-8 bytes
+    batch = ["x" + "é" * 3000]
+    key = prefix_key({"prompt": batch})
+    assert key is not None and key == prefix_key({"prompt": batch + ["more"]})
 
 
 def test_a_body_without_a_prompt_has_no_key() -> None:
@@ -342,7 +347,9 @@ def test_the_load_bound_sends_a_request_to_the_least_busy_replica_only_past_rati
         replicas = table.models["m"]
         payload, target = prompt_away_from_first(table, replicas)
         target.count.add(load)
-        return table.pick(replicas, (), payload) is target
+        kept = table.pick(replicas, (), payload) is target
+        assert (table.pick(list(reversed(replicas)), (), payload) is target) == kept  # the mean is of all of them
+        return kept
 
     assert pick_with(2, 1.0)  # 2 is not more than 1.0 x (1 + 1)
     assert not pick_with(3, 1.0)  # 3 > 1.0 x (1.5 + 1)
@@ -376,6 +383,7 @@ def test_a_rebuild_keeps_health_and_load_of_unchanged_replicas_and_applies_their
     assert gone == []
     assert table.replicas["a"] is a and a.healthy and a.in_flight == 2
     assert a.state == "draining" and a.labels == {"x": "1"} and b"Bearer k2" in a.request_head
+    assert a.engine_api_key == "k2"  # what its health check authenticates with
     assert table.available_models() == ["m"]
 
 
@@ -386,6 +394,7 @@ def test_a_replica_that_moved_or_changed_model_is_new_and_unchecked_and_the_old_
     assert set(gone) == {old_a, old_b} and old_a.removed and old_b.removed
     new_a = table.replicas["a"]
     assert new_a is not old_a and new_a.port == 9 and not new_a.healthy and new_a.reason == UNCHECKED
+    assert new_a.pool.connect_timeout == 2.0  # the table's connect timeout
     assert set(table.models) == {"m", "m3"}
 
 
