@@ -128,32 +128,67 @@ class Rule:
 _PARSED_RULES: dict[tuple[str, int, int], list[Rule]] = {}
 
 
+# What each condition takes, checked when the rules are read: a wrong argument is an error that
+# names the rule, not a TypeError (or a rule that silently never matches) while a plan is made.
+ARGUMENTS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "architecture_in": (
+        lambda a: type(a) is list and bool(a) and all(type(n) is str and n for n in a),
+        "a list of architecture names",
+    ),
+    "source_format": (lambda a: a in ("hf", "gguf"), "hf or gguf"),
+    "vllm_supports_architecture": (lambda a: type(a) is bool, "true or false"),
+    "concurrency_at_least": (lambda a: type(a) is int and a >= 1, "a whole number of requests, at least 1"),
+    "fits_16bit": (lambda a: type(a) is bool, "true or false"),
+}
+
+
 def load_rules(path: Path | None = None) -> list[Rule]:
     file = path or resources.files("cortex.data").joinpath("decision-rules.yaml")
     if not isinstance(file, Path):  # a packaged resource without a path (a zip): no mtime to key on
-        return _parse_rules(file.read_text())
+        return _parse_rules(file.read_text(), "cortex/data/decision-rules.yaml")
     st = file.stat()
     key = (str(file), st.st_mtime_ns, st.st_size)
     if key not in _PARSED_RULES:
-        _PARSED_RULES[key] = _parse_rules(file.read_text())
+        _PARSED_RULES[key] = _parse_rules(file.read_text(), str(file))
     return list(_PARSED_RULES[key])
 
 
-def _parse_rules(text: str) -> list[Rule]:
-    data = yaml.safe_load(text)
-    rules = []
-    for i, r in enumerate(data.get("rules") or []):
-        where = f"decision rule {i + 1} ({r.get('id', '?')})"
-        unknown = set(r.get("if") or {}) - set(CONDITIONS)
+def _parse_rules(text: str, source: str) -> list[Rule]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DecisionError(f"{source}: not valid YAML: {exc}") from None
+    items = data.get("rules") if type(data) is dict else None
+    if type(items) is not list:
+        raise DecisionError(f"{source}: expected a mapping with a `rules` list")
+    rules: list[Rule] = []
+    for i, r in enumerate(items):
+        where = f"{source}: decision rule {i + 1}"
+        if type(r) is not dict:
+            raise DecisionError(f"{where}: expected a mapping with id, question, if and then")
+        rid = r.get("id")
+        if type(rid) is not str or not rid:
+            raise DecisionError(f"{where}: `id` must be a non-empty string")
+        where += f" ({rid})"
+        if any(rule.id == rid for rule in rules):
+            raise DecisionError(f"{where}: another rule has this id; ids name rules in the trace")
+        condition = r.get("if") or {}
+        if type(condition) is not dict:
+            raise DecisionError(f"{where}: `if` must be a mapping of condition: argument (empty for the default)")
+        unknown = set(condition) - set(CONDITIONS)
         if unknown:
             raise DecisionError(
-                f"{where}: unknown condition {', '.join(sorted(unknown))}; known: {', '.join(CONDITIONS)}"
+                f"{where}: unknown condition {', '.join(sorted(map(str, unknown)))}; known: {', '.join(CONDITIONS)}"
             )
+        for name, arg in condition.items():
+            check, expected = ARGUMENTS[name]
+            if not check(arg):
+                raise DecisionError(f"{where}: {name} takes {expected}, got {arg!r}")
         if r.get("then") not in ENGINES:
             raise DecisionError(f"{where}: `then` must be one of {', '.join(ENGINES)}")
-        rules.append(Rule(r["id"], r.get("question", r["id"]), dict(r.get("if") or {}), r["then"], r.get("policy")))
+        rules.append(Rule(rid, str(r.get("question", rid)), dict(condition), r["then"], r.get("policy")))
     if not rules or rules[-1].condition:
-        raise DecisionError("the decision rules must end with a default rule (an empty `if`)")
+        raise DecisionError(f"{source}: the decision rules must end with a default rule (an empty `if`)")
     return rules
 
 
