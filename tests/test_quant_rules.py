@@ -178,6 +178,9 @@ def test_norms_stay_f32_and_the_moe_router_stays_as_the_source_wrote_it() -> Non
     assert assign_types(f.tensors, "F16")["blk.1.ffn_gate_inp.weight"] == T.F16
     assert assign_types(f.tensors, "BF16")["blk.1.ffn_down_exps.weight"] == T.BF16
     assert assign_types(f.tensors, "F32")["blk.1.ffn_down_exps.weight"] == T.F32
+    # unquantized file types keep every weight at their own type, the head included
+    assert assign_types(f.tensors, "BF16")["output.weight"] == T.BF16
+    assert assign_types(f.tensors, "F32")["output.weight"] == T.F32
     assert assign_types(f.tensors, "bf16")["blk.0.attn_norm.weight"] == T.F32
 
 
@@ -202,6 +205,9 @@ def test_mxfp4_puts_the_experts_in_mxfp4_and_the_rest_in_q8_0() -> None:
     assert types["blk.0.attn_v.weight"] == types["blk.0.attn_q.weight"] == T.Q8_0
     assert types["output.weight"] == types["token_embd.weight"] == T.Q8_0
     assert types["blk.0.attn_sinks.weight"] == T.F32
+    # a bias is never quantized, even the experts' 2-D ones
+    q4 = assign_types(f.tensors, "Q4_K_M", n_gqa=f.n_gqa, n_expert=f.n_experts)
+    assert q4["blk.0.ffn_gate_exps.bias"] == q4["blk.0.ffn_down_exps.bias"] == T.F16
 
 
 def test_a_tied_embedding_is_quantized_as_the_output() -> None:

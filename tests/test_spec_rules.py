@@ -47,6 +47,7 @@ def test_sizes_parse_with_decimal_and_binary_units(text: str, size: int) -> None
 
 def test_a_size_is_positive_and_at_most_one_pebibyte() -> None:
     assert parse_bytes(1) == 1 and parse_bytes(MAX_BYTES) == MAX_BYTES
+    assert parse_bytes("1") == parse_bytes("1B") == 1
     assert parse_bytes(f"{MAX_BYTES}") == MAX_BYTES
     for bad in (0, -1, "0GiB", "0.4"):
         with pytest.raises(ValueError, match="a size must be positive"):
