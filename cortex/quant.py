@@ -116,6 +116,13 @@ def _is_quantizable(t: TensorInfo) -> bool:
     return not any(s in name for s in skip)
 
 
+def _block_index(name: str) -> int | None:
+    """3 for `blk.3.ffn_down_exps.weight`; None for a tensor outside the blocks."""
+    head, _, rest = name.partition(".")
+    number = rest.partition(".")[0]
+    return int(number) if head == "blk" and number.isdigit() else None
+
+
 def assign_types(
     tensors: list[TensorInfo], ftype: str, *, n_gqa: int = 1, n_expert: int = 1, source_type: T = T.F16
 ) -> dict[str, T]:
@@ -124,7 +131,10 @@ def assign_types(
     default, _ = GGUF_TYPES[ftype]
     has_output = any(t.name == "output.weight" for t in tensors)
     n_attn_v = sum(1 for t in tensors if "attn_v.weight" in t.name)
-    n_ffn_down = sum(1 for t in tensors if "ffn_down" in t.name and _is_quantizable(t))
+    # llama.cpp spreads the extra ffn_down bits over the model's layers (hparams.n_layer); in a
+    # MoE model (n_expert > 1) a tensor's layer is its block number, as a model with a dense first
+    # layer and shared experts has more ffn_down tensors than layers
+    n_ffn_down = len({b for t in tensors if (b := _block_index(t.name)) is not None})
     i_attn_v = 0
     i_ffn_down = 0
     out: dict[str, T] = {}
@@ -137,6 +147,10 @@ def assign_types(
             continue
         new = default
         name = t.name
+        if ftype == "MXFP4":
+            # llama.cpp's MXFP4_MOE: the experts (3D, one slice per expert) in MXFP4, all else Q8_0
+            out[t.name] = T.MXFP4 if len(t.shape) > 2 and t.shape[2] > 1 else T.Q8_0
+            continue
         if name == "output.weight" or (not has_output and name == "token_embd.weight"):
             block = GGML_QUANT_SIZES[new][0]
             if t.shape[0] % block != 0:
@@ -165,7 +179,7 @@ def assign_types(
             if n_expert == 8:
                 new = T.Q8_0
         elif "ffn_down" in name:
-            i, n = i_ffn_down, n_ffn_down
+            i, n = ((_block_index(name) or 0) if n_expert > 1 else i_ffn_down), n_ffn_down
             if ftype == "Q2_K":
                 new = T.Q3_K
             elif ftype == "Q3_K_M":
