@@ -406,3 +406,19 @@ def test_plan_json_carries_every_decided_value() -> None:
     v = make_plan(vllm(8192, "vllm:\n  pipeline_parallel_size: 2\n"), L8, gpus(2, 46)).to_json()
     assert (v["tensor_parallel_size"], v["pipeline_parallel_size"], v["gpu_memory_utilization"]) == (1, 2, 0.9)
     assert v["max_model_len"] == 8192 and v["engine"] == "vllm" and v["fits"] is True
+
+
+def test_vllm_serves_the_hf_checkpoint_as_it_is() -> None:
+    p = make_plan(vllm(8192), L8, gpus(1, 46))
+    assert p.artifact.format == "hf" and p.artifact.convert_from is None
+    assert p.artifact.quantization == "BF16" and p.artifact.predicted_bytes == 2 * L8.params_total
+    body = "vllm:\n  unsafe_extra_args: true\n  extra_args: ['--download-dir', '/tmp/x']\n"
+    risky = make_plan(vllm(8192, body), L8, gpus(1, 46))
+    assert [u.split(" ")[0] for u in risky.unsafe_extra_args] == ["--download-dir"]
+
+
+def test_a_gguf_source_never_fits_as_16_bit() -> None:
+    from cortex.pipeline import plan_spec_file
+
+    m = plan_spec_file(Path(__file__).resolve().parent.parent / "specs" / "smollm2-135m-instruct-community-gguf.yaml")
+    assert fits_16bit(spec(""), m.facts, gpus(1, 80), 2048)[0] is False
