@@ -110,6 +110,8 @@ def test_vllm_settings_reach_the_memory_model() -> None:
     assert eager.kv_cache_bytes > base.kv_cache_bytes
     few = make_plan(vllm(8192, "vllm:\n  max_num_batched_tokens: 2048\n  max_num_seqs: 8\n"), L8, gpus(1, 46))
     assert few.devices[0].overhead_parts["activation"] < base.overhead_parts["activation"]
+    many = make_plan(vllm(8192, "vllm:\n  max_num_batched_tokens: 32768\n"), L8, gpus(1, 46))
+    assert many.devices[0].overhead_parts["activation"] > base.overhead_parts["activation"]
     fp8 = make_plan(vllm(8192, "vllm:\n  quantization: fp8\n"), L8, gpus(1, 46)).devices[0]
     assert fp8.weights_bytes < 0.6 * base.weights_bytes
     fp32 = make_plan(vllm(8192, "vllm:\n  dtype: float32\n"), L8, gpus(1, 80)).devices[0]
@@ -281,7 +283,7 @@ def test_kv_cells_are_padded_to_256_and_flash_attention_changes_the_compute_buff
     assert compute(2048, "off", parallel=2) == compute(1024, "off")  # cells per slot
     assert compute(2048, "on") < compute(2048, "off")
     assert compute(2048, "auto") == compute(2048, "on") == compute(2048, "true")
-    assert compute(2048, "false") == compute(2048, "off")
+    assert compute(2048, "false") == compute(2048, "off") == compute(2048, "'off'")  # YAML's off is False
     assert compute(8192, "on") > compute(256, "on")  # the mask grows with the cells
 
 
@@ -343,9 +345,17 @@ def test_a_gguf_source_is_served_as_it_is() -> None:
             ["a smaller quantization: Q3_K_M", "a shorter context: llamacpp.context_size 8192 (2048 per slot)"],
             None,
         ),
+        (
+            "Q4_K_M",
+            1,
+            46,
+            ["a smaller quantization: Q3_K_M", "a shorter context: llamacpp.context_size 16384 (4096 per slot)"],
+            None,
+        ),
         ("Q4_K_M", 1, 40.5, ["a smaller quantization: Q2_K"], "a shorter context"),
+        ("Q4_0", 1, 40.5, ["a smaller quantization: Q2_K"], None),  # a type outside the auto ladder
     ],
-    ids=["next-quant", "4-gpus", "quarter-context", "no-context-fits"],
+    ids=["next-quant", "4-gpus", "quarter-context", "half-context", "no-context-fits", "off-the-ladder"],
 )
 def test_llamacpp_suggestions_name_what_would_fit(
     quant: str, n: int, gib: float, want: list[str], absent: str | None
