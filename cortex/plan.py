@@ -192,10 +192,8 @@ class _VllmLayout:
     tp: int
     pp: int
     util: float
-    max_model_len: int
     devices: list[DevicePlan]
     max_sequences: int  # full-length sequences the KV pool holds
-    needed_kv_per_device: int
 
 
 def vllm_memory_settings(spec: ModelSpec, tp: int) -> VllmSettings:
@@ -212,12 +210,15 @@ def vllm_memory_settings(spec: ModelSpec, tp: int) -> VllmSettings:
     )
 
 
+def _vllm_kv_element_bytes(spec: ModelSpec) -> float:
+    """Bytes per KV cache element for vllm.kv_cache_dtype (auto: the model's 16-bit dtype)."""
+    return VLLM_KV_BYTES.get(spec.vllm.kv_cache_dtype or "auto", 2.0)
+
+
 def _vllm_layout(spec: ModelSpec, facts: ModelFacts, inv: Inventory, tp: int, max_len: int) -> _VllmLayout:
-    v = spec.vllm
     settings = vllm_memory_settings(spec, tp)
     pp, util = settings.pp, settings.gpu_memory_utilization
-    kv_bytes = VLLM_KV_BYTES.get(v.kv_cache_dtype or "auto", 2.0)
-    per_seq = facts.kv_cache_bytes(max_len, kv_bytes)
+    per_seq = facts.kv_cache_bytes(max_len, _vllm_kv_element_bytes(spec))
     shards = tp * pp
     gpus = inv.gpus[:shards]
     profile = vllm_profile(VLLM_VERSION)
@@ -237,12 +238,11 @@ def _vllm_layout(spec: ModelSpec, facts: ModelFacts, inv: Inventory, tp: int, ma
     ]
     # the pool holds tokens for the model's layers on this GPU: per_seq / shards of them
     max_seqs = pool * shards // per_seq if per_seq and pool > 0 else 0
-    needed = math.ceil(per_seq * spec.resources.concurrency / shards)
     # vLLM needs room for at least one full-length sequence to start.
     if max_seqs < 1:
         for d in devices:
             d.kv_cache_bytes = math.ceil(per_seq / shards)
-    return _VllmLayout(tp, pp, util, max_len, devices, max_seqs, needed)
+    return _VllmLayout(tp, pp, util, devices, max_seqs)
 
 
 def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Decision, ctx: int) -> Plan:
@@ -259,7 +259,7 @@ def _plan_vllm(spec: ModelSpec, facts: ModelFacts, inv: Inventory, decision: Dec
         raise PlanError("vLLM cannot serve a GGUF source here; use engine: llamacpp or auto")
 
     if not inv.gpus:  # vLLM's CPU backend: weights and KV cache in RAM
-        kv_need = facts.kv_cache_bytes(max_len, 2.0) * spec.resources.concurrency
+        kv_need = facts.kv_cache_bytes(max_len, _vllm_kv_element_bytes(spec)) * spec.resources.concurrency
         kv_gib = max(1, math.ceil(kv_need / GiB))
         dev = DevicePlan("cpu", weights, kv_gib * GiB, OVERHEAD["vllm_cpu"], int(inv.ram_bytes * CPU_RAM_SHARE))
         plan = Plan(
@@ -604,7 +604,7 @@ def fits_16bit(spec: ModelSpec, facts: ModelFacts, inv: Inventory, ctx: int) -> 
     if best is None:
         return False, "no tensor-parallel size fits the GPUs"
     d = best.devices[0]
-    per_seq = facts.kv_cache_bytes(max_len, 2.0) // (best.tp * best.pp)
+    per_seq = facts.kv_cache_bytes(max_len, _vllm_kv_element_bytes(spec)) // (best.tp * best.pp)
     return False, describe_fit(
         d.weights_bytes * len(best.devices),
         per_seq * len(best.devices),
