@@ -136,6 +136,10 @@ def running_fleet(
                     "CORTEX_GATEWAY_HOST": "0.0.0.0",
                     "CORTEX_ADMIN_TOKEN": ADMIN_TOKEN,
                     "CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5",
+                    # least-in-flight only: these tests send one conversation from many clients and
+                    # count on it reaching every replica; prefix affinity (which would keep it on one
+                    # replica) is tested in test_routing.py and test_gateway*.py
+                    "CORTEX_GATEWAY_AFFINITY": "false",
                 },
             ).start()
             control = base_env(root / "control") | {"PREFECT_API_URL": api, "CORTEX_GATEWAY_URL": gateway.url}
