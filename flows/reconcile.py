@@ -451,33 +451,24 @@ def reconcile_specs(specs_dir: str, apply: bool = True, runtime: str | None = No
                     "detail": "",
                 }
             )
+
+    def running_row(r: Any, **extra: str) -> dict[str, Any]:
+        return {
+            "model": r.model,
+            "replica": r.name,
+            "engine": r.engine,
+            "runtime": r.runtime,
+            "endpoint": r.endpoint,
+            "declared": r.model in declared,
+            **extra,
+        }
+
     if on_fleet:
         running_rows = [
-            {
-                "model": r.model,
-                "replica": r.name,
-                "engine": r.engine,
-                "runtime": r.runtime,
-                "endpoint": r.endpoint,
-                "declared": r.model in declared,
-                "host": f"{h.record.name} ({h.status})",
-            }
-            for h in where.hosts
-            for r in h.record.replicas
+            running_row(r, host=f"{h.record.name} ({h.status})") for h in where.hosts for r in h.record.replicas
         ]
     else:
-        running_rows = [
-            {
-                "model": r.model,
-                "replica": r.name,
-                "engine": r.engine,
-                "runtime": r.runtime,
-                "endpoint": r.endpoint,
-                "declared": r.model in declared,
-            }
-            for rt in available_runtimes(runtime)
-            for r in rt.list()
-        ]
+        running_rows = [running_row(r) for rt in available_runtimes(runtime) for r in rt.list()]
     create_table_artifact(key="declared-specs", table=rows, description=f"spec files in {folder}")
     create_table_artifact(
         key="running-models",
