@@ -77,16 +77,19 @@ class Replica:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
+        last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llama-server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                health = httpx.get(self.url + "/health", timeout=2)
+                if health.status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                last = f"/health answered {health.status_code}"
+            except httpx.HTTPError as exc:  # still loading: not listening yet
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.2)
-        raise RuntimeError(f"llama-server at {self.url} not ready after {timeout:.0f} s")
+        raise RuntimeError(f"llama-server at {self.url} not ready after {timeout:.0f} s (last: {last})")
 
     def counters(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=30).text

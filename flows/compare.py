@@ -113,8 +113,8 @@ def compare_engines(spec_path: str, runtime: RuntimeKind | None = None, promote:
         for side in sides.values():
             try:
                 retired += retire_model(side.name, runtime=kind)
-            except LookupError:
-                pass  # its deploy failed: nothing of it runs
+            except LookupError as nothing:  # its deploy failed: nothing of it runs
+                logger.info("%s: nothing to retire (%s)", side.name, nothing)
     verdict = judge_comparison(
         runs,
         concurrency=spec.resources.concurrency,

@@ -95,8 +95,8 @@ def ensure_pool(client: SyncPrefectClient, pool: str) -> None:
     except ObjectNotFound:
         try:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        except ObjectAlreadyExists:
-            pass  # another host joined at the same moment
+        except ObjectAlreadyExists:  # another host joined at the same moment: it is there now
+            client.read_work_pool(pool)
 
 
 def join_host(record: HostRecord) -> list[str]:
@@ -113,8 +113,8 @@ def join_host(record: HostRecord) -> list[str]:
         except ObjectNotFound:
             try:
                 client.create_work_queue(record.queue, description=f"Cortex host {host}", work_pool_name=record.pool)
-            except ObjectAlreadyExists:
-                pass
+            except ObjectAlreadyExists:  # made at the same moment by another join of this host
+                client.read_work_queue_by_name(record.queue, work_pool_name=record.pool)
         for flow_name, entrypoint in HOST_FLOWS.items():
             fn = _flow_function(entrypoint)
             full = deployment_name(flow_name, host)
@@ -185,18 +185,18 @@ def remove_host(name: str, pool: str = POOL) -> list[str]:
                 client.delete_deployment(client.read_deployment_by_name(full).id)
                 removed.append(f"deployment {full}")
             except ObjectNotFound:
-                pass
+                removed.append(f"deployment {full} (already gone)")
         try:
             queue = client.read_work_queue_by_name(name, work_pool_name=pool)
             client.delete_work_queue_by_id(queue.id)
             removed.append(f"work queue {pool}/{name}")
         except ObjectNotFound:
-            pass
+            removed.append(f"work queue {pool}/{name} (already gone)")
         try:
             client.delete_variable_by_name(variable_name(name))
             removed.append(f"variable {variable_name(name)}")
         except ObjectNotFound:
-            pass
+            removed.append(f"variable {variable_name(name)} (already gone)")
     return removed
 
 

@@ -191,8 +191,8 @@ def run_join(
                 time.sleep(0.5)
             if not stopping and worker.poll() is None:
                 publish_record(_record(name, pool, address, record.inventory.labels))
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C stops join as SIGTERM does: not a worker failure
+        stopping = True
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
@@ -242,7 +242,7 @@ def run_leave(
             try:
                 os.kill(pid, signal.SIGTERM)  # `cortex host join` stops its worker and exits
             except ProcessLookupError:
-                pass
+                print(f"cortex host leave: process {pid} had already exited", file=sys.stderr)
     removed = remove_host(name, pool)
     print(
         f"host {name} left pool {pool}: retired {', '.join(models) or 'nothing'}; removed {', '.join(removed) or 'nothing'}"

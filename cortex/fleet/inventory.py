@@ -10,6 +10,7 @@ bytes for RAM and disk), so an inventory survives a JSON round trip exactly.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import shutil
 import socket
 from datetime import datetime, timezone
@@ -34,6 +35,8 @@ from cortex.spec import (
 
 MiB = 2**20
 MAX_GPU_MIB = 2**24  # 16 TiB on one GPU, as cortex.spec.MAX_GPU_BYTES
+
+log = logging.getLogger("cortex.fleet")
 
 
 def _byte_count(value: Any) -> Any:
@@ -168,15 +171,12 @@ def local_inventory(
         for g in sorted(detected.gpus, key=lambda g: g.index)
     ]
     engines: dict[str, str] = {}
-    toolchain_version = None
-    try:
-        engines["llamacpp"] = toolchain_version = toolchain.find_toolchain().version
-    except toolchain.ToolchainMissing:
-        pass  # not installed: the inventory says so by leaving it out
-    try:
-        engines["vllm"] = toolchain.find_vllm().version
-    except toolchain.ToolchainMissing:
-        pass
+    for engine, find in (("llamacpp", toolchain.find_toolchain), ("vllm", toolchain.find_vllm)):
+        try:
+            engines[engine] = find().version
+        except toolchain.ToolchainMissing as missing:  # an engine this host cannot run: left out
+            log.info("inventory: no %s here (%s)", engine, missing)
+    toolchain_version = engines.get("llamacpp")
     return HostInventory.model_validate(
         {
             "name": name or socket.gethostname(),
