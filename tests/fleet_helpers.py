@@ -26,7 +26,7 @@ import pytest
 
 from cortex.net import free_port
 from cortex.testing.gateway import GatewayProcess
-from netns import ROOT_ADDRESS, SimHost, simulated_hosts
+from netns import SimHost, simulated_hosts
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "cortex-admin-fleet-test"
@@ -57,10 +57,10 @@ class Fleet:
         return json.loads(done.stdout)
 
     def host_env(self, host: SimHost) -> dict[str, str]:
-        api = self.env["PREFECT_API_URL"].replace("127.0.0.1", ROOT_ADDRESS)
+        api = self.env["PREFECT_API_URL"].replace("127.0.0.1", host.root_address)
         return (
             base_env(self.home / host.name)
-            | {"PREFECT_API_URL": api, "CORTEX_GATEWAY_URL": f"http://{ROOT_ADDRESS}:{self.gateway.port}"}
+            | {"PREFECT_API_URL": api, "CORTEX_GATEWAY_URL": f"http://{host.root_address}:{self.gateway.port}"}
             | self.host_env_extra
         )
 
@@ -111,12 +111,14 @@ def running_fleet(
         server_log = root / "prefect-server.log"
         env = base_env(root / "server") | {"PREFECT_UI_ENABLED": "false"} | (server_env or {})
         with open(server_log, "ab") as log:
-            server = subprocess.Popen(  # on 0.0.0.0: the workers in the namespaces reach it at 10.77.0.1
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "0.0.0.0", "--port", str(port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            server = (
+                subprocess.Popen(  # on 0.0.0.0: the workers in the namespaces reach it at the bridge's root address
+                    [sys.executable, "-m", "prefect", "server", "start", "--host", "0.0.0.0", "--port", str(port)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
         gateway = None
         try:
