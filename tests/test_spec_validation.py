@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,22 @@ def test_missing_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "nope.yaml:1: (file): no such file" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["deploy"], ["deploy", "--fleet"], ["compare-engines"]])
+def test_flow_commands_refuse_a_bad_spec_before_any_flow_runs(tmp_path: Path, command: list[str]) -> None:
+    """The spec is checked in the CLI: one line and exit 2, no Prefect run or traceback. The
+    Prefect API points at a closed port, so reaching Prefect at all would fail differently."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsource: 3\n")
+    env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api", "CORTEX_HOME": str(tmp_path / "home")}
+    for path, expected in ((tmp_path / "nope.yaml", "nope.yaml:1: (file): no such file"), (bad, "bad.yaml:2: source:")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli", *command, str(path)], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "Flow run" not in proc.stderr + proc.stdout
 
 
 def test_argparse_spellings_of_known_flags_are_accepted(tmp_path: Path) -> None:

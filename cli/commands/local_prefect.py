@@ -104,9 +104,21 @@ def run_flow(
 ) -> FlowOutcome:
     """Run `flow(*args, **kwargs)` against the Prefect API (`ensure_api`). A failed run says
     `<what> failed: <error>` on stderr (and prints a JSON error object, with `context`'s fields,
-    when `json_errors`), and its outcome has exit code 1."""
+    when `json_errors`), and its outcome has exit code 1. When `context` names a `spec`, that file
+    is checked first: a missing or invalid spec fails the same way with exit code 2, and no flow
+    run starts."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from cortex.specfile import SpecError, load_spec
+
+    if context and "spec" in context:  # bad input is said before a flow run starts, without Prefect's traceback
+        try:
+            load_spec(context["spec"])
+        except SpecError as exc:
+            if json_errors:
+                print(json.dumps({**context, "error": str(exc), "type": type(exc).__name__}))
+            print(f"{what} failed: {exc}", file=sys.stderr)
+            return FlowOutcome(None, 2, None)
     # Prefect reads its settings once, at import: the URL is given to it explicitly as well.
     with temporary_settings(updates={PREFECT_API_URL: ensure_api()}):
         state = flow(*args, return_state=True, **kwargs)
