@@ -88,6 +88,10 @@ class HubUnreachable(HubError):
     """The Hub could not be reached or answered 429/5xx: worth retrying later."""
 
 
+# What to do when the network, not the Hub, is the problem (a host without DNS or a route out).
+OFFLINE_HINT = "if the model is already in the cache, set HF_HUB_OFFLINE=1 to use it without the Hub"
+
+
 class NotEnoughSpace(HubError):
     """Not enough free disk space for what is about to be written."""
 
@@ -460,7 +464,9 @@ def _translate(error: BaseException, repo: str, revision: str) -> HubError:
         )
     if isinstance(error, OSError) and not isinstance(error, _transport_errors()):
         return HubError(f"{repo}@{revision}: {type(error).__name__}: {error}")
-    return HubUnreachable(f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}")
+    return HubUnreachable(
+        f"could not reach {where} for {repo}@{revision}: {type(error).__name__}: {error}; {OFFLINE_HINT}"
+    )
 
 
 def _transport_errors() -> type[Exception]:
@@ -529,7 +535,7 @@ def read_range(repo: str, filename: str, revision: str, size: int, *, token: Hub
     except httpx.HTTPError as error:
         raise HubUnreachable(
             f"could not reach {hub_endpoint() or 'https://huggingface.co'} for "
-            f"{repo}/{filename}@{revision}: {type(error).__name__}: {error}"
+            f"{repo}/{filename}@{revision}: {type(error).__name__}: {error}; {OFFLINE_HINT}"
         ) from None
     if r.status_code >= 400:
         kind = HubUnreachable if r.status_code == 429 or r.status_code >= 500 else HubError

@@ -120,6 +120,14 @@ def test_offline_with_a_cold_cache_fails_clearly(hub_env):
     assert "OfflineCacheMiss" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr, proc.stderr
 
 
+def test_an_unreachable_hub_is_worth_a_retry_and_says_how_to_use_the_cache(hub_env):
+    """Client path: HfApi.resolve_revision meeting a refused connection (a transport error),
+    turned into HubUnreachable, whose message points at offline mode for a cached model."""
+    proc = _run_fetch({"HF_ENDPOINT": "http://127.0.0.1:9"}, check=False)
+    assert proc.returncode != 0
+    assert "HubUnreachable" in proc.stderr and "set HF_HUB_OFFLINE=1" in proc.stderr, proc.stderr
+
+
 def test_a_killed_download_resumes_where_it_stopped(repo_folder, hub_env, monkeypatch):
     """Client path: http_get(resume_size=N) sending `Range: bytes=N-` and appending to Cortex's
     partial blob, after the first process was SIGKILLed mid-file (huggingface_hub itself would

@@ -195,7 +195,19 @@ def policy_problems(table: FlagTable) -> list[str]:
         f"{n}: classified, but {table.engine} {table.version} has no such flag"
         for n in sorted(policy.flags.keys() - names)
     ]
+    # A flag with a spec setting is refused in extra_args whatever its class: its entry says so,
+    # so the list does not read as if the flag passed.
+    module = engine_module({"llama-server": "llamacpp"}.get(table.engine, table.engine))
+    problems += [
+        f"{n}: has the spec setting {module.SECTION}.{setting}; its entry must say "
+        f'{{"class": ..., "why": "{SPEC_SETTING_WHY}"}}'
+        for n, setting in sorted(_mapped_settings(module, table).items())
+        if n in policy.flags and n in names and policy.flags[n].why != SPEC_SETTING_WHY
+    ]
     return problems
+
+
+SPEC_SETTING_WHY = "has a spec setting, so extra_args refuse it and name the setting"
 
 
 # --------------------------------------------------------------------------- the check
