@@ -65,10 +65,11 @@ FILE_TYPE_IDS = {
 }
 FILE_TYPE_NAMES = {v: k for k, v in FILE_TYPE_IDS.items()}
 
-# Fallbacks when a row length is not a multiple of the type's block (llama-quant.cpp).
+# Fallbacks when a row length is not a multiple of the type's block (llama-quant.cpp,
+# tensor_type_fallback, as vendored by the pinned llama-cpp-python).
 _FALLBACK = {
-    T.Q2_K: T.IQ4_NL,
-    T.Q3_K: T.IQ4_NL,
+    T.Q2_K: T.Q4_0,
+    T.Q3_K: T.Q4_0,
     T.IQ4_XS: T.IQ4_NL,
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
@@ -116,6 +117,12 @@ def _is_quantizable(t: TensorInfo) -> bool:
     return not any(s in name for s in skip)
 
 
+def _is_attn_v_like(name: str) -> bool:
+    """llama-quant.cpp's category_is_attn_v: the fused attn_qkv and MLA's attn_kv_b get attn_v's
+    extra bits and share its layer counter (its own attn_qkv branch comes after and never runs)."""
+    return "attn_v.weight" in name or "attn_qkv.weight" in name or "attn_kv_b.weight" in name
+
+
 def _block_index(name: str) -> int | None:
     """3 for `blk.3.ffn_down_exps.weight`; None for a tensor outside the blocks."""
     head, _, rest = name.partition(".")
@@ -130,7 +137,7 @@ def assign_types(
     ftype = canonical_type(ftype)
     default, _ = GGUF_TYPES[ftype]
     has_output = any(t.name == "output.weight" for t in tensors)
-    n_attn_v = sum(1 for t in tensors if "attn_v.weight" in t.name)
+    n_attn_v = sum(1 for t in tensors if _is_attn_v_like(t.name))
     # llama.cpp spreads the extra ffn_down bits over the model's layers (hparams.n_layer); in a
     # MoE model (n_expert > 1) a tensor's layer is its block number, as a model with a dense first
     # layer and shared experts has more ffn_down tensors than layers
@@ -159,7 +166,7 @@ def assign_types(
                 new = T.Q6_K
         elif name == "token_embd.weight":
             pass
-        elif "attn_v.weight" in name:
+        elif _is_attn_v_like(name):
             if ftype == "Q2_K":
                 new = T.Q4_K if n_gqa >= 4 else T.Q3_K
             elif ftype == "Q3_K_M":
@@ -205,13 +212,6 @@ def assign_types(
                 new = T.Q4_K
             elif ftype == "Q3_K_L":
                 new = T.Q5_K
-        elif "attn_qkv.weight" in name:
-            if ftype in ("Q3_K_M", "Q3_K_L"):
-                new = T.Q4_K
-            elif ftype == "Q4_K_M":
-                new = T.Q5_K
-            elif ftype == "Q5_K_M":
-                new = T.Q6_K
         block = GGML_QUANT_SIZES[new][0]
         if t.shape[0] % block != 0:
             new = _FALLBACK.get(new, T.F16)

@@ -48,6 +48,7 @@ def layers(n: int, more: set[int], hi: T, lo: T) -> list[T]:
 GEMMA2_MORE_BITS = {0, 1, 2, 5, 8, 11, 14, 17, 20, 22, 23, 24, 25}  # 26 layers: n/8 = 3, 7n/8 = 22
 LLAMA32_MORE_BITS = {0, 1, 4, 7, 10, 13, 14, 15}  # 16 layers
 QWEN_MORE_BITS = {0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23}  # 24 layers: n/8 = 3, 7n/8 = 21
+PHI3_MORE_BITS = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}  # 32 layers: n/8 = 4, 7n/8 = 28
 
 
 @pytest.mark.parametrize(
@@ -136,11 +137,20 @@ def test_eight_expert_models_keep_attn_v_and_attn_k_at_8_bits_and_attn_output_at
 
 
 def test_fused_qkv_and_an_untied_output() -> None:
-    f = facts("Phi-3-mini-4k-instruct")  # attn_qkv kept fused; output.weight of its own
-    expect = {"Q3_K_M": T.Q4_K, "Q3_K_L": T.Q4_K, "Q4_K_M": T.Q5_K, "Q5_K_M": T.Q6_K, "Q4_K_S": T.Q4_K}
+    """The pinned llama-quant.cpp puts attn_qkv in attn_v's category (category_is_attn_v): it gets
+    attn_v's extra bits, by the same layer counter; its own attn_qkv branch never runs."""
+    f = facts("Phi-3-mini-4k-instruct")  # attn_qkv kept fused; output.weight of its own; n_gqa 1
+    expect = {
+        "Q3_K_M": layers(32, {0, 1}, T.Q5_K, T.Q4_K),
+        "Q3_K_L": layers(32, set(), T.Q5_K, T.Q5_K),
+        "Q4_K_M": layers(32, PHI3_MORE_BITS, T.Q6_K, T.Q4_K),
+        "Q5_K_M": layers(32, PHI3_MORE_BITS, T.Q6_K, T.Q5_K),
+        "Q4_K_S": layers(32, {0, 1, 2, 3}, T.Q5_K, T.Q4_K),
+        "Q2_K": layers(32, set(), T.Q3_K, T.Q3_K),  # n_gqa < 4
+    }
     for quant, qkv in expect.items():
         types = assign_types(f.tensors, quant, n_gqa=f.n_gqa)
-        assert set(by_layer(types, "attn_qkv")) == {qkv}, quant
+        assert by_layer(types, "attn_qkv") == qkv, quant
         assert types["output.weight"] == T.Q6_K, quant
         assert types["token_embd.weight"] == GGUF_DEFAULT[quant], quant  # not the output: the file type's own
     q8 = assign_types(f.tensors, "Q8_0")
@@ -149,7 +159,14 @@ def test_fused_qkv_and_an_untied_output() -> None:
     assert f.tensors[-1].shape == (3072, 32064)
 
 
-GGUF_DEFAULT = {"Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K, "Q4_K_M": T.Q4_K, "Q5_K_M": T.Q5_K, "Q4_K_S": T.Q4_K}
+GGUF_DEFAULT = {
+    "Q3_K_M": T.Q3_K,
+    "Q3_K_L": T.Q3_K,
+    "Q4_K_M": T.Q4_K,
+    "Q5_K_M": T.Q5_K,
+    "Q4_K_S": T.Q4_K,
+    "Q2_K": T.Q2_K,
+}
 
 
 def test_rows_that_do_not_fill_a_k_block_fall_back_as_llama_quantize_does() -> None:
@@ -160,8 +177,8 @@ def test_rows_that_do_not_fill_a_k_block_fall_back_as_llama_quantize_does() -> N
     assert by_layer(m, "ffn_down") == layers(24, QWEN_MORE_BITS, T.Q6_K, T.Q4_K)
     assert m["token_embd.weight"] == T.Q8_0  # the tied output: its row does not fit Q4_K
     assert set(by_layer(assign_types(f.tensors, "Q5_K_S"), "attn_q")) == {T.Q5_1}
-    assert set(by_layer(assign_types(f.tensors, "Q2_K"), "attn_q")) == {T.IQ4_NL}
-    assert set(by_layer(assign_types(f.tensors, "Q3_K_S"), "attn_q")) == {T.IQ4_NL}
+    assert set(by_layer(assign_types(f.tensors, "Q2_K"), "attn_q")) == {T.Q4_0}  # Q2_K -> Q4_0
+    assert set(by_layer(assign_types(f.tensors, "Q3_K_S"), "attn_q")) == {T.Q4_0}  # Q3_K -> Q4_0
     assert set(by_layer(assign_types(f.tensors, "IQ4_XS"), "attn_q")) == {T.IQ4_NL}
     # a row that does not fill even a 32-block stays F16
     odd = [TensorInfo("blk.0.attn_q.weight", (100, 64))]
