@@ -133,7 +133,7 @@ def queue_poller(pool: str = POOL, queue: str = CONTROL_QUEUE, watch_s: float | 
     the foreman's timeout: nobody. A ready one may only be stale (a worker stopped less than that
     timeout ago), so its last poll is watched for `watch_s` (two poll intervals and a margin by
     default): it moves only while a worker polls."""
-    from prefect.client.schemas.statuses import WorkQueueStatus
+    from prefect.client.schemas.objects import WorkQueueStatus
 
     def read() -> tuple[Any, datetime | None]:
         with get_client(sync_client=True) as client:

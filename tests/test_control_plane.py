@@ -180,3 +180,102 @@ def test_with_a_host_joined_the_runs_act_on_the_fleet(
         remove_host(host, pool)
         with client() as c:
             c.delete_work_pool(pool)
+
+
+def _cortex_serve(server: PrefectServer, root: Path, **env: str) -> tuple[subprocess.Popen, Path]:  # noqa: F811
+    specs = root / "specs"
+    specs.mkdir(parents=True, exist_ok=True)
+    log = root / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", "--specs", str(specs), "--prefect-url", server.api_url],
+        env=server.env(CORTEX_HOME=str(root / "cortex-home"), PYTHONUNBUFFERED="1", **env),
+        cwd=REPO,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, log
+
+
+def test_cortex_serve_runs_the_control_worker_and_its_schedule_starts_fleet_reconcile(
+    prefect_server: PrefectServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`cortex serve` (no host joined: the demo's setting) registers the control queue's
+    deployments and starts their worker; the fleet-reconcile schedule (CORTEX_FLEET_RECONCILE_S)
+    creates runs that this worker runs; a second control plane would not start a second worker;
+    the worker stops with `cortex serve`."""
+    import os
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.control import CONTROL_QUEUE, ControlWorker
+    from test_serve import stop_process
+
+    proc, log = _cortex_serve(prefect_server, tmp_path, CORTEX_FLEET_RECONCILE_S="10")
+    try:
+
+        def deployment():
+            with client() as c:
+                try:
+                    return c.read_deployment_by_name("fleet-reconcile/fleet-reconcile")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    return None
+
+        _wait("cortex serve registered fleet-reconcile", lambda: proc.poll() is None and deployment(), 180)
+        dep = deployment()
+        assert (dep.work_pool_name, dep.work_queue_name, dep.entrypoint) == (
+            "cortex",
+            CONTROL_QUEUE,
+            "flows.fleet.fleet_reconcile",
+        )
+
+        def scheduled_run_done():
+            with client() as c:
+                runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            return next(
+                (
+                    r
+                    for r in runs
+                    if r.auto_scheduled
+                    and r.created_by is not None
+                    and r.created_by.type == "SCHEDULE"
+                    and r.state is not None
+                    and r.state.is_final()
+                ),
+                None,
+            )
+
+        # a hang guard: the scheduler, then the worker's poll, then the run's own process
+        run = None
+        deadline = time.monotonic() + 300
+        while run is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no scheduled fleet-reconcile run finished:\n" + log.read_text()[-3000:]
+            run = scheduled_run_done()
+            time.sleep(1)
+        assert run.state.is_completed(), (
+            run.state,
+            (tmp_path / "cortex-home" / "control-worker.log").read_text()[-3000:],
+        )
+        assert run.work_queue_name == CONTROL_QUEUE and "auto-scheduled" in run.tags
+        assert run.idempotency_key.startswith(f"scheduled {dep.id} ")
+
+        # the worker that ran it is this serve's: named control-<host>, online in the pool
+        with client() as c:
+            workers = {w.name: w for w in c.read_workers_for_work_pool("cortex")}
+        ours = ControlWorker(tmp_path / "second.log")
+        assert workers[ours.name].status.value == "ONLINE"
+        [line] = [row for row in log.read_text().splitlines() if "started the control worker" in row]
+        pid = int(line.split("(pid ")[1].split(")")[0])
+        os.kill(pid, 0)  # it runs
+
+        # a second control plane sees the queue polled and starts nothing
+        ours.check()
+        assert ours.process is None and ours.other is not None and ours.other.startswith("queue cortex/control polled")
+    finally:
+        stop_process(proc, timeout=60)
+        with client() as c:  # its schedule's future runs go with it: later tests' workers must not run them
+            c.delete_deployment(c.read_deployment_by_name("fleet-reconcile/fleet-reconcile").id)
+    with pytest.raises(ProcessLookupError):  # the worker stopped with cortex serve
+        os.kill(pid, 0)

@@ -10,6 +10,7 @@ it, and stops it on exit. Prints where the UI is, then serves until Ctrl-C. See 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -132,6 +133,9 @@ def run(
         raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM stops like Ctrl-C: the server it started too
 
     signal.signal(signal.SIGTERM, interrupted)
+    # what serve does itself (schedules kept in step, spec changes, the control worker) goes to its
+    # output, through Prefect's console handler, like its runs' messages
+    logging.getLogger("flows").setLevel(logging.INFO)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             from flows.serve import serve_specs
