@@ -279,3 +279,113 @@ def test_cortex_serve_runs_the_control_worker_and_its_schedule_starts_fleet_reco
             c.delete_deployment(c.read_deployment_by_name("fleet-reconcile/fleet-reconcile").id)
     with pytest.raises(ProcessLookupError):  # the worker stopped with cortex serve
         os.kill(pid, 0)
+
+
+def test_a_spec_applied_here_is_handed_over_to_the_fleet_once_its_replica_serves_there(
+    prefect_server: PrefectServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    test_model,
+    toolchain,
+) -> None:
+    """The single-machine path deploys a spec here (a real llama-server, routed by a real
+    gateway); a host joins: while its worker is down the fleet apply fails and the local replica
+    keeps serving; with the host's `cortex host join` running (its own CORTEX_HOME, as on another
+    machine), the apply deploys the host's replica, and only once the gateway routes to it
+    healthy is the local replica drained and stopped. The host's replica is untouched."""
+    import os
+    import signal
+
+    from cortex.applied import read_applied
+    from cortex.fleet.inventory import HostInventory
+    from cortex.fleet.hosts import HostRecord
+    from cortex.runtime.process import ProcessRuntime
+    from cortex.testing.gateway import GatewayProcess
+    from flows.fleet import join_host, read_fleet, remove_host
+    from flows.reconcile import apply_spec
+
+    token = "cortex-admin-takeover-test"
+    home, host_home = tmp_path / "control-home", tmp_path / "host-home"
+    gateway = GatewayProcess(
+        tmp_path / "gateway",
+        no_auth=True,
+        env={"CORTEX_ADMIN_TOKEN": token, "CORTEX_GATEWAY_HEALTH_INTERVAL": "0.5"},
+    ).start()
+    monkeypatch.setenv("CORTEX_HOME", str(home))
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", token)
+    monkeypatch.setenv("CORTEX_GATEWAY_URL", gateway.url)
+    suffix = uuid.uuid4().hex[:8]
+    pool, host = f"takeover-{suffix}", f"gpu-{suffix}"
+    spec = tmp_path / "smollm2.yaml"
+    write_spec(spec, smollm2_spec(test_model.gguf))
+    join = None
+
+    def routes() -> dict[str, dict]:
+        from cortex.gateway.client import GatewayClient
+
+        with GatewayClient() as c:
+            return {r["id"]: r for r in c.replicas_of("smollm2-served")}
+
+    try:
+        local = apply_spec(str(spec), pool=pool)  # no host has joined: this machine
+        assert local["action"] == "deployed" and "this machine is the fleet" in local["control_path"]
+        local_id = local["replica"]
+        _wait("the gateway routes to the local replica", lambda: routes().get(local_id, {}).get("healthy") is True, 60)
+
+        # a host joined, its worker down: the fleet apply fails; the local replica keeps serving
+        inventory = HostInventory(name=host, address="127.0.0.1", cpu_cores=2, ram_bytes=8 << 30)
+        join_host(HostRecord(inventory=inventory, pool=pool, queue=host, updated_at=datetime.now(timezone.utc)))
+        with client() as c:
+            c.send_worker_heartbeat(pool, host, heartbeat_interval_seconds=1)
+        _wait(f"Prefect to mark {host}'s worker offline", lambda: read_fleet(pool)[0].status == "offline", 120)
+        state = apply_spec(str(spec), pool=pool, return_state=True)
+        assert state.is_failed() and "is online" in str(state.message)
+        assert not read_applied(spec).on_fleet
+        assert list(routes()) == [local_id] and routes()[local_id]["healthy"] is True
+
+        # the host's `cortex host join`: its worker runs the fleet's deploy; then the hand-over
+        host_env = prefect_server.env(
+            CORTEX_HOME=str(host_home),
+            CORTEX_ADMIN_TOKEN=token,
+            CORTEX_GATEWAY_URL=gateway.url,
+            PYTHONPATH=str(REPO),
+            PYTHONUNBUFFERED="1",
+        )
+        host_home.mkdir()
+        join = subprocess.Popen(
+            [sys.executable, "-m", "cli", "host", "join", host, "--pool", pool, "--address", "127.0.0.1"]
+            + ["--refresh", "2"],
+            env=host_env,
+            cwd=REPO,
+            stdout=open(tmp_path / "join.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait(f"{host} online", lambda: read_fleet(pool)[0].status == "online", 180)
+        state = apply_spec(str(spec), pool=pool, return_state=True)
+        assert state.is_completed(), (state.message, (tmp_path / "join.log").read_text()[-3000:])
+        outcome = state.result()
+        assert outcome["hosts"] == [host]
+        said = outcome["local_replica"]
+        assert said.startswith(f"drained and stopped the local replica {local_id} (process)"), said
+        assert f"the gateway routes to healthy replicas on {host}" in said
+        [fleet_id] = routes()  # only the host's replica is routed now, named after its host
+        assert fleet_id != local_id and fleet_id.endswith(f"-{host}")
+        assert ProcessRuntime(state_dir=home / "runtime" / "process").list() == []
+        [fleet_replica] = ProcessRuntime(state_dir=host_home / "runtime" / "process").list()
+        assert fleet_replica.name == fleet_id
+        assert read_applied(spec).on_fleet
+        [artifact] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "fleet-takeover"]
+        assert local_id in artifact.data
+    finally:
+        if join is not None:
+            os.killpg(join.pid, signal.SIGTERM)  # `cortex host join` stops its worker
+            join.wait(timeout=60)
+        for state_dir in (home, host_home):
+            runtime = ProcessRuntime(state_dir=state_dir / "runtime" / "process")
+            for replica in runtime.list():
+                runtime.stop(replica)
+        gateway.stop()
+        remove_host(host, pool)
+        with client() as c:
+            c.delete_work_pool(pool)
