@@ -318,7 +318,8 @@ def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) 
     try:
         replica = runtime.get(local.replica)
     except ReplicaNotFound:
-        said = f"the local replica {local.replica} was no longer running; {evidence}"
+        # e.g. a host on this machine sharing its CORTEX_HOME replaced it with its own deploy
+        said = f"the local replica {local.replica} was already gone; {evidence}"
         logger.info("%s: taken over by the fleet: %s", local.name, said)
         return said
     retire_replica(replica, runtime, drain_gateway=gw is not None)
