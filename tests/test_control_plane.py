@@ -389,3 +389,32 @@ def test_a_spec_applied_here_is_handed_over_to_the_fleet_once_its_replica_serves
         remove_host(host, pool)
         with client() as c:
             c.delete_work_pool(pool)
+
+
+def test_cortex_serve_makes_the_control_deployments_prefect_yaml_declares(tmp_path: Path) -> None:
+    """One set of control-plane deployments: what `cortex serve` registers from code and what
+    `prefect deploy --all` makes from prefect.yaml agree (name, module entrypoint, queue, tags,
+    schedule, trigger), so either can run them and neither overwrites the other with something else."""
+    import yaml
+
+    from flows.control import control_deployments
+
+    declared = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    made = {d.name: d for d in control_deployments(tmp_path)}
+    assert set(made) == set(declared)
+    for name, d in made.items():
+        want = declared[name]
+        assert d.entrypoint == want["entrypoint"], name
+        assert (d.work_pool_name, d.work_queue_name) == (
+            want["work_pool"]["name"],
+            want["work_pool"]["work_queue_name"],
+        )
+        assert set(d.tags) == set(want["tags"]), name
+    reconcile = made["fleet-reconcile"]
+    assert reconcile.concurrency_limit == declared["fleet-reconcile"]["concurrency_limit"]
+    [schedule] = reconcile.schedules
+    assert schedule.schedule.interval.total_seconds() == declared["fleet-reconcile"]["schedules"][0]["interval"]
+    [trigger] = reconcile.triggers
+    [want] = declared["fleet-reconcile"]["triggers"]
+    assert trigger.expect == set(want["expect"])
+    assert trigger.match.root == want["match"] and trigger.match_related.root == want["match_related"]
