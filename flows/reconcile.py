@@ -30,6 +30,7 @@ deleted spec's model is found.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,10 +238,18 @@ def _apply_on_fleet(
     spec: ModelSpec, path: str, digest: str, where: ControlPath, gateway: bool | None, scheduled: bool
 ) -> dict[str, Any]:
     """Run fleet-apply as a subflow. A scheduled run does the same: each host's deploy reuses a
-    replica whose spec, source commit and plan are unchanged and redeploys one whose commit moved."""
+    replica whose spec, source commit and plan are unchanged and redeploys one whose commit moved.
+
+    A spec last applied on this machine (before any host joined) is taken over: once the fleet's
+    replicas are healthy and routed in the gateway, the local replica is drained and stopped
+    (hand_over_local). Until then it keeps serving, and if fleet-apply fails it keeps serving."""
     _tag_run(f"model:{spec.name}", "fleet", "scheduled" if scheduled else "applied")
+    previous = read_applied(path)
+    local = previous if previous is not None and not previous.on_fleet else None
     result = fleet_apply(path, pool=where.pool, gateway=gateway)
     hosts = sorted(result["deployed"])
+    serving = sorted(h for h, version in result["versions"].items() if version.startswith("spec "))
+    handed_over = hand_over_local(local, serving, gateway) if local is not None else None
     write_applied(
         AppliedSpec(
             spec_path=path,
@@ -257,11 +266,71 @@ def _apply_on_fleet(
         "action": "deployed on the fleet",
         "name": spec.name,
         "hosts": hosts,
-        "deploy_runs": {h: r["flow_run"] for h, r in result["deployed"].items()},
+        "deploy_runs": result["deployed"],
         "control_path": where.reason,
     }
+    if handed_over is not None:
+        outcome["local_replica"] = handed_over
     _publish_outcome(path, digest, outcome)
     return outcome
+
+
+def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) -> str:
+    """Drain and stop the replica the single-machine path deployed here (`local`), now that
+    fleet-apply deployed the model on `hosts`; returns what was done, which the run's log and
+    outcome say. Only that replica, by its name: the fleet's replicas are named
+    `<replica>-<host>` (CORTEX_HOST_NAME), so a fleet replica on this same machine (it joined
+    with `cortex host join`) is never the local one, even in the same runtime.
+
+    With a gateway, it waits (a hang guard, not a measure) until each host's replica is routed
+    and healthy there; if that does not happen, it fails and the local replica keeps serving (the
+    spec stays applied here, so the next apply tries again). Without one (none answers, or
+    gateway=False) nothing routes either way: the hosts' deploys passed their readiness and smoke
+    checks, and that is the evidence."""
+    from cortex.gateway.client import gateway_client
+    from cortex.runtime import ReplicaNotFound, get_runtime
+    from cortex.settings import Settings
+    from tasks.deploy import retire_replica
+
+    logger = get_run_logger()
+    gw = gateway_client(gateway)
+    if gw is not None:
+        wait_s = max(120.0, 40 * Settings.load().gateway_health_interval)
+        deadline = time.monotonic() + wait_s
+        with gw:
+            while True:
+                routes = [r for r in gw.replicas_of(local.name) if r["id"] != local.replica]
+                serving = {r["labels"].get("host") for r in routes if r["healthy"] is True and r["state"] == "active"}
+                if serving >= set(hosts):
+                    break
+                if time.monotonic() > deadline:
+                    missing = ", ".join(sorted(set(hosts) - serving))
+                    raise RuntimeError(
+                        f"{local.name}: deployed on the fleet, but the gateway does not route to a healthy replica "
+                        f"on {missing} after {wait_s:.0f} s; the local replica {local.replica} keeps serving and the "
+                        "next apply of the spec hands over again (see `cortex hosts`, `cortex status`)"
+                    )
+                time.sleep(1.0)
+        evidence = f"the gateway routes to healthy replicas on {', '.join(hosts)}"
+    else:
+        evidence = f"no gateway is used; the deploys on {', '.join(hosts)} passed their readiness and smoke checks"
+    runtime = get_runtime(local.runtime)
+    try:
+        replica = runtime.get(local.replica)
+    except ReplicaNotFound:
+        # e.g. a host on this machine sharing its CORTEX_HOME replaced it with its own deploy
+        said = f"the local replica {local.replica} was already gone; {evidence}"
+        logger.info("%s: taken over by the fleet: %s", local.name, said)
+        return said
+    retire_replica(replica, runtime, drain_gateway=gw is not None)
+    said = f"drained and stopped the local replica {local.replica} ({local.runtime}): {evidence}"
+    logger.info("%s: taken over by the fleet: %s", local.name, said)
+    create_markdown_artifact(
+        key="fleet-takeover",
+        markdown=f"## {local.name}: the fleet took over\n\n{said}.",
+        description=said[:300],
+    )
+    return said
 
 
 def deploy_spec(spec: ModelSpec, spec_path: str, runtime: RuntimeKind, gateway: bool | None) -> dict[str, Any]:

@@ -8,12 +8,13 @@
     prepare         prepare-model      the UI form
     retire          retire-model       the UI form (a model name)
     retire-deleted  retire-spec        a `cortex.spec.deleted` event
-    reconcile       reconcile-specs    the UI form (defaults to the watched folder)
-    fleet-reconcile fleet-reconcile    every CORTEX_FLEET_RECONCILE_S seconds, and the events
-                                       `prefect.work-queue.not-ready` / `.ready` of a queue of the
-                                       fleet's pool: a host's worker stopped polling, or polls again
 
-`serve_specs(folder)` registers them, makes the deploy deployment's schedules match the specs,
+These run in this process's runner. The control plane's deployments on the fleet pool's queue
+`control` (fleet-apply, reconcile, fleet-reconcile with its schedule and queue-status trigger:
+flows/control.py) are registered too, and run by the control worker this process starts and
+watches (flows.control.ControlWorker), unless another control plane's worker polls that queue.
+
+`serve_specs(folder)` registers them all, makes the deploy deployment's schedules match the specs,
 starts the folder watcher (cortex/watch.py) that emits the events and the restart watch
 (cortex/restarts.py: a spec's model whose engine died is deployed again by an apply-spec run
 whose `restart` parameter says why, with backoff), and runs the deployments until stopped. Schedules are kept in step on every settled change of the folder: a spec that
@@ -39,10 +40,10 @@ from cortex.restarts import RestartBackoff, dead_specs
 from cortex.settings import Settings
 from cortex.specfile import SpecError, load_spec, spec_files
 from cortex.watch import SpecChange, SpecWatcher
+from flows.control import ControlWorker, register_control
 from flows.deploy import retire_model
-from flows.fleet import POOL, fleet_reconcile
 from flows.prepare import prepare_model
-from flows.reconcile import apply_spec, reconcile_specs, retire_spec
+from flows.reconcile import apply_spec, retire_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ SPEC_CHANGED = "cortex.spec.changed"
 SPEC_DELETED = "cortex.spec.deleted"
 DEPLOY = "apply-spec/deploy"  # the deployment a spec's schedule belongs to
 SCHEDULE_SLUG_PREFIX = "spec:"
-# Prefect's server emits these when a work queue's status changes (its foreman marks a queue
-# not-ready when no worker polled it for work_queue_last_polled_timeout_seconds).
-QUEUE_EVENTS = {"prefect.work-queue.not-ready", "prefect.work-queue.ready"}
 
 
 def schedule_slug(spec_path: Path) -> str:
@@ -129,7 +127,8 @@ def emit_spec_event(change: SpecChange) -> None:
 
 
 def cortex_deployments(folder: str | Path) -> list[Any]:
-    """The RunnerDeployments `cortex serve` runs, with triggers on spec files under `folder`."""
+    """The RunnerDeployments `cortex serve` runs in its own runner, with triggers on spec files
+    under `folder` (the control queue's are flows.control.control_deployments)."""
     folder = Path(folder).absolute()
     in_folder = {"prefect.resource.id": f"{folder}/*"}
     tags = ["cortex"]
@@ -172,30 +171,6 @@ def cortex_deployments(folder: str | Path) -> list[Any]:
                 )
             ],
         ),
-        reconcile_specs.to_deployment(
-            name="reconcile",
-            tags=tags,
-            parameters={"specs_dir": str(folder)},
-            description="Apply what changed in a folder of specs; report what runs against what they declare.",
-        ),
-        fleet_reconcile.to_deployment(
-            name="fleet-reconcile",
-            tags=tags + ["fleet"],
-            interval=Settings.load().fleet_reconcile_s,
-            concurrency_limit=1,  # two at once would both re-place the same lost replica
-            parameters={"pool": POOL},
-            description="Re-place the replicas of lost hosts, retire stale ones of hosts that came back, "
-            "say what could not be placed. On a schedule and when a host's work queue changes status.",
-            triggers=[
-                DeploymentEventTrigger(
-                    name="reconcile when a host's queue changes status",
-                    expect=QUEUE_EVENTS,
-                    match={"prefect.resource.id": "prefect.work-queue.*"},
-                    match_related={"prefect.resource.role": "work-pool", "prefect.resource.name": POOL},
-                    parameters={"pool": POOL},
-                )
-            ],
-        ),
     ]
 
 
@@ -225,12 +200,22 @@ def watch_replicas(folder: Path, stop: threading.Event, settings: Settings | Non
             log.exception("checking for replicas whose engine died failed")
 
 
-def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading.Event | None = None) -> None:
-    """Register the deployments, sync schedules, watch `folder`, and run until interrupted."""
+def serve_specs(
+    folder: str | Path,
+    *,
+    limit: int | None = None,
+    stop: threading.Event | None = None,
+    control_log: Path | None = None,
+) -> None:
+    """Register the deployments, sync schedules, start and watch the control worker (its output
+    in `control_log`, default $CORTEX_HOME/control-worker.log), watch `folder`, and run until
+    interrupted; the control worker stops with it."""
     folder = Path(folder).absolute()
     deployments = cortex_deployments(folder)
     for deployment in deployments:
         deployment.apply()  # now, so that the schedules below have a deployment to attach to
+    for name in register_control(folder):
+        log.info("registered %s on the control queue", name)
     sync_schedules(folder)
 
     # The watcher thread sees this thread's Prefect settings (API URL) only through a copy of
@@ -250,7 +235,13 @@ def serve_specs(folder: str | Path, *, limit: int | None = None, stop: threading
     threading.Thread(
         target=contextvars.copy_context().run, args=(watch_replicas, folder, stop), name="replica-restarts", daemon=True
     ).start()
+    worker = ControlWorker(control_log or Path(Settings.load().home) / "control-worker.log")
+    supervisor = threading.Thread(
+        target=contextvars.copy_context().run, args=(worker.run, stop), name="control-worker", daemon=True
+    )
+    supervisor.start()
     try:
         serve(*deployments, limit=limit, pause_on_shutdown=False, print_starting_message=False)
     finally:
         stop.set()
+        supervisor.join(timeout=60)  # it stops the worker it started

@@ -442,7 +442,8 @@ def test_a_worker_on_a_gpu_host_queue_runs_the_deployment_host_join_made(
     from flows.fleet import join_host
 
     env = prefect_server.env(CORTEX_HOME=str(tmp_path / "cortex-home"), PYTHONUNBUFFERED="1")
-    prefect_cli(prefect_server, "work-pool", "create", "cortex", "--type", "process", env=env)
+    # --overwrite: `cortex serve` (an earlier test's, on this session's server) made it already
+    prefect_cli(prefect_server, "work-pool", "create", "cortex", "--type", "process", "--overwrite", env=env)
     prefect_cli(prefect_server, "--no-prompt", "deploy", "--all", env=env, timeout=600)
     inventory = HostInventory(name="gpu-host-1", address="127.0.0.1", cpu_cores=2, ram_bytes=8 << 30)
     join_host(HostRecord(inventory=inventory, pool="cortex", queue="gpu-host-1", updated_at=datetime.now(timezone.utc)))

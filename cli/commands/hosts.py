@@ -145,12 +145,18 @@ def run_join(
     from cli.commands.local_prefect import ensure_api
     from cortex.fileio import atomic_write_json
     from cortex.spec import check_host_name
+    from flows.control import CONTROL_QUEUE
     from flows.fleet import join_host, publish_record
 
     try:
         check_host_name(name)
     except ValueError as e:
         print(f"cortex host join: NAME: {e}", file=sys.stderr)
+        return 2
+    if name == CONTROL_QUEUE:  # a host's queue is its name; this one runs the control plane's flows
+        print(
+            f"cortex host join: NAME: {name!r} is the control plane's queue; name the host otherwise", file=sys.stderr
+        )
         return 2
     api = ensure_api()
     address = address or default_address(api)

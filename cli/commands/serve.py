@@ -3,12 +3,14 @@
     cortex serve [--specs DIR] [--prefect-url URL] [--port 4200] [--limit N]
 
 Connects to the Prefect server at --prefect-url (or $PREFECT_API_URL); with neither, starts a
-local one (`prefect server start`, SQLite in $PREFECT_HOME) and stops it on exit. Prints where
-the UI is, then serves until Ctrl-C. See README.md, "Operating Cortex through Prefect".
+local one (`prefect server start`, SQLite in $PREFECT_HOME) and stops it on exit. Starts the
+Prefect worker of the fleet pool's `control` queue (flows/control.py) unless another one polls
+it, and stops it on exit. Prints where the UI is, then serves until Ctrl-C. See README.md, "Operating Cortex through Prefect".
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +33,8 @@ def register(app: typer.Typer) -> None:
         short_help="serve Cortex's Prefect deployments; watch a specs folder; keep spec schedules",
         help="Register the deploy, prepare, retire and reconcile deployments on a Prefect "
         "server, turn each spec's `schedule` into a schedule, and deploy a spec when its file in "
-        "--specs is saved (retire its model when it is deleted). Runs until interrupted.",
+        "--specs is saved (retire its model when it is deleted). Runs the worker of the control "
+        "queue (fleet-apply, reconcile, fleet-reconcile) unless one already polls it. Runs until interrupted.",
     )
 
 
@@ -122,17 +125,22 @@ def run(
     ui = url[: -len("/api")]
     print(f"Prefect UI: {ui}", flush=True)
     print(f"  deployments: {ui}/deployments   (Run > Custom run on 'apply-spec/deploy' starts a deploy)", flush=True)
+    control_log = Path(Settings.load().home) / "control-worker.log"
+    print(f"control-plane worker (queue cortex/control): log {control_log}", flush=True)
     print(f"watching {folder} for spec changes; Ctrl-C stops", flush=True)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # SIGTERM stops like Ctrl-C: the server it started too
 
     signal.signal(signal.SIGTERM, interrupted)
+    # what serve does itself (schedules kept in step, spec changes, the control worker) goes to its
+    # output, through Prefect's console handler, like its runs' messages
+    logging.getLogger("flows").setLevel(logging.INFO)
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             from flows.serve import serve_specs
 
-            serve_specs(folder, limit=limit)
+            serve_specs(folder, limit=limit, control_log=control_log)
     except KeyboardInterrupt:
         pass
     finally:
