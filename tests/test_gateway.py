@@ -713,9 +713,14 @@ def test_cortex_gateway_command(tmp_path, engines):
             c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
         out = subprocess.run([*cli, "gateway", "replicas"], env=gw.env, capture_output=True, text=True, check=True)
         assert "smol (tiny)" in out.stdout and "active" in out.stdout
-        out = subprocess.run([*cli, "gateway", "settings"], env=gw.env, capture_output=True, text=True, check=True)
+        secrets = {"CORTEX_API_KEY": "client-key-s3cret", "CORTEX_ENGINE_API_KEY": "engine-key-s3cret"}
+        out = subprocess.run(
+            [*cli, "gateway", "settings"], env={**gw.env, **secrets}, capture_output=True, text=True, check=True
+        )
         assert "CORTEX_GATEWAY_NO_AUTH" in out.stdout and f"gateway_port = {gw.port}" in out.stdout
         assert "cortex-admin-" not in out.stdout  # the token is never printed
+        assert "s3cret" not in out.stdout  # nor the client's or the engines' key
+        assert "api_key = (set)" in out.stdout and "engine_api_key = (set)" in out.stdout
         assert "client authentication is OFF" not in gw.log()
     finally:
         gw.stop()
