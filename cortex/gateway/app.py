@@ -83,6 +83,7 @@ class ProxyCall:
         "limit_headers",
         "strip_usage",
         "payload",
+        "fallback_from",
     )
 
     replica: Replica  # set by _connect
@@ -110,6 +111,8 @@ class ProxyCall:
         self.limit_headers: list[tuple[bytes, bytes]] = []
         self.strip_usage = False  # the gateway asked for the stream's usage event; the client did not
         self.payload: Any = None  # the parsed body (affinity key, fallback model rewrite)
+        # (primary model, why it could not serve) once the request went to a fallback
+        self.fallback_from: tuple[str, str] | None = None
 
     def stop_watching(self) -> None:
         self.done = True
@@ -535,6 +538,9 @@ class Gateway:
             if replica is None or attempts > len(replicas) + 4:  # the model has nothing left to try
                 if chain is None:
                     chain, done = self.table.fallback_chain(call.payload["model"]), {served}
+                    # kept for the fallback metric, counted once a fallback serves
+                    failed = replica is not None or bool(tried)
+                    call.fallback_from = (served, "failed_before_first_byte" if failed else "no_healthy_replica")
                 fallback = self._next_fallback(call, chain, done)
                 if fallback is not None:
                     served, replicas = fallback
@@ -693,6 +699,9 @@ class Gateway:
             metrics.error(served, replica.id, error_kind)
         elif status >= 500:
             metrics.error(served, replica.id, "upstream_status_5xx")
+        if call.fallback_from is not None:
+            primary, reason = call.fallback_from
+            metrics.fallbacks[(primary, served, reason)] += 1
         prompt_tokens = completion_tokens = None
         tail_bytes = call.prev + call.last if call.sse else call.last
         at = tail_bytes.rfind(b'"usage"')

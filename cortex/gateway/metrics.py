@@ -59,6 +59,7 @@ class Metrics:
         self.requests: defaultdict[tuple, int] = defaultdict(int)  # model, replica, status
         self.errors: defaultdict[tuple, int] = defaultdict(int)  # model, replica, kind
         self.tokens: defaultdict[tuple, int] = defaultdict(int)  # model, replica, type
+        self.fallbacks: defaultdict[tuple, int] = defaultdict(int)  # model (the primary), fallback, reason
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttfb = Histogram(LATENCY_BUCKETS)
         self.overhead = Histogram(OVERHEAD_BUCKETS)
@@ -98,6 +99,13 @@ class Metrics:
             "Tokens reported in responses' usage.",
             ("model", "replica", "type"),
             self.tokens,
+        )
+        counter(
+            "cortex_gateway_fallbacks_total",
+            "Requests served by a fallback model, by the model asked for (its served name), the fallback "
+            "that served and why the model could not (no_healthy_replica, failed_before_first_byte).",
+            ("model", "fallback", "reason"),
+            self.fallbacks,
         )
         counter(
             "cortex_gateway_in_flight",
