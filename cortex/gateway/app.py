@@ -27,11 +27,12 @@ from .identity import verify_replica
 from .inflight import InFlightBoard
 from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
-from .metrics import Metrics
+from .metrics import Metrics, merge_snapshots, render
 from .registry import Registry, RegistryError, open_registry
 from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
 from .usage import UsageBook
+from .workermetrics import without_gauges
 
 log = logging.getLogger("cortex.gateway")
 
@@ -147,9 +148,16 @@ class Gateway:
             settings.gateway_connect_timeout, settings.gateway_affinity, settings.gateway_affinity_load_ratio, board
         )
         self.metrics = Metrics()
+        # With several workers, the whole gateway's /metrics (workermetrics.py): what this worker
+        # publishes, on top of what a worker before it on this index published before it died.
+        self.exchange = board.metrics if board is not None else None
+        inherited = self.exchange.read(self.worker) if self.exchange is not None else None
+        self._inherited = without_gauges(inherited) if inherited is not None else None
         self.lag = LoopLag()
         self.limiter = Limiter()
-        self.usage = UsageBook(settings.gateway_metrics_max_keys)
+        self.usage = UsageBook(
+            settings.gateway_metrics_max_keys, self.exchange.labels if self.exchange is not None else None
+        )
         self._flushed_at = time.monotonic()
         self._data_version = -1
         self._tasks: list[asyncio.Task] = []
@@ -200,8 +208,27 @@ class Gateway:
             pass  # already removed by another process or an admin call
         self.reload()
 
+    def publish_metrics(self) -> dict:
+        """This worker's counters (plus what it inherited), written for the other workers to read;
+        returned for a scrape this worker answers."""
+        assert self.exchange is not None
+        snap = self.metrics.snapshot(self.connections, self.usage)
+        if self._inherited is not None:
+            snap = merge_snapshots([self._inherited, snap])
+        self.exchange.publish(snap)
+        return snap
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics: this process's numbers, or with several workers the whole gateway's."""
+        if self.exchange is None:
+            return self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
+        snap = merge_snapshots([self.publish_metrics(), *self.exchange.others()])
+        return render(snap, self.table.replicas.values())
+
     async def startup(self) -> None:
         self.loop = asyncio.get_running_loop()  # kept: the hot path asks for it per request
+        if self.exchange is not None:
+            self.publish_metrics()  # a replacement worker's inherited counters show at once
         self.lag.start()
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
         self._tasks.append(asyncio.create_task(self._maintain()))
@@ -260,6 +287,8 @@ class Gateway:
                     self.finish_drain(replica)
             if self.access_log is not None:
                 self.access_log.flush()
+            if self.exchange is not None:
+                self.publish_metrics()
             if now - self._flushed_at >= self.settings.gateway_usage_flush_interval:
                 try:
                     self.flush_usage()
@@ -372,7 +401,7 @@ class Gateway:
                     send, 200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
                 )
             elif path == "/metrics" and scope["method"] == "GET":
-                body = self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
+                body = self.metrics_text()
                 await send(
                     {
                         "type": "http.response.start",
