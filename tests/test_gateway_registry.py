@@ -245,7 +245,41 @@ def test_a_gateway_keeps_routing_through_a_postgres_outage_and_writes_the_usage_
         reader.close()
         with gw.client() as admin:
             assert [r["model"] for r in admin.list()["replicas"]] == ["smol"]
+        # The outage is in the log once, without a traceback (the maintenance loop tried every
+        # 0.5 s and every flush), and so is the end of it.
+        wait_until(lambda: "back (reading it works again)" in gw.log(), what="the log to say the registry is back")
+        log = gw.log()
+        assert log.count("reading the registry postgresql://") == 1, log
+        assert log.count("writing usage to the registry postgresql://") == 1, log
+        assert "back (writing usage to it works again)" in log and "Traceback" not in log
     finally:
         gw.stop()
         engine.stop()
         cluster.stop()
+
+
+def test_a_registry_outage_is_logged_once_with_a_reminder_a_minute_and_once_when_back(caplog) -> None:
+    from cortex.gateway.app import OUTAGE_REMINDER_S, RegistryOutage
+    from cortex.gateway.registry import RegistryUnavailable
+
+    now = [1000.0]
+    outage = RegistryOutage("postgresql://cortex:***@db/cortex", "reading", clock=lambda: now[0])
+    down = RegistryUnavailable("the registry database is unavailable: connection refused")
+    with caplog.at_level("INFO", logger="cortex.gateway"):
+        for _ in range(int(OUTAGE_REMINDER_S / 0.5) - 1):  # a minute of tries, 0.5 s apart
+            outage.failed(down)
+            now[0] += 0.5
+        assert [r.getMessage()[:61] for r in caplog.records] == [
+            "reading the registry postgresql://cortex:***@db/cortex failed"
+        ]
+        assert caplog.records[0].exc_info is None and "connection refused" in caplog.records[0].getMessage()
+        now[0] += 0.5
+        outage.failed(down)  # a minute on: one reminder
+        assert "still fails after 60 s (120 failed tries)" in caplog.records[-1].getMessage()
+        outage.recovered()
+        outage.recovered()  # only the first call after an outage says so
+        assert [r.getMessage() for r in caplog.records[2:]] == [
+            "registry postgresql://cortex:***@db/cortex back (reading it works again) after 60 s"
+        ]
+        outage.failed(ValueError("no such column: x"))  # not an outage: a bug, with its traceback once
+        assert caplog.records[-1].exc_info is not None

@@ -28,7 +28,7 @@ from .inflight import InFlightBoard
 from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
 from .metrics import Metrics, merge_snapshots, render
-from .registry import Registry, RegistryError, open_registry
+from .registry import Registry, RegistryError, RegistryUnavailable, open_registry
 from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
 from .usage import UsageBook
@@ -48,6 +48,58 @@ USAGE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 # A timeout is not held against a replica when the event loop lagged by more than this share of
 # the time the gateway waited (see looplag.py).
 LAG_EXCUSES = 0.1
+# Seconds between reminders while the registry stays unreachable (RegistryOutage).
+OUTAGE_REMINDER_S = 60.0
+
+
+class RegistryOutage:
+    """The log of the maintenance loop's registry calls while they fail: one line when the
+    registry goes away (with the error; its traceback too when the error is not the database
+    being unreachable, since that may be a bug), a reminder at most every OUTAGE_REMINDER_S,
+    one line when it is back. The loop tries every 0.5 s: a line per try would bury the log."""
+
+    def __init__(self, location: str, doing: str, clock=time.monotonic) -> None:
+        self.location = location
+        self.doing = doing  # "reading", "writing usage to"
+        self.clock = clock
+        self.since: float | None = None  # when the current outage began
+        self.reminded = 0.0
+        self.failures = 0
+
+    def failed(self, exc: Exception) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.since is None:
+            self.since = self.reminded = now
+            log.error(
+                "%s the registry %s failed: %s; routing goes on with the current table and usage is kept "
+                "in memory until it is back (retrying, a reminder every %.0f s)",
+                self.doing,
+                self.location,
+                exc,
+                OUTAGE_REMINDER_S,
+                exc_info=not isinstance(exc, RegistryUnavailable),
+            )
+        elif now - self.reminded >= OUTAGE_REMINDER_S:
+            self.reminded = now
+            log.error(
+                "%s the registry %s still fails after %.0f s (%d failed tries): %s",
+                self.doing,
+                self.location,
+                now - self.since,
+                self.failures,
+                exc,
+            )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.info(
+                "registry %s back (%s it works again) after %.0f s",
+                self.location,
+                self.doing,
+                self.clock() - self.since,
+            )
+            self.since, self.failures = None, 0
 
 
 class AbortResponse(Exception):
@@ -160,6 +212,9 @@ class Gateway:
         )
         self._flushed_at = time.monotonic()
         self._data_version = -1
+        # one log line when the registry stops answering the maintenance loop, one when it is back
+        self.read_outage = RegistryOutage(self.registry.location, "reading")
+        self.write_outage = RegistryOutage(self.registry.location, "writing usage to")
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
@@ -255,21 +310,23 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.flush()
 
-    def flush_usage(self) -> None:
+    def flush_usage(self) -> bool:
         """Write the usage counted since the last flush and the limited keys' state to the
-        registry in one transaction, and take in what other gateways on it used (limits.py)."""
+        registry in one transaction, and take in what other gateways on it used (limits.py).
+        False when there was nothing to write."""
         self._flushed_at = time.monotonic()
         now = self.limiter.clock()
         snapshot = self.limiter.snapshot()
         rows = self.usage.take()
         if not rows and not snapshot:
-            return
+            return False
         try:
             totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
         except BaseException:
             self.usage.put_back(rows)  # the limiter's pending counts stay until an exchange
             raise
         self.limiter.exchange(totals, today)
+        return True
 
     async def _maintain(self) -> None:
         """Pick up other processes' registry writes; fail requests whose replica went silent."""
@@ -277,8 +334,10 @@ class Gateway:
             await asyncio.sleep(0.5)
             try:
                 self._maybe_reload()
-            except Exception:
-                log.exception("reloading the registry %s failed; keeping the current table", self.registry.location)
+            except Exception as exc:  # logged once per outage, not every 0.5 s
+                self.read_outage.failed(exc)
+            else:
+                self.read_outage.recovered()
             now = time.monotonic()
             for replica in list(self.table.replicas.values()):
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
@@ -291,9 +350,12 @@ class Gateway:
                 self.publish_metrics()
             if now - self._flushed_at >= self.settings.gateway_usage_flush_interval:
                 try:
-                    self.flush_usage()
-                except Exception:  # kept in memory and written at the next flush
-                    log.exception("writing usage to the registry %s failed; retrying later", self.registry.location)
+                    wrote = self.flush_usage()
+                except Exception as exc:  # kept in memory and written at the next flush
+                    self.write_outage.failed(exc)
+                else:
+                    if wrote:
+                        self.write_outage.recovered()
 
     async def _health_loop(self) -> None:
         while True:
