@@ -272,7 +272,7 @@ def test_a_registry_outage_is_logged_once_with_a_reminder_a_minute_and_once_when
         assert [r.getMessage()[:61] for r in caplog.records] == [
             "reading the registry postgresql://cortex:***@db/cortex failed"
         ]
-        assert caplog.records[0].exc_info is None and "connection refused" in caplog.records[0].getMessage()
+        assert not caplog.records[0].exc_info and "connection refused" in caplog.records[0].getMessage()
         now[0] += 0.5
         outage.failed(down)  # a minute on: one reminder
         assert "still fails after 60 s (120 failed tries)" in caplog.records[-1].getMessage()
@@ -282,4 +282,4 @@ def test_a_registry_outage_is_logged_once_with_a_reminder_a_minute_and_once_when
             "registry postgresql://cortex:***@db/cortex back (reading it works again) after 60 s"
         ]
         outage.failed(ValueError("no such column: x"))  # not an outage: a bug, with its traceback once
-        assert caplog.records[-1].exc_info is not None
+        assert caplog.records[-1].exc_info
