@@ -601,7 +601,7 @@ class Gateway:
                     return None
                 call.limit, call.limit_headers = state, headers
                 if call.streaming and state.strip_usage:
-                    asked = ask_for_usage(payload)
+                    asked = ask_for_usage(payload, body)
                     if asked is not None:
                         body, call.strip_usage = asked, True
         call.payload = payload
@@ -762,6 +762,8 @@ class Gateway:
                 prev, last = last, data
                 if strip and b'"usage"' in data:
                     data = strip_usage_event(data)
+                    if not data and not (conn.complete and not conn.chunks):
+                        continue  # the read held only the usage event: nothing to send
                 if conn.complete and not conn.chunks:
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     return
