@@ -309,6 +309,8 @@ class Gateway:
             log.exception("writing usage to the registry %s at shutdown failed", self.registry.location)
         if self.access_log is not None:
             self.access_log.flush()
+        if self.exchange is not None:
+            self.publish_metrics()  # the last numbers, for a worker started in this one's place
 
     def flush_usage(self) -> bool:
         """Write the usage counted since the last flush and the limited keys' state to the
