@@ -27,7 +27,7 @@ proxy's process tree's utime+stime from /proc, divided by the requests wrk compl
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
         [--baseline DIR]    # also the gateway of another checkout (git worktree/archive), as target cortex-base
     targets also: cortex-noauth, cortex-limits, cortex-100keys, cortex-2w (see above), and with
-    --baseline cortex-limits-base (cortex-limits on the other checkout)
+    --baseline cortex-limits-base and cortex-2w-base (those two on the other checkout)
 """
 
 from __future__ import annotations
@@ -428,6 +428,7 @@ def main() -> int:
         "cortex-limits-base": lambda: Cortex(
             workdir, upstream, args.baseline, name="cortex-limits", limits=HIGH_LIMITS
         ),
+        "cortex-2w-base": lambda: Cortex(workdir, upstream, args.baseline, name="cortex-2w", workers=2),
     }
     if args.baseline and "cortex-base" not in wanted:
         wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")
