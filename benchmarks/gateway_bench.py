@@ -462,6 +462,8 @@ def main() -> int:
     finally:
         for target in targets:
             target.stop()
+        if upstream not in targets:  # measured only as `direct`, but always started
+            upstream.stop()
 
     def med(name, stream, c, key):
         return statistics.median(x[key] for x in results[(name, stream, c)])
