@@ -26,7 +26,8 @@ proxy's process tree's utime+stime from /proc, divided by the requests wrk compl
         ~/.cache/cortex/bench/litellm-venv/bin/pip install 'litellm[proxy]'
     .venv/bin/python benchmarks/gateway_bench.py [--rounds 3] [--duration 5] [--targets direct,cortex,nginx,litellm]
         [--baseline DIR]    # also the gateway of another checkout (git worktree/archive), as target cortex-base
-    targets also: cortex-noauth, cortex-limits, cortex-100keys, cortex-2w (see above)
+    targets also: cortex-noauth, cortex-limits, cortex-100keys, cortex-2w (see above), and with
+    --baseline cortex-limits-base and cortex-2w-base (those two on the other checkout)
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class Cortex(Target):
         env, command = {"CORTEX_GATEWAY_WORKERS": str(workers)}, None
         self.name = name
         if source is not None:  # another checkout (-P: its cortex, not the one in the current directory)
-            self.name = "cortex-base"
+            self.name = "cortex-base" if name == "cortex" else name + "-base"
             env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
             env["CORTEX_GATEWAY_WORKERS"] = str(workers)
         self.gw = GatewayProcess(
@@ -424,6 +425,10 @@ def main() -> int:
         "cortex-limits": lambda: Cortex(workdir, upstream, name="cortex-limits", limits=HIGH_LIMITS),
         "cortex-100keys": lambda: Cortex(workdir, upstream, name="cortex-100keys", keys=100, limits=HIGH_LIMITS),
         "cortex-2w": lambda: Cortex(workdir, upstream, name="cortex-2w", workers=2),
+        "cortex-limits-base": lambda: Cortex(
+            workdir, upstream, args.baseline, name="cortex-limits", limits=HIGH_LIMITS
+        ),
+        "cortex-2w-base": lambda: Cortex(workdir, upstream, args.baseline, name="cortex-2w", workers=2),
     }
     if args.baseline and "cortex-base" not in wanted:
         wanted.insert(wanted.index("cortex") + 1 if "cortex" in wanted else len(wanted), "cortex-base")
@@ -457,6 +462,8 @@ def main() -> int:
     finally:
         for target in targets:
             target.stop()
+        if upstream not in targets:  # measured only as `direct`, but always started
+            upstream.stop()
 
     def med(name, stream, c, key):
         return statistics.median(x[key] for x in results[(name, stream, c)])

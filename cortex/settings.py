@@ -36,6 +36,7 @@ class Field:
     type: Callable[[str], Any]
     default: Any
     help: str
+    secret: bool = False  # printed as "(set)", never its value (`cortex gateway settings`)
 
     @property
     def env(self) -> str:
@@ -104,6 +105,7 @@ FIELDS: list[Field] = [
         str,
         None,
         "Token for the gateway's /admin API. Default: generated once into <home>/gateway/admin-token (mode 0600).",
+        secret=True,
     ),
     Field(
         "gateway_db",
@@ -188,8 +190,20 @@ FIELDS: list[Field] = [
         100,
         'API keys with their own /metrics series; the others are summed under key="other".',
     ),
-    Field("api_key", str, None, "Client API key `cortex bench` sends to the gateway when --api-key is not given."),
-    Field("engine_api_key", str, None, "API key every engine replica requires. Default: a new random key per replica."),
+    Field(
+        "api_key",
+        str,
+        None,
+        "Client API key `cortex bench` sends to the gateway when --api-key is not given.",
+        secret=True,
+    ),
+    Field(
+        "engine_api_key",
+        str,
+        None,
+        "API key every engine replica requires. Default: a new random key per replica.",
+        secret=True,
+    ),
     Field(
         "docker_bind",
         str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import socket
 import subprocess
 import sys
@@ -713,9 +714,14 @@ def test_cortex_gateway_command(tmp_path, engines):
             c.register("smol", engine.base_url, engine_api_key="engine-secret", aliases=["tiny"])
         out = subprocess.run([*cli, "gateway", "replicas"], env=gw.env, capture_output=True, text=True, check=True)
         assert "smol (tiny)" in out.stdout and "active" in out.stdout
-        out = subprocess.run([*cli, "gateway", "settings"], env=gw.env, capture_output=True, text=True, check=True)
+        secrets = {"CORTEX_API_KEY": "client-key-s3cret", "CORTEX_ENGINE_API_KEY": "engine-key-s3cret"}
+        out = subprocess.run(
+            [*cli, "gateway", "settings"], env={**gw.env, **secrets}, capture_output=True, text=True, check=True
+        )
         assert "CORTEX_GATEWAY_NO_AUTH" in out.stdout and f"gateway_port = {gw.port}" in out.stdout
         assert "cortex-admin-" not in out.stdout  # the token is never printed
+        assert "s3cret" not in out.stdout  # nor the client's or the engines' key
+        assert "api_key = (set)" in out.stdout and "engine_api_key = (set)" in out.stdout
         assert "client authentication is OFF" not in gw.log()
     finally:
         gw.stop()
@@ -840,6 +846,16 @@ def test_affinity_load_stays_bounded(gateway, engines, affinity):
         assert load == {"smol-a": 5, "smol-b": 4} or load == {"smol-a": 4, "smol-b": 5}
 
 
+def fallback_counts(gw) -> dict[tuple[str, str, str], float]:
+    """cortex_gateway_fallbacks_total by (model, fallback, reason), from a real scrape."""
+    found = re.findall(
+        r'^cortex_gateway_fallbacks_total\{model="([^"]*)",fallback="([^"]*)",reason="([^"]*)"\} (\S+)$',
+        httpx.get(gw.url + "/metrics").text,
+        re.M,
+    )
+    return {(m, f, r): float(v) for m, f, r, v in found}
+
+
 def test_fallbacks_serve_while_the_primary_is_down_or_retired(gateway, engines):
     gw, a, b = gateway(), engines(), engines()
     with gw.client() as client:
@@ -866,15 +882,18 @@ def test_fallbacks_serve_while_the_primary_is_down_or_retired(gateway, engines):
     assert r.headers["x-cortex-model"] == "beta" and r.json()["model"] == "beta"
     assert r.headers["x-cortex-replica"].startswith("beta-")
     assert json.loads(httpx.get(b.base_url + "/_last").json()["body"])["model"] == "beta"
+    assert fallback_counts(gw) == {("alpha", "beta", "no_healthy_replica"): 1}
     a.healthy = True
     wait_until(lambda: ask().headers.get("x-cortex-model") == "alpha", what="alpha to serve again")
     assert models() == ["alpha", "beta"]
     # Retired (its last replica removed): the name still answers, through its fallback, and is not listed.
     with gw.client() as client:
         client.deregister(ra["id"])
+    before = fallback_counts(gw)[("alpha", "beta", "no_healthy_replica")]  # the wait above asked too
     r = ask()
     assert r.status_code == 200 and r.headers["x-cortex-model"] == "beta"
     assert models() == ["beta"]
+    assert fallback_counts(gw) == {("alpha", "beta", "no_healthy_replica"): before + 1}
     # Back: it serves again.
     with gw.client() as client:
         client.register("alpha", a.base_url, engine_api_key="engine-secret")
@@ -912,6 +931,12 @@ def test_fallback_when_the_primary_fails_before_answering_and_per_alias_lists(ga
     assert r.headers["x-cortex-model"] == "beta" and r.json()["model"] == "beta"
     r = chat(gw, key, "a1")  # an alias's own list comes before its model's
     assert r.status_code == 200 and r.headers["x-cortex-model"] == "smol"
+    # Counted under the model's served name (an alias is no label of its own: series stay few).
+    # The first request found the primary dead; by the second it was out of the routing.
+    assert fallback_counts(gw) == {
+        ("alpha", "beta", "failed_before_first_byte"): 1,
+        ("alpha", "smol", "no_healthy_replica"): 1,
+    }
     with gw.client() as client:
         client.set_fallbacks("alpha", [])
         assert client.list()["fallbacks"] == {"a1": ["smol"]}

@@ -10,9 +10,10 @@ import time
 
 import httpx
 import openai
+import orjson
 import pytest
 
-from cortex.gateway.limits import DAY, KeyLimits, Limiter, format_reset, strip_usage_event
+from cortex.gateway.limits import DAY, KeyLimits, Limiter, ask_for_usage, format_reset, strip_usage_event
 from cortex.gateway.registry import Registry, open_registry
 from cortex.testing.fake_engine import FakeEngine
 from cortex.testing.gateway import GatewayProcess
@@ -126,6 +127,26 @@ def test_reset_format_and_usage_event_stripping():
     token = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"usage"}}]}'
     assert strip_usage_event(token + b"\n\n" + usage + b"\n\ndata: [DONE]\n\n") == token + b"\n\ndata: [DONE]\n\n"
     assert strip_usage_event(usage + b"\n\n") == b""
+    assert strip_usage_event(token + b"\n\n") == token + b"\n\n"  # "usage" as a token's text stays
+    assert strip_usage_event(usage) == usage  # split across reads: passes unchanged
+    # the client's own stream_options are kept; without any, the option is spliced into the bytes
+    body = b' {"model":"smol","stream":true,"messages":[{"role":"user","content":"{hi}"}]}'
+    payload = orjson.loads(body)
+    asked = ask_for_usage(payload, body)
+    assert asked is not None and orjson.loads(asked) == {
+        **orjson.loads(body),
+        "stream_options": {"include_usage": True},
+    }
+    assert payload["stream_options"] == {"include_usage": True}  # what a fallback's re-serialised body carries
+    for options, expected in (
+        (None, {"include_usage": True}),
+        ({"continuous_usage_stats": True}, {"continuous_usage_stats": True, "include_usage": True}),
+    ):
+        payload = {"model": "smol", "stream": True, "stream_options": options}
+        asked = ask_for_usage(payload, orjson.dumps(payload))
+        assert asked is not None and orjson.loads(asked)["stream_options"] == expected
+    assert ask_for_usage({"stream_options": {"include_usage": True}}, b"{}") is None  # asked already
+    assert ask_for_usage({"stream_options": "yes"}, b"{}") is None  # not an object: the engine answers
 
 
 # --- a real gateway process -------------------------------------------------------------------------------

@@ -228,15 +228,17 @@ def test_a_gateway_keeps_routing_through_a_postgres_outage_and_writes_the_usage_
                 return -1
 
         cluster.halt()
-        failed = "writing usage to the registry postgresql://"
-        failures = gw.log().count(failed)
         for _ in range(3):  # the request path never reads the database
             assert chat(gw, key["key"]).status_code == 200
         with gw.client() as admin, pytest.raises(GatewayError) as down:
             admin.list()
         assert down.value.status == 503 and "unavailable" in str(down.value)
-        # a flush that took those requests' counts failed: they must not be lost
-        wait_until(lambda: gw.log().count(failed) > failures, what="a failed usage flush")
+        with gw.client() as admin, pytest.raises(GatewayError) as down:
+            admin.usage()  # its flush took those requests' counts and failed: they must not be lost
+        assert down.value.status == 503
+        # the maintenance loop's reads and flushes fail too, and say so (once, checked below)
+        for failed in ("reading the registry postgresql://", "writing usage to the registry postgresql://"):
+            wait_until(lambda failed=failed: failed in gw.log(), what=f"'{failed}' in the log")
         cluster.start()  # back on the same port: the gateway reconnects and writes what it kept
         wait_until(
             lambda: requests_recorded() == 3,
@@ -245,7 +247,42 @@ def test_a_gateway_keeps_routing_through_a_postgres_outage_and_writes_the_usage_
         reader.close()
         with gw.client() as admin:
             assert [r["model"] for r in admin.list()["replicas"]] == ["smol"]
+        # The outage is in the log once, without a traceback (the maintenance loop tried every
+        # 0.5 s and every flush), and so is the end of it.
+        for back in ("back (reading it works again)", "back (writing usage to it works again)"):
+            wait_until(lambda back=back: back in gw.log(), what=f"'{back}' in the log")
+        log = gw.log()
+        assert log.count("reading the registry postgresql://") == 1, log
+        assert log.count("writing usage to the registry postgresql://") == 1, log
+        assert "Traceback" not in log, log
     finally:
         gw.stop()
         engine.stop()
         cluster.stop()
+
+
+def test_a_registry_outage_is_logged_once_with_a_reminder_a_minute_and_once_when_back(caplog) -> None:
+    from cortex.gateway.app import OUTAGE_REMINDER_S, RegistryOutage
+    from cortex.gateway.registry import RegistryUnavailable
+
+    now = [1000.0]
+    outage = RegistryOutage("postgresql://cortex:***@db/cortex", "reading", clock=lambda: now[0])
+    down = RegistryUnavailable("the registry database is unavailable: connection refused")
+    with caplog.at_level("INFO", logger="cortex.gateway"):
+        for _ in range(int(OUTAGE_REMINDER_S / 0.5) - 1):  # a minute of tries, 0.5 s apart
+            outage.failed(down)
+            now[0] += 0.5
+        assert [r.getMessage()[:61] for r in caplog.records] == [
+            "reading the registry postgresql://cortex:***@db/cortex failed"
+        ]
+        assert not caplog.records[0].exc_info and "connection refused" in caplog.records[0].getMessage()
+        now[0] += 0.5
+        outage.failed(down)  # a minute on: one reminder
+        assert "still fails after 60 s (120 failed tries)" in caplog.records[-1].getMessage()
+        outage.recovered()
+        outage.recovered()  # only the first call after an outage says so
+        assert [r.getMessage() for r in caplog.records[2:]] == [
+            "registry postgresql://cortex:***@db/cortex back (reading it works again) after 60 s"
+        ]
+        outage.failed(ValueError("no such column: x"))  # not an outage: a bug, with its traceback once
+        assert caplog.records[-1].exc_info

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 from collections import Counter
 
@@ -162,3 +164,145 @@ def test_the_board_shares_counts_across_processes_and_forgets_a_dead_worker() ->
     assert board.cells[slot * board.stride] == FREED
     reused = board.count("smol-b")
     assert reused.slot == slot and reused.total() == 0
+
+
+# --- /metrics across workers ---------------------------------------------------------------------
+
+
+def chat_on(conn: http.client.HTTPConnection, key: str) -> str:
+    """One non-streamed request on a connection pinned to a worker; the replica that served it."""
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200
+    return response.getheader("x-cortex-replica")
+
+
+def scrape(conn: http.client.HTTPConnection) -> dict[str, float]:
+    """/metrics on a pinned connection, as {series with labels: value}."""
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    assert response.status == 200
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def gateway_children(gw: GatewayProcess) -> set[int]:
+    pid = gw.proc.pid
+    return {int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()}
+
+
+def test_metrics_sum_every_worker_and_keep_a_dead_workers_counts(tmp_path) -> None:
+    """Requests pinned to each of two workers' connections; a scrape through either worker shows
+    the sum, per-key series keep the gateway-wide bound (here 1 key + other), and when a worker
+    is killed the counters it published stay in the sum, through its replacement."""
+    gw = GatewayProcess(
+        tmp_path / "home",
+        env={**FAST, "CORTEX_GATEWAY_WORKERS": "2", "CORTEX_GATEWAY_METRICS_MAX_KEYS": "1"},
+    ).start()
+    engine = FakeEngine(api_key="engine-secret", models=("smol",)).start()
+    try:
+        token = gw.admin_token()
+        with gw.client() as client:
+            client.register("smol", engine.base_url, engine_api_key="engine-secret", replica_id="smol-a")
+            first, second = (client.create_key(name=n) for n in ("first", "second"))
+        pinned = [connection_on(gw, 0), connection_on(gw, 1)]
+        for conn in pinned:
+            wait_until(
+                lambda conn=conn: [r["healthy"] for r in replicas_seen_by(conn, token).values()] == [True],
+                what="the replica healthy in both workers",
+            )
+        # 3 requests on worker 0 with the first key, 5 on worker 1 with the second.
+        for _ in range(3):
+            chat_on(pinned[0], first["key"])
+        for _ in range(5):
+            chat_on(pinned[1], second["key"])
+        requests = 'cortex_gateway_requests_total{model="smol",replica="smol-a",status="200"}'
+        latency = 'cortex_gateway_request_duration_seconds_count{model="smol",replica="smol-a"}'
+        for conn in pinned:  # the other worker's share arrives with its next publish (0.5 s)
+            wait_until(lambda conn=conn: scrape(conn).get(requests) == 8, what="8 requests in one scrape")
+        seen = scrape(pinned[0])
+        assert seen[latency] == 8
+        # One key has its own series, the same one in both workers; the other is counted under "other".
+        per_key = {k: v for k, v in seen.items() if k.startswith("cortex_gateway_key_requests_total")}
+        assert sorted(per_key.values()) == [3, 5] and len(per_key) == 2, per_key
+        assert 'cortex_gateway_key_requests_total{key="other"}' in per_key
+        own = {f'cortex_gateway_key_requests_total{{key="{k["id"]}"}}' for k in (first, second)} & set(per_key)
+        assert len(own) == 1
+        assert {
+            k: v for k, v in scrape(pinned[1]).items() if k.startswith("cortex_gateway_key_requests_total")
+        } == per_key  # the same key has its own series in both workers
+
+        # Kill one worker outright (no goodbye); the supervisor starts another on its index.
+        before = gateway_children(gw)
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL)
+        for conn in pinned:
+            conn.close()
+        wait_until(
+            lambda: len(gateway_children(gw)) == 2 and victim not in gateway_children(gw),
+            what="the supervisor to replace the killed worker",
+        )
+        pinned = [connection_on(gw, 0), connection_on(gw, 1)]
+        for conn in pinned:  # the new worker routes once its own health check passed
+            wait_until(
+                lambda conn=conn: [r["healthy"] for r in replicas_seen_by(conn, token).values()] == [True],
+                what="the replica healthy in both workers",
+            )
+        for conn in pinned:  # the sum, through the new worker and the old one alike
+            after = scrape(conn)
+            assert after[requests] == 8 and after[latency] == 8
+            assert {k: v for k, v in after.items() if k.startswith("cortex_gateway_key_requests_total")} == per_key
+        chat_on(pinned[0], first["key"])
+        chat_on(pinned[1], first["key"])
+        for conn in pinned:  # and it keeps counting on top
+            wait_until(lambda conn=conn: scrape(conn).get(requests) == 10, what="10 requests in one scrape")
+        for conn in pinned:
+            conn.close()
+    finally:
+        gw.stop()
+        engine.stop()
+
+
+def test_a_worker_killed_while_it_holds_the_boards_lock_does_not_block_the_others() -> None:
+    """The board's lock is a record lock the kernel drops with its holder (inflight.ProcessLock):
+    a real forked worker takes it and is SIGKILLed; the next claim in another process goes on."""
+    import multiprocessing
+
+    from cortex.gateway.inflight import InFlightBoard
+
+    board = InFlightBoard(workers=2, slots=4)
+    context = multiprocessing.get_context("fork")
+    holding = context.Event()
+
+    def worker_zero() -> None:
+        board.attach(0)
+        with board._lock:
+            holding.set()
+            threading.Event().wait(120)  # killed here, the lock held
+
+    child = context.Process(target=worker_zero)
+    child.start()
+    assert holding.wait(60)
+    board.attach(1)
+    claimed: list = []
+    blocked = threading.Thread(target=lambda: claimed.append(board.count("smol-a")), daemon=True)
+    blocked.start()
+    blocked.join(0.5)
+    assert not claimed  # the lock is really held while the worker lives
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(60)
+    blocked.join(60)  # a hang guard: the kernel released the lock with the process
+    assert claimed and claimed[0].total() == 0
+    board.forget_worker(0)  # what the supervisor does next takes the lock too
+    assert board.metrics.labels.claim("key-1", 10)  # and so does the shared key-label table

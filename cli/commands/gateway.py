@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cli.commands import add_command
 from cli.output import JsonFlag, output, table
-from cortex.settings import Settings, describe
+from cortex.settings import FIELDS, Settings, describe
 
 
 def register(app: typer.Typer) -> None:
@@ -109,8 +109,9 @@ def run_settings() -> int:
     settings = Settings.load()
     print(describe())
     print()
+    secret = {f.name for f in FIELDS if f.secret}
     for name, value in dataclasses.asdict(settings).items():
-        if name == "admin_token" and value:
+        if name in secret and value:
             value = "(set)"
         elif name == "gateway_db":
             value = redact_url(value)  # a postgresql:// URL may carry a password

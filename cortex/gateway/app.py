@@ -27,11 +27,12 @@ from .identity import verify_replica
 from .inflight import InFlightBoard
 from .limits import KeyState, Limiter, ask_for_usage, strip_usage_event
 from .looplag import LoopLag
-from .metrics import Metrics
-from .registry import Registry, RegistryError, open_registry
+from .metrics import Metrics, merge_snapshots, render
+from .registry import Registry, RegistryError, RegistryUnavailable, open_registry
 from .routing import UNCHECKED, Replica, RoutingTable
 from .upstream import ClosedError, ConnectTimeout, UpstreamConnection, UpstreamError
 from .usage import UsageBook
+from .workermetrics import without_gauges
 
 log = logging.getLogger("cortex.gateway")
 
@@ -47,6 +48,58 @@ USAGE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 # A timeout is not held against a replica when the event loop lagged by more than this share of
 # the time the gateway waited (see looplag.py).
 LAG_EXCUSES = 0.1
+# Seconds between reminders while the registry stays unreachable (RegistryOutage).
+OUTAGE_REMINDER_S = 60.0
+
+
+class RegistryOutage:
+    """The log of the maintenance loop's registry calls while they fail: one line when the
+    registry goes away (with the error; its traceback too when the error is not the database
+    being unreachable, since that may be a bug), a reminder at most every OUTAGE_REMINDER_S,
+    one line when it is back. The loop tries every 0.5 s: a line per try would bury the log."""
+
+    def __init__(self, location: str, doing: str, clock=time.monotonic) -> None:
+        self.location = location
+        self.doing = doing  # "reading", "writing usage to"
+        self.clock = clock
+        self.since: float | None = None  # when the current outage began
+        self.reminded = 0.0
+        self.failures = 0
+
+    def failed(self, exc: Exception) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.since is None:
+            self.since = self.reminded = now
+            log.error(
+                "%s the registry %s failed: %s; routing goes on with the current table and usage is kept "
+                "in memory until it is back (retrying, a reminder every %.0f s)",
+                self.doing,
+                self.location,
+                exc,
+                OUTAGE_REMINDER_S,
+                exc_info=not isinstance(exc, RegistryUnavailable),
+            )
+        elif now - self.reminded >= OUTAGE_REMINDER_S:
+            self.reminded = now
+            log.error(
+                "%s the registry %s still fails after %.0f s (%d failed tries): %s",
+                self.doing,
+                self.location,
+                now - self.since,
+                self.failures,
+                exc,
+            )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.info(
+                "registry %s back (%s it works again) after %.0f s",
+                self.location,
+                self.doing,
+                self.clock() - self.since,
+            )
+            self.since, self.failures = None, 0
 
 
 class AbortResponse(Exception):
@@ -83,6 +136,7 @@ class ProxyCall:
         "limit_headers",
         "strip_usage",
         "payload",
+        "fallback_from",
     )
 
     replica: Replica  # set by _connect
@@ -110,6 +164,8 @@ class ProxyCall:
         self.limit_headers: list[tuple[bytes, bytes]] = []
         self.strip_usage = False  # the gateway asked for the stream's usage event; the client did not
         self.payload: Any = None  # the parsed body (affinity key, fallback model rewrite)
+        # (primary model, why it could not serve) once the request went to a fallback
+        self.fallback_from: tuple[str, str] | None = None
 
     def stop_watching(self) -> None:
         self.done = True
@@ -144,11 +200,21 @@ class Gateway:
             settings.gateway_connect_timeout, settings.gateway_affinity, settings.gateway_affinity_load_ratio, board
         )
         self.metrics = Metrics()
+        # With several workers, the whole gateway's /metrics (workermetrics.py): what this worker
+        # publishes, on top of what a worker before it on this index published before it died.
+        self.exchange = board.metrics if board is not None else None
+        inherited = self.exchange.read(self.worker) if self.exchange is not None else None
+        self._inherited = without_gauges(inherited) if inherited is not None else None
         self.lag = LoopLag()
         self.limiter = Limiter()
-        self.usage = UsageBook(settings.gateway_metrics_max_keys)
+        self.usage = UsageBook(
+            settings.gateway_metrics_max_keys, self.exchange.labels if self.exchange is not None else None
+        )
         self._flushed_at = time.monotonic()
         self._data_version = -1
+        # one log line when the registry stops answering the maintenance loop, one when it is back
+        self.read_outage = RegistryOutage(self.registry.location, "reading")
+        self.write_outage = RegistryOutage(self.registry.location, "writing usage to")
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
@@ -197,8 +263,27 @@ class Gateway:
             pass  # already removed by another process or an admin call
         self.reload()
 
+    def publish_metrics(self) -> dict:
+        """This worker's counters (plus what it inherited), written for the other workers to read;
+        returned for a scrape this worker answers."""
+        assert self.exchange is not None
+        snap = self.metrics.snapshot(self.connections, self.usage)
+        if self._inherited is not None:
+            snap = merge_snapshots([self._inherited, snap])
+        self.exchange.publish(snap)
+        return snap
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics: this process's numbers, or with several workers the whole gateway's."""
+        if self.exchange is None:
+            return self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
+        snap = merge_snapshots([self.publish_metrics(), *self.exchange.others()])
+        return render(snap, self.table.replicas.values())
+
     async def startup(self) -> None:
         self.loop = asyncio.get_running_loop()  # kept: the hot path asks for it per request
+        if self.exchange is not None:
+            self.publish_metrics()  # a replacement worker's inherited counters show at once
         self.lag.start()
         self._health_client = httpx.AsyncClient(timeout=self.settings.gateway_health_timeout)
         self._tasks.append(asyncio.create_task(self._maintain()))
@@ -224,22 +309,26 @@ class Gateway:
             log.exception("writing usage to the registry %s at shutdown failed", self.registry.location)
         if self.access_log is not None:
             self.access_log.flush()
+        if self.exchange is not None:
+            self.publish_metrics()  # the last numbers, for a worker started in this one's place
 
-    def flush_usage(self) -> None:
+    def flush_usage(self) -> bool:
         """Write the usage counted since the last flush and the limited keys' state to the
-        registry in one transaction, and take in what other gateways on it used (limits.py)."""
+        registry in one transaction, and take in what other gateways on it used (limits.py).
+        False when there was nothing to write."""
         self._flushed_at = time.monotonic()
         now = self.limiter.clock()
         snapshot = self.limiter.snapshot()
         rows = self.usage.take()
         if not rows and not snapshot:
-            return
+            return False
         try:
             totals, today = self.registry.flush_usage(int(now // 3600), rows, snapshot, now - now % 86400)
         except BaseException:
             self.usage.put_back(rows)  # the limiter's pending counts stay until an exchange
             raise
         self.limiter.exchange(totals, today)
+        return True
 
     async def _maintain(self) -> None:
         """Pick up other processes' registry writes; fail requests whose replica went silent."""
@@ -247,8 +336,10 @@ class Gateway:
             await asyncio.sleep(0.5)
             try:
                 self._maybe_reload()
-            except Exception:
-                log.exception("reloading the registry %s failed; keeping the current table", self.registry.location)
+            except Exception as exc:  # logged once per outage, not every 0.5 s
+                self.read_outage.failed(exc)
+            else:
+                self.read_outage.recovered()
             now = time.monotonic()
             for replica in list(self.table.replicas.values()):
                 replica.pool.abort_stalled(now, self.settings.gateway_read_timeout)
@@ -257,11 +348,16 @@ class Gateway:
                     self.finish_drain(replica)
             if self.access_log is not None:
                 self.access_log.flush()
+            if self.exchange is not None:
+                self.publish_metrics()
             if now - self._flushed_at >= self.settings.gateway_usage_flush_interval:
                 try:
-                    self.flush_usage()
-                except Exception:  # kept in memory and written at the next flush
-                    log.exception("writing usage to the registry %s failed; retrying later", self.registry.location)
+                    wrote = self.flush_usage()
+                except Exception as exc:  # kept in memory and written at the next flush
+                    self.write_outage.failed(exc)
+                else:
+                    if wrote:
+                        self.write_outage.recovered()
 
     async def _health_loop(self) -> None:
         while True:
@@ -369,7 +465,7 @@ class Gateway:
                     send, 200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
                 )
             elif path == "/metrics" and scope["method"] == "GET":
-                body = self.metrics.render(self.table.replicas.values(), self.connections, self.usage)
+                body = self.metrics_text()
                 await send(
                     {
                         "type": "http.response.start",
@@ -507,7 +603,7 @@ class Gateway:
                     return None
                 call.limit, call.limit_headers = state, headers
                 if call.streaming and state.strip_usage:
-                    asked = ask_for_usage(payload)
+                    asked = ask_for_usage(payload, body)
                     if asked is not None:
                         body, call.strip_usage = asked, True
         call.payload = payload
@@ -535,6 +631,9 @@ class Gateway:
             if replica is None or attempts > len(replicas) + 4:  # the model has nothing left to try
                 if chain is None:
                     chain, done = self.table.fallback_chain(call.payload["model"]), {served}
+                    # kept for the fallback metric, counted once a fallback serves
+                    failed = replica is not None or bool(tried)
+                    call.fallback_from = (served, "failed_before_first_byte" if failed else "no_healthy_replica")
                 fallback = self._next_fallback(call, chain, done)
                 if fallback is not None:
                     served, replicas = fallback
@@ -665,6 +764,8 @@ class Gateway:
                 prev, last = last, data
                 if strip and b'"usage"' in data:
                     data = strip_usage_event(data)
+                    if not data and not (conn.complete and not conn.chunks):
+                        continue  # the read held only the usage event: nothing to send
                 if conn.complete and not conn.chunks:
                     await send({"type": "http.response.body", "body": data, "more_body": False})
                     return
@@ -693,6 +794,9 @@ class Gateway:
             metrics.error(served, replica.id, error_kind)
         elif status >= 500:
             metrics.error(served, replica.id, "upstream_status_5xx")
+        if call.fallback_from is not None:
+            primary, reason = call.fallback_from
+            metrics.fallbacks[(primary, served, reason)] += 1
         prompt_tokens = completion_tokens = None
         tail_bytes = call.prev + call.last if call.sse else call.last
         at = tail_bytes.rfind(b'"usage"')

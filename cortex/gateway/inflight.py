@@ -18,16 +18,27 @@ nothing in flight on it) is rare and goes under one lock shared by the workers; 
 once no worker holds it. When a worker dies, the supervisor zeroes its cells (`forget_worker`)
 before starting its replacement: its requests died with it.
 
+The lock is a POSIX record lock (`fcntl.lockf`) on the memory file that holds the slots, not a
+semaphore: the kernel releases a process's record locks when it dies, so a worker killed while
+it holds the lock (the OOM killer, SIGKILL) cannot leave the others blocked. A slot it was
+changing is left either not yet claimed or claimed with its hold, which `forget_worker` drops.
+
+The board also carries the workers' shared /metrics (`metrics`, workermetrics.py).
+
 A gateway with one worker uses `LocalCount`, a plain integer, as before.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import mmap
-import multiprocessing
+import os
+import tempfile
 from typing import Protocol
+
+from .workermetrics import MetricsExchange
 
 log = logging.getLogger("cortex.gateway")
 
@@ -96,6 +107,32 @@ class BoardFull(RuntimeError):
     pass
 
 
+class ProcessLock:
+    """A lock between processes that dies with its holder: a POSIX record lock on byte 0 of a
+    file they share (inherited across fork). Not reentrant and not for threads of one process:
+    the record lock belongs to the process, and each worker is one event-loop thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> "ProcessLock":
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0, os.SEEK_SET)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0, os.SEEK_SET)
+
+
+def _shared_file(size: int) -> int:
+    """A file descriptor of `size` zero bytes that lives in memory and vanishes with its last user."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("cortex-gateway-board")
+    else:  # macOS: an unlinked temporary file
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    os.ftruncate(fd, size)
+    return fd
+
+
 class InFlightBoard:
     """The shared slots of one gateway's workers (see the module's docstring). Made in the
     supervisor before the workers fork; each worker calls `attach(index)` first thing."""
@@ -106,15 +143,17 @@ class InFlightBoard:
         self.workers = workers
         self.slots = slots
         self.stride = 1 + 2 * workers  # id hash, counts, holds
-        self._map = mmap.mmap(-1, slots * self.stride * 8)  # anonymous and MAP_SHARED: forks share it
+        self._fd = _shared_file(slots * self.stride * 8)
+        self._map = mmap.mmap(self._fd, slots * self.stride * 8)  # MAP_SHARED: the forked workers share it
         self.cells = memoryview(self._map).cast("q")
-        self._lock = multiprocessing.get_context("fork").Lock()
+        self._lock = ProcessLock(self._fd)
+        self.metrics = MetricsExchange(workers, self._lock)
         self.worker = -1
 
     def attach(self, worker: int) -> None:
         if not 0 <= worker < self.workers:
             raise ValueError(f"worker {worker} is not in 0..{self.workers - 1}")
-        self.worker = worker
+        self.worker = self.metrics.worker = worker
 
     @staticmethod
     def _hash(replica_id: str) -> int:

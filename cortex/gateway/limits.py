@@ -308,10 +308,21 @@ class Limiter:
         return rows
 
 
-def ask_for_usage(payload: dict) -> bytes | None:
-    """The body with `stream_options.include_usage` set, or None when the client asked for it
-    already (nothing to strip) or sent `stream_options` that is not an object (the engine answers)."""
-    options = payload.get("stream_options")
+# What `ask_for_usage` puts in front of a body's first key.
+INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def ask_for_usage(payload: dict, body: bytes) -> bytes | None:
+    """The body with `stream_options.include_usage` set (and `payload` with it, which a fallback
+    re-serialises), or None when the client asked for it already (nothing to strip) or sent
+    `stream_options` that is not an object (the engine answers). Without `stream_options` in the
+    body (the usual case) the option is spliced in after the opening brace, not the whole body
+    serialised again: a long prompt costs a copy, not a re-encoding."""
+    if "stream_options" not in payload:
+        payload["stream_options"] = {"include_usage": True}
+        brace = body.find(b"{")  # only whitespace comes before it: the body parsed as an object
+        return body[: brace + 1] + INCLUDE_USAGE + body[brace + 1 :]
+    options = payload["stream_options"]
     if options is None:
         options = {}
     elif type(options) is not dict or options.get("include_usage") is True:
@@ -322,16 +333,21 @@ def ask_for_usage(payload: dict) -> bytes | None:
 
 def strip_usage_event(data: bytes) -> bytes:
     """`data` without the SSE event that carries only `usage` (`"choices": []`), the one the
-    gateway asked for on the client's behalf. An event split across two reads passes unchanged."""
-    events = data.split(b"\n\n")
-    kept = []
-    for event in events:
-        if b'"usage"' in event and event.startswith(b"data:"):
-            try:
-                obj = orjson.loads(event[5:])
-            except orjson.JSONDecodeError:
-                obj = None
-            if type(obj) is dict and obj.get("choices") == [] and obj.get("usage") is not None:
-                continue
-        kept.append(event)
-    return b"\n\n".join(kept)
+    gateway asked for on the client's behalf. It is the stream's last event before `[DONE]`, so
+    only the last event that mentions "usage" is parsed. An event split across two reads passes
+    unchanged."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return data
+    start = data.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = data.find(b"\n\n", at)
+    if end < 0 or not data.startswith(b"data:", start):
+        return data
+    try:
+        obj = orjson.loads(data[start + 5 : end])
+    except orjson.JSONDecodeError:
+        return data
+    if type(obj) is dict and obj.get("choices") == [] and obj.get("usage") is not None:
+        return data[:start] + data[end + 2 :]
+    return data

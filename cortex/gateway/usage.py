@@ -7,23 +7,33 @@ state (limits.py), in one registry transaction every `gateway_usage_flush_interv
 and at shutdown, into hourly rows (`key_usage`): `cortex keys usage --since 7d` sums them.
 
 /metrics shows per-key series labelled by key id (never the key): at most `max_keys` keys get
-their own series, the rest are summed under key="other", so the series count stays bounded.
+their own series, the rest are summed under key="other", so the series count stays bounded. A key
+keeps its label for the process's life. With several workers the labels are claimed in a table
+the workers share (workermetrics.KeyLabels), so the bound holds for the whole gateway and every
+worker counts a key under the same label.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Protocol
 
 # Columns of a usage row, in order (the registry's key_usage table has the same).
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "rate_limited")
 OTHER = "other"
 
 
+class SharedLabels(Protocol):
+    def claim(self, key_id: str, max_keys: int) -> bool: ...
+
+
 class UsageBook:
-    def __init__(self, max_keys: int = 100) -> None:
+    def __init__(self, max_keys: int = 100, shared: SharedLabels | None = None) -> None:
         self.max_keys = max_keys
+        self.shared = shared  # the workers' label table; None: this process decides alone
+        self.labels: dict[str, str] = {}  # key id -> its label (itself or OTHER), fixed once given
+        self._own = 0  # keys labelled by their own id
         self.pending: dict[tuple[str, str], list[int]] = {}  # (key id, model) -> FIELDS, since the last flush
-        self.totals: dict[str, list[int]] = {}  # key id (or OTHER) -> FIELDS, flushed, this process's life
+        self.totals: dict[str, list[int]] = {}  # label -> FIELDS, flushed, this process's life
 
     def record(self, key_id: str, model: str, prompt: int | None, completion: int | None, failed: bool) -> None:
         row = self.pending.get((key_id, model))
@@ -54,14 +64,26 @@ class UsageBook:
     def put_back(self, rows: list[tuple[str, str, list[int]]]) -> None:
         """Rows `take` gave out that a failed flush did not write: pending again, for the next."""
         for key_id, model, row in rows:
-            total = self.totals[key_id if key_id in self.totals else OTHER]
+            total = self.totals[self.labels[key_id]]
             pending = self.pending.setdefault((key_id, model), [0, 0, 0, 0, 0])
             for i, value in enumerate(row):
                 total[i] -= value
                 pending[i] += value
 
+    def label(self, key_id: str) -> str:
+        """The key's /metrics label: its id while fewer than `max_keys` keys have one, else OTHER."""
+        label = self.labels.get(key_id)
+        if label is None:
+            if self.shared is not None:
+                own = self.shared.claim(key_id, self.max_keys)
+            else:
+                own = self._own < self.max_keys
+            self._own += own
+            label = self.labels[key_id] = key_id if own else OTHER
+        return label
+
     def _add(self, key_id: str, row: list[int]) -> None:
-        label = key_id if key_id in self.totals or len(self.totals) < self.max_keys else OTHER
+        label = self.label(key_id)
         total = self.totals.get(label)
         if total is None:
             total = self.totals[label] = [0, 0, 0, 0, 0]
@@ -72,27 +94,10 @@ class UsageBook:
         """Per-key counters for /metrics: flushed totals plus what is pending."""
         out = {k: list(v) for k, v in self.totals.items()}
         for (key_id, _), row in self.pending.items():
-            label = key_id if key_id in out or len(out) < self.max_keys else OTHER
-            total = out.setdefault(label, [0, 0, 0, 0, 0])
+            total = out.setdefault(self.label(key_id), [0, 0, 0, 0, 0])
             for i, value in enumerate(row):
                 total[i] += value
         return out
-
-    def render(self, out: list[str]) -> None:
-        series = self.series()
-        for name, help_, column, extra in (
-            ("cortex_gateway_key_requests_total", "Requests made with each API key (by key id).", 0, ""),
-            ("cortex_gateway_key_tokens_total", "Tokens in responses' usage, by key id.", 1, 'type="prompt"'),
-            ("cortex_gateway_key_tokens_total", "", 2, 'type="completion"'),
-            ("cortex_gateway_key_errors_total", "Requests with each key that ended in an error.", 3, ""),
-            ("cortex_gateway_key_rate_limited_total", "Requests refused 429 by the key's limits.", 4, ""),
-        ):
-            if help_:
-                out.append(f"# HELP {name} {help_}")
-                out.append(f"# TYPE {name} counter")
-            for key_id, row in series.items():
-                labels = f'key="{key_id}"' + (f",{extra}" if extra else "")
-                out.append(f"{name}{{{labels}}} {row[column]}")
 
 
 def summarize(rows: Iterable[tuple], names: dict[str, str]) -> list[dict]:
