@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings (proxied by `model`),
 GET /v1/models, GET /health, GET /metrics, GET /openapi.json, and the admin API under /admin
-(see admin.ADMIN_ROUTES). Run it with `cortex gateway` (uvicorn, uvloop, httptools).
+(see admin.ADMIN_ROUTES). Run it with `cortex gateway` (the server of http.py: httptools on uvloop),
+which calls `startup()` before the first request and `shutdown()` after the last.
 """
 
 from __future__ import annotations
@@ -352,8 +353,7 @@ class Gateway:
     # --- ASGI ---------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             path = scope["path"]
             if path in PROXY_PATHS:
                 if scope["method"] != "POST":
@@ -382,23 +382,6 @@ class Gateway:
                 await send_json(send, 200, openapi.schema())
             else:
                 await send_error(send, 404, f"no route {scope['method']} {path}", "not_found")
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    raise
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     # --- client auth --------------------------------------------------------------------------
 
