@@ -108,15 +108,14 @@ class Request:
         "task",
     )
 
-    def __init__(
-        self, proto: HttpProtocol, scope: dict, keep_alive: bool, http10: bool, head_only: bool, expect_100: bool
-    ) -> None:
+    def __init__(self, proto: HttpProtocol, scope: dict, keep_alive: bool, http10: bool, head_only: bool) -> None:
         self.proto = proto
         self.scope = scope
         self.keep_alive = keep_alive
         self.http10 = http10
         self.head_only = head_only
-        self.expect_100 = expect_100  # a 100 Continue is still owed before the body comes
+        # Expect: 100-continue and no 100 sent yet; None: not looked up (only done when the body is late)
+        self.expect_100: bool | None = None
         self.body: list[bytes] = []
         self.buffered = 0
         self.body_done = False  # the parser has seen the whole body
@@ -149,8 +148,10 @@ class Request:
                 await self._wait()
             return DISCONNECT
         while not self.body and not self.body_done:
+            if self.expect_100 is None:
+                self.expects_continue()
             if self.expect_100:
-                self.expect_100 = False
+                self.expect_100 = False  # owed no more
                 self.proto.transport.write(CONTINUE)
             await self._wait()
             if self.disconnected:
@@ -207,6 +208,8 @@ class Request:
             self.started = True
             if self.disconnected:
                 return
+            if not self.body_done and self.expect_100 is None:
+                self.expects_continue()
             if self.expect_100 and not self.body_done:
                 # Answered without asking for the body: the client may send it or not, so this
                 # connection cannot be reused (nginx does the same).
@@ -220,13 +223,20 @@ class Request:
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
+    def expects_continue(self) -> None:
+        """Look up whether the client sent `Expect: 100-continue` (it waits for a 100 before its body)."""
+        self.expect_100 = False
+        for name, value in self.scope["headers"]:
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100 = True
+
     def _head(self, status: int, headers: Any) -> bytes:
         parts = [STATUS_LINE.get(status) or _status_line(status)]
         framed = False
         for name, value in headers:
             if name == b"content-length":
                 framed = True
-            parts.append(b"%s: %s\r\n" % (name, value))
+            parts += (name, b": ", value, b"\r\n")
         if not framed and status >= 200 and status != 204 and status != 304 and not self.head_only:
             if self.http10:
                 self.keep_alive = False  # the body ends when the connection does
@@ -239,7 +249,8 @@ class Request:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
-        if head.count(b"\n") != len(parts) or head.count(b"\r") != len(parts):
+        lines = len(parts) - 3 * len(headers)  # status, each header, our own, the empty line
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
             raise ValueError(f"a response header holds CR or LF: {headers!r}")
         return head
 
@@ -266,7 +277,6 @@ class HttpProtocol(asyncio.Protocol):
         "address",
         "url",
         "headers",
-        "expect_100",
         "active",
         "queue",
         "parsing",
@@ -300,7 +310,6 @@ class HttpProtocol(asyncio.Protocol):
         # the head being parsed
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.expect_100 = False
         # requests: the one being answered, those parsed ahead of it, the one whose body is being read
         self.active: Request | None = None
         self.queue: deque[Request] = deque()
@@ -421,20 +430,13 @@ class HttpProtocol(asyncio.Protocol):
             else:  # after a complete request: answer that first
                 self.broken = error
 
-    def on_message_begin(self) -> None:
-        self.head_pending = True
-        self.url = b""
-        self.headers = []
-        self.expect_100 = False
-
+    # No on_message_begin: the URL is the first part of every head (one Python call less each).
     def on_url(self, url: bytes) -> None:
+        self.head_pending = True
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100 = True
-        self.headers.append((name, value))
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.head_pending = False
@@ -479,7 +481,9 @@ class HttpProtocol(asyncio.Protocol):
             "headers": self.headers,
             "client": self.client,
         }
-        request = Request(self, scope, parser.should_keep_alive(), version == "1.0", method == b"HEAD", self.expect_100)
+        request = Request(self, scope, parser.should_keep_alive(), version == "1.0", method == b"HEAD")
+        self.url = b""
+        self.headers = []
         self.parsing = request
         self.head_since = None
         if self.active is None:
