@@ -440,16 +440,19 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_pending = False
-        if self.broken is not None:
+        if self.broken is not None:  # the connection ends after the active request: no more requests
+            self.url, self.headers = b"", []
             return
         if self.active is not None:
             # Parsed ahead, in the read that ended the previous request: the feed did not meter
             # this head, so its size is checked here.
             if self._head_taken() > self.max_head:
                 self.broken = (431, f"request head larger than {self.max_head} bytes", "request_header_too_large")
+                self.url, self.headers = b"", []
                 return
             if len(self.queue) >= MAX_PIPELINED:
                 self.broken = (400, f"more than {MAX_PIPELINED} pipelined requests", "too_many_pipelined_requests")
+                self.url, self.headers = b"", []
                 return
         parser = self.parser
         url = self.url
@@ -523,7 +526,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def response_complete(self, request: Request) -> None:
         if not request.keep_alive:
-            if request.body_done:
+            if request.body_done and not self.backlog:
                 self.transport.close()
             else:  # the client may still be sending: read it away so it gets the answer, not a reset
                 self.guard.forget(self)
