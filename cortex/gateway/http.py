@@ -367,7 +367,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             self.reads += 1  # its body is arriving
             self._feed(data)
-            if active.body_done and active.complete:  # answered before its body was in
+            if active.body_done and active.complete and active.keep_alive:  # answered before its body was in
                 self._finish(active)
             return
         # A head (the first byte of one, or more of a pending one): the parser sees no more of it
