@@ -1,6 +1,6 @@
 """`cortex gateway`: run the OpenAI-compatible gateway, and look at what it routes.
 
-cortex gateway [--host H] [--port P] [--no-auth] [--workers N]   serve (uvicorn; 127.0.0.1:8080 by default)
+cortex gateway [--host H] [--port P] [--no-auth] [--workers N]   serve (127.0.0.1:8080 by default)
 cortex gateway replicas [--json]                     replicas, health and in-flight requests
 cortex gateway settings                              every setting, its variable and default
 """

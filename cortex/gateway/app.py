@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings (proxied by `model`),
 GET /v1/models, GET /health, GET /metrics, GET /openapi.json, and the admin API under /admin
-(see admin.ADMIN_ROUTES). Run it with `cortex gateway` (uvicorn, uvloop, httptools).
+(see admin.ADMIN_ROUTES). Run it with `cortex gateway` (the server of http.py: httptools on uvloop),
+which calls `startup()` before the first request and `shutdown()` after the last.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ class ProxyCall:
         "done",
         "client_gone",
         "conn",
-        "timer",
         "watcher",
         "replica",
         "attempts",
@@ -150,7 +150,6 @@ class ProxyCall:
         self.done = False
         self.client_gone = False
         self.conn: UpstreamConnection | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task | None = None
         self.attempts = 0
         self.t_sent = t0
@@ -168,9 +167,7 @@ class ProxyCall:
         self.fallback_from: tuple[str, str] | None = None
 
     def stop_watching(self) -> None:
-        self.done = True
-        assert self.timer is not None  # set when the call starts looking for a replica
-        self.timer.cancel()
+        self.done = True  # the watch sweep drops it
         if self.watcher is not None:
             self.watcher.cancel()
 
@@ -218,6 +215,9 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
+        # proxied calls not yet watched for their client leaving, oldest first (_watch_sweep)
+        self._unwatched: dict[ProxyCall, Receive] = {}
+        self._watch_timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop  # the serving loop, set by startup()
         self.reload()
 
@@ -291,6 +291,9 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.lag.stop()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
         for task in (*self._tasks, *self._checks):
             task.cancel()
         for task in (*self._tasks, *self._checks):
@@ -448,8 +451,7 @@ class Gateway:
     # --- ASGI ---------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             path = scope["path"]
             if path in PROXY_PATHS:
                 if scope["method"] != "POST":
@@ -478,23 +480,6 @@ class Gateway:
                 await send_json(send, 200, openapi.schema())
             else:
                 await send_error(send, 404, f"no route {scope['method']} {path}", "not_found")
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    raise
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     # --- client auth --------------------------------------------------------------------------
 
@@ -624,8 +609,11 @@ class Gateway:
         done: set[str] = set()
         failure: UpstreamError | None = None
         # Watch for the client leaving only once a request has lasted WATCH_AFTER: an instant
-        # answer then costs a timer, not a task, and a long one still frees the engine's slot.
-        call.timer = self.loop.call_later(WATCH_AFTER, self._start_watch, receive, call)
+        # answer then costs a dict entry, not a task or a timer of its own (a timer made and
+        # cancelled costs about 3 µs on uvloop), and a long one still frees the engine's slot.
+        self._unwatched[call] = receive
+        if self._watch_timer is None:
+            self._watch_timer = self.loop.call_later(WATCH_AFTER, self._watch_sweep)
         while True:
             replica = self.table.pick(replicas, tried, call.payload)
             if replica is None or attempts > len(replicas) + 4:  # the model has nothing left to try
@@ -835,9 +823,20 @@ class Gateway:
                 }
             )
 
-    def _start_watch(self, receive: Receive, state: ProxyCall) -> None:
-        if not state.done:
-            state.watcher = self.loop.create_task(self._watch_client(receive, state))
+    def _watch_sweep(self) -> None:
+        """Start watching the calls that have run WATCH_AFTER; drop those that ended."""
+        self._watch_timer = None
+        due = time.perf_counter() - WATCH_AFTER
+        pending = self._unwatched
+        for call in list(pending):
+            if call.done:
+                del pending[call]
+            elif call.t0 <= due:
+                call.watcher = self.loop.create_task(self._watch_client(pending.pop(call), call))
+            else:
+                break  # the rest came later (in the order they were added): the next sweep
+        if pending:
+            self._watch_timer = self.loop.call_later(WATCH_AFTER, self._watch_sweep)
 
     async def _watch_client(self, receive: Receive, state: ProxyCall) -> None:
         """Cancel the upstream request when the client goes away (the engine frees its slot)."""

@@ -1,5 +1,5 @@
-"""Run the gateway under uvicorn (uvloop + httptools: the fastest pair measured here), with the
-client-connection limits of connections.py in uvicorn's HTTP protocol.
+"""Run the gateway on its own HTTP/1.1 server (http.py: httptools on uvloop), with the
+client-connection limits of connections.py.
 
 With `gateway_workers` N > 1 this process binds the port once, makes the shared in-flight
 board (inflight.py) and forks N workers that accept on that one socket, each a whole gateway
@@ -20,12 +20,11 @@ import sys
 import time
 from typing import Any
 
-import uvicorn
-
 from ..settings import Settings
+from . import http
 from .accesslog import AccessLog
 from .app import Gateway
-from .connections import ConnectionGuard, ConnectionLimits, protocol_class
+from .connections import ConnectionGuard, ConnectionLimits
 from .inflight import InFlightBoard
 from .registry import Registry
 
@@ -46,24 +45,6 @@ def configure_logging() -> None:
     gateway.setLevel(logging.INFO)
 
 
-def _config(settings: Settings, app: Any, host: str, port: int, guard: ConnectionGuard | None) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http=protocol_class(guard) if guard is not None else "httptools",
-        lifespan="on",
-        access_log=False,  # the gateway writes its own structured access log
-        server_header=False,
-        date_header=False,
-        timeout_keep_alive=settings.gateway_keep_alive_timeout,
-        proxy_headers=False,  # the gateway is the edge; skipping the middleware saves a call per request
-        backlog=4096,
-        log_level="warning",
-    )
-
-
 def _app(settings: Settings, board: InFlightBoard | None) -> tuple[Gateway, ConnectionGuard]:
     guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
     access_log = AccessLog(sys.stderr.buffer, atomic_lines=board is not None)
@@ -74,19 +55,24 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     configure_logging()
     host, port = host or settings.gateway_host, port or settings.gateway_port
     if settings.gateway_workers == 1:
+        try:
+            sock = http.bind_socket(host, port)
+        except OSError as exc:
+            raise SystemExit(f"gateway: {exc}") from None
         app, guard = _app(settings, None)
-        uvicorn.Server(_config(settings, app, host, port, guard)).run()
+        log.info("gateway on http://%s:%d", host, port)
+        http.run(app, guard, sock)
         return
     _supervise(settings, host, port)
 
 
-def _worker(settings: Settings, board: InFlightBoard, index: int, sock: socket.socket, host: str, port: int) -> None:
+def _worker(settings: Settings, board: InFlightBoard, index: int, sock: socket.socket) -> None:
     board.attach(index)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # uvicorn installs its own handlers in run()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # http.run installs its own handlers on its loop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     configure_logging()
     app, guard = _app(settings, board)
-    uvicorn.Server(_config(settings, app, host, port, guard)).run(sockets=[sock])
+    http.run(app, guard, sock)
 
 
 def _supervise(settings: Settings, host: str, port: int) -> None:
@@ -94,7 +80,10 @@ def _supervise(settings: Settings, host: str, port: int) -> None:
     # Done once here, not raced by N workers: the registry's schema and the admin token file.
     Registry(settings.gateway_db).close()
     settings.resolve_admin_token(create=True)
-    sock = _config(settings, None, host, port, None).bind_socket()
+    try:
+        sock = http.bind_socket(host, port)
+    except OSError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
     board = InFlightBoard(workers)
     context = multiprocessing.get_context("fork")
     stopping = False
@@ -107,9 +96,7 @@ def _supervise(settings: Settings, host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, stop)
 
     def start(index: int) -> tuple[multiprocessing.process.BaseProcess, float]:
-        proc = context.Process(
-            target=_worker, args=(settings, board, index, sock, host, port), name=f"cortex-gateway-{index}"
-        )
+        proc = context.Process(target=_worker, args=(settings, board, index, sock), name=f"cortex-gateway-{index}")
         proc.start()
         return proc, time.monotonic()
 
