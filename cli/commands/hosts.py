@@ -101,11 +101,13 @@ def _record(name: str, pool: str, address: str, labels: dict[str, str]):
     from cortex.fleet.inventory import local_inventory
     from cortex.provenance import replica_version
     from cortex.runtime import reachable_runtimes
+    from cortex.runtime.rollout import instance_of
 
     replicas = []
     for rt in reachable_runtimes()[0].values():
         for r in rt.list():
-            spec_sha, source = replica_version(r.model, r.name)
+            instance = instance_of(r.name, name)
+            spec_sha, source = replica_version(r.model, r.name, host=name)
             replicas.append(
                 HostReplica(
                     name=r.name,
@@ -115,6 +117,7 @@ def _record(name: str, pool: str, address: str, labels: dict[str, str]):
                     endpoint=r.endpoint,
                     spec_sha256=spec_sha[:12] if spec_sha else None,
                     source_revision=source[:12] if source else None,
+                    instance=instance or 0,
                 )
             )
     return HostRecord(
