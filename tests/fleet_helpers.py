@@ -51,6 +51,26 @@ class Fleet:
             cwd=REPO,
         )
 
+    def deploy_unseen(
+        self, file_name: str, text: str, *flags: str, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        """`cortex deploy SPEC --fleet ...` with SPEC at a path only that command sees: a tmpfs
+        mounted in its own mount namespace over <home>/control-only, a folder that stays empty
+        for every other process, the hosts included. A deploy that works proves the hosts got
+        the spec's text, not its path."""
+        folder = self.home / "control-only"
+        folder.mkdir(exist_ok=True)
+        script = 'mount -t tmpfs control-only "$1" && printf "%s" "$2" > "$1/$3" && shift 3 && exec "$@"'
+        return subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(folder), text, file_name]
+            + [sys.executable, "-m", "cli.main", "deploy", str(folder / file_name), "--fleet", *flags],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,  # a hang guard
+            cwd=REPO,
+        )
+
     def hosts_json(self) -> list[dict]:
         done = self.cortex("hosts", "--json", timeout=120)
         assert done.returncode == 0, done.stderr
@@ -191,3 +211,19 @@ def healthy(fleet: Fleet, model: str) -> set[str]:
 
     with GatewayClient(url=fleet.gateway.url, admin_token=ADMIN_TOKEN) as client:
         return {r["id"] for r in client.replicas_of(model) if r["healthy"] and r["state"] == "active"}
+
+
+def answered_by_each(fleet: Fleet, model: str) -> set[str]:
+    """The replicas that answered two requests through the gateway: one streaming request held
+    open, then a short one, which the gateway (least in flight) sends to another replica.
+    x-cortex-replica says which answered each."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}]}
+    with httpx.Client(base_url=fleet.gateway.url, timeout=120) as client:
+        long = {**body, "stream": True, "max_tokens": 1000, "ignore_eos": True}
+        with client.stream("POST", "/v1/chat/completions", json=long) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: a dropped generator would close the stream
+            next(lines)  # it is being answered: in flight
+            second = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert second.status_code == 200, second.text
+            return {first.headers["x-cortex-replica"], second.headers["x-cortex-replica"]}

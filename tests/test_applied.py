@@ -76,3 +76,39 @@ def test_spec_changed_compares_the_file_with_what_was_applied(home: Path, tmp_pa
     assert not record.spec_changed(spec)
     spec.write_text("name: s\nruntime: docker\n")
     assert record.spec_changed(spec)
+
+
+# --- a spec applied to the fleet: its text travels to the hosts ----------------------------------
+
+
+def test_a_fleet_host_keeps_the_spec_text_it_was_sent(home: Path, tmp_path: Path) -> None:
+    from cortex.applied import fleet_specs_dir, store_fleet_spec, text_sha256
+    from cortex.specfile import load_spec
+
+    text = "name: smollm2\nsource:\n  gguf: /models/smollm2.gguf\nruntime: process\r\n"
+    path = store_fleet_spec(text, "/control/specs/smollm2.yaml")
+    assert path == fleet_specs_dir() / f"smollm2-{text_sha256(text)[:12]}.yaml"
+    assert path.read_bytes() == text.encode()  # byte for byte: its digest is the control plane's
+    assert spec_sha256(path) == text_sha256(text)
+    assert load_spec(path).source.gguf == "/models/smollm2.gguf"
+    assert store_fleet_spec(text, "/control/specs/smollm2.yaml") == path  # the same text, the same file
+
+
+def test_a_fleet_spec_with_a_relative_path_is_refused_naming_file_and_line(home: Path, tmp_path: Path) -> None:
+    from cortex.applied import fleet_specs_dir, store_fleet_spec
+    from cortex.specfile import SpecError, fleet_spec_text
+
+    spec = tmp_path / "specs" / "m.yaml"
+    spec.parent.mkdir()
+    spec.write_text("name: m\nruntime: process\nsource:\n  gguf: models/m.gguf\n")
+    with pytest.raises(SpecError) as refused:
+        fleet_spec_text(spec)
+    assert str(refused.value).startswith(f"{spec}:4: source.gguf: 'models/m.gguf' is relative to the spec's folder")
+    assert "write an absolute path" in str(refused.value)
+    # ~ and ${VAR:-default} are the host's to expand; an absolute path is sent as written
+    spec.write_text("name: m\nruntime: process\nsource:\n  gguf: ${MODELS:-/models}/m.gguf\n")
+    assert fleet_spec_text(spec) == spec.read_text()
+    # a host refuses one too (a control plane that did not check), and writes nothing
+    with pytest.raises(SpecError, match=r"/control/m.yaml:3: source.path: 'm' is relative"):
+        store_fleet_spec("name: m\nsource:\n  path: m\n", "/control/m.yaml")
+    assert not fleet_specs_dir().exists()

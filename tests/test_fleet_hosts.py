@@ -8,7 +8,10 @@ What this proves: hosts join through Prefect (queue, deployments, inventory, wor
 `cortex deploy --fleet` places a `replicas: 2` spec on two different hosts, each deploy runs on
 its host's worker, each replica registers at its host's address and the gateway reaches both; a
 label selector keeps a spec to matching hosts; a spec that fits no host fails with the trace;
-`cortex host leave` drains and removes a host.
+a spec at a path no host can see (a tmpfs in the control command's own mount namespace)
+deploys, since the hosts get its text; a `replicas: 2` spec allowed on one host runs two
+llama-servers there (instances 0 and 1: two names, two ports, two routes, both answering), and
+`replicas: 1` then retires instance 1 alone; `cortex host leave` drains and removes a host.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fleet_helpers import REPO, Fleet, running_fleet
+from fleet_helpers import REPO, Fleet, answered_by_each, running_fleet
 from fleet_helpers import healthy as _healthy
 from fleet_helpers import routes as _routes
 from fleet_helpers import wait_for as _wait
@@ -50,19 +53,9 @@ def test_two_replicas_land_on_two_hosts_and_the_gateway_reaches_both(fleet: Flee
         assert url.startswith(f"http://{by_host[rid.rsplit('-', 1)[1]].address}:"), (rid, url)
 
     # Hold one streaming request open: the gateway sends the next to the replica with fewer in
-    # flight, the other one. x-cortex-replica says which answered each.
+    # flight, the other one.
     _wait("both replicas healthy in the gateway", lambda: _healthy(fleet, "smollm2") == set(routes), 60)
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to a thousand."}]}
-    with httpx.Client(base_url=fleet.gateway.url, timeout=120) as client:
-        long = {**body, "stream": True, "max_tokens": 1000, "ignore_eos": True}
-        with client.stream("POST", "/v1/chat/completions", json=long) as first:
-            assert first.status_code == 200
-            lines = first.iter_lines()  # kept: a dropped generator would close the stream
-            next(lines)  # it is being answered: in flight
-            second = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
-            assert second.status_code == 200, second.text
-            answered = {first.headers["x-cortex-replica"], second.headers["x-cortex-replica"]}
-    assert answered == set(routes)
+    assert answered_by_each(fleet, "smollm2") == set(routes)
 
     # the hosts' inventories list what they run (refreshed every 2 s)
     def listed() -> bool:
@@ -91,6 +84,55 @@ def test_a_label_selector_keeps_a_spec_to_matching_hosts_and_a_spec_that_fits_no
     for host in ("h1", "h2", "h3"):
         assert f"{host}: cannot plan: has 0 GPUs" in done.stderr, done.stderr[-3000:]
     assert _routes(fleet, "needs-gpu") == {}
+
+
+def test_the_spec_text_travels_and_two_replicas_of_a_model_share_one_host(fleet: Fleet, test_model) -> None:
+    from cortex.applied import text_sha256
+
+    # an allow-list of one host: both replicas on h1, as its instances 0 and 1
+    text = (
+        f"name: smollm2-pair\nsource:\n  gguf: {test_model.gguf}\nruntime: process\n"
+        "resources:\n  concurrency: 1\n  context_length: 1024\nreplicas: 2\nplacement:\n  hosts: [h1]\n"
+    )
+    done = fleet.deploy_unseen("pair.yaml", text, "--json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not any((fleet.home / "control-only").iterdir())  # the spec never was where a host could read it
+    result = json.loads(done.stdout)
+    assert [r["host"] for r in result["placement"]["placed"]] == ["h1", "h1"]
+    assert [(s["host"], s["instance"], s["action"]) for s in result["steps"]] == [("h1", 0, "add"), ("h1", 1, "add")]
+    version = f"spec {text_sha256(text)[:12]}"
+    assert result["versions"] == {"h1": version, "h1_1": version}
+    # h1 wrote the text it was sent to its own state folder, byte for byte, and deployed from it
+    copies = list((fleet.home / "h1" / "fleet-specs").glob("smollm2-pair-*.yaml"))
+    assert [c.read_text() for c in copies] == [text]
+
+    routes = _routes(fleet, "smollm2-pair")
+    assert sorted(rid.rsplit("-", 1)[1] for rid in routes) == ["h1", "h1_1"]
+    h1 = fleet.hosts[0].address
+    assert all(url.startswith(f"http://{h1}:") for url in routes.values()), routes
+    assert len(set(routes.values())) == 2  # two engines, two ports
+    _wait("both instances healthy in the gateway", lambda: _healthy(fleet, "smollm2-pair") == set(routes), 60)
+    assert answered_by_each(fleet, "smollm2-pair") == set(routes)
+
+    def listed() -> bool:  # cortex hosts lists both on h1
+        rows = {r["host"]: r for r in fleet.hosts_json()}
+        return set(routes) <= set(rows["h1"]["replicas"])
+
+    _wait("cortex hosts lists both instances", listed, 60)
+
+    # one replica fewer: instance 1 is retired alone, instance 0 (the same launch) keeps serving
+    done = fleet.deploy_unseen("pair.yaml", text.replace("replicas: 2", "replicas: 1"), "--json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = [(s["host"], s["instance"], s["action"]) for s in json.loads(done.stdout)["steps"]]
+    assert steps == [("h1", 0, "swap"), ("h1", 1, "retire")]
+    kept = next(rid for rid in routes if rid.endswith("-h1"))
+    assert list(_routes(fleet, "smollm2-pair")) == [kept]
+    with httpx.Client(base_url=fleet.gateway.url, timeout=120) as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "smollm2-pair", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
+    assert answer.status_code == 200 and answer.headers["x-cortex-replica"] == kept
 
 
 def test_a_host_that_leaves_drains_its_replicas_and_is_gone(fleet: Fleet) -> None:
