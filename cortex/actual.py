@@ -353,13 +353,5 @@ def read_memory_record(replica: str) -> dict[str, Any] | None:
     return data
 
 
-def planned_bytes(replica: str, device: str) -> int:
-    """What the plan of a replica puts on `device` ("cpu", "cuda:0"), from its memory record; 0
-    when none was kept (a replica started before records were, or by hand)."""
-    data = read_memory_record(replica)
-    rows = data.get("devices", []) if data else []
-    return sum(r.get("planned_bytes") or 0 for r in rows if r.get("device") == device)
-
-
 def forget_memory_record(replica: str) -> None:
     _record_path(replica).unlink(missing_ok=True)

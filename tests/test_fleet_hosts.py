@@ -10,8 +10,10 @@ its host's worker, each replica registers at its host's address and the gateway 
 label selector keeps a spec to matching hosts; a spec that fits no host fails with the trace;
 a spec at a path no host can see (a tmpfs in the control command's own mount namespace)
 deploys, since the hosts get its text; a `replicas: 2` spec allowed on one host runs two
-llama-servers there (instances 0 and 1: two names, two ports, two routes, both answering), and
-`replicas: 1` then retires instance 1 alone; `cortex host leave` drains and removes a host.
+llama-servers there (instances 0 and 1: two names, two ports, two routes, both answering); that
+host declares a RAM budget (CORTEX_HOST_RAM) with no room for a third replica, so an edit rolls
+each instance with the old one stopped first while the other serves (N-1), and `replicas: 1`
+then retires instance 1 alone; `cortex host leave` drains and removes a host.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
-from fleet_helpers import REPO, Fleet, answered_by_each, running_fleet
+from fleet_helpers import REPO, Fleet, RouteWatch, answered_by_each, running_fleet
 from fleet_helpers import healthy as _healthy
 from fleet_helpers import routes as _routes
 from fleet_helpers import wait_for as _wait
@@ -32,9 +36,49 @@ from fleet_helpers import write_spec as _spec
 pytestmark = pytest.mark.parts
 
 
+PAIR = "smollm2-pair"
+
+
+def _pair_spec(gguf: Path, context_length: int, replicas: int) -> str:
+    """A spec allowed on h3 alone."""
+    return (
+        f"name: {PAIR}\nsource:\n  gguf: {gguf}\nruntime: process\nresources:\n  concurrency: 1\n"
+        f"  context_length: {context_length}\nreplicas: {replicas}\nplacement:\n  hosts: [h3]\n"
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """h3's declared RAM (CORTEX_HOST_RAM) and what one replica of the pair spec plans to take
+    at each context length, from the real planner (the plans do not depend on the RAM)."""
+
+    ram: int
+    need_1024: int
+    need_512: int
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, toolchain, test_model) -> Iterator[Fleet]:
-    with running_fleet(tmp_path_factory.mktemp("fleet")) as fleet:
+def budget(test_model) -> Budget:
+    from cortex.fleet.inventory import local_inventory
+    from cortex.pipeline import place_spec_text
+
+    def need(context_length: int) -> int:
+        host = local_inventory("h3").model_copy(update={"ram_bytes": 1 << 40})
+        _, placed = place_spec_text(_pair_spec(test_model.gguf, context_length, 1), "/pair.yaml", [host])
+        return placed.placed[0].need["cpu"]
+
+    n1, n2 = need(1024), need(512)
+    # two replicas at 1024 fit an empty h3; beside them, no room for one at 512 (the rolling
+    # update stops each old one first); beside two at 512, room for one (shrinking swaps in place)
+    low, high = max(2 * n1, 3 * n2), 2 * n1 + n2
+    assert low < high, (n1, n2)
+    return Budget((low + high) // 2, n1, n2)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, toolchain, test_model, budget: Budget) -> Iterator[Fleet]:
+    h3 = {"CORTEX_HOST_RAM": str(budget.ram)}
+    with running_fleet(tmp_path_factory.mktemp("fleet"), host_envs={"h3": h3}) as fleet:
         yield fleet
 
 
@@ -86,51 +130,80 @@ def test_a_label_selector_keeps_a_spec_to_matching_hosts_and_a_spec_that_fits_no
     assert _routes(fleet, "needs-gpu") == {}
 
 
-def test_the_spec_text_travels_and_two_replicas_of_a_model_share_one_host(fleet: Fleet, test_model) -> None:
+def test_two_replicas_share_one_host_from_a_spec_no_host_can_see_and_roll_without_room(
+    fleet: Fleet, test_model, budget: Budget
+) -> None:
     from cortex.applied import text_sha256
 
-    # an allow-list of one host: both replicas on h1, as its instances 0 and 1
-    text = (
-        f"name: smollm2-pair\nsource:\n  gguf: {test_model.gguf}\nruntime: process\n"
-        "resources:\n  concurrency: 1\n  context_length: 1024\nreplicas: 2\nplacement:\n  hosts: [h1]\n"
-    )
+    def h3_row() -> dict:
+        return {r["host"]: r for r in fleet.hosts_json()}["h3"]
+
+    # an allow-list of one host: both replicas on h3, as its instances 0 and 1
+    text = _pair_spec(test_model.gguf, 1024, 2)
     done = fleet.deploy_unseen("pair.yaml", text, "--json")
     assert done.returncode == 0, done.stderr[-4000:]
     assert not any((fleet.home / "control-only").iterdir())  # the spec never was where a host could read it
     result = json.loads(done.stdout)
-    assert [r["host"] for r in result["placement"]["placed"]] == ["h1", "h1"]
-    assert [(s["host"], s["instance"], s["action"]) for s in result["steps"]] == [("h1", 0, "add"), ("h1", 1, "add")]
+    assert [r["host"] for r in result["placement"]["placed"]] == ["h3", "h3"]
+    assert [(s["host"], s["instance"], s["action"]) for s in result["steps"]] == [("h3", 0, "add"), ("h3", 1, "add")]
     version = f"spec {text_sha256(text)[:12]}"
-    assert result["versions"] == {"h1": version, "h1_1": version}
-    # h1 wrote the text it was sent to its own state folder, byte for byte, and deployed from it
-    copies = list((fleet.home / "h1" / "fleet-specs").glob("smollm2-pair-*.yaml"))
+    assert result["versions"] == {"h3": version, "h3_1": version}
+    # h3 wrote the text it was sent to its own state folder, byte for byte, and deployed from it
+    copies = list((fleet.home / "h3" / "fleet-specs").glob(f"{PAIR}-*.yaml"))
     assert [c.read_text() for c in copies] == [text]
 
-    routes = _routes(fleet, "smollm2-pair")
-    assert sorted(rid.rsplit("-", 1)[1] for rid in routes) == ["h1", "h1_1"]
-    h1 = fleet.hosts[0].address
-    assert all(url.startswith(f"http://{h1}:") for url in routes.values()), routes
+    routes = _routes(fleet, PAIR)
+    assert sorted(rid.rsplit("-", 1)[1] for rid in routes) == ["h3", "h3_1"]
+    h3 = fleet.hosts[2].address
+    assert all(url.startswith(f"http://{h3}:") for url in routes.values()), routes
     assert len(set(routes.values())) == 2  # two engines, two ports
-    _wait("both instances healthy in the gateway", lambda: _healthy(fleet, "smollm2-pair") == set(routes), 60)
-    assert answered_by_each(fleet, "smollm2-pair") == set(routes)
+    _wait("both instances healthy in the gateway", lambda: _healthy(fleet, PAIR) == set(routes), 60)
+    assert answered_by_each(fleet, PAIR) == set(routes)
+    # cortex hosts lists both on h3, and h3 offers its declared RAM less what they plan to take
+    _wait(
+        "cortex hosts lists both instances",
+        lambda: (
+            set(routes) <= set(h3_row()["replicas"]) and h3_row()["ram_free_bytes"] == budget.ram - 2 * budget.need_1024
+        ),
+        60,
+    )
 
-    def listed() -> bool:  # cortex hosts lists both on h1
-        rows = {r["host"]: r for r in fleet.hosts_json()}
-        return set(routes) <= set(rows["h1"]["replicas"])
-
-    _wait("cortex hosts lists both instances", listed, 60)
-
-    # one replica fewer: instance 1 is retired alone, instance 0 (the same launch) keeps serving
-    done = fleet.deploy_unseen("pair.yaml", text.replace("replicas: 2", "replicas: 1"), "--json")
+    # The edit (a shorter context) does not fit beside the two: each instance in turn is stopped
+    # first, then deployed again, so one of the two keeps serving throughout (N-1)
+    text = _pair_spec(test_model.gguf, 512, 2)
+    with RouteWatch(fleet, PAIR) as watch:
+        done = fleet.deploy_unseen("pair.yaml", text, "--json")
     assert done.returncode == 0, done.stderr[-4000:]
-    steps = [(s["host"], s["instance"], s["action"]) for s in json.loads(done.stdout)["steps"]]
-    assert steps == [("h1", 0, "swap"), ("h1", 1, "retire")]
-    kept = next(rid for rid in routes if rid.endswith("-h1"))
-    assert list(_routes(fleet, "smollm2-pair")) == [kept]
+    steps = json.loads(done.stdout)["steps"]
+    assert [(s["host"], s["instance"], s["action"]) for s in steps] == [
+        ("h3", 0, "stop-then-deploy"),
+        ("h3", 1, "stop-then-deploy"),
+    ]
+    assert all("no room for a second replica beside the old one" in s["why"] for s in steps)
+    assert all("the old replica was stopped first (N-1 during this swap)" in s["outcome"] for s in steps)
+    assert watch.fewest is not None and watch.fewest >= 1
+    rolled = _routes(fleet, PAIR)
+    assert sorted(rid.rsplit("-", 1)[1] for rid in rolled) == ["h3", "h3_1"] and not set(rolled) & set(routes)
+    _wait(
+        "h3 offers what the new replicas leave",
+        lambda: (
+            set(rolled) <= set(h3_row()["replicas"]) and h3_row()["ram_free_bytes"] == budget.ram - 2 * budget.need_512
+        ),
+        60,
+    )
+
+    # one replica fewer: instance 1 is retired alone, instance 0 (the same launch, with room
+    # beside it now) is kept as it runs
+    done = fleet.deploy_unseen("pair.yaml", _pair_spec(test_model.gguf, 512, 1), "--json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = json.loads(done.stdout)["steps"]
+    assert [(s["host"], s["instance"], s["action"]) for s in steps] == [("h3", 0, "swap"), ("h3", 1, "retire")]
+    kept = next(rid for rid in rolled if rid.endswith("-h3"))
+    assert list(_routes(fleet, PAIR)) == [kept]
     with httpx.Client(base_url=fleet.gateway.url, timeout=120) as client:
         answer = client.post(
             "/v1/chat/completions",
-            json={"model": "smollm2-pair", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            json={"model": PAIR, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         )
     assert answer.status_code == 200 and answer.headers["x-cortex-replica"] == kept
 

@@ -98,7 +98,6 @@ def default_address(api_url: str) -> str:
 
 def _record(name: str, pool: str, address: str, labels: dict[str, str]):
     from cortex.fleet.hosts import HostRecord, HostReplica
-    from cortex.actual import planned_bytes
     from cortex.fleet.inventory import local_inventory, offered_ram
     from cortex.provenance import replica_version
     from cortex.settings import Settings
@@ -109,7 +108,7 @@ def _record(name: str, pool: str, address: str, labels: dict[str, str]):
     ram_in_use = 0  # planned RAM of the replicas here, taken off a declared budget (CORTEX_HOST_RAM)
     for rt in reachable_runtimes()[0].values():
         for r in rt.list():
-            ram_in_use += planned_bytes(r.name, "cpu")
+            ram_in_use += r.launch.planned_ram if r.launch is not None else 0
             instance = instance_of(r.name, name)
             spec_sha, source = replica_version(r.model, r.name, host=name)
             replicas.append(
