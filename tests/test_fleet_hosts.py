@@ -61,6 +61,7 @@ class Budget:
 def budget(test_model) -> Budget:
     from cortex.fleet.inventory import local_inventory
     from cortex.pipeline import place_spec_text
+    from cortex.plan import CPU_RAM_SHARE
 
     def need(context_length: int) -> int:
         host = local_inventory("h3").model_copy(update={"ram_bytes": 1 << 40})
@@ -68,11 +69,13 @@ def budget(test_model) -> Budget:
         return placed.placed[0].need["cpu"]
 
     n1, n2 = need(1024), need(512)
-    # two replicas at 1024 fit an empty h3; beside them, no room for one at 512 (the rolling
-    # update stops each old one first); beside two at 512, room for one (shrinking swaps in place)
-    low, high = max(2 * n1, 3 * n2), 2 * n1 + n2
+    # A CPU plan fits in CPU_RAM_SHARE of the RAM a host offers. Two replicas at 1024 fit an
+    # empty h3; beside them, no room for one at 512 (the rolling update stops each old one
+    # first); beside two at 512, room for one (shrinking swaps in place).
+    share = CPU_RAM_SHARE
+    low, high = max(2 * n1 / share, n2 / share + 2 * n2), n2 / share + 2 * n1
     assert low < high, (n1, n2)
-    return Budget((low + high) // 2, n1, n2)
+    return Budget(int((low + high) / 2), n1, n2)
 
 
 @pytest.fixture(scope="module")

@@ -443,3 +443,18 @@ def test_reconcile_counts_instances_and_numbers_new_ones() -> None:
     # placed on h1 again: it takes instance 1 (its deploy replaces the dead replica there)
     assert new_slots(["h1"], plan.alive) == [a1]
     assert new_slots(["h1", "h1", "h2"], [a1]) == [a0, Slot("h1", 2), Slot("h2")]
+
+
+def test_a_declared_ram_budget_is_offered_less_what_its_replicas_plan_to_take(facts: ModelFacts) -> None:
+    from cortex.fleet.inventory import offered_ram
+    from cortex.launch import build_launch
+
+    gib, mib = 2**30, 2**20
+    assert offered_ram(64 * gib, None, 10 * gib) == 64 * gib  # no budget: what is available (measured)
+    assert offered_ram(64 * gib, 1 * gib, 300 * mib) == 724 * mib
+    assert offered_ram(512 * mib, 1 * gib, 0) == 512 * mib  # never more than is available
+    assert offered_ram(64 * gib, 1 * gib, 2 * gib) == 0
+    # what a replica plans to take travels with its launch (a label both runtimes keep)
+    s = spec(engine="llamacpp", quantization="Q4_K_M", resources={"context_length": 2048})
+    p = place(s, facts, [host("cpu-a", gpus=0)])
+    assert build_launch(s, p.placed[0].plan).planned_ram == p.placed[0].need["cpu"] > 0
