@@ -386,7 +386,13 @@ def test_replicas_that_share_a_host_are_its_instances(facts: ModelFacts) -> None
     # the rolling update swaps them one at a time, instance 0 first
     update = rollout_steps(p, [Slot("gpu-a", 1), Slot("gpu-a", 0)])
     assert [(s.host, s.instance, s.action) for s in update] == [("gpu-a", 0, "swap"), ("gpu-a", 1, "swap")]
-    assert update[1].to_json()["instance"] == 1
+    assert update[1].to_json() | {"why": ""} == {
+        "host": "gpu-a",
+        "instance": 1,
+        "replica": "gpu-a_1",
+        "action": "swap",
+        "why": "",
+    }
     # one replica fewer: the instance beyond the first is retired, the spread is kept
     shrink = place(spec(replicas=2), facts, [host("gpu-a", gpus=2), host("gpu-b", gpus=2)])
     steps = rollout_steps(shrink, [Slot("gpu-a", 0), Slot("gpu-a", 1), Slot("gpu-b", 0)])

@@ -48,7 +48,13 @@ class FleetStep:
         return Slot(self.host, self.instance)
 
     def to_json(self) -> dict[str, str | int]:
-        return {"host": self.host, "instance": self.instance, "action": self.action, "why": self.why}
+        return {
+            "host": self.host,
+            "instance": self.instance,
+            "replica": str(self.slot),
+            "action": self.action,
+            "why": self.why,
+        }
 
 
 def placed_slots(placement: Placement) -> list[Slot]:
