@@ -112,3 +112,32 @@ def test_a_fleet_spec_with_a_relative_path_is_refused_naming_file_and_line(home:
     with pytest.raises(SpecError, match=r"/control/m.yaml:3: source.path: 'm' is relative"):
         store_fleet_spec("name: m\nsource:\n  path: m\n", "/control/m.yaml")
     assert not fleet_specs_dir().exists()
+
+
+def test_a_fleet_record_keeps_the_applied_text_and_reads_one_from_before(home: Path) -> None:
+    import dataclasses
+
+    from cortex.applied import FleetApplied, all_fleet_applied, applied_dir, read_fleet_applied, write_fleet_applied
+
+    text = "name: m\nsource:\n  gguf: /models/m.gguf\nreplicas: 2\n"
+    record = FleetApplied(
+        "/control/m.yaml",
+        "0123456789ab",
+        "m",
+        "cortex",
+        2,
+        {"h1": "0123456789ab", "h1_1": "0123456789ab"},
+        "2026-12-02T00:00:00+00:00",
+        text,
+    )
+    write_fleet_applied(record)
+    assert read_fleet_applied("/control/m.yaml") == record  # what reconcile sends the hosts
+    # a record written before the text was kept: it reads, with no text (reconcile reads the file)
+    old = applied_dir() / "fleet" / "old.json"
+    old.write_text(
+        json.dumps(
+            {k: v for k, v in dataclasses.asdict(record).items() if k != "spec_text"}
+            | {"spec_path": "/control/old.yaml", "hosts": {"h2": "0123456789ab"}}
+        )
+    )
+    assert {r.spec_path: r.spec_text for r in all_fleet_applied()} == {"/control/m.yaml": text, "/control/old.yaml": ""}
