@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cortex.fileio import atomic_write_bytes, atomic_write_json
@@ -129,6 +129,21 @@ class FleetApplied:
     # the spec's text as applied: what reconcile sends the hosts (no host has the file); ""
     # in a record from before it was kept, when reconcile reads the file at spec_path
     spec_text: str = ""
+
+    def after_failure(self, previous: FleetApplied | None) -> FleetApplied:
+        """This record of a rollout that stopped at a failure: the hosts as they are now, but the
+        spec (text, digest, replicas) that last applied in full, so that a lost replica is placed
+        again from what the hosts not swapped run, not from the spec that just failed. A first
+        apply that failed has no previous record: its own spec is all there is."""
+        if previous is None or not previous.spec_text:
+            return self
+        return replace(
+            self,
+            spec_sha256=previous.spec_sha256,
+            replicas=previous.replicas,
+            spec_text=previous.spec_text,
+            applied_at=previous.applied_at,
+        )
 
 
 def _fleet_record_path(spec_path: str | Path) -> Path:

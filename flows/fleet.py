@@ -45,7 +45,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from cortex.applied import FleetApplied, all_fleet_applied, text_sha256, write_fleet_applied
+from cortex.applied import FleetApplied, all_fleet_applied, read_fleet_applied, text_sha256, write_fleet_applied
 from cortex.fleet.hosts import (
     VARIABLE_PREFIX,
     HostRecord,
@@ -402,18 +402,17 @@ def fleet_apply(
         description=f"{spec.name}: each step of the fleet apply, and the version each replica runs",
     )
     serving = {h: v for h, v in versions.items() if not v.startswith("none")}
-    write_fleet_applied(
-        FleetApplied(
-            spec_path=path,
-            spec_sha256=new_version,
-            name=spec.name,
-            pool=pool,
-            replicas=spec.replicas,
-            hosts={k: v.split()[1] if v.startswith("spec ") else "unknown" for k, v in serving.items()},
-            applied_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            spec_text=text,
-        )
+    record = FleetApplied(
+        spec_path=path,
+        spec_sha256=new_version,
+        name=spec.name,
+        pool=pool,
+        replicas=spec.replicas,
+        hosts={k: v.split()[1] if v.startswith("spec ") else "unknown" for k, v in serving.items()},
+        applied_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec_text=text,
     )
+    write_fleet_applied(record if not failed else record.after_failure(read_fleet_applied(path)))
     failures = [f"{h}: {why}" for h, why in failed.items()]
     result: dict[str, Any] = {
         "model": spec.name,

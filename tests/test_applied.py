@@ -141,3 +141,16 @@ def test_a_fleet_record_keeps_the_applied_text_and_reads_one_from_before(home: P
         )
     )
     assert {r.spec_path: r.spec_text for r in all_fleet_applied()} == {"/control/m.yaml": text, "/control/old.yaml": ""}
+
+
+def test_a_failed_rollout_keeps_the_spec_that_last_applied_in_full() -> None:
+    from cortex.applied import FleetApplied
+
+    good = FleetApplied("/c/m.yaml", "aaaaaaaaaaaa", "m", "cortex", 2, {"h1": "aaaaaaaaaaaa"}, "t0", "good")
+    failed = FleetApplied(
+        "/c/m.yaml", "bbbbbbbbbbbb", "m", "cortex", 3, {"h1": "aaaaaaaaaaaa", "h2": "bbbbbbbbbbbb"}, "t1", "bad"
+    )
+    kept = failed.after_failure(good)
+    assert (kept.spec_text, kept.spec_sha256, kept.replicas) == ("good", "aaaaaaaaaaaa", 2)
+    assert kept.hosts == failed.hosts  # where replicas run now, whichever version
+    assert failed.after_failure(None) == failed  # a failed first apply: nothing else to keep
