@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from cortex.fileio import atomic_write_json
+from cortex.fileio import atomic_write_bytes, atomic_write_json
 from cortex.hub import sha256_of
 from cortex.settings import Settings
 
@@ -50,6 +50,32 @@ class AppliedSpec:
 def spec_sha256(spec_path: str | Path) -> str:
     """The digest an `AppliedSpec` records of its spec file."""
     return sha256_of(Path(spec_path))
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of a spec's text: spec_sha256 of a file holding it (UTF-8, as read)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fleet_specs_dir() -> Path:
+    """Where a fleet host keeps the spec texts its deploys were sent."""
+    return Path(Settings.load().home) / "fleet-specs"
+
+
+def store_fleet_spec(text: str, origin: str) -> Path:
+    """A spec text fleet-apply sent this host, checked (SpecError names `origin`, the control
+    plane's file, with its lines) and written atomically to `<CORTEX_HOME>/fleet-specs/
+    <name>-<sha12>.yaml` (the same text is the same file), for the deploy to read like any spec."""
+    from cortex.specfile import SpecError, parse_spec_text, relative_path_problems
+
+    problems = relative_path_problems(text, origin)
+    if problems:
+        raise SpecError(problems)
+    spec = parse_spec_text(text, origin, base=fleet_specs_dir())
+    path = fleet_specs_dir() / f"{spec.name}-{text_sha256(text)[:12]}.yaml"
+    if not path.is_file() or path.read_bytes() != text.encode():
+        atomic_write_bytes(path, text.encode())
+    return path
 
 
 def applied_dir() -> Path:
@@ -88,15 +114,36 @@ def all_applied() -> list[AppliedSpec]:
 @dataclass
 class FleetApplied:
     """A spec applied to the fleet (flow fleet-apply): what fleet-reconcile keeps running.
-    `hosts`: host -> the spec sha256 (12 hex) its replica was last deployed from."""
+    It keeps the spec's text, so a reconcile sends the hosts what was applied, not what the file
+    says now."""
 
     spec_path: str  # absolute
     spec_sha256: str
     name: str  # the served model name
     pool: str
     replicas: int  # wanted
+    # slot -> the spec sha256 (12 hex) its replica was last deployed from; a slot is a host's
+    # name for its instance 0, `<host>_<i>` for instance i (cortex.fleet.hosts.Slot)
     hosts: dict[str, str]
     applied_at: str
+    # the spec's text as applied: what reconcile sends the hosts (no host has the file); ""
+    # in a record from before it was kept, when reconcile reads the file at spec_path
+    spec_text: str = ""
+
+    def after_failure(self, previous: FleetApplied | None) -> FleetApplied:
+        """This record of a rollout that stopped at a failure: the hosts as they are now, but the
+        spec (text, digest, replicas) that last applied in full, so that a lost replica is placed
+        again from what the hosts not swapped run, not from the spec that just failed. A first
+        apply that failed has no previous record: its own spec is all there is."""
+        if previous is None or not previous.spec_text:
+            return self
+        return replace(
+            self,
+            spec_sha256=previous.spec_sha256,
+            replicas=previous.replicas,
+            spec_text=previous.spec_text,
+            applied_at=previous.applied_at,
+        )
 
 
 def _fleet_record_path(spec_path: str | Path) -> Path:

@@ -26,6 +26,7 @@ MODELS_DIR = "/models"  # where model files appear inside the engine's container
 VLLM_MODULE_ARGV = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 ENGINE_API_KEY_SECRET = "engine_api_key"  # the key only the gateway holds; resolved by the runtime
 LABEL_PREFIX = "ai.cortex"
+PLANNED_RAM_LABEL = f"{LABEL_PREFIX}.planned-ram-bytes"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class LaunchSpec:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def planned_ram(self) -> int:
+        """The bytes of RAM its plan takes (0 for a launch from before the label was set)."""
+        return int(self.labels.get(PLANNED_RAM_LABEL, 0))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "LaunchSpec":
@@ -160,6 +166,9 @@ def build_launch(
         f"{LABEL_PREFIX}.model": spec.name,
         f"{LABEL_PREFIX}.engine": plan.engine,
         f"{LABEL_PREFIX}.launch-id": ident,
+        # the RAM its plan takes: a fleet host with a declared budget (CORTEX_HOST_RAM) offers
+        # what its running replicas leave (cortex.fleet.inventory.offered_ram)
+        PLANNED_RAM_LABEL: str(sum(d.total_bytes for d in plan.devices if d.device == "cpu")),
     }
     return LaunchSpec(
         engine=plan.engine,

@@ -7,6 +7,7 @@ first; `cortex plan` prints it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from cortex.hardware import Inventory
 from cortex.launch import LaunchSpec, build_launch
 from cortex.plan import Plan, make_plan
 from cortex.spec import ModelSpec
-from cortex.specfile import load_spec
+from cortex.specfile import load_spec, parse_spec_text
 
 
 @dataclass
@@ -96,6 +97,15 @@ def plan_spec(
 def plan_spec_file(path: str | Path, **kwargs: Any) -> PlannedModel:
     path = Path(path)
     return plan_spec(load_spec(path), path, **kwargs)
+
+
+def place_spec_text(text: str, path: str | Path, hosts: Sequence[HostInventory]) -> tuple[ModelSpec, Placement]:
+    """The spec `text`, read from the file at `path` (its messages name it), placed over `hosts`:
+    what fleet-apply sends to the hosts is exactly what it placed."""
+    path = Path(path)
+    spec = parse_spec_text(text, str(path), base=Path(os.path.realpath(path)).parent)
+    facts = facts_for_source(spec.source, spec_dir=path.resolve().parent)
+    return spec, place(spec, facts, hosts)
 
 
 def place_spec_file(path: str | Path, hosts: Sequence[HostInventory]) -> tuple[ModelSpec, Placement]:

@@ -366,11 +366,18 @@ def read_record_json(name: str) -> dict[str, Any] | None:
     return data
 
 
-def replica_version(model: str, replica: str) -> tuple[str | None, str | None]:
+def replica_version(model: str, replica: str, host: str | None = None) -> tuple[str | None, str | None]:
     """(spec sha256, source id) of the deployment `replica` of `model`, from the model's record;
-    (None, None) when the record is missing, unreadable or of another replica (a newer deploy)."""
+    (None, None) when the record is missing, unreadable or of another replica (a newer deploy).
+    On a fleet `host`, the record of another instance of the same launch counts: the host keeps
+    one record per model, of its last deploy, and instances of one launch run the same version."""
+    from cortex.runtime.rollout import same_launch
+
     data = read_record_json(model)
-    if not data or data.get("replica") != replica:
+    if not data:
+        return None, None
+    recorded = data.get("replica")
+    if recorded != replica and not (isinstance(recorded, str) and host and same_launch(recorded, replica, host)):
         return None, None
     source = data.get("source")
     return data.get("spec_sha256"), source.get("source_id") if isinstance(source, dict) else None

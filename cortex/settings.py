@@ -52,6 +52,12 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cortex"
 
 
+def _size(text: str) -> int:
+    from cortex.spec import parse_bytes
+
+    return parse_bytes(text)
+
+
 def _load_ratio(text: str) -> float:
     ratio = float(text)
     if not ratio >= 1.0:  # also refuses nan
@@ -223,6 +229,12 @@ FIELDS: list[Field] = [
         "This machine's name in the fleet (its work queue, its deployments, its replicas' suffix). Default: the system host name; `cortex host join NAME` sets it.",
     ),
     Field(
+        "host_ram",
+        lambda text: _size(text),
+        None,
+        "RAM this fleet host offers engines (a size: 64GiB, or bytes). `cortex host join` publishes it less the planned RAM of the replicas running here, capped by the RAM available. Default: the RAM available.",
+    ),
+    Field(
         "deploy_lock_timeout_s", float, 1800.0, "Seconds a deploy waits for another deploy on the same host to finish."
     ),
     Field(
@@ -297,6 +309,7 @@ class Settings:
     docker_bind: str
     engine_host: str
     host_name: str | None
+    host_ram: int | None
     deploy_lock_timeout_s: float
     restart_check_s: float
     restart_backoff_s: float

@@ -298,8 +298,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[tuple[str, st
     if not isinstance(src, dict):
         return []
     problems: list[tuple[tuple[str, str], str]] = []
-    keys = ["path"] + (["gguf"] if not src.get("repo") else [])
-    for key in keys:
+    for key in _local_path_keys(src):
         value = src.get(key)
         if isinstance(value, str) and value and "\x00" not in value:
             try:
@@ -312,6 +311,54 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> list[tuple[tuple[str, st
             # reader's to report, naming the file).
             src[key] = os.path.normpath(p if p.is_absolute() else base / p)
     return problems
+
+
+def _local_path_keys(src: dict[str, Any]) -> list[str]:
+    """The keys of a spec's `source` that name a local path (`gguf` is a file name in a repo)."""
+    return ["path"] + (["gguf"] if not src.get("repo") else [])
+
+
+def relative_path_problems(text: str, filename: str) -> list[Problem]:
+    """A spec's local paths that are relative to its folder, as problems: a spec applied to the
+    fleet travels to each host as text, and no host has the folder the spec came from. A path
+    that starts with / is kept; ~ and $VARS expand here, and again on each host."""
+    data, root = read_yaml(text, filename)
+    src = data.get("source") if isinstance(data, dict) else None
+    if not isinstance(src, dict):
+        return []
+    problems = []
+    for key in _local_path_keys(src):
+        value = src.get(key)
+        if not isinstance(value, str) or not value or "\x00" in value:
+            continue  # not a path: validation says what is wrong with it
+        try:
+            expanded = expand_path(value)
+        except SecretVariable:
+            continue  # parse_spec_text says why
+        if not Path(expanded).is_absolute():
+            problems.append(
+                Problem(
+                    filename,
+                    _line_of(root, ("source", key)),
+                    f"source.{key}",
+                    f"{short_repr(value)} is relative to the spec's folder, which the fleet's hosts do not "
+                    "have (each host gets the spec's text); write an absolute path, or one that starts "
+                    "with ~ or ${VAR} for a folder each host has",
+                )
+            )
+    return problems
+
+
+def fleet_spec_text(path: str | Path) -> str:
+    """The text of the spec file at `path`, to send to the fleet's hosts: SpecError when it is
+    no spec file, or when a local path in it is relative (relative_path_problems)."""
+    text = read_checked_text(
+        path, MAX_SPEC_BYTES, "a spec is a YAML file", "name a spec file (or use `cortex validate FOLDER`)"
+    )
+    problems = relative_path_problems(text, str(path))
+    if problems:
+        raise SpecError(problems)
+    return text
 
 
 def read_yaml(text: str, filename: str, max_nodes: int = MAX_NODES) -> tuple[Any, yaml.Node | None]:

@@ -40,6 +40,7 @@ from cortex.runtime.rollout import (
     QualityRequest,
     RolloutRequest,
     dead_routes,
+    replaced_by,
     rollout_request,
 )
 from cortex.settings import Settings
@@ -109,7 +110,9 @@ def roll_out(request: RolloutRequest) -> DeployResult:
         remove_dead_routes([orphan.name for orphan in orphans])
     existing = [r for other in runtimes.values() for r in other.replicas_of(launch.model)]
     same = next((r for r in existing if r.name == launch.name and r.runtime == rt.kind), None)
-    previous = [r for r in existing if r is not same]
+    # on a fleet host, only this instance's older replicas: the host's other instances keep serving
+    replaced = set(replaced_by(request.host, request.instance, [r.name for r in existing]))
+    previous = [r for r in existing if r is not same and r.name in replaced]
     gateway_state = "registered" if gw else ("disabled" if request.gateway is False else "not running")
     if gw is None and request.gateway is None:
         logger.info("no gateway answers at CORTEX_GATEWAY_URL; the engine's own endpoint is the result")
@@ -213,15 +216,28 @@ def _compare_with_reference(replica: Replica, quality: QualityRequest, rt: Runti
 
 
 @flow(name="deploy-model")
-def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bool | None = None) -> DeployResult:
-    """Deploy the model a spec file describes; see the module docstring for the steps."""
+def deploy_model(
+    spec_path: str,
+    runtime: RuntimeKind | None = None,
+    gateway: bool | None = None,
+    spec_text: str | None = None,
+    instance: int = 0,
+) -> DeployResult:
+    """Deploy the model a spec file describes; see the module docstring for the steps.
+
+    On a fleet host (fleet-apply starts it there): `spec_text` is the spec's text, since the
+    host has no file at `spec_path` (the control plane's, kept for messages and provenance); it
+    is written to the host's fleet-specs folder and deployed from there. `instance` says which
+    of the model's replicas on this host it is (each has its own name, port and engine)."""
+    from cortex.applied import store_fleet_spec
     from cortex.specfile import load_spec
     from flows.prepare import prepare_model
 
-    spec = load_spec(spec_path)
+    spec_file = str(store_fleet_spec(spec_text, spec_path)) if spec_text is not None else spec_path
+    spec = load_spec(spec_file)
     kind = runtime or spec.runtime
     with host_deploy_slot(kind):
-        prepared = prepare_model(spec_path)
+        prepared = prepare_model(spec_file)
         request = rollout_request(
             spec,
             prepared.plan,
@@ -231,6 +247,7 @@ def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bo
             mount_root=prepared.mount_root,
             gateway=gateway,
             host=Settings.load().host_name,
+            instance=instance,
         )
         if spec.benchmark and spec.benchmark.quality and request.quality is None:
             get_run_logger().warning(
@@ -241,7 +258,7 @@ def deploy_model(spec_path: str, runtime: RuntimeKind | None = None, gateway: bo
             )
         result = roll_out(request)
         # after the rollout committed: a failed deploy leaves the running one's record as it was
-        changes = record_provenance(prepared, request.launch, result, spec_path)
+        changes = record_provenance(prepared, request.launch, result, spec_path, spec_file)
         return result.model_copy(update={"changes": changes})
 
 
@@ -251,26 +268,45 @@ def available_runtimes(runtime: str | None = None) -> list[Runtime]:
 
 
 @flow(name="retire-model")
-def retire_model(name: str, runtime: str | None = None) -> list[str]:
+def retire_model(name: str, runtime: str | None = None, instance: int | None = None) -> list[str]:
     """Drain every replica of model `name` from the gateway, then stop and remove it; remove the
     routes of its replicas whose engine is already gone. Returns the replica names stopped or
-    unrouted. Specs applied under that name are forgotten, so `cortex serve` does not restart it."""
+    unrouted. Specs applied under that name are forgotten, so `cortex serve` does not restart it.
+    `instance` (on a fleet host): only that instance of the model on this host; the others and
+    the applied records stay."""
+    host = Settings.load().host_name
+    if instance is not None and not host:
+        raise ValueError(f"instance {instance} of {name}: instances are of a fleet host, and this is not one")
+
+    def chosen(replica_name: str) -> bool:  # instance 0 also takes a replica of no instance, as its deploy does
+        return instance is None or bool(replaced_by(host, instance, [replica_name]))
+
     gw = gateway_client(None)
     if gw is not None:
         gw.close()  # it answers: drain there first
     runtimes = available_runtimes(runtime)
     stopped = [
-        retire_replica(replica, rt, drain_gateway=gw is not None) for rt in runtimes for replica in rt.replicas_of(name)
+        retire_replica(replica, rt, drain_gateway=gw is not None)
+        for rt in runtimes
+        for replica in rt.replicas_of(name)
+        if chosen(replica.name)
     ]
     unrouted: list[str] = []
     if gw is not None:
         with gateway_client(True) as client:
             routes = client.replicas_of(name)
-        dead = [rid for rt in runtimes for rid in dead_routes(routes, live=set(), runtimes={rt.kind}, host=rt.host())]
+        dead = [
+            rid
+            for rt in runtimes
+            for rid in dead_routes(routes, live=set(), runtimes={rt.kind}, host=rt.host())
+            if chosen(rid)
+        ]
         unrouted = remove_dead_routes(dead) if dead else []
-    for record in all_applied():
-        if record.name == name:
-            forget_applied(record.spec_path)
+    if instance is None:
+        for record in all_applied():
+            if record.name == name:
+                forget_applied(record.spec_path)
     if not stopped and not unrouted:
-        raise LookupError(f"no replica of model {name!r} is running (see `cortex status`)")
+        which = f"instance {instance} of model {name!r}" if instance is not None else f"replica of model {name!r}"
+        raise LookupError(f"no {which} is running (see `cortex status`)")
     return stopped + unrouted

@@ -11,9 +11,16 @@
                             publish the placement trace, run each replica's deploy as a run of
                             that host's deployment (deploy-model/deploy-<host>), on its queue,
                             and wait for them all; when the model already runs on hosts, roll
-                            the new spec over them one host at a time (cortex.fleet.rollout)
+                            the new spec over them one replica at a time (cortex.fleet.rollout)
     fleet_reconcile()       (flow fleet-reconcile) re-place the replicas of lost hosts, retire
                             the stale ones of hosts that come back, say what could not be placed
+
+A host gets the spec's text, not its path (no host has the control plane's files): its deploy
+writes the text to its own fleet-specs folder and deploys from there. A local path in a fleet
+spec must be absolute (or start with ~ or ${VAR}, expanded on each host); a relative one is
+refused before anything runs, since it names the spec's folder on the control plane. Several
+replicas on one host (more replicas than hosts) are its instances 0, 1, ... (cortex.fleet.hosts.
+Slot): each deploy run is told its instance, and each instance is swapped and retired alone.
 
 Nothing here polls hosts or keeps a heartbeat: a host is online when Prefect says its worker is
 (the worker's own heartbeat), and a run reaches a host because only that host's worker polls its
@@ -38,18 +45,19 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from cortex.applied import FleetApplied, all_fleet_applied, spec_sha256, write_fleet_applied
+from cortex.applied import FleetApplied, all_fleet_applied, read_fleet_applied, text_sha256, write_fleet_applied
 from cortex.fleet.hosts import (
     VARIABLE_PREFIX,
     HostRecord,
     HostReplica,
     HostStatus,
+    Slot,
     deployment_name,
     host_status,
     variable_name,
 )
 from cortex.fleet.placement import Placement
-from cortex.fleet.rollout import FleetStep, reconcile_steps, rollout_steps
+from cortex.fleet.rollout import FleetStep, new_slots, reconcile_steps, rollout_steps
 from cortex.gateway.client import GatewayClient, gateway_client
 from cortex.settings import Settings
 from cortex.spec import format_bytes
@@ -249,7 +257,7 @@ def start_host_run(flow_name: str, host: str, parameters: dict[str, Any], model:
 
 
 def wait_for_runs(runs: dict[str, UUID], timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
-    """Wait for the runs (host -> run id) to end: ({host: run name} completed, {host: why} not)."""
+    """Wait for the runs (slot -> run id) to end: ({slot: run name} completed, {slot: why} not)."""
     done: dict[str, str] = {}
     failed: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
@@ -276,12 +284,32 @@ def replicas_of(host: FleetHost, model: str) -> list[HostReplica]:
     return [r for r in host.record.replicas if r.model == model]
 
 
+def held_slots(hosts: list[FleetHost], model: str) -> dict[Slot, list[HostReplica]]:
+    """The slots of `hosts` that run a replica of `model` (two during a swap), by host and instance."""
+    held: dict[Slot, list[HostReplica]] = {}
+    for h in hosts:
+        for r in replicas_of(h, model):
+            held.setdefault(Slot(h.record.name, r.instance), []).append(r)
+    return held
+
+
+def deploy_parameters(spec_path: str, spec_text: str, instance: int, gateway: bool | None) -> dict[str, Any]:
+    """A host's deploy-model run: the spec's text (the host has no file at spec_path), its instance."""
+    return {"spec_path": spec_path, "spec_text": spec_text, "instance": instance, "gateway": gateway}
+
+
 def versions_markdown(model: str, versions: dict[str, str], steps: list[FleetStep], outcome: dict[str, str]) -> str:
-    lines = [f"## Rollout of {model}", "", "| host | step | why | outcome | version it runs |", "|---|---|---|---|---|"]
+    lines = [
+        f"## Rollout of {model}",
+        "",
+        "| replica (host_instance) | step | why | outcome | version it runs |",
+        "|---|---|---|---|---|",
+    ]
     for step in steps:
+        key = str(step.slot)
         lines.append(
-            f"| {step.host} | {step.action} | {step.why.replace('|', '/')} | "
-            f"{outcome.get(step.host, 'not run').replace('|', '/')} | {versions.get(step.host, '-')} |"
+            f"| {key} | {step.action} | {step.why.replace('|', '/')} | "
+            f"{outcome.get(key, 'not run').replace('|', '/')} | {versions.get(key, '-')} |"
         )
     return "\n".join(lines)
 
@@ -292,13 +320,16 @@ def fleet_apply(
 ) -> dict[str, Any]:
     """Place the spec's replicas on the online hosts of `pool` and deploy each on its host (see
     the module docstring). A spec whose model already runs on hosts of the pool is a rolling
-    update (cortex.fleet.rollout): one host at a time, each swapped make-before-break by its own
-    deploy, stopping at the first failure; the result (and the error) says which version every
-    replica runs. Fails with the placement trace when a new spec does not fit."""
-    from cortex.pipeline import place_spec_file
+    update (cortex.fleet.rollout): one replica at a time, each swapped make-before-break by its
+    host's deploy, stopping at the first failure; the result (and the error) says which version
+    every replica runs, by slot (`<host>`, `<host>_<instance>`). Fails with the placement trace
+    when a new spec does not fit, and with FILE:LINE when a local path in it is relative."""
+    from cortex.pipeline import place_spec_text
+    from cortex.specfile import fleet_spec_text
 
     logger = get_run_logger()
     path = str(Path(spec_path).expanduser().absolute())
+    text = fleet_spec_text(path)  # read once: what is placed is what the hosts get
     fleet = read_fleet(pool)
     online = [h for h in fleet if h.status == "online"]
     left_out = [f"{h.record.name} ({h.status})" for h in fleet if h.status != "online"]
@@ -308,81 +339,87 @@ def fleet_apply(
             + (f" (joined: {', '.join(left_out)})" if left_out else "")
             + "; run `cortex host join NAME` on each GPU host"
         )
-    spec, placement = place_spec_file(path, [h.record.inventory for h in online])
+    spec, placement = place_spec_text(text, path, [h.record.inventory for h in online])
     create_markdown_artifact(
         key=artifact_key("placement", spec.name),
         markdown=placement_markdown(path, placement, left_out),
         description=f"where {spec.name}'s replicas run, and why",
     )
-    holding = {h.record.name: replicas_of(h, spec.name) for h in online if replicas_of(h, spec.name)}
+    holding = held_slots(online, spec.name)
     if not holding and not placement.ok:
         raise PlacementFailed(f"{spec.name}: {placement.shortfall}\n{_trace_lines(placement)}")
-    if len(set(r.host for r in placement.placed)) < len(placement.placed):
-        # one deploy per host: the replica's name is the launch's and the host's, so a second
-        # replica on the same host would be the same replica
-        logger.warning("%s: replicas that share a host are deployed once", spec.name)
     steps = rollout_steps(placement, list(holding))
-    new_version = spec_sha256(path)[:12]
-    versions = {host: replicas[0].version for host, replicas in holding.items()}
+    new_version = text_sha256(text)[:12]
+    # slot ("h1", "h1_1") -> the version its replica runs
+    versions = {str(slot): replicas[0].version for slot, replicas in holding.items()}
     outcome: dict[str, str] = {}
     failed: dict[str, str] = {}
-    params = {"spec_path": path, "gateway": gateway}
+
+    def deploy(step: FleetStep) -> UUID:
+        return start_host_run(
+            "deploy-model", step.host, deploy_parameters(path, text, step.instance, gateway), spec.name
+        )
+
+    def retire(step: FleetStep) -> UUID:
+        return start_host_run("retire-model", step.host, {"name": spec.name, "instance": step.instance}, spec.name)
+
     if not holding:  # a first apply: nothing serves yet, so the hosts deploy side by side
-        runs = {s.host: start_host_run("deploy-model", s.host, params, spec.name) for s in steps}
+        runs = {str(s.slot): deploy(s) for s in steps}
         done, failed = wait_for_runs(runs, timeout_s)
-        outcome |= {h: f"deployed ({name})" for h, name in done.items()}
-        versions |= {h: f"spec {new_version}" for h in done}
-    else:  # a rolling update: one host at a time, stop at the first failure
+        outcome |= {k: f"deployed ({name})" for k, name in done.items()}
+        versions |= {k: f"spec {new_version}" for k in done}
+    else:  # a rolling update: one replica at a time, stop at the first failure
         for step in steps:
+            key = str(step.slot)
             if step.action == "stop-then-deploy":
-                logger.warning("%s on %s: %s", spec.name, step.host, step.why)
-                stop_run = start_host_run("retire-model", step.host, {"name": spec.name}, spec.name)
-                _, stop_failed = wait_for_runs({step.host: stop_run}, timeout_s)
+                logger.warning("%s on %s: %s", spec.name, key, step.why)
+                _, stop_failed = wait_for_runs({key: retire(step)}, timeout_s)
                 if stop_failed:
                     failed |= stop_failed
-                    outcome[step.host] = "stopping the old replica failed: " + stop_failed[step.host]
+                    outcome[key] = "stopping the old replica failed: " + stop_failed[key]
                     break
-            if step.action == "retire":
-                run_id = start_host_run("retire-model", step.host, {"name": spec.name}, spec.name)
-            else:
-                run_id = start_host_run("deploy-model", step.host, params, spec.name)
-            done, step_failed = wait_for_runs({step.host: run_id}, timeout_s)
+            run_id = retire(step) if step.action == "retire" else deploy(step)
+            done, step_failed = wait_for_runs({key: run_id}, timeout_s)
             if step_failed:
                 failed |= step_failed
-                outcome[step.host] = f"{step.action} failed: {step_failed[step.host]}"
+                outcome[key] = f"{step.action} failed: {step_failed[key]}"
                 if step.action == "stop-then-deploy":
-                    versions[step.host] = "none (the old replica was stopped first)"
+                    versions[key] = "none (the old replica was stopped first)"
                 break
-            outcome[step.host] = f"{step.action} done ({done[step.host]})"
+            outcome[key] = f"{step.action} done ({done[key]})" + (
+                "; the old replica was stopped first (N-1 during this swap)"
+                if step.action == "stop-then-deploy"
+                else ""
+            )
             if step.action == "retire":
-                versions.pop(step.host, None)
+                versions.pop(key, None)
             else:
-                versions[step.host] = f"spec {new_version}"
-            logger.info("%s: %s on %s done; %s", spec.name, step.action, step.host, versions.get(step.host, "retired"))
+                versions[key] = f"spec {new_version}"
+            logger.info("%s: %s on %s done; %s", spec.name, step.action, key, versions.get(key, "retired"))
     create_markdown_artifact(
         key=artifact_key("rollout", spec.name),
         markdown=versions_markdown(spec.name, versions, steps, outcome),
         description=f"{spec.name}: each step of the fleet apply, and the version each replica runs",
     )
     serving = {h: v for h, v in versions.items() if not v.startswith("none")}
-    write_fleet_applied(
-        FleetApplied(
-            spec_path=path,
-            spec_sha256=new_version,
-            name=spec.name,
-            pool=pool,
-            replicas=spec.replicas,
-            hosts={h: v.split()[1] if v.startswith("spec ") else "unknown" for h, v in serving.items()},
-            applied_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
+    record = FleetApplied(
+        spec_path=path,
+        spec_sha256=new_version,
+        name=spec.name,
+        pool=pool,
+        replicas=spec.replicas,
+        hosts={k: v.split()[1] if v.startswith("spec ") else "unknown" for k, v in serving.items()},
+        applied_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec_text=text,
     )
+    write_fleet_applied(record if not failed else record.after_failure(read_fleet_applied(path)))
     failures = [f"{h}: {why}" for h, why in failed.items()]
     result: dict[str, Any] = {
         "model": spec.name,
         "placement": placement.to_json(),
-        "steps": [s.to_json() | {"outcome": outcome.get(s.host, "not run")} for s in steps],
-        "deployed": {h: o for h, o in outcome.items() if h not in failed},
-        "versions": versions,  # host -> the version its replica runs (spec sha256, source revision)
+        "steps": [s.to_json() | {"outcome": outcome.get(str(s.slot), "not run")} for s in steps],
+        "deployed": {k: o for k, o in outcome.items() if k not in failed},
+        "versions": versions,  # slot -> the version its replica runs (spec sha256, source revision)
         "failed": failures,
     }
     if failed:
@@ -406,13 +443,16 @@ def fleet_apply(
 def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str, Any]:
     """Keep every spec applied to the fleet (fleet-apply) at its replicas on online hosts: a
     replica whose host is offline or whose engine does not answer in the gateway is placed
-    again on another online host (cortex.fleet.rollout.reconcile_steps), and a host that holds
-    a replica nobody assigned it (it was lost and came back) has it retired. Started on a
-    schedule and by the `prefect.work-queue.not-ready` / `ready` events of the hosts' queues
-    (flows/serve.py). Returns, per model, what it kept, placed, retired and could not place."""
+    again (cortex.fleet.rollout.reconcile_steps; another host first, or another instance on a
+    host that runs one when no other fits), and a host that holds a replica nobody assigned it
+    (it was lost and came back) has that instance retired. The hosts get the spec text that was
+    applied (kept in its FleetApplied record), not the file as it is now. Started on a schedule
+    and by the `prefect.work-queue.not-ready` / `ready` events of the hosts' queues
+    (flows/serve.py). Returns, per model, what it kept, placed, retired and could not place,
+    by slot (`<host>`, `<host>_<instance>`)."""
     from cortex.facts import facts_for_source
     from cortex.fleet.placement import HostLoad, place
-    from cortex.specfile import SpecError, load_spec
+    from cortex.specfile import SpecError, fleet_spec_text, parse_spec_text
 
     logger = get_run_logger()
     fleet = read_fleet(pool)
@@ -422,18 +462,22 @@ def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> di
     for applied in [a for a in all_fleet_applied() if a.pool == pool]:
         model = applied.name
         health = _serving(gw, model) if gw is not None else {}
-        holding = {
-            name: any(health.get(r.name, gw is None) for r in replicas_of(h, model))
-            for name, h in online.items()
-            if replicas_of(h, model)
+        held = held_slots(list(online.values()), model)
+        holding = {slot: any(health.get(r.name, gw is None) for r in replicas) for slot, replicas in held.items()}
+        assigned = [Slot.parse(key) for key in applied.hosts]
+        steps = reconcile_steps(applied.replicas, assigned, list(online), holding)
+        entry: dict[str, Any] = {
+            "wanted": applied.replicas,
+            "alive": [str(s) for s in steps.alive],
+            "placed": [],
+            "retired": [],
         }
-        steps = reconcile_steps(applied.replicas, list(applied.hosts), list(online), holding)
-        entry: dict[str, Any] = {"wanted": applied.replicas, "alive": steps.alive, "placed": [], "retired": []}
         entry["not_placed"] = ""
         new: dict[str, str] = {}
         if steps.missing:
-            try:
-                spec = load_spec(applied.spec_path)
+            try:  # what was applied; a record from before the text was kept: the file as it is now
+                text = applied.spec_text or fleet_spec_text(applied.spec_path)
+                spec = parse_spec_text(text, applied.spec_path, base=Path(applied.spec_path).parent)
             except (SpecError, OSError) as e:
                 entry["not_placed"] = f"{steps.missing} replicas: the spec cannot be read ({e})"
                 report[model] = entry
@@ -441,18 +485,23 @@ def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> di
                 continue
             facts = facts_for_source(spec.source, spec_dir=Path(applied.spec_path).parent)
             want = spec.model_copy(update={"replicas": steps.missing})
-            load = {h: HostLoad(models=[model]) for h in holding}  # spread: hosts without the model first
+            per_host: dict[str, int] = {}
+            for slot in holding:
+                per_host[slot.host] = per_host.get(slot.host, 0) + 1
+            load = {h: HostLoad(models=[model] * n) for h, n in per_host.items()}  # spread: empty hosts first
             placement = place(want, facts, [online[h].record.inventory for h in steps.candidates], load)
-            hosts = list(dict.fromkeys(r.host for r in placement.placed))
+            slots = new_slots([r.host for r in placement.placed], steps.alive)
             runs = {
-                h: start_host_run("deploy-model", h, {"spec_path": applied.spec_path, "gateway": None}, model)
-                for h in hosts
+                str(s): start_host_run(
+                    "deploy-model", s.host, deploy_parameters(applied.spec_path, text, s.instance, None), model
+                )
+                for s in slots
             }
             done, failed = wait_for_runs(runs, timeout_s)
-            version = spec_sha256(applied.spec_path)[:12]
-            new = {h: version for h in done}
+            version = applied.spec_sha256 if applied.spec_text else text_sha256(text)[:12]
+            new = {key: version for key in done}
             entry["placed"] = sorted(new)
-            problems = [f"{h}: deploy {why}" for h, why in failed.items()]
+            problems = [f"{key}: deploy {why}" for key, why in failed.items()]
             if not placement.ok:
                 problems.append(placement.shortfall or "no host fits")
             if len(new) < steps.missing:
@@ -460,20 +509,23 @@ def fleet_reconcile(pool: str = POOL, timeout_s: float = DEPLOY_TIMEOUT_S) -> di
                     problems
                 )
                 logger.error("%s: could not place %s", model, entry["not_placed"])
-        retire = [h for h in steps.stale if h not in new]
+        retire = [s for s in steps.stale if str(s) not in new]
         if retire:
-            runs = {h: start_host_run("retire-model", h, {"name": model}, model) for h in retire}
+            runs = {
+                str(s): start_host_run("retire-model", s.host, {"name": model, "instance": s.instance}, model)
+                for s in retire
+            }
             done, failed = wait_for_runs(runs, min(timeout_s, RETIRE_WAIT_S))
             entry["retired"] = sorted(done)
-            entry["retire_pending"] = [f"{h}: {why}" for h, why in failed.items()]
-        applied.hosts = {h: applied.hosts.get(h, "unknown") for h in steps.alive} | new
+            entry["retire_pending"] = [f"{key}: {why}" for key, why in failed.items()]
+        applied.hosts = {str(s): applied.hosts.get(str(s), "unknown") for s in steps.alive} | new
         write_fleet_applied(applied)
         report[model] = entry
         logger.info(
             "%s: %d wanted, alive on %s, placed on %s, retired on %s%s",
             model,
             applied.replicas,
-            ", ".join(steps.alive) or "none",
+            ", ".join(entry["alive"]) or "none",
             ", ".join(entry["placed"]) or "none",
             ", ".join(entry["retired"]) or "none",
             f"; NOT PLACED: {entry['not_placed']}" if entry["not_placed"] else "",

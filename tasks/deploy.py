@@ -208,10 +208,13 @@ def retire_replica(replica: Replica, runtime: Runtime, drain_gateway: bool) -> s
 
 
 @task(name="record-provenance", **TASK_OPTIONS)
-def record_provenance(prepared: Prepared, launch: LaunchSpec, result: DeployResult, spec_path: str) -> list[str]:
+def record_provenance(
+    prepared: Prepared, launch: LaunchSpec, result: DeployResult, spec_path: str, spec_file: str | None = None
+) -> list[str]:
     """Write the deployment's provenance record beside its state (cortex.provenance), log what
     changed since the model's previous record, and publish the record with its changes as the
-    `provenance-<model>` artifact. Returns the changes."""
+    `provenance-<model>` artifact. Returns the changes. `spec_file`: where the spec was read
+    when not at `spec_path` (a fleet host's copy of the text it was sent); it has the same digest."""
     rt = get_runtime(result.runtime)
     replica = rt.get(result.replica)
     record = build_record(
@@ -221,7 +224,7 @@ def record_provenance(prepared: Prepared, launch: LaunchSpec, result: DeployResu
         rt.engine_identity(replica),
         memory=read_memory_record(replica.name),
         spec_path=spec_path,
-        spec_sha256=spec_sha256(spec_path),
+        spec_sha256=spec_sha256(spec_file or spec_path),
     )
     changes = keep_record(record)
     logger = get_run_logger()

@@ -16,9 +16,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -39,11 +40,32 @@ class Fleet:
     env: dict[str, str]  # the root namespace's: the control plane's CLI
     gateway: GatewayProcess
     home: Path
-    host_env_extra: dict[str, str]
+    host_env_extra: dict[str, str]  # every host's
+    host_envs: dict[str, dict[str, str]] = field(default_factory=dict)  # one host's, by name
 
     def cortex(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,  # a hang guard
+            cwd=REPO,
+        )
+
+    def deploy_unseen(
+        self, file_name: str, text: str, *flags: str, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        """`cortex deploy SPEC --fleet ...` with SPEC at a path only that command sees: a tmpfs
+        mounted in its own mount namespace over <home>/control-only, a folder that stays empty
+        for every other process, the hosts included. A deploy that works proves the hosts got
+        the spec's text, not its path."""
+        folder = self.home / "control-only"
+        folder.mkdir(exist_ok=True)
+        script = 'mount -t tmpfs control-only "$1" && printf "%s" "$2" > "$1/$3" && shift 3 && exec "$@"'
+        return subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(folder), text, file_name]
+            + [sys.executable, "-m", "cli.main", "deploy", str(folder / file_name), "--fleet", *flags],
             env=self.env,
             capture_output=True,
             text=True,
@@ -62,6 +84,7 @@ class Fleet:
             base_env(self.home / host.name)
             | {"PREFECT_API_URL": api, "CORTEX_GATEWAY_URL": f"http://{host.root_address}:{self.gateway.port}"}
             | self.host_env_extra
+            | self.host_envs.get(host.name, {})
         )
 
     def join(self, host: SimHost) -> None:
@@ -103,9 +126,13 @@ def wait_for(what: str, check, timeout: float, log: Path | None = None):
 
 @contextlib.contextmanager
 def running_fleet(
-    root: Path, server_env: dict[str, str] | None = None, host_env: dict[str, str] | None = None
+    root: Path,
+    server_env: dict[str, str] | None = None,
+    host_env: dict[str, str] | None = None,
+    host_envs: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[Fleet]:
-    """Three hosts joined and online; everything stopped on exit, the hosts' engines too."""
+    """Three hosts joined and online; everything stopped on exit, the hosts' engines too.
+    `host_env`: settings of every host; `host_envs`: of one host, by name."""
     with simulated_hosts(3) as hosts:
         port = free_port()
         server_log = root / "prefect-server.log"
@@ -145,7 +172,7 @@ def running_fleet(
                 },
             ).start()
             control = base_env(root / "control") | {"PREFECT_API_URL": api, "CORTEX_GATEWAY_URL": gateway.url}
-            fleet = Fleet(hosts, control, gateway, root, host_env or {})
+            fleet = Fleet(hosts, control, gateway, root, host_env or {}, host_envs or {})
             for host in hosts:
                 (root / host.name).mkdir(parents=True, exist_ok=True)
                 fleet.join(host)
@@ -191,3 +218,46 @@ def healthy(fleet: Fleet, model: str) -> set[str]:
 
     with GatewayClient(url=fleet.gateway.url, admin_token=ADMIN_TOKEN) as client:
         return {r["id"] for r in client.replicas_of(model) if r["healthy"] and r["state"] == "active"}
+
+
+def answered_by_each(fleet: Fleet, model: str) -> set[str]:
+    """The replicas that answered two requests through the gateway: one streaming request held
+    open, then a short one, which the gateway (least in flight) sends to another replica.
+    x-cortex-replica says which answered each."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Count to a thousand."}]}
+    with httpx.Client(base_url=fleet.gateway.url, timeout=120) as client:
+        long = {**body, "stream": True, "max_tokens": 1000, "ignore_eos": True}
+        with client.stream("POST", "/v1/chat/completions", json=long) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: a dropped generator would close the stream
+            next(lines)  # it is being answered: in flight
+            second = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert second.status_code == 200, second.text
+            return {first.headers["x-cortex-replica"], second.headers["x-cortex-replica"]}
+
+
+class RouteWatch:
+    """The fewest active routes of `model` the gateway had, read every 0.2 s until stopped."""
+
+    def __init__(self, fleet: Fleet, model: str) -> None:
+        self.fleet = fleet
+        self.model = model
+        self.fewest: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        from cortex.gateway.client import GatewayClient
+
+        with GatewayClient(url=self.fleet.gateway.url, admin_token=ADMIN_TOKEN) as client:
+            while not self._stop.wait(0.2):
+                active = sum(r["state"] == "active" for r in client.replicas_of(self.model))
+                self.fewest = active if self.fewest is None else min(self.fewest, active)
+
+    def __enter__(self) -> RouteWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)

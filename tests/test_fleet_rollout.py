@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from cortex.applied import spec_sha256
-from fleet_helpers import REPO, Fleet, healthy, routes, running_fleet, wait_for, write_spec
+from fleet_helpers import REPO, Fleet, RouteWatch, healthy, routes, running_fleet, wait_for, write_spec
 
 pytestmark = pytest.mark.parts
 
@@ -104,33 +104,6 @@ class Load:
     @property
     def failed(self) -> list[Sent]:
         return [s for s in self.sent if s.status != 200]
-
-
-class RouteWatch:
-    """The fewest active routes of the model the gateway had, read every 0.2 s until stopped."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-        self.fewest: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        from cortex.gateway.client import GatewayClient
-        from fleet_helpers import ADMIN_TOKEN
-
-        with GatewayClient(url=self.fleet.gateway.url, admin_token=ADMIN_TOKEN) as client:
-            while not self._stop.wait(0.2):
-                active = sum(r["state"] == "active" for r in client.replicas_of(MODEL))
-                self.fewest = active if self.fewest is None else min(self.fewest, active)
-
-    def __enter__(self) -> RouteWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
 
 
 @dataclass
@@ -217,7 +190,7 @@ def test_editing_a_spec_rolls_both_replicas_under_load_with_no_failed_request(
     spec = write_spec(fleet, MODEL, test_model.gguf, "replicas: 2\n", context_length=2048)
     version = f"spec {spec_sha256(spec)[:12]}"
     started = datetime.now().astimezone()
-    with Load(fleet.gateway.url) as load, RouteWatch(fleet) as watch:
+    with Load(fleet.gateway.url) as load, RouteWatch(fleet, MODEL) as watch:
         wait_for("the load is answered", lambda: load.answered_by(set(old)), 120)
         t0 = time.monotonic()
         done = fleet.cortex("deploy", str(spec), "--fleet", "--json")

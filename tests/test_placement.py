@@ -20,6 +20,7 @@ import pytest
 from cli.commands.schema import schema_text
 from cli.main import main
 from cortex.facts import ModelFacts, facts_for_source
+from cortex.fleet.hosts import Slot
 from cortex.fleet.inventory import HostInventory, load_hosts, local_inventory, parse_hosts_text
 from cortex.fleet.placement import HostLoad, PlanCache, place
 from cortex.spec import ModelSpec
@@ -326,12 +327,32 @@ def test_cli_plan_fleet_without_hosts_is_this_machine() -> None:
 # --- fleet rollout and reconcile steps (cortex.fleet.rollout) ---------------------------------
 
 
+def test_two_replicas_on_one_host_each_take_their_memory(facts: ModelFacts) -> None:
+    """A host an allow-list names alone takes a second replica only where both fit: each placed
+    replica counts against the host's memory for the next."""
+    s = spec(engine="llamacpp", quantization="Q4_K_M", resources={"context_length": 2048})
+    one = place(s, facts, [host("cpu-a", gpus=0, ram_bytes="64GiB")])
+    need = one.placed[0].need["cpu"]
+    # room for two replicas and half of a third
+    box = host("cpu-a", gpus=0, ram_bytes=int(need * 2.5))
+    p = place(
+        s.model_copy(update={"replicas": 3, "placement": s.placement.model_copy(update={"hosts": ["cpu-a"]})}),
+        facts,
+        [box],
+    )
+    assert [r.host for r in p.placed] == ["cpu-a", "cpu-a"]
+    assert [r.free_after for r in p.placed] == [int(need * 2.5) - need, int(need * 2.5) - 2 * need]
+    assert p.shortfall is not None and p.shortfall.startswith("replica 3 of 3: every host that fits is full")
+    assert "cpu has" in p.shortfall and "left beside" in p.shortfall
+    assert p.load_after()["cpu-a"].committed == {"cpu": 2 * need}
+
+
 def test_a_rolling_update_swaps_the_hosts_that_hold_a_replica_one_by_one(facts: ModelFacts) -> None:
     from cortex.fleet.rollout import rollout_steps
 
     # gpu-b runs the old replica in most of its memory: the new one does not fit beside it
     p = place(spec(replicas=2), facts, [host("gpu-a"), host("gpu-b", free_mib=4000), host("gpu-c")])
-    steps = rollout_steps(p, ["gpu-b", "gpu-a"])
+    steps = rollout_steps(p, [Slot("gpu-b"), Slot("gpu-a")])
     assert [(s.host, s.action) for s in steps] == [("gpu-a", "swap"), ("gpu-b", "stop-then-deploy")]
     assert "capacity N-1 during this swap" in steps[1].why
 
@@ -346,21 +367,100 @@ def test_a_rollout_adds_before_it_swaps_and_retires_last(facts: ModelFacts) -> N
     ]
     p = place(spec(replicas=2, placement={"labels": {"zone": "a"}}), facts, hosts)
     # gpu-a held a replica before the spec asked for zone a; gpu-b still qualifies
-    steps = rollout_steps(p, ["gpu-a", "gpu-b"])
+    steps = rollout_steps(p, [Slot("gpu-a"), Slot("gpu-b")])
     assert [(s.host, s.action) for s in steps] == [("gpu-c", "add"), ("gpu-b", "swap"), ("gpu-a", "retire")]
     assert "labels do not match" in steps[2].why
     # a first apply: nothing holds a replica, every placed host is added
     assert [(s.host, s.action) for s in rollout_steps(p, [])] == [("gpu-b", "add"), ("gpu-c", "add")]
 
 
+def test_replicas_that_share_a_host_are_its_instances(facts: ModelFacts) -> None:
+    from cortex.fleet.rollout import rollout_steps
+
+    one_host = spec(replicas=2, placement={"hosts": ["gpu-a"]})
+    p = place(one_host, facts, [host("gpu-a", gpus=2), host("gpu-b", gpus=2)])
+    # a first apply: instance 0 and instance 1 of gpu-a, each its own deploy
+    first = rollout_steps(p, [])
+    assert [(s.host, s.instance, s.action) for s in first] == [("gpu-a", 0, "add"), ("gpu-a", 1, "add")]
+    assert [str(s.slot) for s in first] == ["gpu-a", "gpu-a_1"]
+    # the rolling update swaps them one at a time, instance 0 first
+    update = rollout_steps(p, [Slot("gpu-a", 1), Slot("gpu-a", 0)])
+    assert [(s.host, s.instance, s.action) for s in update] == [("gpu-a", 0, "swap"), ("gpu-a", 1, "swap")]
+    assert update[1].to_json() | {"why": ""} == {
+        "host": "gpu-a",
+        "instance": 1,
+        "replica": "gpu-a_1",
+        "action": "swap",
+        "why": "",
+    }
+    # one replica fewer: the instance beyond the first is retired, the spread is kept
+    shrink = place(spec(replicas=2), facts, [host("gpu-a", gpus=2), host("gpu-b", gpus=2)])
+    steps = rollout_steps(shrink, [Slot("gpu-a", 0), Slot("gpu-a", 1), Slot("gpu-b", 0)])
+    assert [(str(s.slot), s.action) for s in steps] == [("gpu-a", "swap"), ("gpu-b", "swap"), ("gpu-a_1", "retire")]
+    assert steps[2].why == "more replicas than the spec wants"
+
+
+def test_a_slot_is_written_as_the_replica_name_ends() -> None:
+    from cortex.runtime.rollout import instance_of, replica_suffix, same_launch
+
+    assert [str(Slot("gpu-1")), str(Slot("gpu-1", 2))] == ["gpu-1", "gpu-1_2"]
+    assert Slot.parse("gpu-1.lab_2") == Slot("gpu-1.lab", 2) and Slot.parse("gpu-1") == Slot("gpu-1", 0)
+    name = "llamacpp-model-m-0123abcd"
+    assert [name + replica_suffix("GPU-1"), name + replica_suffix("gpu-1", 2)] == [f"{name}-gpu-1", f"{name}-gpu-1_2"]
+    assert instance_of(f"{name}-gpu-1", "gpu-1") == 0 and instance_of(f"{name}-gpu-1_2", "gpu-1") == 2
+    # a host named gpu is not gpu-1, and a replica from before the host joined is no instance
+    assert instance_of(f"{name}-gpu-1", "gpu") is None and instance_of(name, "gpu-1") is None
+    assert same_launch(f"{name}-gpu-1", f"{name}-gpu-1_3", "gpu-1")
+    assert not same_launch(f"{name}-gpu-1", "llamacpp-model-m-ffffffff-gpu-1_1", "gpu-1")
+
+
+def test_a_host_deploy_replaces_only_its_own_instance() -> None:
+    from cortex.runtime.rollout import replaced_by
+
+    old = ["llamacpp-model-m-ffffffff-h1", "llamacpp-model-m-ffffffff-h1_1", "llamacpp-model-m-ffffffff"]
+    # instance 0 replaces its older replica and one from before the host joined, not instance 1
+    assert replaced_by("h1", 0, old) == [old[0], old[2]]
+    assert replaced_by("h1", 1, old) == [old[1]]
+    # a single machine replaces every other replica of the model, as it always did
+    assert replaced_by(None, 0, old) == old
+
+
 def test_reconcile_replaces_a_lost_host_and_retires_its_replica_when_it_returns() -> None:
     from cortex.fleet.rollout import reconcile_steps
 
-    lost = reconcile_steps(2, ["h1", "h2"], ["h2", "h3"], {"h2": True})
-    assert (lost.alive, lost.missing, lost.candidates, lost.stale) == (["h2"], 1, ["h3"], [])
+    h1, h2, h3 = Slot("h1"), Slot("h2"), Slot("h3")
+    lost = reconcile_steps(2, [h1, h2], ["h2", "h3"], {h2: True})
+    assert (lost.alive, lost.missing, lost.candidates, lost.stale) == ([h2], 1, ["h2", "h3"], [])
     # h1 is back with the replica whose engine died with it; h3 runs the replacement
-    back = reconcile_steps(2, ["h2", "h3"], ["h1", "h2", "h3"], {"h1": False, "h2": True, "h3": True})
-    assert (back.alive, back.missing, back.stale) == (["h2", "h3"], 0, ["h1"])
+    back = reconcile_steps(2, [h2, h3], ["h1", "h2", "h3"], {h1: False, h2: True, h3: True})
+    assert (back.alive, back.missing, back.stale) == ([h2, h3], 0, [h1])
     # an online host whose engine stopped answering counts as lost, and may be picked again
-    dead = reconcile_steps(1, ["h1"], ["h1", "h2"], {"h1": False})
-    assert (dead.alive, dead.missing, dead.candidates, dead.stale) == ([], 1, ["h1", "h2"], ["h1"])
+    dead = reconcile_steps(1, [h1], ["h1", "h2"], {h1: False})
+    assert (dead.alive, dead.missing, dead.candidates, dead.stale) == ([], 1, ["h1", "h2"], [h1])
+
+
+def test_reconcile_counts_instances_and_numbers_new_ones() -> None:
+    from cortex.fleet.rollout import new_slots, reconcile_steps
+
+    a0, a1 = Slot("h1"), Slot("h1", 1)
+    # instance 1's engine died: one missing; instance 0 stays; the dead one is stale
+    plan = reconcile_steps(2, [a0, a1], ["h1"], {a0: True, a1: False})
+    assert (plan.alive, plan.missing, plan.candidates, plan.stale) == ([a0], 1, ["h1"], [a1])
+    # placed on h1 again: it takes instance 1 (its deploy replaces the dead replica there)
+    assert new_slots(["h1"], plan.alive) == [a1]
+    assert new_slots(["h1", "h1", "h2"], [a1]) == [a0, Slot("h1", 2), Slot("h2")]
+
+
+def test_a_declared_ram_budget_is_offered_less_what_its_replicas_plan_to_take(facts: ModelFacts) -> None:
+    from cortex.fleet.inventory import offered_ram
+    from cortex.launch import build_launch
+
+    gib, mib = 2**30, 2**20
+    assert offered_ram(64 * gib, None, 10 * gib) == 64 * gib  # no budget: what is available (measured)
+    assert offered_ram(64 * gib, 1 * gib, 300 * mib) == 724 * mib
+    assert offered_ram(512 * mib, 1 * gib, 0) == 512 * mib  # never more than is available
+    assert offered_ram(64 * gib, 1 * gib, 2 * gib) == 0
+    # what a replica plans to take travels with its launch (a label both runtimes keep)
+    s = spec(engine="llamacpp", quantization="Q4_K_M", resources={"context_length": 2048})
+    p = place(s, facts, [host("cpu-a", gpus=0)])
+    assert build_launch(s, p.placed[0].plan).planned_ram == p.placed[0].need["cpu"] > 0

@@ -92,8 +92,8 @@ def run(
 def _render_fleet(result: dict) -> list[str]:
     lines = [f"applied {result['model']} to the fleet: {len(result['deployed'])} step(s)"]
     for step in result["steps"]:
-        lines.append(f"  {step['host']}: {step['action']}: {step['outcome']}")
-    lines += [f"  {host} runs {version}" for host, version in sorted(result["versions"].items())]
+        lines.append(f"  {step['replica']}: {step['action']}: {step['outcome']}")
+    lines += [f"  {replica} runs {version}" for replica, version in sorted(result["versions"].items())]
     return lines
 
 

@@ -98,14 +98,19 @@ def default_address(api_url: str) -> str:
 
 def _record(name: str, pool: str, address: str, labels: dict[str, str]):
     from cortex.fleet.hosts import HostRecord, HostReplica
-    from cortex.fleet.inventory import local_inventory
+    from cortex.fleet.inventory import local_inventory, offered_ram
     from cortex.provenance import replica_version
+    from cortex.settings import Settings
     from cortex.runtime import reachable_runtimes
+    from cortex.runtime.rollout import instance_of
 
     replicas = []
+    ram_in_use = 0  # planned RAM of the replicas here, taken off a declared budget (CORTEX_HOST_RAM)
     for rt in reachable_runtimes()[0].values():
         for r in rt.list():
-            spec_sha, source = replica_version(r.model, r.name)
+            ram_in_use += r.launch.planned_ram if r.launch is not None else 0
+            instance = instance_of(r.name, name)
+            spec_sha, source = replica_version(r.model, r.name, host=name)
             replicas.append(
                 HostReplica(
                     name=r.name,
@@ -115,10 +120,13 @@ def _record(name: str, pool: str, address: str, labels: dict[str, str]):
                     endpoint=r.endpoint,
                     spec_sha256=spec_sha[:12] if spec_sha else None,
                     source_revision=source[:12] if source else None,
+                    instance=instance or 0,
                 )
             )
+    inventory = local_inventory(name, address, labels)
+    ram = offered_ram(inventory.ram_bytes, Settings.load().host_ram, ram_in_use)
     return HostRecord(
-        inventory=local_inventory(name, address, labels),
+        inventory=inventory.model_copy(update={"ram_bytes": ram}),
         pool=pool,
         queue=name,
         replicas=replicas,

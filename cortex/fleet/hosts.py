@@ -14,6 +14,7 @@ This module is pure: the Prefect calls are in flows/fleet.py.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,25 @@ HostStatus = Literal["online", "offline", "no worker"]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
+@dataclass(frozen=True, order=True)
+class Slot:
+    """One replica's place in the fleet: a host, and which of the model's replicas there (its
+    instance: 0, 1, ...; a host runs several when a spec has more replicas than hosts). Written
+    `<host>` for instance 0 and `<host>_<i>` after, as the replica's name ends and as a
+    `FleetApplied` record keys it; host names have no `_`."""
+
+    host: str
+    instance: int = 0
+
+    def __str__(self) -> str:
+        return self.host if self.instance == 0 else f"{self.host}_{self.instance}"
+
+    @classmethod
+    def parse(cls, key: str) -> Slot:
+        host, sep, instance = key.partition("_")
+        return cls(host, int(instance)) if sep else cls(host)
+
+
 class HostReplica(Section):
     """A replica a host runs, as its last inventory saw it."""
 
@@ -41,6 +61,9 @@ class HostReplica(Section):
     # the record is of another replica): 12 hex of the spec file's sha256, of the source's id
     spec_sha256: str | None = Field(default=None, max_length=64)
     source_revision: str | None = Field(default=None, max_length=64)
+    # which of the model's replicas on this host it is (cortex.runtime.rollout.instance_of); a
+    # record from before instances has none: its one replica of a model is instance 0
+    instance: int = Field(default=0, ge=0)
 
     @property
     def version(self) -> str:

@@ -194,6 +194,17 @@ def local_inventory(
     )
 
 
+def offered_ram(available: int, declared: int | None, in_use: int) -> int:
+    """The RAM a host offers the fleet's engines: what is available, or, when the host declares
+    a budget (CORTEX_HOST_RAM), that budget less what the plans of the replicas it runs take
+    (`in_use`), if that is less. A measured MemAvailable already counts the running engines; a
+    budget does not, so they are taken off it: the placement then sees that a host whose budget
+    holds one replica has no room for a second beside it."""
+    if declared is None:
+        return available
+    return max(0, min(available, declared - in_use))
+
+
 # --------------------------------------------------------------------------- hosts files
 
 MAX_HOSTS_FILE_BYTES = 16 << 20  # 16 MiB: a host takes about 500 bytes

@@ -10,12 +10,19 @@ deploy reports. Prefect shows both on the run's page.
                      previous deploy (cortex.provenance); `.to_json()` is what `cortex deploy --json` prints
 
 `rollout_request` builds the request from a spec and what `prepare` made of it.
+
+On a fleet host a replica's name ends in the host's name, and a host may run several replicas
+of one model (more replicas than hosts): each is an instance, 0, 1, ..., with its own name,
+port, engine and gateway route. Instance 0 keeps the plain `-<host>` ending (the name a host's
+only replica always had); instance i > 0 ends in `-<host>_<i>`. Host names have no `_`
+(cortex.spec.check_host_name), so the ending names one host and one instance.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +78,8 @@ class RolloutRequest(BaseModel):
     fallbacks: list[str] = Field(default_factory=list)  # the gateway's fallback list for the model
     ready_timeout: float | None = Field(None, gt=0, description="seconds to healthy (default: the engine's)")
     gateway: bool | None = None  # True: must register; False: do not; None: if a gateway answers
+    host: str | None = None  # the fleet host it runs on (None: a single machine)
+    instance: int = Field(0, ge=0, description="which of the model's replicas on this host")
     # the plan's bytes per device, compared with what the engine reports once ready (cortex.actual)
     memory_plan: list[DevicePlan] = Field(default_factory=list)
 
@@ -110,14 +119,17 @@ def rollout_request(
     mount_root: Path | None = None,
     gateway: bool | None = None,
     host: str | None = None,
+    instance: int = 0,
 ) -> RolloutRequest:
     """The rollout of a prepared spec: its launch, tests, benchmark and quality comparison, and a
     ready timeout that allows for reading the weights. `host`: the fleet host it runs on; its
-    name ends the replica's, so replicas of one spec on several hosts are told apart in the
-    gateway (one registry for the whole fleet)."""
+    name and `instance` end the replica's (replica_suffix), so replicas of one spec on several
+    hosts, or several on one host, are told apart in the gateway (one registry for the fleet)."""
     launch = build_launch(spec, plan, artifact, mount_root)
     if host:
-        launch = dataclasses.replace(launch, name=f"{launch.name}-{host.lower()}")
+        launch = dataclasses.replace(launch, name=launch.name + replica_suffix(host, instance))
+    elif instance:
+        raise ValueError(f"instance {instance} of {spec.name}: instances are of a fleet host; no host is named")
     weights = sum(path_size(p) for p in (artifact if isinstance(artifact, list) else [artifact]))
     return RolloutRequest(
         launch=launch,
@@ -130,8 +142,45 @@ def rollout_request(
         fallbacks=list(spec.fallbacks),
         ready_timeout=ready_timeout_s(launch.engine, weights),
         gateway=gateway,
+        host=host,
+        instance=instance,
         memory_plan=list(plan.devices),
     )
+
+
+def replica_suffix(host: str, instance: int = 0) -> str:
+    """How a fleet replica's name ends: `-<host>` for instance 0, `-<host>_<instance>` after."""
+    return f"-{host.lower()}" + (f"_{instance}" if instance else "")
+
+
+def _instance_ending(replica: str, host: str) -> re.Match[str] | None:
+    return re.search(rf"-{re.escape(host.lower())}(?:_(\d+))?\Z", replica)
+
+
+def instance_of(replica: str, host: str) -> int | None:
+    """The instance a replica of `host` is, from its name; None when the name ends in no instance
+    of that host (a replica started on a single machine, before the host joined a fleet)."""
+    m = _instance_ending(replica, host)
+    return None if m is None else int(m[1] or 0)
+
+
+def same_launch(a: str, b: str, host: str) -> bool:
+    """Whether two replica names of `host` are instances of one launch (they differ only in
+    their instance)."""
+    ma, mb = _instance_ending(a, host), _instance_ending(b, host)
+    return ma is not None and mb is not None and a[: ma.start()] == b[: mb.start()]
+
+
+def replaced_by(host: str | None, instance: int, existing: list[str]) -> list[str]:
+    """Which of a model's `existing` replica names a rollout of `instance` on `host` replaces
+    once its own replica serves. On a single machine (no host): every one. On a fleet host: those
+    of the same instance, and, for instance 0, those that are no instance of the host (left from
+    a deploy before it joined); another instance is never touched, so a host runs several side
+    by side. retire-model of one instance takes the same ones."""
+    if host is None:
+        return list(existing)
+    wanted = {instance, None} if instance == 0 else {instance}
+    return [name for name in existing if instance_of(name, host) in wanted]
 
 
 class LevelSummary(BaseModel):
