@@ -277,7 +277,7 @@ def _apply_on_fleet(
 
 def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) -> str:
     """Drain and stop the replica the single-machine path deployed here (`local`), now that
-    fleet-apply deployed the model on `hosts`; returns what was done, which the run's log and
+    fleet-apply deployed the model on `hosts` (slots: `h1`, `h1_1` for a host's second instance); returns what was done, which the run's log and
     outcome say. Only that replica, by its name: the fleet's replicas are named
     `<replica>-<host>` (CORTEX_HOST_NAME), so a fleet replica on this same machine (it joined
     with `cortex host join`) is never the local one, even in the same runtime.
@@ -300,7 +300,10 @@ def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) 
         with gw:
             while True:
                 routes = [r for r in gw.replicas_of(local.name) if r["id"] != local.replica]
-                serving = {r["labels"].get("host") for r in routes if r["healthy"] is True and r["state"] == "active"}
+                # a fleet replica's id ends in its slot: -<host>, or -<host>_<i> for instance i > 0
+                serving = {
+                    r["id"].rsplit("-", 1)[-1] for r in routes if r["healthy"] is True and r["state"] == "active"
+                }
                 if serving >= set(hosts):
                     break
                 if time.monotonic() > deadline:
