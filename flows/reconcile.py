@@ -275,6 +275,14 @@ def _apply_on_fleet(
     return outcome
 
 
+def _slot_suffix(slot: str) -> str:
+    from cortex.fleet.hosts import Slot
+    from cortex.runtime.rollout import replica_suffix
+
+    parsed = Slot.parse(slot)
+    return replica_suffix(parsed.host, parsed.instance)
+
+
 def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) -> str:
     """Drain and stop the replica the single-machine path deployed here (`local`), now that
     fleet-apply deployed the model on `hosts` (slots: `h1`, `h1_1` for a host's second instance); returns what was done, which the run's log and
@@ -301,9 +309,8 @@ def hand_over_local(local: AppliedSpec, hosts: list[str], gateway: bool | None) 
             while True:
                 routes = [r for r in gw.replicas_of(local.name) if r["id"] != local.replica]
                 # a fleet replica's id ends in its slot: -<host>, or -<host>_<i> for instance i > 0
-                serving = {
-                    r["id"].rsplit("-", 1)[-1] for r in routes if r["healthy"] is True and r["state"] == "active"
-                }
+                healthy = [r["id"] for r in routes if r["healthy"] is True and r["state"] == "active"]
+                serving = {h for h in hosts if any(rid.endswith(_slot_suffix(h)) for rid in healthy)}
                 if serving >= set(hosts):
                     break
                 if time.monotonic() > deadline:
