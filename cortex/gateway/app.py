@@ -38,14 +38,7 @@ from .workermetrics import without_gauges
 
 log = logging.getLogger("cortex.gateway")
 
-# The proxied paths, each with its JSON string for the access log.
-PROXY_PATHS = {path: orjson.dumps(path) for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")}
-# One access-log line (accesslog.py), a JSON object: one bytes format per request, its strings
-# JSON-encoded by orjson, milliseconds to three decimals.
-ACCESS_LINE = (
-    b'{"ts":%.6f,"path":%b,"model":%b,"replica":%b,"key":%b,"client":%b,"status":%d,"stream":%b,"error":%b,'
-    b'"attempts":%d,"duration_ms":%.3f,"ttfb_ms":%b,"overhead_ms":%.3f,"prompt_tokens":%b,"completion_tokens":%b}\n'
-)
+PROXY_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 # Upstream response headers that describe the upstream connection, not the response.
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"transfer-encoding", b"proxy-connection", b"upgrade", b"te", b"trailer", b"server")
@@ -798,22 +791,21 @@ class Gateway:
         if self.access_log is not None:
             client = request.client
             self.access_log.write(
-                ACCESS_LINE
-                % (
-                    time.time(),
-                    PROXY_PATHS[request.path],
-                    orjson.dumps(served),
-                    replica.id_json,
-                    b"null" if key is True else orjson.dumps(key.id),
-                    b"null" if client is None else orjson.dumps(client[0]),
-                    status,
-                    b"true" if call.streaming else b"false",
-                    b"null" if error_kind is None else orjson.dumps(error_kind),
-                    call.attempts,
-                    elapsed * 1000,
-                    b"null" if ttfb is None else b"%.3f" % (ttfb * 1000),
-                    call.overhead * 1000,
-                    b"null" if prompt_tokens is None else b"%d" % prompt_tokens,
-                    b"null" if completion_tokens is None else b"%d" % completion_tokens,
-                )
+                {
+                    "ts": time.time(),
+                    "path": request.path,
+                    "model": served,
+                    "replica": replica.id,
+                    "key": None if key is True else key.id,
+                    "client": None if client is None else client[0],
+                    "status": status,
+                    "stream": call.streaming,
+                    "error": error_kind,
+                    "attempts": call.attempts,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+                    "overhead_ms": round(call.overhead * 1000, 3),
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                }
             )

@@ -103,7 +103,6 @@ class Replica:
         "reason",
         "seed",
         "id_header",
-        "id_json",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float, count: InFlightCount | None = None) -> None:
@@ -124,9 +123,8 @@ class Replica:
         self.pool = ConnectionPool(self.host, self.port, connect_timeout)
         # its rendezvous seed: the same in every gateway process and across restarts
         self.seed = int.from_bytes(hashlib.blake2b(record.id.encode(), digest_size=8).digest(), "big")
-        # its id as every proxied response's header and every access-log line show it, made once
+        # the header every response it serves carries, made once
         self.id_header = (b"x-cortex-replica", record.id.encode())
-        self.id_json = orjson.dumps(record.id)
         self.update(record)
 
     def update(self, record: ReplicaRecord) -> None:

@@ -109,7 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.error = UpstreamError(f"replica sent invalid HTTP: {exc}", sent_nothing=not self.headers_done)
             assert self.transport is not None  # connection_made comes before any data
             self.transport.close()
-            self._wake()
+        # One wake per read, not one per parser callback: the waiter runs after this returns anyway.
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -137,7 +138,6 @@ class UpstreamConnection(asyncio.Protocol):
         # Read here: after the message completes, llhttp has reset and always answers False.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
-        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -146,11 +146,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.paused = True
             assert self.transport is not None  # connection_made comes before any data
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._wake()
 
     def _wake(self) -> None:
         waiter = self.waiter
