@@ -592,7 +592,8 @@ class HttpProtocol(asyncio.Protocol):
         if request.buffered > HIGH_WATER and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
-        request.wake()
+        if request.waiter is not None:  # usually not: the body came with the head, before any wait
+            request.wake()
 
     def on_message_complete(self) -> None:
         request = self.parsing
@@ -600,7 +601,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.parsing = None
         request.body_done = True
-        request.wake()
+        if request.waiter is not None:
+            request.wake()
 
     # --- requests ----------------------------------------------------------------------------------
 
