@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, read_body, send_error, send_json, send_raw
+from .errors import BodyTooLarge, ClientGone
 from .limits import KeyLimits
 from .registry import RegistryError
 from .usage import summarize
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .http import Request
 
 ADMIN_MAX_BODY = 1024 * 1024
 Name = Annotated[str, Field(min_length=1)]
@@ -287,11 +288,9 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
 )
 
 
-def authorized(scope: Scope, token: bytes) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), token)
-    return False
+def authorized(request: Request, token: bytes) -> bool:
+    value = request.header(b"authorization")
+    return value is not None and value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), token)
 
 
 def _invalid_body(exc: ValidationError) -> tuple[str, str, str | None]:
@@ -307,18 +306,17 @@ def _invalid_body(exc: ValidationError) -> tuple[str, str, str | None]:
     return "invalid request body: " + "; ".join(problems), "invalid_request", first
 
 
-async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+async def handle(gw: Gateway, request: Request) -> None:
     # The token is checked before the route is looked up, so no admin path answers without it.
-    if not authorized(scope, gw.admin_token):
-        await send_error(
-            send,
+    if not authorized(request, gw.admin_token):
+        request.send_error(
             401,
             "admin API: send 'Authorization: Bearer <admin token>' "
             "(CORTEX_ADMIN_TOKEN or the gateway's admin-token file)",
             "invalid_admin_token",
         )
         return
-    method, path = scope["method"], scope["path"]
+    method, path = request.method, request.path
     for route in ADMIN_ROUTES:
         params = route.match(path)
         if params is None or route.method != method:
@@ -326,43 +324,41 @@ async def handle(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
         body = None
         if route.body is not None:
             try:
-                raw = await read_body(receive, ADMIN_MAX_BODY)
+                raw = await request.read_body(ADMIN_MAX_BODY)
                 body = route.body.model_validate_json(raw or b"{}")
             except ClientGone:
                 return
             except BodyTooLarge:
-                await send_error(
-                    send, 413, f"admin request body larger than {ADMIN_MAX_BODY} bytes", "request_too_large"
-                )
+                request.send_error(413, f"admin request body larger than {ADMIN_MAX_BODY} bytes", "request_too_large")
                 return
             except ValidationError as exc:
                 message, code, param = _invalid_body(exc)
-                await send_error(send, 400, message, code, param=param)
+                request.send_error(400, message, code, param=param)
                 return
         if route.query is not None:
             try:
-                query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+                query = dict(parse_qsl(request.query.decode("latin-1"), keep_blank_values=True))
                 params["query"] = route.query.model_validate(query)  # type: ignore[assignment]
             except ValidationError as exc:
                 message, code, param = _invalid_body(exc)
-                await send_error(send, 400, message.replace("request body", "query"), code, param=param)
+                request.send_error(400, message.replace("request body", "query"), code, param=param)
                 return
         try:
             result = route.handler(gw, body, **params)
             if inspect.isawaitable(result):
                 result = await result
         except RegistryError as exc:
-            await send_error(send, exc.status, str(exc), "registry_error")
+            request.send_error(exc.status, str(exc), "registry_error")
             return
         except AdminError as exc:
-            await send_error(send, exc.status, str(exc), exc.code)
+            request.send_error(exc.status, str(exc), exc.code)
             return
         if isinstance(result, PassThrough):
-            await send_raw(send, route.status, result.body, result.content_type)
+            request.send_raw(route.status, result.body, result.content_type)
         else:
-            await send_json(send, route.status, result)
+            request.send_json(route.status, result)
         return
-    await send_error(send, 404, f"no admin route {method} {path}", "not_found")
+    request.send_error(404, f"no admin route {method} {path}", "not_found")
 
 
 def body_schemas() -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""The gateway: a raw ASGI application (no framework on the hot path).
+"""The gateway: the application the server of http.py runs (no framework on the hot path).
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings (proxied by `model`),
 GET /v1/models, GET /health, GET /metrics, GET /openapi.json, and the admin API under /admin
@@ -22,7 +22,8 @@ import orjson
 from ..settings import Settings
 from . import admin, openapi
 from .accesslog import AccessLog
-from .asgi import BodyTooLarge, ClientGone, Receive, Scope, Send, error_body, read_body, send_error, send_json
+from .errors import BodyTooLarge, ClientGone, error_body
+from .http import Request
 from .connections import ConnectionGuard
 from .identity import verify_replica
 from .inflight import InFlightBoard
@@ -37,8 +38,6 @@ from .workermetrics import without_gauges
 
 log = logging.getLogger("cortex.gateway")
 
-# Seconds a proxied request runs before the gateway starts watching for the client leaving.
-WATCH_AFTER = 0.05
 PROXY_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 # Upstream response headers that describe the upstream connection, not the response.
 HOP_BY_HOP = frozenset(
@@ -109,8 +108,9 @@ class AbortResponse(Exception):
 
 
 class ProxyCall:
-    """One proxied request as it moves through the steps of `Gateway.proxy`; the disconnect
-    watcher shares its flags (`done`, `client_gone`, `conn`)."""
+    """One proxied request as it moves through the steps of `Gateway.proxy`; `client_left`
+    (the server's callback when the client goes) reads and sets its flags (`done`,
+    `client_gone`, `conn`)."""
 
     __slots__ = (
         "t0",
@@ -121,7 +121,6 @@ class ProxyCall:
         "done",
         "client_gone",
         "conn",
-        "watcher",
         "replica",
         "attempts",
         "t_sent",
@@ -150,7 +149,6 @@ class ProxyCall:
         self.done = False
         self.client_gone = False
         self.conn: UpstreamConnection | None = None
-        self.watcher: asyncio.Task | None = None
         self.attempts = 0
         self.t_sent = t0
         self.status = 0
@@ -166,14 +164,17 @@ class ProxyCall:
         # (primary model, why it could not serve) once the request went to a fallback
         self.fallback_from: tuple[str, str] | None = None
 
-    def stop_watching(self) -> None:
-        self.done = True  # the watch sweep drops it
-        if self.watcher is not None:
-            self.watcher.cancel()
+    def client_left(self) -> None:
+        """The client went away: cancel the upstream request (the engine frees its slot)."""
+        if not self.done:
+            self.client_gone = True
+            if self.conn is not None:
+                self.conn.abort("client disconnected")
 
 
 class Gateway:
-    """The ASGI application. `settings` decides auth mode, limits and the registry file."""
+    """The application: called with each request (http.Request). `settings` decides auth mode,
+    limits and the registry file."""
 
     def __init__(
         self,
@@ -215,9 +216,6 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._health_client: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task] = set()  # checks of new replicas, held until done
-        # proxied calls not yet watched for their client leaving, oldest first (_watch_sweep)
-        self._unwatched: dict[ProxyCall, Receive] = {}
-        self._watch_timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop  # the serving loop, set by startup()
         self.reload()
 
@@ -291,9 +289,6 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.lag.stop()
-        if self._watch_timer is not None:
-            self._watch_timer.cancel()
-            self._watch_timer = None
         for task in (*self._tasks, *self._checks):
             task.cancel()
         for task in (*self._tasks, *self._checks):
@@ -448,65 +443,56 @@ class Gateway:
             log.warning("replica %s (%s) taken out after a failed request: %s", replica.id, replica.model, error)
             replica.healthy = False
 
-    # --- ASGI ---------------------------------------------------------------------------------
+    # --- requests -----------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            if path in PROXY_PATHS:
-                if scope["method"] != "POST":
-                    await send_error(send, 405, f"{path} accepts POST", "method_not_allowed")
-                    return
-                await self.proxy(scope, receive, send)
-            elif path.startswith("/admin"):
-                await admin.handle(self, scope, receive, send)
-            elif path == "/v1/models" and scope["method"] == "GET":
-                await self.list_models(scope, send)
-            elif path == "/health" and scope["method"] == "GET":
-                await send_json(
-                    send, 200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
-                )
-            elif path == "/metrics" and scope["method"] == "GET":
-                body = self.metrics_text()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [(b"content-type", b"text/plain; version=0.0.4")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-            elif path == "/openapi.json" and scope["method"] == "GET":
-                await send_json(send, 200, openapi.schema())
-            else:
-                await send_error(send, 404, f"no route {scope['method']} {path}", "not_found")
+    async def __call__(self, request: Request) -> None:
+        path, method = request.path, request.method
+        if path in PROXY_PATHS:
+            if method != "POST":
+                request.send_error(405, f"{path} accepts POST", "method_not_allowed")
+                return
+            await self.proxy(request)
+        elif path.startswith("/admin"):
+            await admin.handle(self, request)
+        elif path == "/v1/models" and method == "GET":
+            self.list_models(request)
+        elif path == "/health" and method == "GET":
+            request.send_json(
+                200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
+            )
+        elif path == "/metrics" and method == "GET":
+            request.send_raw(200, self.metrics_text(), b"text/plain; version=0.0.4")
+        elif path == "/openapi.json" and method == "GET":
+            request.send_json(200, openapi.schema())
+        else:
+            request.send_error(404, f"no route {method} {path}", "not_found")
 
     # --- client auth --------------------------------------------------------------------------
 
-    def authenticate(self, scope: Scope):
+    def authenticate(self, request: Request):
         """The caller's key record, True in no-auth mode, or an error message."""
         if self.no_auth:
             return True
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                if value[:7].lower() != b"bearer ":
-                    return "Authorization must be 'Bearer <key>'"
-                record = self.table.keys_by_hash.get(hashlib.sha256(value[7:].strip()).hexdigest())
-                if record is None:
-                    return "invalid API key"
-                if record.disabled:
-                    return "this API key was revoked"
-                if record.expires_at is not None and record.expires_at < time.time():
-                    return "this API key has expired"
-                return record
-        return "missing API key: send 'Authorization: Bearer <key>' (create one with `cortex keys create`)"
+        value = request.header(b"authorization")
+        if value is None:
+            return "missing API key: send 'Authorization: Bearer <key>' (create one with `cortex keys create`)"
+        if value[:7].lower() != b"bearer ":
+            return "Authorization must be 'Bearer <key>'"
+        record = self.table.keys_by_hash.get(hashlib.sha256(value[7:].strip()).hexdigest())
+        if record is None:
+            return "invalid API key"
+        if record.disabled:
+            return "this API key was revoked"
+        if record.expires_at is not None and record.expires_at < time.time():
+            return "this API key has expired"
+        return record
 
     # --- /v1 ----------------------------------------------------------------------------------
 
-    async def list_models(self, scope: Scope, send: Send) -> None:
-        key = self.authenticate(scope)
+    def list_models(self, request: Request) -> None:
+        key = self.authenticate(request)
         if isinstance(key, str):
-            await send_error(send, 401, key, "invalid_api_key")
+            request.send_error(401, key, "invalid_api_key")
             return
         now = int(time.time())
         data = []
@@ -514,33 +500,33 @@ class Gateway:
             for model_id in [name, *self.table.aliases_of.get(name, [])]:
                 if key is True or key.models is None or name in key.models or model_id in key.models:
                     data.append({"id": model_id, "object": "model", "created": now, "owned_by": "cortex"})
-        await send_json(send, 200, {"object": "list", "data": data})
+        request.send_json(200, {"object": "list", "data": data})
 
-    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def proxy(self, request: Request) -> None:
         """Admit the request, connect it to a replica, relay the answer, account for it. Each
         step answers the client itself when it ends the request early."""
         call = ProxyCall(time.perf_counter())
-        body = await self._admit(call, scope, receive, send)
-        if body is None or not await self._connect(call, scope, body, receive, send):
+        body = await self._admit(call, request)
+        if body is None or not await self._connect(call, request, body):
             return
         try:
-            await self._relay(call, send)
+            await self._relay(call, request)
         finally:
-            self._account(call, scope)
+            self._account(call, request)
 
-    async def _admit(self, call: ProxyCall, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def _admit(self, call: ProxyCall, request: Request) -> bytes | None:
         """Authenticate the key, read and parse the body, resolve the model and check the key
         may use it. The body (unchanged, for the replica), or None once answered."""
-        key = self.authenticate(scope)
+        key = self.authenticate(request)
         if isinstance(key, str):
             self.metrics.error("", "", "unauthorized")
-            await send_error(send, 401, key, "invalid_api_key")
+            request.send_error(401, key, "invalid_api_key")
             return None
         try:
-            body = await read_body(receive, self.max_body)
+            body = await request.read_body(self.max_body)
         except BodyTooLarge:
             self.metrics.error("", "", "too_large")
-            await send_error(send, 413, f"request body larger than {self.max_body} bytes", "request_too_large")
+            request.send_error(413, f"request body larger than {self.max_body} bytes", "request_too_large")
             return None
         except ClientGone:
             return None
@@ -548,20 +534,19 @@ class Gateway:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             self.metrics.error("", "", "bad_request")
-            await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+            request.send_error(400, f"request body is not valid JSON: {exc}", "invalid_json")
             return None
         model = payload.get("model") if type(payload) is dict else None
         if type(model) is not str:
             self.metrics.error("", "", "bad_request")
-            await send_error(
-                send, 400, "request body must be a JSON object with a string 'model'", "invalid_request", param="model"
+            request.send_error(
+                400, "request body must be a JSON object with a string 'model'", "invalid_request", param="model"
             )
             return None
         replicas = self.table.models.get(model)
         if replicas is None:
             self.metrics.error("", "", "unknown_model")  # not the name: clients must not mint series
-            await send_error(
-                send,
+            request.send_error(
                 404,
                 f"The model '{model[:200]}' does not exist; GET /v1/models lists the served models",
                 "model_not_found",
@@ -571,7 +556,7 @@ class Gateway:
         served = self.table.canonical[model]
         if key is not True and key.models is not None and served not in key.models and model not in key.models:
             self.metrics.error(served, "", "forbidden_model")
-            await send_error(send, 403, f"this API key may not use model '{model}'", "model_not_allowed", param="model")
+            request.send_error(403, f"this API key may not use model '{model}'", "model_not_allowed", param="model")
             return None
         call.key, call.served, call.replicas = key, served, replicas
         call.streaming = payload.get("stream") is True
@@ -582,8 +567,8 @@ class Gateway:
                 if refusal is not None:
                     self.metrics.error(served, "", "rate_limited")
                     self.usage.refused(key.id, served)
-                    await send_error(
-                        send, 429, refusal.message, refusal.code, headers + self.limiter.refusal_headers(refusal)
+                    request.send_error(
+                        429, refusal.message, refusal.code, headers + self.limiter.refusal_headers(refusal)
                     )
                     return None
                 call.limit, call.limit_headers = state, headers
@@ -594,13 +579,13 @@ class Gateway:
         call.payload = payload
         return body
 
-    async def _connect(self, call: ProxyCall, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
+    async def _connect(self, call: ProxyCall, request: Request, body: bytes) -> bool:
         """Send the request to a replica (routing.RoutingTable.pick) and wait for its response
         head; retry on another while the replica has sent nothing, and once the model has no
         replica left to try, go down its fallback list. False once the client has been answered."""
-        target = scope["raw_path"] or scope["path"].encode()
-        if scope["query_string"]:
-            target += b"?" + scope["query_string"]
+        target = request.raw_path
+        if request.query:
+            target += b"?" + request.query
         tail = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
         replicas, served = call.replicas, call.served
         tried: tuple[Replica, ...] = ()
@@ -608,12 +593,9 @@ class Gateway:
         chain: tuple[str, ...] | None = None  # fallbacks, looked up once the model has no replica left
         done: set[str] = set()
         failure: UpstreamError | None = None
-        # Watch for the client leaving only once a request has lasted WATCH_AFTER: an instant
-        # answer then costs a dict entry, not a task or a timer of its own (a timer made and
-        # cancelled costs about 3 µs on uvloop), and a long one still frees the engine's slot.
-        self._unwatched[call] = receive
-        if self._watch_timer is None:
-            self._watch_timer = self.loop.call_later(WATCH_AFTER, self._watch_sweep)
+        # The client leaving aborts the upstream request (the engine frees its slot): a callback
+        # from the server, no task or timer per request.
+        request.on_gone(call.client_left)
         while True:
             replica = self.table.pick(replicas, tried, call.payload)
             if replica is None or attempts > len(replicas) + 4:  # the model has nothing left to try
@@ -630,14 +612,13 @@ class Gateway:
                     body = orjson.dumps({**call.payload, "model": served})
                     tail = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
                     continue
-                call.stop_watching()
+                call.done = True
                 if replica is not None:  # attempts used up (stale keep-alive sockets without end)
-                    await send_error(send, 502, f"replica of '{served}' failed: {failure}", "upstream_error")
+                    request.send_error(502, f"replica of '{served}' failed: {failure}", "upstream_error")
                     return False
                 self.metrics.error(served, "", "no_replica")
                 also = f" (nor on its fallbacks {', '.join(chain)})" if chain else ""
-                await send_error(
-                    send,
+                request.send_error(
                     503,
                     f"no healthy replica of model '{call.payload['model'] if chain else served}' is available"
                     f"{also}; retry shortly",
@@ -662,13 +643,13 @@ class Gateway:
                     conn.finish()
                 self._release(replica)
                 if call.client_gone:
-                    call.stop_watching()
+                    call.done = True
                     self.metrics.error(served, replica.id, "client_disconnect")
                     return False
                 self.metrics.error(served, replica.id, exc.kind)
                 if not exc.sent_nothing:  # the response began: nothing may be retried
-                    call.stop_watching()
-                    await send_error(send, 502, f"replica of '{served}' failed: {exc}", "upstream_error")
+                    call.done = True
+                    request.send_error(502, f"replica of '{served}' failed: {exc}", "upstream_error")
                     return False
                 failure = exc
                 stale = conn is not None and conn.reused and isinstance(exc, ClosedError)
@@ -696,7 +677,7 @@ class Gateway:
             return served, replicas
         return None
 
-    async def _relay(self, call: ProxyCall, send: Send) -> None:
+    async def _relay(self, call: ProxyCall, request: Request) -> None:
         """Pass the replica's status, end-to-end headers and body to the client as they come."""
         t_headers = time.perf_counter()
         conn = call.conn
@@ -705,19 +686,22 @@ class Gateway:
         call.status = conn.status
         headers = []
         sse = False
-        for name, value in conn.headers:
+        for header in conn.headers:
+            name = header[0]
             if name not in HOP_BY_HOP:
-                headers.append((name, value))
-                if name == b"content-type" and value.startswith(b"text/event-stream"):
+                headers.append(header)
+                if name == b"content-type" and header[1].startswith(b"text/event-stream"):
                     sse = True
         call.sse = sse
         call.overhead = overhead = (call.t_sent - call.t0) + (time.perf_counter() - t_headers)
-        headers.append((b"x-cortex-replica", replica.id.encode()))
-        headers.append((b"x-cortex-model", call.served.encode()))
-        headers.append((b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)))
+        headers += (
+            replica.id_header,
+            (b"x-cortex-model", call.served.encode()),
+            (b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)),
+        )
         if call.limit_headers:
             headers += call.limit_headers
-        await send({"type": "http.response.start", "status": call.status, "headers": headers})
+        request.start(call.status, headers)
         ttfb = None
         prev = last = b""
         strip = call.strip_usage and sse
@@ -741,11 +725,11 @@ class Gateway:
                             )
                             + b"\n\n"
                         )
-                        await send({"type": "http.response.body", "body": event, "more_body": False})
+                        request.end(event)
                         return
                     raise AbortResponse(str(exc)) from exc
                 if data is None:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    request.end()
                     return
                 if ttfb is None:
                     ttfb = time.perf_counter() - call.t0
@@ -755,15 +739,16 @@ class Gateway:
                     if not data and not (conn.complete and not conn.chunks):
                         continue  # the read held only the usage event: nothing to send
                 if conn.complete and not conn.chunks:
-                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                    request.end(data)
                     return
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if request.write(data):  # the client is behind
+                    await request.drain()
         finally:
             call.ttfb, call.prev, call.last = ttfb, prev, last
 
-    def _account(self, call: ProxyCall, scope: Scope) -> None:
+    def _account(self, call: ProxyCall, request: Request) -> None:
         """Free the connection and the replica's slot; record metrics and the access-log line."""
-        call.stop_watching()
+        call.done = True
         conn, replica, served, status, error_kind = call.conn, call.replica, call.served, call.status, call.error_kind
         assert conn is not None
         if error_kind is not None and not conn.complete:
@@ -776,8 +761,9 @@ class Gateway:
         metrics.requests[(served, replica.id, status)] += 1
         metrics.latency.observe(labels, elapsed)
         metrics.overhead.observe(labels, call.overhead)
-        if call.ttfb is not None:
-            metrics.ttfb.observe(labels, call.ttfb)
+        ttfb = call.ttfb
+        if ttfb is not None:
+            metrics.ttfb.observe(labels, ttfb)
         if error_kind is not None:
             metrics.error(served, replica.id, error_kind)
         elif status >= 500:
@@ -803,48 +789,23 @@ class Gateway:
             if call.limit is not None:
                 self.limiter.charge(call.limit, (prompt_tokens or 0) + (completion_tokens or 0))
         if self.access_log is not None:
+            client = request.client
             self.access_log.write(
                 {
                     "ts": time.time(),
-                    "path": scope["path"],
+                    "path": request.path,
                     "model": served,
                     "replica": replica.id,
-                    "key": None if call.key is True else call.key.id,
-                    "client": scope["client"][0] if scope.get("client") else None,
+                    "key": None if key is True else key.id,
+                    "client": None if client is None else client[0],
                     "status": status,
                     "stream": call.streaming,
                     "error": error_kind,
                     "attempts": call.attempts,
                     "duration_ms": round(elapsed * 1000, 3),
-                    "ttfb_ms": None if call.ttfb is None else round(call.ttfb * 1000, 3),
+                    "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
                     "overhead_ms": round(call.overhead * 1000, 3),
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                 }
             )
-
-    def _watch_sweep(self) -> None:
-        """Start watching the calls that have run WATCH_AFTER; drop those that ended."""
-        self._watch_timer = None
-        due = time.perf_counter() - WATCH_AFTER
-        pending = self._unwatched
-        for call in list(pending):
-            if call.done:
-                del pending[call]
-            elif call.t0 <= due:
-                call.watcher = self.loop.create_task(self._watch_client(pending.pop(call), call))
-            else:
-                break  # the rest came later (in the order they were added): the next sweep
-        if pending:
-            self._watch_timer = self.loop.call_later(WATCH_AFTER, self._watch_sweep)
-
-    async def _watch_client(self, receive: Receive, state: ProxyCall) -> None:
-        """Cancel the upstream request when the client goes away (the engine frees its slot)."""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not state.done:
-                    state.client_gone = True
-                    if state.conn is not None:
-                        state.conn.abort("client disconnected")
-                return

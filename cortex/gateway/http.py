@@ -1,12 +1,14 @@
 """The gateway's own HTTP/1.1 server: an asyncio Protocol around httptools' request parser (C)
-that runs the gateway's ASGI app with the least work per request, on uvloop.
+that hands each request to the gateway with the least work per request, on uvloop.
 
 Why (measured, issue 14): under uvicorn a bare ASGI app answering a constant already cost about
 29 µs of CPU per request, and uvicorn's checks of response headers (a regex per header) another
-12, more than the gateway's own steps. This server does only what the gateway needs: a scope with
-the keys the gateway reads, the body as `http.request` messages, `http.disconnect` when the client
-leaves (how app.py sees a client gone), and a response head that goes out with the first body
-bytes in one write (on loopback each write also runs the client's receive path and wakes it).
+12, more than the gateway's own steps. This server does only what the gateway needs, and not
+through ASGI: the app gets a `Request` (method, path, headers, the body the parser already has)
+that is also its responder (`start`/`write`/`end`, `respond`), with no message dicts and no
+`receive`/`send` coroutines per message; a callback tells it when the client leaves; and a
+response head goes out with the first body bytes in one write (on loopback each write also runs
+the client's receive path and wakes it).
 
 HTTP/1.1 as clients expect it: keep-alive (closed after `keep_alive_timeout` idle), HTTP/1.0 and
 `Connection: close`, responses without a content-length sent chunked (close-delimited to an
@@ -30,18 +32,18 @@ import logging
 import signal
 import socket
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Protocol
 from urllib.parse import unquote
 
 import httptools
+import orjson
 import uvloop
 
-from .asgi import ERROR_TYPES, error_body
+from .errors import ERROR_TYPES, BodyTooLarge, ClientGone, error_body
 from .connections import ConnectionGuard
 
 log = logging.getLogger("cortex.gateway")
 
-App = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 BACKLOG = 4096  # pending connections the listening socket holds
 HIGH_WATER = 64 * 1024  # request body bytes the app has not read yet before reading pauses
@@ -62,7 +64,6 @@ def _status_line(code: int) -> bytes:
 STATUS_LINE = {code: _status_line(code) for code in range(100, 600)}
 METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-DISCONNECT = {"type": "http.disconnect"}
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -85,12 +86,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class Request:
-    """One request on a connection: its ASGI scope, its body as it arrives, its response as the
-    app sends it. `receive` and `send` are the app's ASGI callables."""
+    """One request on a connection, as the gateway sees it, and its response.
+
+    The request: `method`, `path` (percent-decoded), `raw_path`, `query` (bytes), `headers`
+    (names lower-cased), `client`, and the body through `read_body`. The response: `start`,
+    then `write` (with `drain` between writes of a stream) and `end`; or in one call `respond`,
+    `send_json`, `send_raw`, `send_error`. `on_gone` names a callback for the client leaving
+    before the response is complete. No message dicts and no per-message coroutines: the body
+    the parser already has is handed over as it is, and a response head goes out with the first
+    body bytes in one write."""
 
     __slots__ = (
         "proto",
-        "scope",
+        "method",
+        "path",
+        "raw_path",
+        "query",
+        "headers",
+        "client",
         "keep_alive",
         "http10",
         "head_only",
@@ -98,35 +111,75 @@ class Request:
         "body",
         "buffered",
         "body_done",
-        "delivered",
         "started",
         "complete",
         "chunked",
         "held",
         "disconnected",
+        "gone",
         "waiter",
         "task",
     )
 
-    def __init__(self, proto: HttpProtocol, scope: dict, keep_alive: bool, http10: bool, head_only: bool) -> None:
+    def __init__(
+        self,
+        proto: HttpProtocol,
+        method: str,
+        path: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        keep_alive: bool,
+        http10: bool,
+    ) -> None:
         self.proto = proto
-        self.scope = scope
+        self.method = method
+        self.path = path
+        self.raw_path = raw_path
+        self.query = query
+        self.headers = headers
+        self.client = client
         self.keep_alive = keep_alive
         self.http10 = http10
-        self.head_only = head_only
+        self.head_only = method == "HEAD"
         # Expect: 100-continue and no 100 sent yet; None: not looked up (only done when the body is late)
         self.expect_100: bool | None = None
         self.body: list[bytes] = []
         self.buffered = 0
         self.body_done = False  # the parser has seen the whole body
-        self.delivered = False  # the app has read the whole body
         self.started = False
         self.complete = False  # the response is sent in full
         self.chunked = False
         self.held: bytes | None = None  # the response head, waiting for the first body bytes
         self.disconnected = False
+        self.gone: Callable[[], None] | None = None  # on_gone's callback
         self.waiter: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def on_gone(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once if the client leaves before the response is complete (at once
+        if it has left already); None: no more calls."""
+        self.gone = callback
+        if callback is not None and self.disconnected and not self.complete:
+            self.gone = None
+            callback()
+
+    def client_left(self) -> None:
+        """The connection is going (http.py): wake a wait for the body, tell the app."""
+        self.disconnected = True
+        self.wake()
+        gone = self.gone
+        if gone is not None and not self.complete:
+            self.gone = None
+            gone()
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -140,97 +193,134 @@ class Request:
         finally:
             self.waiter = None
 
-    async def receive(self) -> dict:
-        if self.disconnected or self.complete:
-            return DISCONNECT
-        if self.delivered:  # nothing more to read: the next message is the client leaving
-            while not (self.disconnected or self.complete):
-                await self._wait()
-            return DISCONNECT
-        while not self.body and not self.body_done:
+    # --- the request body ------------------------------------------------------------------------
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body. Raises BodyTooLarge past `limit` bytes, ClientGone when the client
+        leaves first. Returns at once when the body came with the head (the usual case)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            if self.disconnected:
+                raise ClientGone()
+            chunks = self.body
+            if chunks:
+                size += self.buffered
+                self.body = []
+                self.buffered = 0
+                if size > limit:
+                    raise BodyTooLarge()
+                parts += chunks
+                proto = self.proto
+                if proto.read_paused and not proto.backlog:
+                    proto.read_paused = False
+                    proto.transport.resume_reading()
+            if self.body_done:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             if self.expect_100 is None:
                 self.expects_continue()
             if self.expect_100:
                 self.expect_100 = False  # owed no more
                 self.proto.transport.write(CONTINUE)
             await self._wait()
-            if self.disconnected:
-                return DISCONNECT
-        chunks = self.body
-        if chunks:
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.body = []
-            self.buffered = 0
-            proto = self.proto
-            if proto.read_paused and not proto.backlog:
-                proto.read_paused = False
-                proto.transport.resume_reading()
-        else:
-            body = b""
-        more = not self.body_done
-        self.delivered = not more
-        return {"type": "http.request", "body": body, "more_body": more}
-
-    async def send(self, message: dict) -> None:
-        kind = message["type"]
-        if kind == "http.response.body":
-            if not self.started or self.complete:
-                raise RuntimeError(
-                    "http.response.body "
-                    + ("after the response ended" if self.complete else "before http.response.start")
-                )
-            if self.disconnected:
-                return
-            more = message.get("more_body", False)
-            body = message.get("body", b"")
-            if self.head_only:
-                body = b""
-            elif self.chunked:
-                if body:
-                    body = b"%x\r\n%b\r\n" % (len(body), body)
-                if not more:
-                    body += b"0\r\n\r\n"
-            held = self.held
-            if held is not None:
-                self.held = None
-                body = held + body
-            proto = self.proto
-            if body:
-                proto.transport.write(body)
-            if not more:
-                self.complete = True
-                proto.response_complete(self)
-            elif proto.write_paused:
-                await proto.drain()
-        elif kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("http.response.start sent twice")
-            self.started = True
-            if self.disconnected:
-                return
-            if not self.body_done and self.expect_100 is None:
-                self.expects_continue()
-            if self.expect_100 and not self.body_done:
-                # Answered without asking for the body: the client may send it or not, so this
-                # connection cannot be reused (nginx does the same).
-                self.keep_alive = False
-            self.held = self._head(message["status"], message.get("headers", ()))
-            if not self.chunked and not self.head_only:
-                return
-            # A stream: its first bytes may be a while coming, so the head goes out by the end of
-            # this turn of the loop whatever comes (with its first bytes when they come in time).
-            self.proto.loop.call_soon(self.flush_head)
-        else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
     def expects_continue(self) -> None:
         """Look up whether the client sent `Expect: 100-continue` (it waits for a 100 before its body)."""
         self.expect_100 = False
-        for name, value in self.scope["headers"]:
+        for name, value in self.headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 self.expect_100 = True
 
-    def _head(self, status: int, headers: Any) -> bytes:
+    # --- the response ----------------------------------------------------------------------------
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The status and headers; without a content-length the body is sent chunked (to an
+        HTTP/1.0 client: delimited by the connection closing). The head goes out with the first
+        body bytes, or for a chunked body by the end of this turn of the loop."""
+        if self.started:
+            raise RuntimeError("response started twice")
+        self.started = True
+        if self.disconnected:
+            return
+        if not self.body_done and self.expect_100 is None:
+            self.expects_continue()
+        if self.expect_100 and not self.body_done:
+            # Answered without asking for the body: the client may send it or not, so this
+            # connection cannot be reused (nginx does the same).
+            self.keep_alive = False
+        self.held = self._head(status, headers)
+        if not self.chunked and not self.head_only:
+            return
+        # A stream: its first bytes may be a while coming, so the head goes out by the end of
+        # this turn of the loop whatever comes (with its first bytes when they come in time).
+        self.proto.loop.call_soon(self.flush_head)
+
+    def write(self, data: bytes) -> bool:
+        """Body bytes, more to come. True when the client is behind: await `drain` before the
+        next write."""
+        self._send(data, True)
+        return self.proto.write_paused
+
+    def end(self, data: bytes = b"") -> None:
+        """The last body bytes: the response is complete."""
+        self._send(data, False)
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response, head and body in one write."""
+        self.start(status, headers)
+        self._send(body, False)
+
+    def send_raw(self, status: int, body: bytes, content_type: bytes) -> None:
+        self.respond(status, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))], body)
+
+    def send_json(self, status: int, payload: Any) -> None:
+        self.send_raw(status, orjson.dumps(payload), b"application/json")
+
+    def send_error(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        param: str | None = None,
+    ) -> None:
+        """An error in OpenAI's shape, `status` with its error type (ERROR_TYPES)."""
+        body = error_body(message, ERROR_TYPES.get(status, "server_error"), code, param)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if extra_headers:
+            headers += extra_headers
+        self.respond(status, headers, body)
+
+    async def drain(self) -> None:
+        """Wait while the client is behind (its socket's buffer is full)."""
+        proto = self.proto
+        if proto.write_paused:
+            await proto.drain()
+
+    def _send(self, body: bytes, more: bool) -> None:
+        if not self.started or self.complete:
+            raise RuntimeError("response body " + ("after the response ended" if self.complete else "before its start"))
+        if self.disconnected:
+            return
+        if self.head_only:
+            body = b""
+        elif self.chunked:
+            if body:
+                body = b"%x\r\n%b\r\n" % (len(body), body)
+            if not more:
+                body += b"0\r\n\r\n"
+        held = self.held
+        if held is not None:
+            self.held = None
+            body = held + body
+        proto = self.proto
+        if body:
+            proto.transport.write(body)
+        if not more:
+            self.complete = True
+            proto.response_complete(self)
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         parts = [STATUS_LINE.get(status) or _status_line(status)]
         framed = False
         for name, value in headers:
@@ -473,18 +563,17 @@ class HttpProtocol(asyncio.Protocol):
         if "%" in path:
             path = unquote(path, encoding="latin-1")
         method = parser.get_method()
-        version = parser.get_http_version()
-        scope = {
-            "type": "http",
-            "http_version": version,
-            "method": METHODS.get(method) or method.decode("latin-1"),
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "headers": self.headers,
-            "client": self.client,
-        }
-        request = Request(self, scope, parser.should_keep_alive(), version == "1.0", method == b"HEAD")
+        request = Request(
+            self,
+            METHODS.get(method) or method.decode("latin-1"),
+            path,
+            raw_path,
+            query,
+            self.headers,
+            self.client,
+            parser.should_keep_alive(),
+            parser.get_http_version() == "1.0",
+        )
         self.url = b""
         self.headers = []
         self.parsing = request
@@ -503,7 +592,8 @@ class HttpProtocol(asyncio.Protocol):
         if request.buffered > HIGH_WATER and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
-        request.wake()
+        if request.waiter is not None:  # usually not: the body came with the head, before any wait
+            request.wake()
 
     def on_message_complete(self) -> None:
         request = self.parsing
@@ -511,7 +601,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.parsing = None
         request.body_done = True
-        request.wake()
+        if request.waiter is not None:
+            request.wake()
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -567,13 +658,12 @@ class HttpProtocol(asyncio.Protocol):
         """The connection is going: the requests on it see the client gone."""
         active = self.active
         if active is not None:
-            active.disconnected = True
-            active.wake()
+            active.client_left()
         self.queue.clear()
 
     def app_failed(self, request: Request, exc: BaseException) -> None:
         if not isinstance(exc, asyncio.CancelledError):
-            log.error("Exception in ASGI application", exc_info=exc)
+            log.error("Exception in the gateway while answering a request", exc_info=exc)
         self.app_unfinished(request)
 
     def app_unfinished(self, request: Request) -> None:
@@ -662,10 +752,20 @@ class HttpProtocol(asyncio.Protocol):
         self.guard.linger(transport, self.loop)
 
 
+class App(Protocol):
+    """What the server runs: the gateway (app.Gateway)."""
+
+    async def __call__(self, request: Request) -> None: ...
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
 class Server:
     """One process's server: the app, its connections' guard, and the requests running."""
 
-    def __init__(self, app: Any, guard: ConnectionGuard) -> None:
+    def __init__(self, app: App, guard: ConnectionGuard) -> None:
         self.app = app
         self.guard = guard
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve()
@@ -676,7 +776,7 @@ class Server:
     async def run(self, request: Request) -> None:
         self.running += 1
         try:
-            await self.app(request.scope, request.receive, request.send)
+            await self.app(request)
         except BaseException as exc:
             request.proto.app_failed(request, exc)
             if not isinstance(exc, Exception):
@@ -720,8 +820,8 @@ class Server:
             await self.app.shutdown()
 
 
-def run(app: Any, guard: ConnectionGuard, sock: socket.socket) -> None:
-    """Serve `app` (the gateway: an ASGI callable with startup() and shutdown()) on `sock`, on
+def run(app: App, guard: ConnectionGuard, sock: socket.socket) -> None:
+    """Serve `app` (the gateway: called with each Request, with startup() and shutdown()) on `sock`, on
     uvloop, until SIGTERM or SIGINT."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(Server(app, guard).serve(sock))

@@ -102,6 +102,7 @@ class Replica:
         "removed",
         "reason",
         "seed",
+        "id_header",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float, count: InFlightCount | None = None) -> None:
@@ -122,6 +123,8 @@ class Replica:
         self.pool = ConnectionPool(self.host, self.port, connect_timeout)
         # its rendezvous seed: the same in every gateway process and across restarts
         self.seed = int.from_bytes(hashlib.blake2b(record.id.encode(), digest_size=8).digest(), "big")
+        # the header every response it serves carries, made once
+        self.id_header = (b"x-cortex-replica", record.id.encode())
         self.update(record)
 
     def update(self, record: ReplicaRecord) -> None:

@@ -109,7 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.error = UpstreamError(f"replica sent invalid HTTP: {exc}", sent_nothing=not self.headers_done)
             assert self.transport is not None  # connection_made comes before any data
             self.transport.close()
-            self._wake()
+        # One wake per read, not one per parser callback: the waiter runs after this returns anyway.
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -137,7 +138,6 @@ class UpstreamConnection(asyncio.Protocol):
         # Read here: after the message completes, llhttp has reset and always answers False.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
-        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -146,11 +146,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.paused = True
             assert self.transport is not None  # connection_made comes before any data
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._wake()
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -159,21 +157,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- used by the gateway ---------------------------------------------------------------
 
-    async def _wait(self) -> None:
-        loop = self.pool.loop
-        assert loop is not None  # the pool sets it before it opens a connection
-        self.waiter = loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
+    # The waits are written out in response_headers and read, not shared in a coroutine of
+    # their own: one coroutine less to create and resume per wait on the hot path.
 
     async def response_headers(self) -> None:
         """Wait for the status line and headers (raises UpstreamError)."""
         while not self.headers_done:
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by acquire
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
     async def read(self) -> bytes | None:
         """The body bytes that arrived since the last call; None at the end of the body."""
@@ -192,7 +188,11 @@ class UpstreamConnection(asyncio.Protocol):
                 return None
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by acquire
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
     def abort(self, reason: str, kind: type[UpstreamError] = ClosedError) -> None:
         """Close the connection now (client went away, or the replica stalled)."""
