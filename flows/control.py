@@ -155,6 +155,17 @@ def queue_poller(pool: str = POOL, queue: str = CONTROL_QUEUE, watch_s: float | 
     return None
 
 
+# Runs the worker so that it gets SIGTERM when the thread that started it goes away (Linux's
+# PR_SET_PDEATHSIG, kept across exec), so a `cortex serve` that is killed (SIGKILL, the OOM killer)
+# before it could stop its worker leaves no worker behind; argv: parent pid, then the command.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(0)  # the parent died before prctl\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
 class ControlWorker:
     """The one worker of the control queue that `cortex serve` owns: `prefect worker start
     --pool POOL --work-queue control --type process` in its own session, its output in
@@ -179,8 +190,8 @@ class ControlWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool, "--work-queue", self.queue]
-                + ["--type", "process", "--name", self.name],
+                [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), sys.executable, "-m", "prefect", "worker"]
+                + ["start", "--pool", self.pool, "--work-queue", self.queue, "--type", "process", "--name", self.name],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ),  # PREFECT_API_URL included: `cortex serve` set it
