@@ -13,7 +13,6 @@ import sys
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from cortex.gateway.client import GatewayError
 from cortex.testing.fake_engine import FakeEngine
 from cortex.gateway.registry import hash_key, open_registry
-from cortex.testing.gateway import GatewayProcess
+from cortex.testing.gateway import Gateways, GatewayProcess
 from cortex.settings import Settings, SettingsError
 
 # Frequent health checks, but generous timeouts: a dead fake engine refuses at once or answers
@@ -51,16 +50,9 @@ def engines():
 
 @pytest.fixture
 def gateway(tmp_path):
-    procs: list[GatewayProcess] = []
-
-    def start(no_auth: bool = False, home: Path | None = None, **env) -> GatewayProcess:
-        g = GatewayProcess(home or tmp_path / "home", no_auth=no_auth, env={**FAST, **env}).start()
-        procs.append(g)
-        return g
-
-    yield start
-    for g in procs:
-        g.stop()
+    gateways = Gateways(tmp_path, FAST)
+    yield gateways
+    gateways.stop_all()
 
 
 def new_key(gw: GatewayProcess, **kwargs) -> str:

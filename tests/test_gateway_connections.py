@@ -21,7 +21,7 @@ from cortex.gateway.looplag import LoopLag
 from cortex.gateway.routing import Replica
 from cortex.settings import Settings
 from cortex.testing.fake_engine import FakeEngine
-from cortex.testing.gateway import GatewayProcess
+from cortex.testing.gateway import Gateways, GatewayProcess
 
 GUARD = 60.0  # seconds: a hang guard, not an expectation
 
@@ -35,16 +35,9 @@ def engine():
 
 @pytest.fixture
 def gateway(tmp_path):
-    procs: list[GatewayProcess] = []
-
-    def start(**env: str) -> GatewayProcess:
-        g = GatewayProcess(tmp_path / f"home{len(procs)}", env={"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30", **env}).start()
-        procs.append(g)
-        return g
-
-    yield start
-    for g in procs:
-        g.stop()
+    gateways = Gateways(tmp_path, {"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30"}, own_homes=True)
+    yield gateways
+    gateways.stop_all()
 
 
 def connect(gw: GatewayProcess, source: str = "127.0.0.1") -> socket.socket:

@@ -14,7 +14,7 @@ import pytest
 
 from cortex.gateway.http import Request
 from cortex.testing.fake_engine import FakeEngine
-from cortex.testing.gateway import GatewayProcess
+from cortex.testing.gateway import Gateways
 
 GUARD = 60.0  # seconds: a hang guard, not an expectation
 
@@ -28,16 +28,9 @@ def engine():
 
 @pytest.fixture
 def gateway(tmp_path):
-    procs: list[GatewayProcess] = []
-
-    def start(**env: str) -> GatewayProcess:
-        g = GatewayProcess(tmp_path / f"home{len(procs)}", env=env).start()
-        procs.append(g)
-        return g
-
-    yield start
-    for g in procs:
-        g.stop()
+    gateways = Gateways(tmp_path, own_homes=True)
+    yield gateways
+    gateways.stop_all()
 
 
 @pytest.fixture

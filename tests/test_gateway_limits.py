@@ -17,7 +17,7 @@ import pytest
 from cortex.gateway.limits import DAY, KeyLimits, Limiter, ask_for_usage, format_reset, strip_usage_event
 from cortex.gateway.registry import Registry, open_registry
 from cortex.testing.fake_engine import FakeEngine
-from cortex.testing.gateway import GatewayProcess
+from cortex.testing.gateway import Gateways, GatewayProcess
 
 ENGINE_KEY = "engine-secret"
 FAST = {
@@ -162,16 +162,9 @@ def engine():
 
 @pytest.fixture
 def gateway(tmp_path):
-    procs: list[GatewayProcess] = []
-
-    def start(home=None, **env: str) -> GatewayProcess:
-        g = GatewayProcess(home or tmp_path / "home", env={**FAST, **env}).start()
-        procs.append(g)
-        return g
-
-    yield start
-    for g in procs:
-        g.stop()
+    gateways = Gateways(tmp_path, FAST)
+    yield gateways
+    gateways.stop_all()
 
 
 def routed(gw: GatewayProcess, engine: FakeEngine, **limits) -> dict:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from cortex.gateway import openapi
 from cortex.gateway.admin import ADMIN_ROUTES
 from cortex.testing.fake_engine import FakeEngine
-from cortex.testing.gateway import GatewayProcess
+from cortex.testing.gateway import Gateways, GatewayProcess
 
 
 # 1,000 streams need about 2,000 descriptors here and in the gateway (which inherits this).
@@ -34,17 +34,10 @@ def engine():
 
 @pytest.fixture
 def gateway(tmp_path):
-    procs: list[GatewayProcess] = []
-
-    def start(**env: str) -> GatewayProcess:
-        # A generous health timeout: a slow /health on a busy machine must not take the only replica out.
-        g = GatewayProcess(tmp_path / "home", env={"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30", **env}).start()
-        procs.append(g)
-        return g
-
-    yield start
-    for g in procs:
-        g.stop()
+    # A generous health timeout: a slow /health on a busy machine must not take the only replica out.
+    gateways = Gateways(tmp_path, {"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30"})
+    yield gateways
+    gateways.stop_all()
 
 
 @pytest.fixture

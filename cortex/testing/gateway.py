@@ -95,3 +95,27 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class Gateways:
+    """Starts gateway processes for one test and stops them all after it: `start(**env)` gives a
+    running GatewayProcess with `defaults` under `env`. Homes: `root/home` for every start unless
+    `home=` is given (a restart keeps its registry), or `root/home<N>` per start with
+    `own_homes=True` (gateways side by side)."""
+
+    def __init__(self, root: Path, defaults: dict[str, str] | None = None, own_homes: bool = False) -> None:
+        self.root = root
+        self.defaults = defaults or {}
+        self.own_homes = own_homes
+        self.started: list[GatewayProcess] = []
+
+    def __call__(self, home: Path | None = None, no_auth: bool = False, **env: str) -> GatewayProcess:
+        if home is None:
+            home = self.root / (f"home{len(self.started)}" if self.own_homes else "home")
+        gateway = GatewayProcess(home, no_auth=no_auth, env={**self.defaults, **env}).start()
+        self.started.append(gateway)
+        return gateway
+
+    def stop_all(self) -> None:
+        for gateway in self.started:
+            gateway.stop()
