@@ -54,6 +54,59 @@ def test_per_tensor_types_match_llama_quantize(quant: str, test_model, smollm2_g
     assert set(real) <= set(predicted) | {"rope_freqs.weight"}
 
 
+@pytest.mark.parametrize("quant", ["Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"])
+def test_fused_qkv_types_match_llama_quantize(quant: str, toolchain, tmp_path) -> None:
+    """A fused attn_qkv (Phi-3's layout), which SmolLM2 does not have: a small random-weight
+    phi3 GGUF, quantized by the pinned llama-quantize. It gives attn_qkv attn_v's rule and layer
+    counter (category_is_attn_v); every tensor's type must be the one Cortex predicts."""
+    import subprocess
+
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from cortex.quant import TensorInfo
+
+    n_layer, hidden, ff, vocab = 16, 256, 512, 512
+    source = tmp_path / "phi3-f16.gguf"
+    w = GGUFWriter(source, "phi3")
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_block_count(n_layer)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // 4)
+    w.add_file_type(1)
+    rng = np.random.default_rng(0)
+
+    def tensor(name: str, *shape: int, dtype: type = np.float16) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(dtype))
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden, dtype=np.float32)
+    tensor("output.weight", vocab, hidden)
+    for i in range(n_layer):
+        tensor(f"blk.{i}.attn_norm.weight", hidden, dtype=np.float32)
+        tensor(f"blk.{i}.attn_qkv.weight", 3 * hidden, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_norm.weight", hidden, dtype=np.float32)
+        tensor(f"blk.{i}.ffn_up.weight", 2 * ff, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / f"phi3-{quant}.gguf"
+    done = subprocess.run([str(toolchain.llama_quantize), str(source), str(out), quant], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tensors = [TensorInfo(t.name, tuple(int(d) for d in t.shape)) for t in GGUFReader(source).tensors]
+    predicted = assign_types(tensors, quant, n_gqa=1)
+    real = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    wrong = {n: (predicted.get(n), t) for n, t in real.items() if predicted.get(n) != t}
+    assert not wrong, f"{len(wrong)} tensors typed differently, e.g. {list(wrong.items())[:5]}"
+
+
 def test_hf_checkpoint_and_its_gguf_agree_on_facts(test_model, smollm2_ggufs) -> None:
     hf = hf_dir_facts(test_model.hf_dir)
     gg = gguf_facts(smollm2_ggufs["F16"])
