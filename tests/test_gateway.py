@@ -386,6 +386,33 @@ def test_health_check_takes_replica_out_and_back(gateway, engines):
     assert chat(gw, key, "smol").status_code == 200
 
 
+def test_a_replica_answering_requests_is_not_taken_out_for_a_health_timeout(gateway, engines):
+    """Its /health stops answering (an engine whose HTTP threads its own load starves) while
+    requests through the gateway keep being answered: it stays routed, and the timeouts are
+    counted as timeout_while_answering. Once nothing is answered either, the next timeout takes
+    it out. The health timeout (2 s) is long against a request to an instant engine."""
+    gw = gateway(CORTEX_GATEWAY_HEALTH_TIMEOUT="2", CORTEX_GATEWAY_HEALTH_INTERVAL="0.2")
+    engine = engines()
+    with gw.client() as c:
+        c.register("smol", engine.base_url, engine_api_key="engine-secret")
+    key = new_key(gw)
+    wait_until(lambda: gw.client().list()["replicas"][0]["healthy"] is True, what="replica to be healthy")
+    engine.health_silent = True
+
+    def excused() -> bool:
+        return 'kind="timeout_while_answering"' in httpx.get(gw.url + "/metrics", timeout=10).text
+
+    deadline = time.monotonic() + 60  # a hang guard
+    while not excused():
+        assert time.monotonic() < deadline, "no health timeout was excused within 60 s"
+        assert chat(gw, key, "smol").status_code == 200
+    assert gw.client().list()["replicas"][0]["healthy"] is True
+    # no more requests: the replica answers nothing, and the next health timeout counts
+    wait_until(lambda: gw.client().list()["replicas"][0]["healthy"] is False, what="replica to be taken out")
+    engine.health_silent = False
+    wait_until(lambda: gw.client().list()["replicas"][0]["healthy"] is True, what="replica to come back")
+
+
 def test_connect_error_retries_on_another_replica(gateway, engines):
     # Health checks far apart, so the failed request is what takes the dead replica out.
     gw, live = gateway(CORTEX_GATEWAY_HEALTH_INTERVAL="60"), engines()

@@ -372,9 +372,24 @@ class Gateway:
         answers (cortex.gateway.identity); only then is the replica routable."""
         assert self._health_client is not None  # made in start(), before the health loop runs
         started = self.loop.time()
+        began = time.perf_counter()
         verdict = await verify_replica(self._health_client, replica.url, replica.model, replica.engine_api_key)
         if verdict.timed_out and self._gateway_was_busy(replica, started, verdict.reason):
             return replica.healthy
+        if verdict.timed_out and replica.healthy and replica.answered >= began:
+            # An engine too busy to answer /health in time (llama-server's HTTP threads starved by
+            # its own load) while it answers proxied requests is alive: taking it out would turn
+            # load into an outage, as when the last replica of a model takes a lost host's share.
+            log.warning(
+                "not counting a health timeout of replica %s (%s): it answered requests meanwhile (%s)",
+                replica.id,
+                replica.model,
+                verdict.reason,
+            )
+            self.metrics.error(
+                self.table.canonical.get(replica.model, replica.model), replica.id, "timeout_while_answering"
+            )
+            return True
         ok = verdict.healthy
         if ok != replica.healthy or (not ok and verdict.reason != replica.reason and verdict.impostor):
             if ok:
@@ -683,6 +698,7 @@ class Gateway:
         conn = call.conn
         assert conn is not None  # _connect succeeded
         replica = call.replica
+        replica.answered = t_headers
         call.status = conn.status
         headers = []
         sse = False

@@ -103,6 +103,7 @@ class Replica:
         "reason",
         "seed",
         "id_header",
+        "answered",
     )
 
     def __init__(self, record: ReplicaRecord, connect_timeout: float, count: InFlightCount | None = None) -> None:
@@ -125,6 +126,9 @@ class Replica:
         self.seed = int.from_bytes(hashlib.blake2b(record.id.encode(), digest_size=8).digest(), "big")
         # the header every response it serves carries, made once
         self.id_header = (b"x-cortex-replica", record.id.encode())
+        # perf_counter time of the last response head it sent a proxied request: a replica that is
+        # answering requests is alive, whatever its /health did meanwhile (Gateway.check_health)
+        self.answered = 0.0
         self.update(record)
 
     def update(self, record: ReplicaRecord) -> None:

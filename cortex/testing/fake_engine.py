@@ -154,6 +154,8 @@ class _Conn(asyncio.Protocol):
         self.engine.requests += 1
         method = self.parser.get_method()
         if url == b"/health":
+            if self.engine.health_silent:
+                return  # an engine too busy to answer its health endpoint: the check times out
             status = 200 if self.engine.healthy else 503
             self._send(status, b'{"status":"ok"}' if status == 200 else b'{"error":{"message":"loading"}}')
             return
@@ -280,6 +282,7 @@ class FakeEngine:
         self.models = models  # what GET /v1/models lists (it answers any model name in requests)
         self.chunks = chunks
         self.healthy = True
+        self.health_silent = False  # True: /health gets no answer (requests still do)
         self.requests = 0
         self.cancelled = 0
         self.last: dict = {}
