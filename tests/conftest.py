@@ -63,6 +63,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.parts)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_prefect_slot_clients() -> None:
+    """Prefect keeps one slot-acquisition service per concurrency-limit name per process, with a
+    client to the API it first talked to. A module that starts its own Prefect server (a test
+    harness) would otherwise take `cortex-deploy-<host>` slots on an earlier module's server,
+    where a replica killed mid-test left its lease held: stop those services between modules."""
+    import sys
+
+    if "prefect.concurrency.services" not in sys.modules:
+        return  # nothing of Prefect's concurrency was used in this process yet
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+
+    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)
+
+
 def _require(find: Callable):
     try:
         return find()
