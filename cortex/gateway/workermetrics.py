@@ -90,6 +90,7 @@ class MetricsExchange:
         """A worker's last published snapshot, None if it never published."""
         base = self._base(worker)
         word = base // 8
+        error: Exception | None = None
         for _ in range(READ_TRIES):
             sequence = self._words[word]
             if sequence == 0:
@@ -101,9 +102,13 @@ class MetricsExchange:
             if self._words[word] == sequence:  # not rewritten while copied
                 try:
                     return marshal.loads(data)
-                except (ValueError, EOFError, TypeError):
-                    pass  # only on a CPU that reorders stores (the sequence seen before the bytes): again
-        log.warning("could not read worker %d's metrics snapshot (it kept publishing); left out of this scrape", worker)
+                except (ValueError, EOFError, TypeError) as e:
+                    error = e  # only on a CPU that reorders stores (the sequence seen before the bytes): again
+        log.warning(
+            "could not read worker %d's metrics snapshot (it kept publishing%s); left out of this scrape",
+            worker,
+            f"; last decode error: {error!r}" if error is not None else "",
+        )
         return None
 
     def others(self) -> list[dict]:
