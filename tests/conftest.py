@@ -78,6 +78,17 @@ def _fresh_prefect_slot_clients() -> None:
     ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)
 
 
+@pytest.fixture
+def engine():
+    """The fake OpenAI engine (cortex.testing.fake_engine) serving "smol" behind the key
+    "engine-secret": the upstream of the gateway tests that need one plain replica."""
+    from cortex.testing.fake_engine import FakeEngine
+
+    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
+    yield e
+    e.stop()
+
+
 def _require(find: Callable):
     try:
         return find()

@@ -20,17 +20,9 @@ from cortex.gateway.app import Gateway
 from cortex.gateway.looplag import LoopLag
 from cortex.gateway.routing import Replica
 from cortex.settings import Settings
-from cortex.testing.fake_engine import FakeEngine
 from cortex.testing.gateway import Gateways, GatewayProcess
 
 GUARD = 60.0  # seconds: a hang guard, not an expectation
-
-
-@pytest.fixture
-def engine():
-    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
-    yield e
-    e.stop()
 
 
 @pytest.fixture

@@ -13,17 +13,9 @@ import time
 import pytest
 
 from cortex.gateway.http import Request
-from cortex.testing.fake_engine import FakeEngine
 from cortex.testing.gateway import Gateways
 
 GUARD = 60.0  # seconds: a hang guard, not an expectation
-
-
-@pytest.fixture
-def engine():
-    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
-    yield e
-    e.stop()
 
 
 @pytest.fixture

@@ -26,13 +26,6 @@ if _soft != resource.RLIM_INFINITY and _soft < 8192:
 
 
 @pytest.fixture
-def engine():
-    e = FakeEngine(api_key="engine-secret", models=("smol",)).start()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
 def gateway(tmp_path):
     # A generous health timeout: a slow /health on a busy machine must not take the only replica out.
     gateways = Gateways(tmp_path, {"CORTEX_GATEWAY_HEALTH_TIMEOUT": "30"})
