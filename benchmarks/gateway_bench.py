@@ -11,6 +11,8 @@ cost is measured):
   cortex-limits    one key with rpm, tpm and a daily budget, all too high to refuse (the limiter's cost)
   cortex-100keys   100 keys with limits, requests spread over them in turn (lookup cost vs key count)
   cortex-2w        `cortex` with two workers (CORTEX_GATEWAY_WORKERS=2; its CPU is both workers' and the supervisor's)
+  cortex-interp    `cortex` running its source interpreted (CORTEX_GATEWAY_COMPILED=0), not the mypyc build
+  cortex-2w-interp the same with two workers
   nginx    Debian's nginx as a plain reverse proxy: one worker, keepalive upstream,
            proxy_buffering off, access_log off (benchmarks/gateway_nginx.conf)
   litellm  LiteLLM's proxy (`litellm[proxy]` in its own virtualenv, one worker, no database)
@@ -164,6 +166,7 @@ class Cortex(Target):
         keys: int = 1,
         limits: dict | None = None,
         workers: int = 1,
+        interpreted: bool = False,
     ) -> None:
         env, command = {"CORTEX_GATEWAY_WORKERS": str(workers)}, None
         self.name = name
@@ -171,6 +174,8 @@ class Cortex(Target):
             self.name = "cortex-base" if name == "cortex" else name + "-base"
             env, command = {"PYTHONPATH": str(source.resolve())}, [sys.executable, "-P", "-m", "cortex.gateway"]
             env["CORTEX_GATEWAY_WORKERS"] = str(workers)
+        if interpreted:  # the source as it is, not its compiled build (cortex/gateway/compiled.py)
+            env["CORTEX_GATEWAY_COMPILED"] = "0"
         self.gw = GatewayProcess(
             workdir / f"{self.name}-home",
             log_path=workdir / f"{self.name}.log",
@@ -425,6 +430,8 @@ def main() -> int:
         "cortex-limits": lambda: Cortex(workdir, upstream, name="cortex-limits", limits=HIGH_LIMITS),
         "cortex-100keys": lambda: Cortex(workdir, upstream, name="cortex-100keys", keys=100, limits=HIGH_LIMITS),
         "cortex-2w": lambda: Cortex(workdir, upstream, name="cortex-2w", workers=2),
+        "cortex-interp": lambda: Cortex(workdir, upstream, name="cortex-interp", interpreted=True),
+        "cortex-2w-interp": lambda: Cortex(workdir, upstream, name="cortex-2w-interp", workers=2, interpreted=True),
         "cortex-limits-base": lambda: Cortex(
             workdir, upstream, args.baseline, name="cortex-limits", limits=HIGH_LIMITS
         ),

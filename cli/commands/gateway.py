@@ -49,6 +49,9 @@ def run_serve(
     """`cortex gateway` alone serves; with an action (replicas, settings) it only runs that."""
     if ctx.invoked_subcommand is not None:
         return
+    from cortex.gateway import compiled
+
+    compiled.install()  # before the server is imported: the compiled build, when there is one
     from cortex.gateway.registry import redact_url
     from cortex.gateway.server import serve
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..settings import Settings
-from .server import serve
+from . import compiled
 
 
 def main() -> None:
@@ -17,6 +17,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers {args.workers}: at least 1")
+    compiled.install()  # before the server is imported: the compiled build, when there is one
+    from .server import serve
+
     serve(
         Settings.load(gateway_no_auth=True if args.no_auth else None, gateway_workers=args.workers),
         args.host,

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import re
 import time
 from typing import Any
 
@@ -43,8 +42,29 @@ PROXY_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"transfer-encoding", b"proxy-connection", b"upgrade", b"te", b"trailer", b"server")
 )
-USAGE_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-USAGE_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+def usage_int(data: bytes, name: bytes, start: int) -> int | None:
+    """The integer after the first `name` (a quoted key such as b'"prompt_tokens"') from `start`
+    and a colon, JSON whitespace allowed around it; None when there is none. A scan, not a regex:
+    it runs for every response (the token counts of metrics, usage and limits)."""
+    at = data.find(name, start)
+    if at < 0:
+        return None
+    at += len(name)
+    end = data.find(b",", at)
+    brace = data.find(b"}", at)
+    if end < 0 or 0 <= brace < end:
+        end = brace
+    if end < 0:
+        return None
+    value = data[at:end].strip()
+    if value[:1] != b":":
+        return None
+    value = value[1:].strip()
+    return int(value) if value.isdigit() else None
+
+
 # A timeout is not held against a replica when the event loop lagged by more than this share of
 # the time the gateway waited (see looplag.py).
 LAG_EXCUSES = 0.1
@@ -100,6 +120,15 @@ class RegistryOutage:
                 self.clock() - self.since,
             )
             self.since, self.failures = None, 0
+
+
+TOKEN_CACHE = 100_000  # tokens remembered per registry version (RoutingTable.keys_by_token)
+
+
+def _ms_bytes(seconds: float) -> bytes:
+    """Milliseconds to 3 places, as b"0.123" (integer formatting: `%.3f` goes through printf)."""
+    us = int(seconds * 1e6 + 0.5)
+    return b"%d.%03d" % (us // 1000, us % 1000)
 
 
 class AbortResponse(Exception):
@@ -187,6 +216,8 @@ class Gateway:
         self.settings = settings
         # with several workers (server.py): the shared in-flight counts, and which worker this is
         self.worker = board.worker if board is not None else 0
+        # the source as it is, or its mypyc build (compiled.py), for /health
+        self.code = "interpreted" if __file__.endswith(".py") else "compiled"
         self.connections = connections  # the server's client-connection limits, for /metrics
         self.registry = registry or open_registry(settings.gateway_db)
         self.admin_token = settings.resolve_admin_token(create=True).encode()
@@ -468,12 +499,19 @@ class Gateway:
                 return
             await self.proxy(request)
         elif path.startswith("/admin"):
-            await admin.handle(self, request)
+            # in a Task of its own: the admin API uses httpx, which needs a current task (http.Run)
+            await asyncio.ensure_future(admin.handle(self, request))
         elif path == "/v1/models" and method == "GET":
             self.list_models(request)
         elif path == "/health" and method == "GET":
             request.send_json(
-                200, {"status": "ok", "models": len(self.table.available_models()), "worker": self.worker}
+                200,
+                {
+                    "status": "ok",
+                    "models": len(self.table.available_models()),
+                    "worker": self.worker,
+                    "code": self.code,
+                },
             )
         elif path == "/metrics" and method == "GET":
             request.send_raw(200, self.metrics_text(), b"text/plain; version=0.0.4")
@@ -493,9 +531,15 @@ class Gateway:
             return "missing API key: send 'Authorization: Bearer <key>' (create one with `cortex keys create`)"
         if value[:7].lower() != b"bearer ":
             return "Authorization must be 'Bearer <key>'"
-        record = self.table.keys_by_hash.get(hashlib.sha256(value[7:].strip()).hexdigest())
+        token = value[7:].strip()
+        table = self.table
+        record = table.keys_by_token.get(token)
         if record is None:
-            return "invalid API key"
+            record = table.keys_by_hash.get(hashlib.sha256(token).hexdigest())
+            if record is None:
+                return "invalid API key"
+            if len(table.keys_by_token) < TOKEN_CACHE:  # only tokens of real keys: at most one per key
+                table.keys_by_token[token] = record
         if record.disabled:
             return "this API key was revoked"
         if record.expires_at is not None and record.expires_at < time.time():
@@ -646,7 +690,8 @@ class Gateway:
             replica.count.add(1)
             conn = None
             try:
-                conn = call.conn = await replica.pool.acquire()
+                # an idle kept-alive connection without a coroutine; a new one is awaited
+                conn = call.conn = replica.pool.take() or await replica.pool.acquire()
                 call.t_sent = time.perf_counter()
                 assert conn.transport is not None  # the pool hands out connected connections
                 conn.transport.write(b"".join((b"POST ", target, b" HTTP/1.1\r\n", replica.request_head, tail, body)))
@@ -713,7 +758,7 @@ class Gateway:
         headers += (
             replica.id_header,
             (b"x-cortex-model", call.served.encode()),
-            (b"x-cortex-overhead-ms", b"%.3f" % (overhead * 1000.0)),
+            (b"x-cortex-overhead-ms", _ms_bytes(overhead)),
         )
         if call.limit_headers:
             headers += call.limit_headers
@@ -724,7 +769,7 @@ class Gateway:
         try:  # locals in the loop (one per chunk), stored on the call once at the end
             while True:
                 try:
-                    data = await conn.read()
+                    data = conn.read_ready() if conn.ready() else await conn.read()
                 except UpstreamError as exc:
                     if call.client_gone:
                         call.error_kind = "client_disconnect"
@@ -791,13 +836,11 @@ class Gateway:
         tail_bytes = call.prev + call.last if call.sse else call.last
         at = tail_bytes.rfind(b'"usage"')
         if at >= 0:
-            found = USAGE_PROMPT.search(tail_bytes, at)
-            if found:
-                prompt_tokens = int(found.group(1))
+            prompt_tokens = usage_int(tail_bytes, b'"prompt_tokens"', at)
+            if prompt_tokens is not None:
                 metrics.tokens[(served, replica.id, "prompt")] += prompt_tokens
-            found = USAGE_COMPLETION.search(tail_bytes, at)
-            if found:
-                completion_tokens = int(found.group(1))
+            completion_tokens = usage_int(tail_bytes, b'"completion_tokens"', at)
+            if completion_tokens is not None:
                 metrics.tokens[(served, replica.id, "completion")] += completion_tokens
         key = call.key
         if key is not True:
@@ -818,9 +861,9 @@ class Gateway:
                     "stream": call.streaming,
                     "error": error_kind,
                     "attempts": call.attempts,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
-                    "overhead_ms": round(call.overhead * 1000, 3),
+                    "duration_ms": int(elapsed * 1e6 + 0.5) / 1e3,  # ms to 3 places (round() costs more)
+                    "ttfb_ms": None if ttfb is None else int(ttfb * 1e6 + 0.5) / 1e3,
+                    "overhead_ms": int(call.overhead * 1e6 + 0.5) / 1e3,
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                 }

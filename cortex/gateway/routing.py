@@ -186,6 +186,10 @@ class RoutingTable:
         self.canonical: dict[str, str] = {}  # name or alias -> served name
         self.aliases_of: dict[str, list[str]] = {}
         self.keys_by_hash: dict[str, ApiKeyRecord] = {}
+        # tokens already matched to a record (Gateway.authenticate): no SHA-256 per request (with
+        # OpenSSL 3 a hash object costs more than the rest of authentication); emptied with
+        # keys_by_hash on every registry change, so a revoked or rotated key is never served from it
+        self.keys_by_token: dict[bytes, ApiKeyRecord] = {}
         self.fallbacks: dict[str, tuple[str, ...]] = {}  # name or alias -> fallback names, in order
 
     def sync(
@@ -235,6 +239,7 @@ class RoutingTable:
         self.canonical = canonical
         self.aliases_of = aliases_of
         self.keys_by_hash = {k.key_hash: k for k in keys}
+        self.keys_by_token = {}
         return gone
 
     def pick(self, replicas: list[Replica], tried: tuple[Replica, ...] = (), payload: Any = None) -> Replica | None:

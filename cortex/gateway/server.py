@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from ..settings import Settings
-from . import http
+from . import compiled, http
 from .accesslog import AccessLog
 from .app import Gateway
 from .connections import ConnectionGuard, ConnectionLimits
@@ -54,6 +54,7 @@ def _app(settings: Settings, board: InFlightBoard | None) -> tuple[Gateway, Conn
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     configure_logging()
     host, port = host or settings.gateway_host, port or settings.gateway_port
+    log.info("gateway code: %s", compiled.state)
     if settings.gateway_workers == 1:
         try:
             sock = http.bind_socket(host, port)

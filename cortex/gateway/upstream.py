@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import ClassVar
 
 import httptools
 
@@ -23,7 +24,7 @@ HIGH_WATER = 256 * 1024
 class UpstreamError(Exception):
     """The replica failed. `sent_nothing` means it sent no byte, so another replica may retry."""
 
-    kind = "upstream_error"
+    kind: ClassVar[str] = "upstream_error"  # ClassVar: a class attribute under mypyc (compiled.py) too
 
     def __init__(self, message: str, sent_nothing: bool) -> None:
         super().__init__(message)
@@ -31,7 +32,7 @@ class UpstreamError(Exception):
 
 
 class ConnectError(UpstreamError):
-    kind = "connect"
+    kind: ClassVar[str] = "connect"
 
 
 class ConnectTimeout(ConnectError):
@@ -40,11 +41,11 @@ class ConnectTimeout(ConnectError):
 
 
 class ClosedError(UpstreamError):
-    kind = "upstream_closed"
+    kind: ClassVar[str] = "upstream_closed"
 
 
 class TimeoutError_(UpstreamError):
-    kind = "timeout"
+    kind: ClassVar[str] = "timeout"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -171,21 +172,30 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self.waiter = None
 
+    def ready(self) -> bool:
+        """Whether `read_ready` has something to give: body bytes, or the end of the body."""
+        return bool(self.chunks) or self.complete
+
+    def read_ready(self) -> bytes | None:
+        """What `read` would return at once, when `ready()`: no coroutine (the usual case for a
+        small answer, which comes whole in the read that brought its head)."""
+        chunks = self.chunks
+        if not chunks:
+            return None  # complete
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
+            assert self.transport is not None  # paused in on_body, after connection_made
+            self.transport.resume_reading()
+        return data
+
     async def read(self) -> bytes | None:
         """The body bytes that arrived since the last call; None at the end of the body."""
         while True:
-            chunks = self.chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.chunks = []
-                self.buffered = 0
-                if self.paused:
-                    self.paused = False
-                    assert self.transport is not None  # paused in on_body, after connection_made
-                    self.transport.resume_reading()
-                return data
-            if self.complete:
-                return None
+            if self.chunks or self.complete:
+                return self.read_ready()
             if self.error is not None:
                 raise self.error
             self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by acquire
@@ -219,9 +229,8 @@ class ConnectionPool:
         self.busy: set[UpstreamConnection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def acquire(self) -> UpstreamConnection:
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
+    def take(self) -> UpstreamConnection | None:
+        """An idle kept-alive connection, ready for a request; None when there is none."""
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -230,6 +239,15 @@ class ConnectionPool:
                 conn.reused = True
                 self.busy.add(conn)
                 return conn
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle connection (take), else a new one."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        idle = self.take()
+        if idle is not None:
+            return idle
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
