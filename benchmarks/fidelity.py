@@ -90,17 +90,18 @@ def start_llama_server(
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
+    last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"llama-server exited {proc.returncode}; see {log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
-        except httpx.TransportError:
-            pass
+        except httpx.TransportError as exc:
+            last = exc  # not listening yet: asked again until the deadline
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"llama-server not healthy after 180 s; see {log}")
+    raise RuntimeError(f"llama-server not healthy after 180 s (last: {last!r}); see {log}")
 
 
 class VllmBench:
@@ -269,15 +270,16 @@ def start_control(port: int, args: argparse.Namespace, log: Path) -> subprocess.
     ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
-        except httpx.TransportError:
-            pass
+        except httpx.TransportError as exc:
+            last = exc  # not listening yet: asked again until the deadline
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"control server not up after 60 s; see {log}")
+    raise RuntimeError(f"control server not up after 60 s (last: {last!r}); see {log}")
 
 
 def main() -> int:

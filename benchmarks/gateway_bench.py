@@ -109,14 +109,15 @@ class Target:
 
 def wait_http(url: str, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=2).status_code < 500:
                 return
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as exc:
+            last = exc  # not listening yet: asked again until the deadline
         time.sleep(0.3)
-    raise RuntimeError(f"{what} did not come up at {url} within {timeout:.0f} s")
+    raise RuntimeError(f"{what} did not come up at {url} within {timeout:.0f} s (last: {last!r})")
 
 
 class Upstream(Target):

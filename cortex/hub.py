@@ -371,10 +371,12 @@ def verified_digest(path: Path, kind: str = "sha256") -> str:
     ident = _file_identity(real)
     try:
         record = json.loads(stamp.read_text())
-        if record.get("identity") == ident:
-            return record["digest"]
+    except FileNotFoundError:
+        record = None  # never verified on this machine
     except (OSError, ValueError):
-        pass
+        record = None  # unreadable or torn: the file is hashed again and the stamp rewritten below
+    if isinstance(record, dict) and record.get("identity") == ident and isinstance(record.get("digest"), str):
+        return record["digest"]
     digest = sha256_of(real) if kind == "sha256" else git_blob_id_of(real)
     atomic_write_json(stamp, {"path": str(real), "identity": ident, "kind": kind, "digest": digest}, sort_keys=True)
     return digest

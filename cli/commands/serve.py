@@ -142,7 +142,7 @@ def run(
 
             serve_specs(folder, limit=limit, control_log=control_log)
     except KeyboardInterrupt:
-        pass
+        print("cortex serve: interrupted (Ctrl-C); stopping", flush=True)
     finally:
         if server is not None:
             server.terminate()

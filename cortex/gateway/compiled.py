@@ -89,12 +89,6 @@ def install() -> str:
     return state
 
 
-def compiled_now() -> bool:
-    """Whether the modules this process imported are the compiled build."""
-    module = sys.modules.get("cortex.gateway.app")
-    return module is not None and not (getattr(module, "__file__", "") or "").endswith(".py")
-
-
 def build(force: bool = False, log=print) -> Path:
     """Compile MODULES of this source with mypyc into the cache (nothing when that build exists)."""
     root = builds_root()

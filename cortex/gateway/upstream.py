@@ -166,7 +166,7 @@ class UpstreamConnection(asyncio.Protocol):
         while not self.headers_done:
             if self.error is not None:
                 raise self.error
-            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by acquire
+            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by connect
             try:
                 await self.waiter
             finally:
@@ -198,7 +198,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return self.read_ready()
             if self.error is not None:
                 raise self.error
-            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by acquire
+            self.waiter = self.pool.loop.create_future()  # type: ignore[union-attr]  # set by connect
             try:
                 await self.waiter
             finally:
@@ -241,13 +241,10 @@ class ConnectionPool:
                 return conn
         return None
 
-    async def acquire(self) -> UpstreamConnection:
-        """An idle connection (take), else a new one."""
+    async def connect(self) -> UpstreamConnection:
+        """A new connection (the gateway asks `take` first: an idle one needs no coroutine)."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        idle = self.take()
-        if idle is not None:
-            return idle
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
@@ -276,10 +273,8 @@ class ConnectionPool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.busy.discard(conn)
-        try:
+        if conn in self.idle:  # closed while idle; else it was busy, or already handed back closed
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def abort_stalled(self, now: float, read_timeout: float) -> None:
         for conn in list(self.busy):

@@ -287,7 +287,7 @@ class ProcessRuntime(Runtime):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            pass
+            return  # the group has exited already: what the signal was for
 
     def list(self) -> list[Replica]:
         folder = self.state_dir / "replicas"

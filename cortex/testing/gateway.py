@@ -55,6 +55,7 @@ class GatewayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
+        last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -64,10 +65,10 @@ class GatewayProcess:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as exc:
+                last = exc  # not listening yet: asked again until the deadline
             time.sleep(0.1)
-        raise RuntimeError(f"gateway did not answer /health within {timeout} s; log: {self.log_path}")
+        raise RuntimeError(f"gateway did not answer /health within {timeout} s (last: {last!r}); log: {self.log_path}")
 
     def client(self) -> GatewayClient:
         return GatewayClient(self.settings)
